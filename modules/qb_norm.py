@@ -1,0 +1,98 @@
+"""Querybank normalisation (QB-norm, Bogolin et al. 2022) as computed by the published DGL search script.
+
+For one direction (rows = queries, columns = gallery items):
+
+1. The query bank is a (num_bank_queries, num_gallery) similarity matrix ``train_test``
+   (training queries against the test gallery).  The *activated* gallery items are those that
+   appear in the top-k of at least ``theta`` bank queries.
+2. Both matrices are mapped through exp(beta * s); the normaliser of gallery item j is the column
+   sum of the exponentiated bank matrix.
+3. A test query whose top-1 gallery item (of exp(beta * s)) is activated gets its whole row replaced
+   by exp(beta * s) / normaliser; every other row keeps its *raw* scores (as in the published
+   script; rows are only ever ranked within themselves, so the mixed scales do not matter).
+
+Ties: the top-k / top-1 items are taken from a stable descending sort (lowest column index first
+among equal scores); the published script uses numpy's default (unstable) sort, so the two can
+differ only where scores tie exactly.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from modules.metrics import compute_metrics, format_metrics
+
+__all__ = ["get_retrieved_videos", "get_index_to_normalize", "qb_norm", "beta_values", "search_best_beta"]
+
+
+def _topk_indices(sims: np.ndarray, k: int) -> np.ndarray:
+    k = max(0, min(int(k), sims.shape[1]))
+    if k == 0:
+        return np.empty((sims.shape[0], 0), dtype=np.int64)
+    if k == 1:
+        return np.argmax(np.nan_to_num(sims, nan=-np.inf), axis=1)[:, None]
+    return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+
+def get_retrieved_videos(sims: np.ndarray, k: int, theta: float) -> np.ndarray:
+    """Gallery items found in the top-k of at least theta query-bank rows."""
+    topk = _topk_indices(np.asarray(sims), k).reshape(-1)
+    items, counts = np.unique(topk, return_counts=True)
+    return items[counts >= theta]
+
+
+def get_index_to_normalize(sims: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Row indices whose top-1 gallery item is among ``items``."""
+    top1 = _topk_indices(np.asarray(sims), 1)[:, 0]
+    return np.nonzero(np.isin(top1, items))[0]
+
+
+def qb_norm(train_test: np.ndarray, test_test: np.ndarray, k: int, beta: float, theta: float,
+            retrieved: np.ndarray | None = None) -> np.ndarray:
+    """Normalised copy of ``test_test`` (queries x gallery) using the bank ``train_test``.
+
+    ``retrieved`` (the activated gallery items) may be passed in when it was computed already; it
+    depends only on (train_test, k, theta), not on beta.
+    """
+    train_test = np.asarray(train_test)
+    out = np.array(test_test, copy=True)
+    if retrieved is None:
+        retrieved = get_retrieved_videos(train_test, k, theta)
+    train_exp = np.exp(train_test * beta)
+    test_exp = np.exp(out * beta)
+    normalizing_sum = np.sum(train_exp, axis=0)
+    rows = get_index_to_normalize(test_exp, retrieved)
+    out[rows, :] = np.divide(test_exp[rows, :], normalizing_sum)
+    return out
+
+
+def beta_values(beta_min: float, beta_max: float, beta_step: float) -> np.ndarray:
+    """The betas the published script tries: np.arange(min, max + step, step)."""
+    return np.arange(beta_min, beta_max + beta_step, beta_step)
+
+
+def search_best_beta(train_test_t2v: np.ndarray, train_test_v2t: np.ndarray, sim_matrix: np.ndarray,
+                     betas, t2v_k: int = 1, t2v_theta: float = 3, v2t_k: int = 1, v2t_theta: float = 5,
+                     log=print):
+    """Try every beta for both directions; keep the first beta with the best text-to-video R@1.
+
+    train_test_t2v: (bank text queries, test videos); train_test_v2t: (test texts, bank videos),
+    transposed here as in the published script; sim_matrix: (test texts, test videos).
+    Returns (best_beta, best_r1, history) where history is a list of dicts per beta.
+    """
+    sim_matrix = np.asarray(sim_matrix)
+    bank_v2t = np.asarray(train_test_v2t).T
+    sim_t = sim_matrix.T
+    retrieved_t2v = get_retrieved_videos(train_test_t2v, t2v_k, t2v_theta)
+    retrieved_v2t = get_retrieved_videos(bank_v2t, v2t_k, v2t_theta)
+    best_beta, best_r1, history = None, 0.0, []
+    for beta in betas:
+        t2v = qb_norm(train_test_t2v, sim_matrix, t2v_k, beta, t2v_theta, retrieved=retrieved_t2v)
+        v2t = qb_norm(bank_v2t, sim_t, v2t_k, beta, v2t_theta, retrieved=retrieved_v2t)
+        tv, vt = compute_metrics(t2v), compute_metrics(v2t)
+        log("Text-to-Video: " + format_metrics(tv))
+        log("Video-to-Text: " + format_metrics(vt, prefix="V2T "))
+        if tv["R1"] > best_r1:
+            best_r1, best_beta = tv["R1"], float(beta)
+        log(f"Beta: {float(beta):.4f}, curr R@1: {tv['R1']}")
+        history.append({"beta": float(beta), "t2v": tv, "v2t": vt})
+    return best_beta, best_r1, history
