@@ -23,7 +23,9 @@ import numpy as np
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Search for the QB-norm beta with the best text-to-video R@1")
+    from training.config import OneLineArgumentParser
+
+    p = OneLineArgumentParser(description="Search for the QB-norm beta with the best text-to-video R@1")
     p.add_argument("--dataset", default="msrvtt", type=str)
     p.add_argument("--sim_matrix", default=None, help="test x test similarity (.npy)")
     p.add_argument("--train_test_t2v", default=None, help="train texts x test videos (.npy)")

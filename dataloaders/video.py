@@ -110,8 +110,11 @@ def open_video(path: str, num_threads: int = 1):
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads)
     except Exception as exc:  # decord raises its own DECORDError / RuntimeError
-        raise VideoDecodeError(path, f"undecodable or truncated ({type(exc).__name__}: "
-                                     f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
+        text = str(exc).strip()
+        if "cannot find video stream" in text:
+            raise VideoDecodeError(path, "no video stream (zero frames)") from exc
+        detail = text.splitlines()[0] if text else ""
+        raise VideoDecodeError(path, f"undecodable or truncated ({type(exc).__name__}: {detail})") from exc
     if len(reader) == 0:
         raise VideoDecodeError(path, "the video has zero frames")
     return reader

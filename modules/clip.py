@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -198,7 +199,6 @@ class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config
-        self.context_length = config.context_length
         self.visual = VisionTransformer(config.image_resolution, config.vision_patch_size, config.vision_width,
                                         config.vision_layers, config.vision_heads, config.embed_dim)
         self.transformer = Transformer(config.transformer_width, config.transformer_layers, config.transformer_heads)
@@ -259,7 +259,9 @@ def load_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise FileNotFoundError(_MISSING_WEIGHTS_HELP.format(path=path))
     if _is_torchscript_archive(path):
-        state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # TorchScript is deprecated, but it is how OpenAI ships CLIP
+            warnings.simplefilter("ignore", DeprecationWarning)
+            state_dict = torch.jit.load(path, map_location="cpu").state_dict()
     else:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)

@@ -51,10 +51,16 @@ class DGLConfig:
         if self.visual_output_type not in VISUAL_OUTPUT_TYPES:
             raise ValueError(f"visual_output_type must be one of {VISUAL_OUTPUT_TYPES}, "
                              f"got {self.visual_output_type!r}")
-        for name in ("max_words", "max_frames", "text_prompt_length", "local_each_frame_prompt_length",
-                     "global_visual_prompt_length", "unified_transformer_layers"):
+        for name in ("max_words", "max_frames", "unified_transformer_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        # Zero prompts are allowed (an ablation: with none at all the towers are plain CLIP).
+        for name in ("text_prompt_length", "local_each_frame_prompt_length", "global_visual_prompt_length"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.global_visual_prompt_length == 0 and "global" in self.visual_output_type:
+            raise ValueError(f"visual_output_type {self.visual_output_type!r} reads the global prompts, "
+                             "so global_visual_prompt_length must be at least 1")
         if self.text_prompt_length % 2:
             raise ValueError(f"text_prompt_length must be even (half prefix, half postfix), got {self.text_prompt_length}")
         if self.shared_latent_space == "linear" and self.text_prompt_length != 2 * self.local_each_frame_prompt_length:
@@ -144,7 +150,8 @@ def global_local_block(block: ResidualAttentionBlock, x: torch.Tensor, num_globa
 
     # Global queries over the whole video.
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    out_global = F.scaled_dot_product_attention(q[:, :, :G], k, v, attn_mask=mask)  # (B, H, G, d)
+    out_global = (F.scaled_dot_product_attention(q[:, :, :G], k, v, attn_mask=mask) if G
+                  else q[:, :, :0])  # (B, H, G, d)
 
     # Local queries: each frame over [global tokens, its own tokens]; frames become the batch.
     def per_frame(t: torch.Tensor) -> torch.Tensor:  # (B, H, T*L, d) -> (B*T, H, L, d)

@@ -105,7 +105,7 @@ def group_max_video_to_text(sim, caption_video_index, num_videos: int) -> torch.
     s = torch.nan_to_num(_as_tensor(sim).float(), nan=float("-inf"))
     idx = torch.as_tensor(np.asarray(caption_video_index), dtype=torch.long).reshape(-1)
     out = torch.full((num_videos, s.shape[1]), float("-inf"), dtype=s.dtype)
-    out.index_reduce_(0, idx, s, "amax", include_self=True)
+    out.scatter_reduce_(0, idx[:, None].expand_as(s), s, reduce="amax", include_self=True)
     return out.T.contiguous()
 
 

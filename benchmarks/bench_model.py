@@ -1,0 +1,232 @@
+"""Speed of DGL's training step and evaluation forward, against a per-frame-loop baseline.
+
+Both implementations share the same random ViT-B/32-shaped weights; the baseline differs only in the
+global-local attention: a Python loop over frames, each frame attending to [global tokens, its own
+tokens] through nn.functional's multi-head attention (separate query and key/value projections),
+then the global tokens over the whole sequence. Its outputs are checked against ours before timing.
+A plain CLIP image forward over the same frames gives the cost of the prompt tokens themselves.
+
+    python benchmarks/bench_model.py                    # ViT-B/32 shape: 12 layers, 224 px, 12 frames
+    python benchmarks/bench_model.py --layers 4         # the shape of the published-code reference timing
+    python benchmarks/bench_model.py --precision fp32   # fp32 only (default: fp32 and bf16)
+
+Each configuration runs in its own process, so that peak memory is its own. Memory on CPU is the
+growth of the peak resident set during the timed loop (activations and temporaries, not weights).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import modules.dgl as dgl_module  # noqa: E402
+from modules.clip import CLIP, CLIPConfig  # noqa: E402
+from modules.dgl import DGL, DGLConfig  # noqa: E402
+
+
+def per_frame_loop_block(block, x, num_global, num_frames, key_padding_mask=None):
+    """The global-local block written directly: one attention call per frame."""
+    attn = block.attn
+    B, length, W = x.shape
+    G, T = num_global, num_frames
+    L = (length - G) // T
+
+    def mha(query, keys):  # batch-first wrapper over nn.functional's sequence-first attention
+        out = F.multi_head_attention_forward(
+            query.transpose(0, 1), keys.transpose(0, 1), keys.transpose(0, 1), W, attn.heads,
+            attn.in_proj_weight, attn.in_proj_bias, None, None, False, 0.0, attn.out_proj.weight,
+            attn.out_proj.bias, training=False, need_weights=False)[0]
+        return out.transpose(0, 1)
+
+    h = block.ln_1(x)
+    glob, frames = h[:, :G], h[:, G:].reshape(B, T, L, W)
+    outputs = [mha(glob, h)]
+    for t in range(T):
+        outputs.append(mha(frames[:, t], torch.cat([glob, frames[:, t]], dim=1)))
+    x = x + torch.cat(outputs, dim=1)
+    return x + block.mlp(block.ln_2(x))
+
+
+@contextlib.contextmanager
+def attention_impl(name: str):
+    original = dgl_module.global_local_block
+    if name == "loop":
+        dgl_module.global_local_block = per_frame_loop_block
+    try:
+        yield
+    finally:
+        dgl_module.global_local_block = original
+
+
+def build(args) -> DGL:
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig(vision_layers=args.layers, transformer_layers=args.layers,
+                           vision_patch_size=args.patch, image_resolution=args.resolution))
+    config = DGLConfig(shared_latent_space=args.latent, max_frames=args.frames, max_words=32,
+                       unified_transformer_layers=args.layers)
+    return DGL(clip, config).to(args.device)
+
+
+def inputs(args):
+    g = torch.Generator().manual_seed(1)
+    video = torch.randn(args.batch, args.frames, 3, args.resolution, args.resolution, generator=g)
+    mask = torch.ones(args.batch, args.frames, dtype=torch.long)
+    ids = torch.randint(1, 40000, (args.batch, 32), generator=g)
+    ids[:, 0], ids[:, 20], ids[:, 21:] = 49406, 49407, 0
+    return ids.to(args.device), video.to(args.device), mask.to(args.device)
+
+
+def autocast(args):
+    if args.precision == "bf16":
+        return torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sync(args):
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_it(fn, args) -> float:
+    for _ in range(args.warmup):
+        fn()
+    sync(args)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        fn()
+        sync(args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_worker(args) -> dict:
+    """One measurement (impl x mode x precision) in this process."""
+    torch.set_num_threads(args.threads)
+    model = build(args)
+    ids, video, mask = inputs(args)
+    optimizer = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-4)
+
+    def train_step():
+        with autocast(args):
+            loss = model(ids, video, mask)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def eval_forward():
+        with torch.no_grad(), autocast(args):
+            model.encode_video(video, mask)
+
+    def clip_forward():
+        with torch.no_grad(), autocast(args):
+            model.clip.encode_image(video.flatten(0, 1))
+
+    fn = {"train": train_step, "eval": eval_forward, "clip": clip_forward}[args.mode]
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    before = peak_rss_mb()
+    with attention_impl(args.impl):
+        seconds = time_it(fn, args)
+    memory = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
+              else peak_rss_mb() - before)
+    return {"seconds": seconds, "memory_mb": memory}
+
+
+def check_same_results(args) -> float:
+    """Max abs difference between ours and the loop baseline (video features and prompt gradients)."""
+    model = build(args)
+    ids, video, mask = inputs(args)
+    results = []
+    for impl in ("ours", "loop"):
+        model.zero_grad(set_to_none=True)
+        with attention_impl(impl):
+            out = model(ids, video, mask)
+        out["loss"].backward()
+        grads = torch.cat([p.grad.flatten() for _, p in model.trainable_parameters() if p.grad is not None])
+        results.append((out["video_features"].detach(), grads))
+    return max(float((results[0][0] - results[1][0]).abs().max()), float((results[0][1] - results[1][1]).abs().max()))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--frames", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--patch", type=int, default=32)
+    parser.add_argument("--latent", choices=["linear", "transformer"], default="linear")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--worker", nargs=3, metavar=("IMPL", "MODE", "PRECISION"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        args.impl, args.mode, args.precision = args.worker
+        print(json.dumps(run_worker(args)))
+        return
+
+    shape = (f"ViT-B/{args.patch} shape, {args.layers} layers, {args.resolution} px, {args.frames} frames, "
+             f"batch {args.batch}, {args.latent} latent space, {args.device}, {args.threads} threads")
+    print(f"# {shape}")
+    diff = check_same_results(args)
+    print(f"max |ours - loop| over video features and prompt gradients (fp32): {diff:.2e}")
+
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    base_cmd = [sys.executable, __file__] + [a for a in sys.argv[1:] if not a.startswith("--json")]
+    results = {}
+    frames = args.batch * args.frames
+    for precision in precisions:
+        for mode in ("train", "eval", "clip"):
+            for impl in (("ours", "loop") if mode != "clip" else ("ours",)):
+                cmd = base_cmd + ["--precision", precision, "--worker", impl, mode, precision]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+                if out.returncode != 0:
+                    sys.exit(f"benchmark worker failed ({impl} {mode} {precision}):\n{out.stderr}")
+                results[(precision, mode, impl)] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    header = f"{'precision':9} {'measure':22} {'seconds':>8} {'frames/s':>9} {'peak MB':>8}"
+    print(header)
+    print("-" * len(header))
+    for (precision, mode, impl), r in results.items():
+        label = {"train": "train step", "eval": "eval forward", "clip": "plain CLIP forward"}[mode]
+        label += "" if mode == "clip" else f" ({impl})"
+        print(f"{precision:9} {label:22} {r['seconds']:8.3f} {frames / r['seconds']:9.1f} {r['memory_mb']:8.0f}")
+    print()
+    for precision in precisions:
+        train = results[(precision, "train", "loop")]["seconds"] / results[(precision, "train", "ours")]["seconds"]
+        evalr = results[(precision, "eval", "loop")]["seconds"] / results[(precision, "eval", "ours")]["seconds"]
+        over = results[(precision, "eval", "ours")]["seconds"] / results[(precision, "clip", "ours")]["seconds"]
+        print(f"{precision}: speed-up over the per-frame loop: train step {train:.2f}x, eval forward {evalr:.2f}x; "
+              f"eval forward / plain CLIP forward = {over:.2f}")
+    if len(precisions) == 2:
+        r = results[("fp32", "train", "loop")]["seconds"] / results[("bf16", "train", "ours")]["seconds"]
+        print(f"bf16 train step (ours) vs fp32 train step (loop): {r:.2f}x")
+    tokens = 1 + (args.resolution // args.patch) ** 2
+    print(f"(prompt tokens alone cost about (1+P+S)/(1+S) = {(tokens + 4) / tokens:.2f} of plain CLIP)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"/".join(k): v for k, v in results.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

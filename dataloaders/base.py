@@ -1,0 +1,319 @@
+"""Shared logic of the video-text datasets.
+
+A dataset subclass only parses its annotation files into :class:`Annotations` (videos, captions, the
+video of each caption); this module does the rest: option checks, video file lookup, tokenising,
+decoding with the DGL sampling, skip-and-replace of bad videos, and the evaluation views.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from .video import FRAME_ORDERS, VideoDecodeError, load_video
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".3gp", ".mpg", ".mpeg", ".flv", ".wmv")
+
+
+class AnnotationError(ValueError):
+    """An annotation file is missing, malformed, or names ids that are not known."""
+
+
+class BadVideoError(RuntimeError):
+    """A video of the dataset cannot be read; the message names the file and the dataset row."""
+
+
+@dataclass(frozen=True)
+class VideoEntry:
+    video_id: str
+    path: str
+    source: str  # where the video is listed, e.g. "MSRVTT_train.9k.csv line 12"
+    start: Optional[float] = None  # seconds; None = whole video
+    end: Optional[float] = None
+
+
+@dataclass
+class Annotations:
+    videos: list[VideoEntry]
+    captions: list[str]
+    caption_video: list[int]  # index into videos of each caption
+    caption_sources: list[str] = field(default_factory=list)
+
+
+def read_lines(path: str) -> list[str]:
+    """Non-empty stripped lines of a text file (an id list)."""
+    with open(require_file(path), "r", encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def require_file(path: str, what: str = "annotation file") -> str:
+    if not os.path.isfile(path):
+        raise AnnotationError(f"{what} not found: {path}")
+    return path
+
+
+def index_video_files(root: str) -> dict[str, str]:
+    """Map each video file under ``root`` to its path by file name and by name without extension."""
+    found: dict[str, str] = {}
+    if not root or not os.path.isdir(root):
+        return found
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in VIDEO_EXTENSIONS or name.startswith("."):
+                continue
+            full = os.path.join(dirpath, name)
+            found.setdefault(name, full)
+            found.setdefault(stem, full)
+    return found
+
+
+def get_option(args, name: str, default):
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
+class VideoTextDataset(Dataset):
+    """Base class: a list of videos, a list of captions, and the video of each caption.
+
+    Train samples are (caption, video) pairs (``caption_pairs``) or, when a subclass sets
+    ``sample_per_video``, one item per video with a random caption of it drawn at every access.
+    Test datasets also expose :meth:`text_dataset` and :meth:`video_dataset` so that evaluation
+    encodes every caption and every video exactly once.
+    """
+
+    name = "base"
+    default_video_ext = ".mp4"
+
+    def __init__(self, args, tokenizer, split: str):
+        self.split = split
+        self.train = split == "train"
+        self.tokenizer = tokenizer
+        self.data_path = get_option(args, "data_path", "")
+        self.features_path = get_option(args, "features_path", "")
+        self.max_words = int(get_option(args, "max_words", 32))
+        self.max_frames = int(get_option(args, "max_frames", 12))
+        self.image_resolution = int(get_option(args, "image_resolution", 224))
+        self.skip_bad_videos = bool(get_option(args, "skip_bad_videos", False))
+        # accepted for compatibility: the published DGL decoder samples segments of the whole clip and
+        # ignores both (videos are pre-encoded at 3 fps).
+        self.feature_framerate = float(get_option(args, "feature_framerate", 1.0))
+        self.slice_framepos = int(get_option(args, "slice_framepos", 2))
+        order_flag = "train_frame_order" if self.train else "eval_frame_order"
+        self.frame_order = int(get_option(args, order_flag, 0))
+        if self.frame_order not in FRAME_ORDERS:
+            raise ValueError(f"--{order_flag} must be 0 (normal), 1 (reverse) or 2 (random), got {self.frame_order}")
+        if self.slice_framepos not in (0, 1, 2):
+            raise ValueError(f"--slice_framepos must be 0, 1 or 2, got {self.slice_framepos}")
+        if self.max_frames < 1 or self.max_words < 3:
+            raise ValueError(f"--max_frames must be >= 1 and --max_words >= 3 "
+                             f"(got {self.max_frames}, {self.max_words})")
+        self.args = args
+        self._file_index: Optional[dict[str, str]] = None
+
+        ann = self.load_annotations()
+        self._check_annotations(ann)
+        self.videos = ann.videos
+        self.captions = ann.captions
+        self.caption_sources = ann.caption_sources or [self.videos[v].source for v in ann.caption_video]
+        self.caption_video_index = torch.as_tensor(ann.caption_video, dtype=torch.long)
+        self._captions_of_video: list[list[int]] = [[] for _ in self.videos]
+        for c, v in enumerate(ann.caption_video):
+            self._captions_of_video[v].append(c)
+        missing = sum(1 for v in self.videos if not os.path.isfile(v.path))
+        if missing:
+            example = next(v for v in self.videos if not os.path.isfile(v.path))
+            logger.warning("%s %s: %d of %d videos are missing under %s (e.g. %s, listed in %s)", self.name,
+                           split, missing, len(self.videos), self.features_path, example.path, example.source)
+        logger.info("%s %s: %d videos, %d captions", self.name, split, self.num_videos, self.num_captions)
+
+    # ----------------------------------------------------------------- subclass interface
+    sample_per_video = False
+
+    def load_annotations(self) -> Annotations:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- helpers for subclasses
+    def video_path(self, video_id: str, *candidates: str) -> str:
+        """Path of ``video_id``: the first existing candidate, else a file named after the id
+        (or a candidate) anywhere under ``features_path``, else the first candidate / the default."""
+        for c in candidates:
+            if os.path.isfile(c):
+                return c
+        if self._file_index is None:
+            self._file_index = index_video_files(self.features_path)
+        stem = os.path.splitext(video_id)[0]
+        for key in (video_id, *(os.path.basename(c) for c in candidates), stem):
+            if key in self._file_index:
+                return self._file_index[key]
+        if candidates:
+            return candidates[0]
+        return os.path.join(self.features_path, video_id + self.default_video_ext)
+
+    def _check_annotations(self, ann: Annotations) -> None:
+        if not ann.videos:
+            raise AnnotationError(f"{self.name} {self.split}: the annotation files list no videos")
+        if len(ann.captions) != len(ann.caption_video):
+            raise AnnotationError(f"{self.name} {self.split}: {len(ann.captions)} captions but "
+                                  f"{len(ann.caption_video)} caption->video links")
+        bad = [i for i, v in enumerate(ann.caption_video) if not 0 <= v < len(ann.videos)]
+        if bad:
+            raise AnnotationError(f"{self.name} {self.split}: caption {bad[0]} points to no video")
+        no_caption = set(range(len(ann.videos))) - set(ann.caption_video)
+        if no_caption:
+            v = ann.videos[min(no_caption)]
+            raise AnnotationError(f"{self.name} {self.split}: {len(no_caption)} videos have no caption "
+                                  f"(e.g. {v.video_id}, listed in {v.source})")
+
+    # ----------------------------------------------------------------- sizes
+    @property
+    def num_videos(self) -> int:
+        return len(self.videos)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+    @property
+    def multi_sentence_per_video(self) -> bool:
+        return self.num_captions != self.num_videos
+
+    def __len__(self) -> int:
+        return self.num_videos if self.sample_per_video else self.num_captions
+
+    # ----------------------------------------------------------------- text and video
+    def encode_text(self, text: str) -> torch.Tensor:
+        from modules.tokenizer import tokenize
+
+        return tokenize([text], max_words=self.max_words, tokenizer=self.tokenizer)[0]
+
+    def load_video(self, video_index: int, row: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode one video; on failure raise :class:`BadVideoError` naming the file and the row."""
+        entry = self.videos[video_index]
+        try:
+            return load_video(entry.path, self.max_frames, self.image_resolution, train=self.train,
+                              start=entry.start, end=entry.end, frame_order=self.frame_order)
+        except VideoDecodeError as exc:
+            raise BadVideoError(f"{self.name} {self.split} {row}: video '{entry.video_id}' "
+                                f"(listed in {entry.source}): {exc}") from exc
+
+    def load_video_or_replace(self, video_index: int, row: str) -> tuple[torch.Tensor, torch.Tensor, bool, int]:
+        """``load_video``; with ``skip_bad_videos`` a failing video is logged and replaced by the next
+        readable one. Returns ``(video, mask, replaced, index_used)``."""
+        try:
+            video, mask = self.load_video(video_index, row)
+            return video, mask, False, video_index
+        except BadVideoError as exc:
+            if not self.skip_bad_videos:
+                raise
+            logger.warning("skipping bad video, a replacement is used: %s", exc)
+            first_error = exc
+        for step in range(1, self.num_videos):
+            other = (video_index + step) % self.num_videos
+            try:
+                video, mask = self.load_video(other, f"replacement for {row}")
+                return video, mask, True, other
+            except BadVideoError as exc:
+                logger.warning("skipping bad video: %s", exc)
+        raise BadVideoError(f"no readable video left in {self.name} {self.split}; first error: {first_error}")
+
+    # ----------------------------------------------------------------- samples
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        if self.sample_per_video:
+            caption_index, video_index = None, index
+            row = f"item {index} (video {self.videos[index].video_id}, listed in {self.videos[index].source})"
+        else:
+            caption_index, video_index = index, int(self.caption_video_index[index])
+            row = f"item {index} (caption in {self.caption_sources[index]})"
+        video, mask, replaced, used = self.load_video_or_replace(video_index, row)
+        if caption_index is None or replaced:
+            # one random caption of the video; after a replacement, of the replacement (pairs stay matched)
+            options = self._captions_of_video[used]
+            caption_index = options[int(torch.randint(len(options), (1,)))]
+        return {
+            "input_ids": self.encode_text(self.captions[caption_index]),
+            "video": video,
+            "video_mask": mask,
+            "index": index,
+            "replaced": replaced,
+        }
+
+    def text_dataset(self) -> "TextView":
+        return TextView(self)
+
+    def video_dataset(self) -> "VideoView":
+        return VideoView(self)
+
+
+class TextView(Dataset):
+    """Every caption once: dict(input_ids, caption_index)."""
+
+    def __init__(self, parent: VideoTextDataset):
+        self.parent = parent
+
+    def __len__(self) -> int:
+        return self.parent.num_captions
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return {"input_ids": self.parent.encode_text(self.parent.captions[index]), "caption_index": index}
+
+
+class VideoView(Dataset):
+    """Every video once: dict(video, video_mask, video_index, replaced)."""
+
+    def __init__(self, parent: VideoTextDataset):
+        self.parent = parent
+
+    def __len__(self) -> int:
+        return self.parent.num_videos
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        row = f"video {index} ({self.parent.videos[index].video_id})"
+        video, mask, replaced, _ = self.parent.load_video_or_replace(index, row)
+        return {"video": video, "video_mask": mask, "video_index": index, "replaced": replaced}
+
+
+class ReplacementCounter:
+    """Counts samples whose video was replaced (``skip_bad_videos``) over an epoch, across workers:
+    feed it every batch, call :meth:`report` at the end of the epoch."""
+
+    def __init__(self, log: Optional[logging.Logger] = None):
+        self.log = log or logger
+        self.replaced = 0
+        self.seen = 0
+
+    def update(self, batch: dict) -> None:
+        flags = batch["replaced"]
+        flags = flags if isinstance(flags, torch.Tensor) else torch.as_tensor(flags)
+        self.replaced += int(flags.sum())
+        self.seen += int(flags.numel())
+
+    def report(self, epoch: Optional[int] = None) -> str:
+        where = f"epoch {epoch}: " if epoch is not None else ""
+        msg = (f"{where}{self.replaced} of {self.seen} samples had an unreadable video and were replaced "
+               f"(see the warnings for the files)")
+        (self.log.warning if self.replaced else self.log.info)(msg)
+        self.replaced = self.seen = 0
+        return msg
+
+
+def dedupe_in_order(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def require_columns(path: str, header: Sequence[str], needed: Sequence[str]) -> None:
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise AnnotationError(f"{path}: missing column(s) {missing}; found columns {list(header)}")

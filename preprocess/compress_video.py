@@ -1,0 +1,165 @@
+"""Re-encode a folder tree of raw videos to 3 fps with the short side scaled to 224 (even sizes).
+
+    python -m preprocess.compress_video --input_root RAW --output_root OUT [--fps 3] [--size 224] [--workers N]
+
+Each ``RAW/a/b/name.ext`` becomes ``OUT/a/b/name.mp4`` (H.264, no audio). Outputs that exist and are
+valid (decodable, with frames, short side == size) are skipped. Each file is written under a temporary
+name and renamed when complete, so an interrupted run leaves no half-written output. Failures are
+listed at the end with their reason; the exit status is 1 when any file failed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from .ffmpeg_tools import find_ffmpeg, temporary_path_for
+
+RAW_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".3gp", ".mpg", ".mpeg", ".flv", ".wmv")
+
+
+@dataclass(frozen=True)
+class Job:
+    src: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class Result:
+    src: str
+    dst: str
+    status: str  # "done", "skipped" or "failed"
+    reason: str = ""
+
+
+def list_jobs(input_root: str, output_root: str, extensions: Iterable[str] = RAW_EXTENSIONS) -> list[Job]:
+    exts = tuple(e.lower() for e in extensions)
+    jobs = []
+    for dirpath, dirs, files in os.walk(input_root):
+        dirs.sort()
+        for name in sorted(files):
+            if name.startswith(".") or not name.lower().endswith(exts):
+                continue
+            src = os.path.join(dirpath, name)
+            rel = os.path.relpath(src, input_root)
+            jobs.append(Job(src, os.path.join(output_root, os.path.splitext(rel)[0] + ".mp4")))
+    return jobs
+
+
+def is_valid_output(path: str, size: int) -> bool:
+    """True when ``path`` decodes, has frames, and its short side is ``size``."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return False
+    try:
+        import decord
+
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        if len(reader) == 0:
+            return False
+        h, w = reader[0].shape[:2]
+        return min(h, w) == size
+    except Exception:
+        return False
+
+
+def scale_filter_args(size: int) -> tuple[str, str]:
+    """ffmpeg scale w/h expressions: short side -> ``size``, long side keeps the aspect, rounded to even."""
+    return f"if(lt(iw,ih),{size},-2)", f"if(lt(iw,ih),-2,{size})"
+
+
+def compress_one(job: Job, fps: float = 3.0, size: int = 224, ffmpeg: Optional[str] = None,
+                 overwrite: bool = False) -> Result:
+    import ffmpeg as ffmpeg_python
+
+    if not overwrite and is_valid_output(job.dst, size):
+        return Result(job.src, job.dst, "skipped")
+    if not os.path.isfile(job.src) or os.path.getsize(job.src) == 0:
+        return Result(job.src, job.dst, "failed", "input missing or empty")
+    os.makedirs(os.path.dirname(os.path.abspath(job.dst)), exist_ok=True)
+    tmp = temporary_path_for(job.dst)
+    try:
+        w, h = scale_filter_args(size)
+        stream = (ffmpeg_python.input(job.src)
+                  .video.filter("fps", fps=fps)
+                  .filter("scale", w, h)
+                  .output(tmp, format="mp4", vcodec="libx264", pix_fmt="yuv420p", preset="fast", crf=23,
+                          an=None, movflags="+faststart"))
+        try:
+            stream.run(cmd=ffmpeg or find_ffmpeg(), capture_stdout=True, capture_stderr=True,
+                       overwrite_output=True, quiet=True)
+        except ffmpeg_python.Error as exc:
+            lines = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+            return Result(job.src, job.dst, "failed", " | ".join(lines[-3:]) or "ffmpeg failed")
+        if not is_valid_output(tmp, size):
+            return Result(job.src, job.dst, "failed", "ffmpeg produced no decodable frames")
+        os.replace(tmp, job.dst)
+        return Result(job.src, job.dst, "done")
+    except Exception as exc:  # keep the pool alive; report the reason
+        return Result(job.src, job.dst, "failed", f"{type(exc).__name__}: {exc}")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _run_job(payload) -> Result:
+    job, fps, size, ffmpeg, overwrite = payload
+    return compress_one(job, fps, size, ffmpeg, overwrite)
+
+
+def compress_tree(input_root: str, output_root: str, fps: float = 3.0, size: int = 224,
+                  workers: Optional[int] = None, overwrite: bool = False, progress: bool = True) -> list[Result]:
+    """Compress every video under ``input_root``; returns one :class:`Result` per input file."""
+    from tqdm import tqdm
+
+    if not os.path.isdir(input_root):
+        raise FileNotFoundError(f"input folder not found: {input_root}")
+    if os.path.abspath(input_root) == os.path.abspath(output_root):
+        raise ValueError("output_root must differ from input_root")
+    jobs = list_jobs(input_root, output_root)
+    ffmpeg = find_ffmpeg()
+    payloads = [(j, fps, size, ffmpeg, overwrite) for j in jobs]
+    workers = max(1, workers or (os.cpu_count() or 1))
+    results: list[Result] = []
+    bar = tqdm(total=len(jobs), desc="compress", unit="video", disable=not progress)
+    if workers == 1:
+        for p in payloads:
+            results.append(_run_job(p))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for r in pool.map(_run_job, payloads, chunksize=1):
+                results.append(r)
+                bar.update()
+    bar.close()
+    return results
+
+
+def summarize(results: list[Result]) -> str:
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+    lines = [f"{len(results)} videos: {counts['done']} compressed, {counts['skipped']} already valid, "
+             f"{counts['failed']} failed"]
+    lines += [f"FAILED {r.src}: {r.reason}" for r in results if r.status == "failed"]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="Re-encode videos to 3 fps with the short side scaled to 224.")
+    p.add_argument("--input_root", required=True)
+    p.add_argument("--output_root", required=True)
+    p.add_argument("--fps", type=float, default=3.0)
+    p.add_argument("--size", type=int, default=224, help="short side in pixels (even)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="re-encode even when a valid output exists")
+    a = p.parse_args(argv)
+    if a.size % 2:
+        p.error("--size must be even")
+    results = compress_tree(a.input_root, a.output_root, a.fps, a.size, a.workers, a.overwrite)
+    print(summarize(results), file=sys.stderr)
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""A small synthetic text-video dataset in the MSR-VTT layout, deterministic from a seed.
+
+Each clip shows one coloured shape moving in two steps ("a red square moves left then up"): the
+first half of the clip in one direction, the second half in another. Captions name the colour, the
+shape and both motions in order, so "left then up" and "up then left" can only be told apart by the
+order of events in time.
+
+Layout written (the file names the MSR-VTT loader expects)::
+
+    <out>/MSRVTT_train.9k.csv       video_id
+    <out>/MSRVTT_JSFUSION_test.csv  key,vid_key,video_id,sentence
+    <out>/MSRVTT_data.json          {"videos": [...], "sentences": [{"video_id", "caption", "sen_id"}]}
+    <out>/videos/<video_id>.mp4     H.264 at 3 fps
+
+CLI: ``python -m preprocess.make_synthetic_dataset OUT --num_train 200 --num_test 50 --size 32``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+
+from .ffmpeg_tools import find_ffmpeg, write_video
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 235),
+    "yellow": (235, 220, 40),
+    "purple": (165, 60, 205),
+    "white": (240, 240, 240),
+}
+SHAPES = ("square", "circle", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+MOTIONS = tuple((a, b) for a, b in itertools.permutations(DIRECTIONS, 2))  # 12 ordered pairs
+TEMPLATES = (
+    "a {colour} {shape} moves {first} then {second}",
+    "the {colour} {shape} goes {first} and then {second}",
+    "a {shape} in {colour} moving {first} first and {second} after",
+)
+FPS = 3.0
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    video_id: str
+    colour: str
+    shape: str
+    first: str
+    second: str
+    num_frames: int
+    size: int
+    start_x: float
+    start_y: float
+    background: tuple[int, int, int]
+
+    def caption(self, template: int = 0) -> str:
+        return TEMPLATES[template].format(colour=self.colour, shape=self.shape, first=self.first,
+                                          second=self.second)
+
+
+def positions(spec: ClipSpec) -> np.ndarray:
+    """Centre (x, y) of the shape in each frame: linear moves, ``first`` over the first half."""
+    dist = 0.3 * spec.size
+    half = spec.num_frames // 2
+    d1, d2 = np.array(DIRECTIONS[spec.first], float), np.array(DIRECTIONS[spec.second], float)
+    p0 = np.array([spec.start_x, spec.start_y])
+    out = []
+    for t in range(spec.num_frames):
+        if t < half:
+            p = p0 + d1 * dist * (t / max(half - 1, 1))
+        else:
+            p = p0 + d1 * dist + d2 * dist * ((t - half + 1) / max(spec.num_frames - half, 1))
+        out.append(p)
+    return np.array(out)
+
+
+def render_clip(spec: ClipSpec) -> np.ndarray:
+    """uint8 RGB frames ``(num_frames, size, size, 3)`` of the clip."""
+    s = spec.size
+    r = max(2.0, s / 7.0)
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+    frames = np.empty((spec.num_frames, s, s, 3), np.uint8)
+    frames[:] = np.array(spec.background, np.uint8)
+    colour = np.array(COLOURS[spec.colour], np.uint8)
+    for t, (cx, cy) in enumerate(positions(spec)):
+        dx, dy = xx - cx, yy - cy
+        if spec.shape == "square":
+            mask = (np.abs(dx) <= r) & (np.abs(dy) <= r)
+        elif spec.shape == "circle":
+            mask = dx * dx + dy * dy <= r * r
+        else:  # triangle pointing up
+            mask = (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2.0)
+        frames[t][mask] = colour
+    return frames
+
+
+def make_specs(num_train: int, num_test: int, seed: int = 0, size: int = 32, min_frames: int = 12,
+               max_frames: int = 18) -> list[ClipSpec]:
+    """Train specs first (``video0``..), then test specs; test clips have distinct captions while
+    there are enough combinations (6 colours x 3 shapes x 12 motions = 216)."""
+    if size < 16 or size % 2:
+        raise ValueError(f"size must be even and >= 16, got {size}")
+    if not 1 <= min_frames <= max_frames:
+        raise ValueError(f"need 1 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
+    rng = np.random.default_rng(seed)
+    combos = list(itertools.product(COLOURS, SHAPES, MOTIONS))
+    test_pick = rng.permutation(len(combos))
+    test_combos = [combos[i] for i in np.resize(test_pick, num_test)] if num_test else []
+    train_combos = [combos[i] for i in rng.integers(0, len(combos), size=num_train)]
+    specs = []
+    for i, (colour, shape, (first, second)) in enumerate(train_combos + test_combos):
+        d = (np.array(DIRECTIONS[first], float) + np.array(DIRECTIONS[second], float)) * 0.3 * size
+        centre = size / 2.0 - d / 2.0 + rng.uniform(-0.05, 0.05, size=2) * size
+        background = tuple(int(v) for v in rng.integers(10, 60, size=3))
+        specs.append(ClipSpec(f"video{i}", colour, shape, first, second,
+                              int(rng.integers(min_frames, max_frames + 1)), size, float(centre[0]),
+                              float(centre[1]), background))
+    return specs
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def make_synthetic_dataset(out_dir: str, num_train: int = 200, num_test: int = 50, seed: int = 0,
+                           size: int = 32, min_frames: int = 12, max_frames: int = 18,
+                           workers: Optional[int] = None, crf: int = 18) -> dict:
+    """Write the dataset; returns ``{"root", "train_csv", "val_csv", "data_path", "features_path"}``
+    (the keys are the flag names the MSR-VTT loader reads)."""
+    specs = make_specs(num_train, num_test, seed, size, min_frames, max_frames)
+    root = os.path.abspath(out_dir)
+    videos_dir = os.path.join(root, "videos")
+    os.makedirs(videos_dir, exist_ok=True)
+    ffmpeg = find_ffmpeg()
+
+    def encode(spec: ClipSpec) -> None:
+        write_video(os.path.join(videos_dir, spec.video_id + ".mp4"), render_clip(spec), fps=FPS, crf=crf,
+                    ffmpeg=ffmpeg)
+
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+        list(pool.map(encode, specs))  # re-raises the first failure
+
+    train, test = specs[:num_train], specs[num_train:]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["video_id"])
+    w.writerows([s.video_id] for s in train)
+    paths = {
+        "root": root,
+        "train_csv": os.path.join(root, "MSRVTT_train.9k.csv"),
+        "val_csv": os.path.join(root, "MSRVTT_JSFUSION_test.csv"),
+        "data_path": os.path.join(root, "MSRVTT_data.json"),
+        "features_path": videos_dir,
+    }
+    _atomic_write_text(paths["train_csv"], buf.getvalue())
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["key", "vid_key", "video_id", "sentence"])
+    for j, s in enumerate(test):
+        w.writerow([f"ret{j}", "msr" + s.video_id[len("video"):], s.video_id, s.caption(0)])
+    _atomic_write_text(paths["val_csv"], buf.getvalue())
+    sentences = []
+    for s in specs:
+        for k in range(len(TEMPLATES)):
+            sentences.append({"caption": s.caption(k), "video_id": s.video_id, "sen_id": len(sentences)})
+    data = {
+        "info": {"description": f"synthetic moving shapes, seed {seed}", "fps": FPS},
+        "videos": [dict(video_id=s.video_id, split="train" if i < num_train else "test", id=i,
+                        url=f"synthetic://{s.video_id}", **{"start time": 0.0, "end time": s.num_frames / FPS},
+                        spec=asdict(s)) for i, s in enumerate(specs)],
+        "sentences": sentences,
+    }
+    _atomic_write_text(paths["data_path"], json.dumps(data, indent=1))
+    return paths
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir")
+    p.add_argument("--num_train", type=int, default=200)
+    p.add_argument("--num_test", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=32, help="frame width and height in pixels (even)")
+    p.add_argument("--min_frames", type=int, default=12)
+    p.add_argument("--max_frames", type=int, default=18)
+    p.add_argument("--workers", type=int, default=None)
+    a = p.parse_args(argv)
+    paths = make_synthetic_dataset(a.out_dir, a.num_train, a.num_test, a.seed, a.size, a.min_frames,
+                                   a.max_frames, a.workers)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# DGL on LSMDC (spec recipe: lr 1e-2, 5 epochs, 64 per GPU x 8 GPUs, 12 frames, 32 words, AMP).
+# DATA_PATH holds LSMDC16_annos_training.csv, LSMDC16_annos_val.csv, LSMDC16_challenge_1000_publictect.csv;
+# VIDEO_PATH the movie folders.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+DATASET=lsmdc
+require_env
+LR=${LR:-1e-2}
+LATENT=${SHARED_LATENT_SPACE:-linear}
+OUTPUT_DIR=${OUTPUT_DIR:-runs/${DATASET}_dgl_${LATENT}_lr${LR}}
+launch \
+    --do_train 1 --datatype lsmdc \
+    --data_path "${DATA_PATH}" --features_path "${VIDEO_PATH}" \
+    --pretrained_dir "${PRETRAINED_DIR}" --pretrained_clip_name "${CLIP_NAME:-ViT-B/32}" \
+    --output_dir "${OUTPUT_DIR}" \
+    --lr "${LR}" --coef_lr 1e-3 --wd 0.2 --epochs 5 --optim AdamW \
+    --batch_size "${BATCH_SIZE:-64}" --batch_size_val 32 --num_thread_reader 8 --n_display 40 \
+    --max_words 32 --max_frames 12 --feature_framerate 3 --slice_framepos 2 \
+    --precision amp --freeze_clip 1 --shared_latent_space "${LATENT}" \
+    --text_prompt_length 8 --local_each_frame_prompt_length 4 --global_visual_prompt_length 4 \
+    --unified_transformer_layers 12 \
+    "$@"

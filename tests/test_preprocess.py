@@ -1,0 +1,77 @@
+"""preprocess/compress_video.py and the synthetic dataset CLI."""
+from __future__ import annotations
+
+import os
+
+import decord
+import numpy as np
+import pytest
+
+from preprocess.compress_video import compress_tree, list_jobs, main as compress_main, summarize
+from preprocess.ffmpeg_tools import write_video
+from preprocess.make_synthetic_dataset import main as synthetic_main
+
+
+@pytest.fixture()
+def raw_tree(tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    # 2 s at 15 fps, landscape 90x50 (scaled width 57.6 -> even); portrait 40x64 at 10 fps
+    write_video(str(raw / "a.mp4"), rng.integers(0, 255, (30, 50, 90, 3), dtype=np.uint8), fps=15)
+    write_video(str(raw / "sub" / "b.mp4"), rng.integers(0, 255, (20, 64, 40, 3), dtype=np.uint8), fps=10)
+    (raw / "sub" / "broken.avi").write_bytes(b"not a video" * 50)
+    (raw / "notes.txt").write_text("ignored")
+    return raw
+
+
+def test_compress_tree(raw_tree, tmp_path):
+    out = tmp_path / "out"
+    results = compress_tree(str(raw_tree), str(out), fps=3, size=32, workers=2, progress=False)
+    status = {os.path.relpath(r.src, raw_tree): r for r in results}
+    assert set(status) == {"a.mp4", os.path.join("sub", "b.mp4"), os.path.join("sub", "broken.avi")}
+    assert status["a.mp4"].status == "done" and status[os.path.join("sub", "b.mp4")].status == "done"
+    broken = status[os.path.join("sub", "broken.avi")]
+    assert broken.status == "failed" and "Invalid data" in broken.reason
+    assert f"FAILED {broken.src}: " in summarize(results)
+    a = decord.VideoReader(str(out / "a.mp4"))
+    h, w, _ = a[0].shape
+    assert h == 32 and w % 2 == 0 and abs(w - 90 * 32 / 50) <= 2  # short side 32, even width
+    assert len(a) == 6 and a.get_avg_fps() == pytest.approx(3.0)
+    b = decord.VideoReader(str(out / "sub" / "b.mp4"))
+    assert b[0].shape == (52, 32, 3) and len(b) == 6
+    leftovers = [f for _, _, files in os.walk(out) for f in files if ".part" in f]
+    assert leftovers == [] and not (out / "sub" / "broken.mp4").exists()
+
+    # second run: valid outputs are skipped (not rewritten)
+    mtime = os.path.getmtime(out / "a.mp4")
+    again = compress_tree(str(raw_tree), str(out), fps=3, size=32, workers=1, progress=False)
+    assert sorted(r.status for r in again) == ["failed", "skipped", "skipped"]
+    assert os.path.getmtime(out / "a.mp4") == mtime
+
+    # a half-written output from an interrupted run is not valid: it is re-encoded
+    (out / "a.mp4").write_bytes((out / "a.mp4").read_bytes()[:100])
+    third = compress_tree(str(raw_tree), str(out), fps=3, size=32, workers=1, progress=False)
+    assert {os.path.basename(r.src): r.status for r in third}["a.mp4"] == "done"
+    assert len(decord.VideoReader(str(out / "a.mp4"))) == 6
+
+
+def test_compress_cli_exit_status(raw_tree, tmp_path, capsys):
+    assert compress_main(["--input_root", str(raw_tree), "--output_root", str(tmp_path / "o"), "--size", "32",
+                          "--workers", "1"]) == 1
+    assert "1 failed" in capsys.readouterr().err
+    os.remove(raw_tree / "sub" / "broken.avi")
+    assert compress_main(["--input_root", str(raw_tree), "--output_root", str(tmp_path / "o"), "--size", "32",
+                          "--workers", "1"]) == 0
+    assert [os.path.basename(j.dst) for j in list_jobs(str(raw_tree), str(tmp_path))] == ["a.mp4", "b.mp4"]
+
+
+def test_synthetic_cli(tmp_path, capsys):
+    assert synthetic_main([str(tmp_path / "syn"), "--num_train", "3", "--num_test", "2", "--size", "32",
+                           "--seed", "1"]) == 0
+    assert "features_path:" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "syn" / "videos")) == [f"video{i}.mp4" for i in range(5)]
+    lines = (tmp_path / "syn" / "MSRVTT_train.9k.csv").read_text().splitlines()
+    assert lines == ["video_id", "video0", "video1", "video2"]
+    reader = decord.VideoReader(str(tmp_path / "syn" / "videos" / "video0.mp4"))
+    assert reader.get_avg_fps() == pytest.approx(3.0) and 12 <= len(reader) <= 18

@@ -1,0 +1,2 @@
+"""Training and evaluation program of DGL (used by main.py): flags, distributed helpers, optimiser and
+schedule, train / eval loops, checkpoints, logging, and the CPU demo."""

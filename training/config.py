@@ -1,0 +1,283 @@
+"""Command-line flags of main.py (the published flag names) and their validation.
+
+Every bad or contradictory flag is reported as ONE line on stderr (``main.py: error: ...``) with
+exit status 2, before any model or data is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DATATYPES = ("msrvtt", "vatex", "lsmdc", "activity", "msvd", "didemo")
+VISUAL_OUTPUT_TYPES = ("global_prompt0", "average_global_prompt", "average_frame_cls_token",
+                       "average_global_prompt_and_frame_cls_token")
+PRECISIONS = ("amp", "fp32", "bf16")
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports errors as one line (no usage dump) and exits with status 2."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _none_str(v):
+    """'None', 'none' and '' mean "not given" (the published scripts pass resume=None)."""
+    if v is None or str(v).strip() in ("", "None", "none", "null"):
+        return None
+    return v
+
+
+def _flag_int(v):
+    return int(v)
+
+
+def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
+    p = OneLineArgumentParser(prog=prog, description="DGL: train / evaluate prompt tuning of a frozen CLIP "
+                                                     "for text-video retrieval")
+    g = p.add_argument_group("run mode")
+    g.add_argument("--do_train", type=int, default=None, choices=[0, 1],
+                   help="train (default: 1 unless --do_eval 1 is given). --do_train 1 --do_eval 1: evaluate "
+                        "before training, then train (evaluating after every epoch)")
+    g.add_argument("--do_eval", type=int, default=0, choices=[0, 1],
+                   help="evaluate; alone (or with --do_train 0) it only evaluates, e.g. --resume <checkpoint>")
+    g.add_argument("--output_dir", type=str, required=True, help="checkpoints, logs, results.json, TensorBoard")
+    g.add_argument("--resume", type=_none_str, default=None,
+                   help="checkpoint to continue from (ours or an official DGL checkpoint)")
+    g.add_argument("--load_from_pretrained", type=int, default=0, choices=[0, 1],
+                   help="with --resume: load the weights only (not optimiser, epoch, step)")
+    g.add_argument("--max_epochs_this_run", type=int, default=None,
+                   help="stop after this many epochs in this invocation (continue later with --resume)")
+    g.add_argument("--save_sim_matrix", action="store_true",
+                   help="write the test similarity matrix (and train-query x test matrices for QB-norm) as .npy")
+    g.add_argument("--qb_norm_train_queries", type=int, default=0,
+                   help="with --save_sim_matrix: at most this many training captions/videos in the QB-norm "
+                        "query bank (0 = all)")
+    g.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--no_tensorboard", action="store_true", help="do not write TensorBoard event files")
+    g.add_argument("--debug", action="store_true", help="log at DEBUG level")
+    g.add_argument("--no_progress", action="store_true", help="no tqdm bars")
+
+    g = p.add_argument_group("CLIP and tokenizer")
+    g.add_argument("--pretrained_dir", type=_none_str, default=None,
+                   help="directory of the CLIP weights (default: $DGL_PRETRAINED_DIR)")
+    g.add_argument("--pretrained_clip_name", type=str, default="ViT-B/32",
+                   help="ViT-B/32 -> <pretrained_dir>/ViT-B-32.pt; or a file name / path")
+    g.add_argument("--bpe_path", type=_none_str, default=None,
+                   help="CLIP BPE vocabulary (default: <pretrained_dir>/bpe_simple_vocab_16e6.txt.gz, $DGL_BPE_PATH)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--datatype", type=str, default="msrvtt", choices=DATATYPES)
+    g.add_argument("--data_path", type=_none_str, default=None)
+    g.add_argument("--features_path", type=_none_str, default=None)
+    g.add_argument("--train_csv", type=_none_str, default=None)
+    g.add_argument("--val_csv", type=_none_str, default=None)
+    g.add_argument("--max_words", type=int, default=32)
+    g.add_argument("--max_frames", type=int, default=12)
+    g.add_argument("--feature_framerate", type=int, default=1)
+    g.add_argument("--expand_msrvtt_sentences", action="store_true")
+    g.add_argument("--slice_framepos", type=int, default=0, choices=[0, 1, 2])
+    g.add_argument("--train_frame_order", type=int, default=0, choices=[0, 1, 2])
+    g.add_argument("--eval_frame_order", type=int, default=0, choices=[0, 1, 2])
+    g.add_argument("--skip_bad_videos", type=int, nargs="?", const=1, default=0, choices=[0, 1],
+                   help="replace unreadable training videos instead of failing (counted per epoch)")
+    g.add_argument("--num_thread_reader", type=int, default=1, help="DataLoader workers per process")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--coef_lr", type=float, default=1.0, help="lr multiplier of CLIP weights (frozen in DGL)")
+    g.add_argument("--wd", type=float, default=0.2)
+    g.add_argument("--epochs", type=int, default=20)
+    g.add_argument("--batch_size", type=int, default=256,
+                   help="per-process batch per optimiser step (split into --gradient_accumulation_steps parts)")
+    g.add_argument("--batch_size_val", type=int, default=3500)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--warmup_proportion", type=float, default=0.1)
+    g.add_argument("--clip_grad_norm", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
+    g.add_argument("--precision", type=str, default="fp32",
+                   help="amp (CUDA fp16 autocast + GradScaler; bf16 autocast on CPU), fp32, bf16")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--n_display", type=int, default=100, help="log every n optimiser steps")
+    g.add_argument("--optim", type=str, default="AdamW", help="AdamW (the only optimiser implemented)")
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.98)
+    g.add_argument("--eps", type=float, default=1e-6)
+
+    g = p.add_argument_group("model (DGL)")
+    g.add_argument("--shared_latent_space", type=str, default="transformer", choices=["transformer", "linear"])
+    g.add_argument("--text_prompt_length", type=int, default=8)
+    g.add_argument("--local_each_frame_prompt_length", type=int, default=4)
+    g.add_argument("--global_visual_prompt_length", type=int, default=4)
+    g.add_argument("--unified_transformer_layers", "--unified_prompt_layers", dest="unified_transformer_layers",
+                   type=int, default=12)
+    g.add_argument("--visual_output_type", type=str, default="global_prompt0", choices=VISUAL_OUTPUT_TYPES)
+    g.add_argument("--freeze_clip", type=int, default=1, help="must be 1: the CLIP backbone is frozen")
+    g.add_argument("--mask_padding_frames", type=int, default=0, choices=[0, 1],
+                   help="opt-in (changes results): keep padding frames out of attention and averages")
+
+    g = p.add_argument_group("distributed (use torchrun; these exist for the published scripts)")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None)
+    g.add_argument("--dist_backend", type=str, default="auto", choices=["auto", "nccl", "gloo"])
+    g.add_argument("--init_method", type=str, default=None, help="ignored: torchrun sets the rendezvous")
+    g.add_argument("--world_size", type=int, default=None, help="ignored: torchrun sets it")
+    g.add_argument("--n_gpu", type=int, default=None, help="ignored")
+    g.add_argument("--gpu", type=int, default=None, help="single-process run on this CUDA device")
+    g.add_argument("--dp", action="store_true", help="not supported (use torchrun)")
+    g.add_argument("--multigpu", type=str, default=None, help="not supported (use torchrun)")
+    g.add_argument("--remote", type=int, default=0)
+
+    g = p.add_argument_group("published flags accepted without effect (or with their only supported value)")
+    for name in ("--data_dir", "--cache_dir", "--cross_model", "--lr_decay", "--video_dim", "--margin",
+                 "--hard_negative_rate", "--negative_weighting", "--n_pair", "--freeze_layer_num",
+                 "--text_num_hidden_layers", "--visual_num_hidden_layers", "--cross_num_hidden_layers",
+                 "--tfm_heads", "--tfm_layers"):
+        g.add_argument(name, type=str, default=None, help=argparse.SUPPRESS)
+    for name in ("--loose_type", "--do_lower_case", "--use_mil", "--sampled_use_mil", "--use-bn-sync"):
+        g.add_argument(name, action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--do_pretrain", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--linear_patch", type=str, default="2d", help=argparse.SUPPRESS)
+    g.add_argument("--sim_header", type=str, default="meanP", help=argparse.SUPPRESS)
+    g.add_argument("--task_type", type=str, default="retrieval", help=argparse.SUPPRESS)
+    g.add_argument("--temperature_new", type=float, default=1.0, help=argparse.SUPPRESS)
+    g.add_argument("--time_embedding", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--camoe_dsl", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--pre_norm", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--inference_speed_test", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--lmdb_dataset", type=_none_str, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--save_feature_path", type=_none_str, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--init_model", type=_none_str, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def validate(args, parser) -> argparse.Namespace:
+    """Resolve defaults and reject bad or contradictory combinations (one line each)."""
+    err = parser.error
+    # run mode
+    if args.do_train is None:
+        args.do_train = 0 if args.do_eval else 1
+    if not args.do_train and not args.do_eval:
+        err("nothing to do: --do_train 0 and --do_eval 0")
+    if args.do_pretrain:
+        err("--do_pretrain is not supported (DGL only fine-tunes prompts for retrieval)")
+    if args.resume is not None and not os.path.isfile(args.resume):
+        err(f"--resume checkpoint not found: {args.resume}")
+    if args.load_from_pretrained and args.resume is None:
+        err("--load_from_pretrained 1 needs --resume <checkpoint>")
+    if args.max_epochs_this_run is not None and args.max_epochs_this_run < 1:
+        err("--max_epochs_this_run must be >= 1")
+    if args.qb_norm_train_queries < 0:
+        err("--qb_norm_train_queries must be >= 0")
+    # precision / optimiser
+    if args.precision == "fp16":
+        err("--precision fp16 (pure half weights) is not supported; use --precision amp (fp16 autocast) or bf16")
+    if args.precision not in PRECISIONS:
+        err(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
+    if args.optim != "AdamW":
+        err(f"--optim {args.optim} is not implemented; DGL's scripts use --optim AdamW")
+    if args.lr <= 0:
+        err("--lr must be > 0")
+    if args.coef_lr < 0:
+        err("--coef_lr must be >= 0")
+    if args.wd < 0:
+        err("--wd must be >= 0")
+    if args.epochs < 1:
+        err("--epochs must be >= 1")
+    if args.batch_size < 1 or args.batch_size_val < 1:
+        err("--batch_size and --batch_size_val must be >= 1")
+    if args.gradient_accumulation_steps < 1:
+        err("--gradient_accumulation_steps must be >= 1")
+    if args.batch_size % args.gradient_accumulation_steps:
+        err(f"--batch_size {args.batch_size} is not divisible by --gradient_accumulation_steps "
+            f"{args.gradient_accumulation_steps}")
+    if not 0.0 <= args.warmup_proportion < 1.0:
+        err("--warmup_proportion must be in [0, 1)")
+    if args.clip_grad_norm is not None and args.clip_grad_norm < 0:
+        err("--clip_grad_norm must be >= 0 (0 disables clipping)")
+    if args.n_display < 1:
+        err("--n_display must be >= 1")
+    if args.num_thread_reader < 0:
+        err("--num_thread_reader must be >= 0")
+    if not (0.0 <= args.beta1 < 1.0 and 0.0 <= args.beta2 < 1.0) or args.eps <= 0:
+        err("need 0 <= --beta1, --beta2 < 1 and --eps > 0")
+    # model
+    if args.freeze_clip != 1:
+        err("--freeze_clip must be 1: DGL trains prompts on a frozen CLIP (fine-tuning CLIP is not implemented)")
+    for name in ("max_words", "max_frames", "unified_transformer_layers"):
+        if getattr(args, name) < 1:
+            err(f"--{name} must be >= 1")
+    for name in ("text_prompt_length", "local_each_frame_prompt_length", "global_visual_prompt_length"):
+        if getattr(args, name) < 1:
+            err(f"--{name} must be >= 1")
+    if args.text_prompt_length % 2:
+        err("--text_prompt_length must be even (half prefix, half postfix prompts)")
+    if args.shared_latent_space == "linear" and args.text_prompt_length != 2 * args.local_each_frame_prompt_length:
+        err("--shared_latent_space linear needs --text_prompt_length == 2 * --local_each_frame_prompt_length "
+            f"(got {args.text_prompt_length} and {args.local_each_frame_prompt_length})")
+    if args.max_words < 3:
+        err("--max_words must be >= 3 ([SOT], a token, [EOT])")
+    # distributed / devices
+    if args.dp or args.multigpu:
+        err("--dp / --multigpu (DataParallel) are not supported; launch with torchrun --nproc_per_node N")
+    if args.remote:
+        err("--remote is not supported; launch with torchrun")
+    if args.device == "cuda" or args.gpu is not None:
+        import torch
+        if not torch.cuda.is_available():
+            err("CUDA was requested (--device cuda / --gpu) but no CUDA device is available")
+    if args.dist_backend == "nccl" and args.device == "cpu":
+        err("--dist_backend nccl needs GPUs; use gloo (the default on CPU)")
+    # published flags with a single supported value
+    fixed = {"linear_patch": "2d", "sim_header": "meanP", "task_type": "retrieval", "time_embedding": 0,
+             "camoe_dsl": 0, "pre_norm": 0, "inference_speed_test": 0, "temperature_new": 1.0}
+    for name, value in fixed.items():
+        if getattr(args, name) != value:
+            err(f"--{name} {getattr(args, name)} is not supported by DGL (only {value})")
+    for name in ("lmdb_dataset", "save_feature_path", "init_model"):
+        if getattr(args, name) is not None:
+            err(f"--{name} is not supported; use --features_path (videos) / --resume (weights)")
+    # paths
+    if args.pretrained_dir is None:
+        args.pretrained_dir = os.environ.get("DGL_PRETRAINED_DIR")
+    if args.do_train and args.datatype == "msrvtt" and args.train_csv is None:
+        err("training on msrvtt needs --train_csv (e.g. MSRVTT_train.9k.csv)")
+    return args
+
+
+def parse_args(argv=None, prog: str = "main.py") -> argparse.Namespace:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    return validate(args, parser)
+
+
+def fail(message: str, prog: str = "main.py") -> None:
+    """One-line fatal error after parsing (e.g. a CLIP file that does not exist)."""
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
+def resolve_clip_path(args) -> str:
+    name = args.pretrained_clip_name
+    candidates = []
+    if os.path.isfile(name):
+        return name
+    fname = name.replace("/", "-")
+    if not os.path.splitext(fname)[1]:
+        fname += ".pt"
+    if args.pretrained_dir:
+        candidates.append(os.path.join(args.pretrained_dir, fname))
+        candidates.append(os.path.join(args.pretrained_dir, name))
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    where = candidates[0] if candidates else fname
+    fail(f"CLIP weights '{name}' not found (looked for {where}); pass --pretrained_dir <dir with {fname}> "
+         "or set DGL_PRETRAINED_DIR")
+
+
+def config_to_json(args, path: str) -> None:
+    from training.checkpoint import atomic_write_text
+    data = {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_")}
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

@@ -1,0 +1,282 @@
+"""One training epoch and one evaluation pass."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from modules.metrics import format_metrics, text_to_video_metrics, video_to_text_metrics
+from training import distributed as D
+from training.logs import LOGGER_NAME
+
+log = logging.getLogger(LOGGER_NAME)
+
+
+# ------------------------------------------------------------------------------------------ precision
+class Precision:
+    """Autocast settings of --precision on a device."""
+
+    def __init__(self, precision: str, device: torch.device):
+        self.name = precision
+        self.device_type = device.type
+        self.dtype = None
+        self.note = None
+        if precision == "amp":
+            if device.type == "cuda":
+                self.dtype = torch.float16
+            else:
+                self.dtype = torch.bfloat16
+                self.note = "--precision amp on CPU: using bf16 autocast (fp16 autocast with a GradScaler needs CUDA)"
+        elif precision == "bf16":
+            self.dtype = torch.bfloat16
+        self.use_scaler = precision == "amp" and device.type == "cuda"
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def make_scaler(self):
+        if not self.use_scaler:
+            return None
+        return torch.amp.GradScaler("cuda")
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def logit_scale_value(model) -> float | None:
+    core = unwrap(model)
+    for owner in (core, getattr(core, "clip", None)):
+        ls = getattr(owner, "logit_scale", None) if owner is not None else None
+        if isinstance(ls, torch.Tensor):
+            return float(ls.detach().float().exp())
+    return None
+
+
+def _to(batch: dict, device) -> dict:
+    nb = device.type == "cuda"
+    return {k: (v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------ training
+def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, scaler, *, epoch: int,
+                    global_step: int, accumulation: int, clip_grad_norm: float | None, n_display: int,
+                    device, board=None, progress: bool = True, step_callback=None) -> dict:
+    """Train for one pass over ``loader``; returns dict(loss, global_step, replaced, steps, time)."""
+    model.train()
+    core = unwrap(model)
+    params = [p for _, p in core.trainable_parameters() if p.requires_grad]
+    ddp = hasattr(model, "no_sync")
+    n_batches = len(loader)
+    usable = (n_batches // accumulation) * accumulation
+    total_loss, n_loss, replaced, seen = 0.0, 0, 0, 0
+    start = end = time.time()
+    optimizer.zero_grad(set_to_none=True)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=usable, desc=f"train epoch {epoch + 1}", leave=False, dynamic_ncols=True)
+    lr = schedule.lr_at(global_step)
+    for i, batch in enumerate(loader):
+        if i >= usable:  # an incomplete accumulation group at the end of the epoch is dropped
+            break
+        if "replaced" in batch:
+            flags = torch.as_tensor(batch["replaced"])
+            replaced += int(flags.sum())
+            seen += int(flags.numel())
+        batch = _to(batch, device)
+        data_time = time.time() - end
+        if i % accumulation == 0:
+            lr = schedule.apply(optimizer, global_step)
+        update = (i + 1) % accumulation == 0
+        sync = contextlib.nullcontext() if (update or not ddp) else model.no_sync()
+        with sync:
+            with precision.autocast():
+                out = model(batch["input_ids"], batch["video"], batch["video_mask"])
+                loss = out["loss"] if isinstance(out, dict) else out
+            loss_value = float(loss.detach().float())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1}, step {global_step}")
+            scaled = loss / accumulation
+            if scaler is not None:
+                scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        total_loss += loss_value
+        n_loss += 1
+        if update:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = None
+            if clip_grad_norm:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            batch_time = time.time() - end
+            if step_callback is not None:
+                step_callback(global_step, loss_value)
+            if global_step % n_display == 0 and D.is_main_process():
+                scale = logit_scale_value(model)
+                log.info("Epoch %d [%d/%d] step %d loss %.4f lr %.3e logit_scale %s data %.3fs step %.3fs",
+                         epoch + 1, i + 1, usable, global_step, loss_value, lr,
+                         f"{scale:.3f}" if scale is not None else "n/a", data_time, batch_time)
+            if board is not None:
+                board.scalars({"loss": loss_value, "lr": lr, "logit_scale": logit_scale_value(model),
+                               "data_time": data_time, "step_time": batch_time, "grad_norm": grad_norm},
+                              global_step, prefix="train/")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        end = time.time()
+    if bar is not None:
+        bar.close()
+    optimizer.zero_grad(set_to_none=True)
+    replaced = int(D.all_reduce_sum(replaced, device))
+    seen = int(D.all_reduce_sum(seen, device))
+    return {"loss": total_loss / max(n_loss, 1), "global_step": global_step, "replaced": replaced,
+            "samples": seen, "steps": usable // accumulation, "time": time.time() - start}
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def _shard(n: int) -> list[int]:
+    rank, world = D.get_rank(), D.get_world_size()
+    return list(range(rank, n, world))
+
+
+def _loader(dataset, batch_size: int, workers: int, device) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=workers,
+                      pin_memory=device.type == "cuda")
+
+
+@torch.no_grad()
+def encode_texts(core, text_dataset, batch_size, workers, device, precision, progress=True, desc="text"):
+    """Features of every caption (all processes share the work); returns (N, D) float32 CPU in order."""
+    idx = _shard(len(text_dataset))
+    feats, order = [], []
+    it = _loader(Subset(text_dataset, idx), batch_size, workers, device)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc=f"eval {desc}", leave=False, dynamic_ncols=True)
+    for batch in it:
+        with precision.autocast():
+            f = core.encode_text(batch["input_ids"].to(device))
+        feats.append(f.float())
+        order.append(torch.as_tensor(batch.get("caption_index", torch.zeros(0))).to(device).long())
+    return _gather_in_order(feats, order, idx, device)
+
+
+@torch.no_grad()
+def encode_videos(core, video_dataset, batch_size, workers, device, precision, progress=True, desc="video"):
+    """Features of every video, each computed once; returns ((N, D) float32 CPU, replaced count)."""
+    idx = _shard(len(video_dataset))
+    feats, order, replaced = [], [], 0
+    it = _loader(Subset(video_dataset, idx), batch_size, workers, device)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc=f"eval {desc}", leave=False, dynamic_ncols=True)
+    for batch in it:
+        if "replaced" in batch:
+            replaced += int(torch.as_tensor(batch["replaced"]).sum())
+        with precision.autocast():
+            f = core.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
+        feats.append(f.float())
+        order.append(torch.as_tensor(batch.get("video_index", torch.zeros(0))).to(device).long())
+    out = _gather_in_order(feats, order, idx, device)
+    return out, int(D.all_reduce_sum(replaced, device))
+
+
+def _gather_in_order(feats, order, idx, device) -> torch.Tensor:
+    if feats:
+        f = torch.cat(feats, 0)
+        o = torch.cat(order, 0)
+        if o.numel() != f.shape[0]:  # dataset without index fields: use the shard's order
+            o = torch.as_tensor(idx, device=device, dtype=torch.long)
+    else:
+        f = torch.zeros((0, 0), device=device)
+        o = torch.zeros((0,), device=device, dtype=torch.long)
+    if D.get_world_size() > 1:
+        dim = torch.tensor([f.shape[1] if f.numel() else 0], device=device)
+        torch.distributed.all_reduce(dim, op=torch.distributed.ReduceOp.MAX)
+        if f.numel() == 0:
+            f = torch.zeros((0, int(dim.item())), device=device)
+        f = D.all_gather_rows(f.contiguous())
+        o = D.all_gather_rows(o.contiguous())
+    f, o = f.cpu(), o.cpu()
+    out = torch.empty_like(f)
+    out[o] = f
+    return out
+
+
+@torch.no_grad()
+def similarity_matrix(core, text_feats: torch.Tensor, video_feats: torch.Tensor, device,
+                      chunk: int = 1024) -> np.ndarray:
+    """(num_texts, num_videos) float32 similarities, computed ``chunk`` texts at a time."""
+    out = np.empty((text_feats.shape[0], video_feats.shape[0]), dtype=np.float32)
+    v = video_feats.to(device)
+    for s in range(0, text_feats.shape[0], chunk):
+        out[s:s + chunk] = core.similarity(text_feats[s:s + chunk].to(device), v).float().cpu().numpy()
+    return out
+
+
+def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, precision: Precision,
+             progress: bool = True, chunk: int = 1024) -> dict:
+    """Text-to-video and video-to-text metrics on a test dataset (every caption against every video).
+
+    Returns dict(t2v, v2t, sim (np.ndarray, main process), text_features, video_features, time, ...).
+    """
+    core = unwrap(model)
+    was_training = core.training
+    core.eval()
+    t0 = time.time()
+    show = progress and D.is_main_process()
+    video_feats, replaced = encode_videos(core, test_dataset.video_dataset(), batch_size, workers, device,
+                                          precision, show)
+    text_feats = encode_texts(core, test_dataset.text_dataset(), batch_size, workers, device, precision, show)
+    cap_idx = torch.as_tensor(test_dataset.caption_video_index).long()
+    n_videos = int(test_dataset.num_videos)
+    result = {"num_captions": int(text_feats.shape[0]), "num_videos": n_videos, "replaced": replaced,
+              "text_features": text_feats, "video_features": video_feats}
+    if D.is_main_process():
+        sim = similarity_matrix(core, text_feats, video_feats, device, chunk)
+        multi = not torch.equal(cap_idx, torch.arange(sim.shape[0])) or sim.shape[0] != sim.shape[1]
+        if multi:
+            t2v = text_to_video_metrics(sim, cap_idx)
+            v2t = video_to_text_metrics(sim, cap_idx, n_videos)
+        else:
+            t2v = text_to_video_metrics(sim)
+            v2t = video_to_text_metrics(sim)
+        result.update(sim=sim, t2v=t2v, v2t=v2t, multi_sentence=multi)
+    result = _share_metrics(result)
+    result["time"] = time.time() - t0
+    if was_training:
+        core.train()
+    return result
+
+
+def _share_metrics(result: dict) -> dict:
+    if D.get_world_size() == 1:
+        return result
+    shared = D.broadcast_object({k: result.get(k) for k in ("t2v", "v2t", "multi_sentence")})
+    result.update(shared)
+    return result
+
+
+def log_eval(result: dict, header: str) -> None:
+    log.info("%s: %d captions x %d videos%s (%.1fs)", header, result["num_captions"], result["num_videos"],
+             " (multi-sentence)" if result.get("multi_sentence") else "", result.get("time", 0.0))
+    log.info("Text-to-Video: %s", format_metrics(result["t2v"]))
+    log.info("Video-to-Text: %s", format_metrics(result["v2t"], prefix="V2T "))
+    if result.get("replaced"):
+        log.warning("%d test videos were unreadable and replaced (--skip_bad_videos)", result["replaced"])

@@ -1,0 +1,100 @@
+"""Logging for runs: console + <output_dir>/log.txt (main process), TensorBoard scalars, results.json."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+LOGGER_NAME = "dgl"
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console handler that does not break tqdm bars."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=sys.stderr)
+            self.flush()
+        except Exception:  # noqa: BLE001
+            self.handleError(record)
+
+
+def setup_logging(output_dir: str | None, is_main: bool, rank: int = 0, debug: bool = False) -> logging.Logger:
+    """Configure the 'dgl' logger (and the 'dataloaders' / 'modules' loggers) for this process."""
+    level = logging.DEBUG if debug else logging.INFO
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s" if not is_main
+                            else "%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    console = _TqdmHandler()
+    console.setFormatter(fmt)
+    console.setLevel(level if is_main else logging.WARNING)
+    handlers = [console]
+    if is_main and output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(output_dir, "log.txt"), mode="a")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh.setLevel(level)
+        handlers.append(fh)
+    logger.setLevel(level)
+    for h in handlers:
+        logger.addHandler(h)
+    # the data and model packages log under their own names: route them to the same place
+    for name in ("dataloaders", "modules", "preprocess"):
+        other = logging.getLogger(name)
+        other.propagate = False
+        for h in list(other.handlers):
+            other.removeHandler(h)
+        other.setLevel(level)
+        for h in handlers:
+            other.addHandler(h)
+    return logger
+
+
+def close_logging() -> None:
+    for name in (LOGGER_NAME, "dataloaders", "modules", "preprocess"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+            if isinstance(h, logging.FileHandler):
+                h.close()
+
+
+class Board:
+    """TensorBoard writer on the main process only (a no-op elsewhere or when disabled)."""
+
+    def __init__(self, log_dir: str | None):
+        self.writer = None
+        if log_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(log_dir)
+            except Exception as e:  # noqa: BLE001 - tensorboard missing: keep training
+                logging.getLogger(LOGGER_NAME).warning("TensorBoard disabled: %s", e)
+
+    def scalars(self, values: dict, step: int, prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if v is None:
+                continue
+            self.writer.add_scalar(prefix + k, float(v), global_step=step)
+
+    def flush(self):
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def write_results(path: str, results: dict) -> None:
+    from training.checkpoint import atomic_write_text
+    atomic_write_text(path, json.dumps(results, indent=2, sort_keys=False) + "\n")
