@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     betas = beta_values(args.beta_min, args.beta_max, args.beta_step)
     best_beta, best_r1, _ = search_best_beta(t2v, v2t, sim, betas, t2v_k=args.t2v_k, t2v_theta=args.t2v_theta,
                                              v2t_k=args.v2t_k, v2t_theta=args.v2t_theta, log=log)
-    log(f"Best beta: {best_beta}, with R@1: {best_r1}")
+    shown = None if best_beta is None else float(f"{best_beta:.10g}")  # 0.7000000000000002 -> 0.7
+    log(f"Best beta: {shown}, with R@1: {best_r1}")
     for h in list(logger.handlers):
         h.flush()
         if isinstance(h, logging.FileHandler):

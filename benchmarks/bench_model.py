@@ -189,6 +189,11 @@ def main():
     shape = (f"ViT-B/{args.patch} shape, {args.layers} layers, {args.resolution} px, {args.frames} frames, "
              f"batch {args.batch}, {args.latent} latent space, {args.device}, {args.threads} threads")
     print(f"# {shape}")
+    if args.device == "cpu":
+        from training.engine import cpu_has_native_bf16
+
+        native = cpu_has_native_bf16()
+        print(f"# CPU native bf16 (AMX / AVX512-BF16): {'unknown' if native is None else 'yes' if native else 'no: bf16 is emulated'}")
     diff = check_same_results(args)
     print(f"max |ours - loop| over video features and prompt gradients (fp32): {diff:.2e}")
 

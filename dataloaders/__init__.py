@@ -42,11 +42,12 @@ def build_train_dataset(args, tokenizer) -> VideoTextDataset:
 
 
 def build_test_dataset(args, tokenizer, split: str = "test") -> VideoTextDataset:
-    """The evaluation dataset (``split`` 'test' or 'val'): ``.num_videos``, ``.num_captions``,
-    ``.caption_video_index``, ``.text_dataset()``, ``.video_dataset()``."""
-    if split not in ("test", "val"):
-        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-    return _dataset_class(args)(args, tokenizer, split)
+    """An evaluation dataset: ``.num_videos``, ``.num_captions``, ``.caption_video_index``,
+    ``.text_dataset()``, ``.video_dataset()``. ``split`` is 'test' or 'val', or 'train' for the training
+    split sampled like an evaluation set (segment-centre frames), as the QB-norm query bank needs."""
+    if split not in ("test", "val", "train"):
+        raise ValueError(f"split must be 'test', 'val' or 'train', got {split!r}")
+    return _dataset_class(args)(args, tokenizer, split, eval_sampling=True)
 
 
 __all__ = ["DATASETS", "build_train_dataset", "build_test_dataset", "VideoTextDataset", "AnnotationError",

@@ -91,9 +91,12 @@ class VideoTextDataset(Dataset):
     name = "base"
     default_video_ext = ".mp4"
 
-    def __init__(self, args, tokenizer, split: str):
+    def __init__(self, args, tokenizer, split: str, eval_sampling: bool = False):
         self.split = split
         self.train = split == "train"
+        # Frame sampling: random offsets for training; segment centres for evaluation, also for the
+        # training split when it is evaluated (the QB-norm query bank).
+        self.random_sampling = self.train and not eval_sampling
         self.tokenizer = tokenizer
         self.data_path = get_option(args, "data_path", "")
         self.features_path = get_option(args, "features_path", "")
@@ -105,7 +108,7 @@ class VideoTextDataset(Dataset):
         # ignores both (videos are pre-encoded at 3 fps).
         self.feature_framerate = float(get_option(args, "feature_framerate", 1.0))
         self.slice_framepos = int(get_option(args, "slice_framepos", 2))
-        order_flag = "train_frame_order" if self.train else "eval_frame_order"
+        order_flag = "train_frame_order" if self.random_sampling else "eval_frame_order"
         self.frame_order = int(get_option(args, order_flag, 0))
         if self.frame_order not in FRAME_ORDERS:
             raise ValueError(f"--{order_flag} must be 0 (normal), 1 (reverse) or 2 (random), got {self.frame_order}")
@@ -197,7 +200,7 @@ class VideoTextDataset(Dataset):
         """Decode one video; on failure raise :class:`BadVideoError` naming the file and the row."""
         entry = self.videos[video_index]
         try:
-            return load_video(entry.path, self.max_frames, self.image_resolution, train=self.train,
+            return load_video(entry.path, self.max_frames, self.image_resolution, train=self.random_sampling,
                               start=entry.start, end=entry.end, frame_order=self.frame_order)
         except VideoDecodeError as exc:
             raise BadVideoError(f"{self.name} {self.split} {row}: video '{entry.video_id}' "

@@ -32,9 +32,9 @@ def read_csv_rows(path: str, needed: list[str]) -> list[dict]:
 class MSRVTTDataset(VideoTextDataset):
     name = "msrvtt"
 
-    def __init__(self, args, tokenizer, split: str):
+    def __init__(self, args, tokenizer, split: str, eval_sampling: bool = False):
         self.expand_sentences = bool(get_option(args, "expand_msrvtt_sentences", False))
-        super().__init__(args, tokenizer, split)
+        super().__init__(args, tokenizer, split, eval_sampling)
 
     def _entry(self, video_id: str, source: str) -> VideoEntry:
         return VideoEntry(video_id, self.video_path(video_id, os.path.join(self.features_path, video_id + ".mp4")),

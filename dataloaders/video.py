@@ -8,8 +8,10 @@ Sampling follows section 5 of the DGL spec and the published ``sampling.py``:
 * a video with ``N <= T`` frames takes every frame once and repeats its last frame; the mask marks the
   ``min(N, T)`` real frames.
 
-Only the sampled frames are converted and copied out of the decoder (``VideoReader.get_batch``); the
-whole video is never materialised.
+Only the sampled frames are converted and copied out of the decoder (one ``VideoReader.get_batch`` of
+the sorted distinct indices); the whole video is never materialised. How many frames the decoder
+still has to decode depends on the keyframe interval of the file: decord decodes forward from the
+last keyframe at or before each requested frame (see ``preprocess/compress_video.py``).
 """
 from __future__ import annotations
 
@@ -120,6 +122,68 @@ def open_video(path: str, num_threads: int = 1):
     return reader
 
 
+def _sampled_indices(num_frames: int, fps: float, max_frames: int, train: bool, start: Optional[float],
+                     end: Optional[float], frame_order: int,
+                     generator: Optional[torch.Generator]) -> tuple[list[int], int]:
+    """Absolute frame indices in output order (padding included) and the number of real frames."""
+    first, last = time_to_frame_range(num_frames, fps, start, end)
+    n = last - first + 1
+    sampler = sample_train_indices(n, max_frames, generator) if train else sample_eval_indices(n, max_frames)
+    num_valid = min(n, max_frames)
+    order = apply_frame_order(sampler, num_valid, frame_order, generator)
+    return [first + i for i in order], num_valid
+
+
+def _batch_to_tensor(batch) -> torch.Tensor:
+    """A decord NDArray as a uint8 tensor without another copy (DLPack), else through numpy."""
+    try:
+        from torch.utils.dlpack import from_dlpack
+
+        return from_dlpack(batch.to_dlpack())
+    except Exception:  # pragma: no cover - depends on the decord/torch builds
+        return torch.from_numpy(batch.asnumpy())
+
+
+def read_unique_frames(path: str, max_frames: int, train: bool, start: Optional[float] = None,
+                       end: Optional[float] = None, frame_order: int = FRAME_ORDER_NORMAL,
+                       generator: Optional[torch.Generator] = None,
+                       num_threads: int = 1) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """Decode each sampled frame once, in file order.
+
+    Returns ``decoded`` uint8 ``(U, H, W, 3)`` (the ``U`` distinct sampled frames, ascending),
+    ``take`` (``max_frames`` positions into ``decoded`` giving the output order, padding included) and
+    ``mask`` int64 ``(max_frames,)``. One ``get_batch`` call reads the sorted distinct indices: decord
+    decodes forward from the nearest keyframe and colour-converts only the requested frames.
+    """
+    reader = open_video(path, num_threads=num_threads)
+    try:
+        num_frames = len(reader)
+        fps = float(reader.get_avg_fps() or 0.0)
+        if (start is not None and end is not None) and fps <= 0:
+            raise VideoDecodeError(path, "unknown frame rate, cannot cut a clip by time")
+        order, num_valid = _sampled_indices(num_frames, fps, max_frames, train, start, end, frame_order,
+                                            generator)
+        wanted = sorted(set(order))
+        try:
+            batch = reader.get_batch(wanted)
+        except Exception as exc:
+            raise VideoDecodeError(path, f"decoding frames {wanted[0]}..{wanted[-1]} of {num_frames} failed "
+                                         f"(truncated or corrupt?): {type(exc).__name__}: {exc}") from exc
+    finally:
+        del reader
+    decoded = _batch_to_tensor(batch)
+    if decoded.ndim != 4 or decoded.shape[0] != len(wanted) or decoded.shape[-1] != 3:
+        raise VideoDecodeError(path, f"decoder returned an array of shape {tuple(decoded.shape)}")
+    pos = {idx: k for k, idx in enumerate(wanted)}
+    mask = torch.zeros(max_frames, dtype=torch.long)
+    mask[:num_valid] = 1
+    return decoded, [pos[i] for i in order], mask
+
+
+def _gather(x: torch.Tensor, take: list[int]) -> torch.Tensor:
+    return x if take == list(range(x.shape[0])) else x[take]
+
+
 def read_frames(path: str, max_frames: int, train: bool, start: Optional[float] = None,
                 end: Optional[float] = None, frame_order: int = FRAME_ORDER_NORMAL,
                 generator: Optional[torch.Generator] = None,
@@ -129,33 +193,9 @@ def read_frames(path: str, max_frames: int, train: bool, start: Optional[float] 
     Returns ``frames`` uint8 ``(max_frames, H, W, 3)`` RGB and ``mask`` int64 ``(max_frames,)``.
     Raises :class:`VideoDecodeError` naming the file on any failure.
     """
-    reader = open_video(path, num_threads=num_threads)
-    try:
-        num_frames = len(reader)
-        fps = float(reader.get_avg_fps() or 0.0)
-        if (start is not None and end is not None) and fps <= 0:
-            raise VideoDecodeError(path, "unknown frame rate, cannot cut a clip by time")
-        first, last = time_to_frame_range(num_frames, fps, start, end)
-        n = last - first + 1
-        sampler = sample_train_indices(n, max_frames, generator) if train else sample_eval_indices(n, max_frames)
-        num_valid = min(n, max_frames)
-        order = apply_frame_order(sampler, num_valid, frame_order, generator)
-        wanted = sorted(set(first + i for i in order))
-        try:
-            batch = reader.get_batch(wanted).asnumpy()
-        except Exception as exc:
-            raise VideoDecodeError(path, f"decoding frames {wanted[0]}..{wanted[-1]} of {num_frames} failed "
-                                         f"(truncated or corrupt?): {type(exc).__name__}: {exc}") from exc
-    finally:
-        del reader
-    if batch.ndim != 4 or batch.shape[0] != len(wanted) or batch.shape[-1] != 3:
-        raise VideoDecodeError(path, f"decoder returned an array of shape {tuple(batch.shape)}")
-    decoded = torch.from_numpy(batch)
-    pos = {idx: k for k, idx in enumerate(wanted)}
-    frames = decoded[[pos[first + i] for i in order]]
-    mask = torch.zeros(max_frames, dtype=torch.long)
-    mask[:num_valid] = 1
-    return frames, mask
+    decoded, take, mask = read_unique_frames(path, max_frames, train, start, end, frame_order, generator,
+                                             num_threads)
+    return _gather(decoded, take), mask
 
 
 def resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
@@ -181,22 +221,35 @@ def center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
     return frames[..., top:top + size, left:left + size]
 
 
+_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+_STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
+
+
 def normalize_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 ``(T, H, W, 3)`` RGB -> float32 ``(T, 3, size, size)``: resize the short side to ``size``
-    when it differs, center crop, /255, CLIP mean/std."""
+    when it differs, center crop, /255, CLIP mean/std.
+
+    When no resize is needed (videos preprocessed to ``size``) the crop is taken on the uint8 frames
+    before anything else, so only the kept ``size x size`` pixels are transposed and converted to
+    float; the arithmetic runs in place, in the same order as ``(x / 255 - mean) / std``.
+    """
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 (T, H, W, 3) frames, got {frames.dtype} {tuple(frames.shape)}")
-    x = frames.permute(0, 3, 1, 2).float()
-    x = resize_short_side(x, size)
-    x = center_crop(x, size).contiguous()
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x / 255.0 - mean) / std
+    x = frames.permute(0, 3, 1, 2)
+    if min(x.shape[-2:]) == size:
+        x = center_crop(x, size).contiguous().float()
+    else:
+        x = center_crop(resize_short_side(x.float(), size), size).contiguous()
+    return x.div_(255.0).sub_(_MEAN).div_(_STD)
 
 
 def load_video(path: str, max_frames: int, size: int, train: bool, start: Optional[float] = None,
                end: Optional[float] = None, frame_order: int = FRAME_ORDER_NORMAL,
                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``read_frames`` + ``normalize_frames``: ``video`` float ``(T, 3, size, size)``, ``mask`` ``(T,)``."""
-    frames, mask = read_frames(path, max_frames, train, start, end, frame_order, generator)
-    return normalize_frames(frames, size), mask
+    """Sampled frames as the model input: ``video`` float ``(T, 3, size, size)``, ``mask`` ``(T,)``.
+
+    Each distinct sampled frame is decoded, cropped and normalised once; the output order (and the
+    padding of short videos) is applied to the normalised frames.
+    """
+    decoded, take, mask = read_unique_frames(path, max_frames, train, start, end, frame_order, generator)
+    return _gather(normalize_frames(decoded, size), take), mask

@@ -33,7 +33,7 @@ VISUAL_OUTPUT_TYPES = ("global_prompt0", "average_global_prompt", "average_frame
 
 @dataclass
 class DGLConfig:
-    shared_latent_space: str = "linear"
+    shared_latent_space: str = "transformer"  # the published default
     max_words: int = 32
     max_frames: int = 12
     text_prompt_length: int = 8              # K

@@ -55,6 +55,9 @@ def qb_norm(train_test: np.ndarray, test_test: np.ndarray, k: int, beta: float, 
     """
     train_test = np.asarray(train_test)
     out = np.array(test_test, copy=True)
+    # a Python float: a float32 matrix stays float32 under NumPy 2 too, as it did for the published script
+    # (NumPy 1.x), instead of being promoted to float64 by a np.float64 beta
+    beta = float(beta)
     if retrieved is None:
         retrieved = get_retrieved_videos(train_test, k, theta)
     train_exp = np.exp(train_test * beta)

@@ -32,12 +32,23 @@ def temporary_path_for(path: str) -> str:
     return tmp
 
 
+def keyint_args(keyint: Optional[int]) -> list[str]:
+    """x264 options for a keyframe on every ``keyint``-th frame (none for None/0: x264's default of a
+    keyframe every 250 frames plus scene cuts). Scene-cut detection is turned off so that keyframes
+    fall exactly on multiples of ``keyint``."""
+    if not keyint:
+        return []
+    if int(keyint) < 1:
+        raise ValueError(f"keyint must be >= 1 (or 0/None for x264's default), got {keyint}")
+    return ["-g", str(int(keyint)), "-keyint_min", str(int(keyint)), "-sc_threshold", "0"]
+
+
 def write_video(path: str, frames: np.ndarray, fps: float = 3.0, crf: int = 18,
                 keyint: Optional[int] = None, ffmpeg: Optional[str] = None) -> str:
     """Encode uint8 RGB frames ``(T, H, W, 3)`` (H, W even) to H.264 yuv420p ``path``, atomically.
 
-    ``crf=0`` is lossless in YUV (useful for tests that check pixel values); ``keyint`` sets the
-    keyframe interval (x264's default when None).
+    ``crf=0`` is lossless in YUV (useful for tests that check pixel values); ``keyint`` puts a keyframe
+    on every ``keyint``-th frame exactly (scene-cut keyframes off; x264's default GOP when None or 0).
     """
     frames = np.ascontiguousarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
@@ -49,8 +60,7 @@ def write_video(path: str, frames: np.ndarray, fps: float = 3.0, crf: int = 18,
     tmp = temporary_path_for(path)
     x264 = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "veryfast", "-threads", "1"]
     x264 += ["-qp", "0"] if crf == 0 else ["-crf", str(crf)]
-    if keyint is not None:
-        x264 += ["-g", str(int(keyint))]
+    x264 += keyint_args(keyint)
     cmd = [ffmpeg or find_ffmpeg(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
            "-s", f"{w}x{h}", "-r", str(fps), "-i", "pipe:0", *x264, "-an", "-f", "mp4", tmp]
     try:

@@ -142,9 +142,10 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 def make_synthetic_dataset(out_dir: str, num_train: int = 200, num_test: int = 50, seed: int = 0,
                            size: int = 32, min_frames: int = 12, max_frames: int = 18,
-                           workers: Optional[int] = None, crf: int = 18) -> dict:
+                           workers: Optional[int] = None, crf: int = 18, keyint: Optional[int] = None) -> dict:
     """Write the dataset; returns ``{"root", "train_csv", "val_csv", "data_path", "features_path"}``
-    (the keys are the flag names the MSR-VTT loader reads)."""
+    (the keys are the flag names the MSR-VTT loader reads). ``keyint`` puts a keyframe on every
+    ``keyint``-th frame (x264's default GOP when None/0), as ``preprocess.compress_video --keyint``."""
     specs = make_specs(num_train, num_test, seed, size, min_frames, max_frames)
     root = os.path.abspath(out_dir)
     videos_dir = os.path.join(root, "videos")
@@ -153,7 +154,7 @@ def make_synthetic_dataset(out_dir: str, num_train: int = 200, num_test: int = 5
 
     def encode(spec: ClipSpec) -> None:
         write_video(os.path.join(videos_dir, spec.video_id + ".mp4"), render_clip(spec), fps=FPS, crf=crf,
-                    ffmpeg=ffmpeg)
+                    keyint=keyint, ffmpeg=ffmpeg)
 
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
         list(pool.map(encode, specs))  # re-raises the first failure
@@ -202,9 +203,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--min_frames", type=int, default=12)
     p.add_argument("--max_frames", type=int, default=18)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--keyint", type=int, default=0,
+                   help="a keyframe every KEYINT frames (default 0: x264's default GOP)")
     a = p.parse_args(argv)
+    if a.keyint < 0:
+        p.error("--keyint must be >= 0")
     paths = make_synthetic_dataset(a.out_dir, a.num_train, a.num_test, a.seed, a.size, a.min_frames,
-                                   a.max_frames, a.workers)
+                                   a.max_frames, a.workers, keyint=a.keyint or None)
     for k, v in paths.items():
         print(f"{k}: {v}")
     return 0

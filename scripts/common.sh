@@ -25,6 +25,8 @@ require_env() {
     PRETRAINED_DIR="${PRETRAINED_DIR:-${DGL_PRETRAINED_DIR:-}}"
     [[ -n "${PRETRAINED_DIR}" ]] || die "set PRETRAINED_DIR to the folder holding the CLIP weights (ViT-B-32.pt)"
     [[ -d "${PRETRAINED_DIR}" ]] || die "PRETRAINED_DIR=${PRETRAINED_DIR} is not a directory"
+    local clip="${CLIP_NAME:-ViT-B/32}"; clip="${clip//\//-}"; [[ "${clip}" == *.* ]] || clip="${clip}.pt"
+    [[ -f "${PRETRAINED_DIR}/${clip}" ]] || die "CLIP weights ${PRETRAINED_DIR}/${clip} not found (set PRETRAINED_DIR / CLIP_NAME)"
 }
 
 count_gpus() {

@@ -23,7 +23,8 @@ def test_readme_api(tmp_path, bpe_path):
         model.global_prompts.add_(1.0)
     torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}},
                tmp_path / "ckpt.best.pth.tar")
-    reloaded = DGL.from_pretrained(str(clip_path), max_words=32, max_frames=12, unified_transformer_layers=2)
+    reloaded = DGL.from_pretrained(str(clip_path), shared_latent_space="linear", max_words=32, max_frames=12,
+                                   unified_transformer_layers=2)
     reloaded.load_checkpoint(str(tmp_path / "ckpt.best.pth.tar"))
     assert torch.equal(reloaded.global_prompts, model.global_prompts)
 

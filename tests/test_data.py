@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader
 from dataloaders import (DATASETS, AnnotationError, BadVideoError, ReplacementCounter, build_test_dataset,
                          build_train_dataset)
 from dataloaders.lsmdc import movie_of_clip
-from dataloaders.video import (CLIP_MEAN, CLIP_STD, VideoDecodeError, apply_frame_order, normalize_frames,
-                               read_frames, sample_eval_indices, sample_train_indices, time_to_frame_range)
+from dataloaders.video import (CLIP_MEAN, CLIP_STD, VideoDecodeError, apply_frame_order, load_video,
+                               normalize_frames, read_frames, read_unique_frames, sample_eval_indices,
+                               sample_train_indices, time_to_frame_range)
 from preprocess.ffmpeg_tools import find_ffmpeg, write_video
 from preprocess.make_synthetic_dataset import make_specs, make_synthetic_dataset, positions, render_clip
 
@@ -161,6 +162,48 @@ def test_normalize_crop_resize():
     out = normalize_frames(uniform, 16)  # resize 48x80 -> 16x27, crop 16x16
     assert out.shape == (1, 3, 16, 16)
     assert torch.allclose(out[0, :, 5, 5], (128 / 255 - mean) / std, atol=1e-4)
+
+
+def test_normalize_crop_first_matches_reference():
+    """Cropping the uint8 frames before the float conversion gives exactly the reference
+    (x / 255 - mean) / std of the center crop of the whole float frame."""
+    frames = torch.randint(0, 256, (3, 32, 50, 3), dtype=torch.uint8)
+    x = frames.permute(0, 3, 1, 2).float()[..., :, 9:41]
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    out = normalize_frames(frames, 32)
+    assert out.is_contiguous() and torch.equal(out, (x / 255.0 - mean) / std)
+    tall = torch.randint(0, 256, (2, 50, 32, 3), dtype=torch.uint8)  # portrait: crop rows 9..40
+    assert torch.equal(normalize_frames(tall, 32), normalize_frames(tall[:, 9:41].contiguous(), 32))
+
+
+@pytest.mark.parametrize("max_frames,frame_order,train", [(4, 0, False), (4, 1, False), (6, 2, True),
+                                                          (24, 0, True), (24, 1, False)])
+def test_unique_frames_are_decoded_once(gray20, max_frames, frame_order, train):
+    decoded, take, mask = read_unique_frames(gray20, max_frames, train, frame_order=frame_order,
+                                             generator=torch.Generator().manual_seed(1))
+    assert decoded.shape[0] == len(set(take)) == min(20, max_frames) and len(take) == max_frames
+    levels = green_levels(decoded)
+    assert torch.all(levels[1:] > levels[:-1])  # distinct frames, in file order
+    frames, mask2 = read_frames(gray20, max_frames, train, frame_order=frame_order,
+                                generator=torch.Generator().manual_seed(1))
+    assert torch.equal(frames, decoded[take]) and torch.equal(mask, mask2)
+    video, mask3 = load_video(gray20, max_frames, 32, train, frame_order=frame_order,
+                              generator=torch.Generator().manual_seed(1))
+    assert torch.equal(video, normalize_frames(frames, 32)) and torch.equal(mask, mask3)
+
+
+def test_short_keyframe_interval_reads_the_same_frames(tmp_path):
+    """Sparse reads that seek between keyframes return the same pixels as a single-GOP file."""
+    frames = np.zeros((30, 32, 64, 3), np.uint8)
+    for k in range(30):
+        frames[k] = 8 * k + 5
+    one_gop = write_video(str(tmp_path / "g0.mp4"), frames, fps=3.0, crf=0)
+    short_gop = write_video(str(tmp_path / "g3.mp4"), frames, fps=3.0, crf=0, keyint=3)
+    a, _ = read_frames(one_gop, 12, train=False)
+    b, _ = read_frames(short_gop, 12, train=False)
+    assert torch.equal(a, b)
+    expected = torch.tensor([8.0 * i + 5 for i in sample_eval_indices(30, 12)])
+    assert torch.allclose(green_levels(b), expected, atol=2)
 
 
 def test_synthetic_video_pixels_and_motion(synthetic):

@@ -317,7 +317,8 @@ def test_bf16_autocast_close_to_fp32():
     (dict(shared_latent_space="mlp"), "shared_latent_space"),
     (dict(visual_output_type="mean"), "visual_output_type"),
     (dict(text_prompt_length=7), "even"),
-    (dict(text_prompt_length=6, local_each_frame_prompt_length=4), "2 \\* local_each_frame_prompt_length"),
+    (dict(shared_latent_space="linear", text_prompt_length=6, local_each_frame_prompt_length=4),
+     "2 \\* local_each_frame_prompt_length"),
     (dict(global_visual_prompt_length=0), "global prompts"),
 ])
 def test_config_errors(bad, match):

@@ -28,6 +28,10 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["t2v"]["R1"] == pytest.approx(b["t2v"]["R1"])
         assert a["t2v"]["MeanR"] == pytest.approx(b["t2v"]["MeanR"], rel=1e-6)
+    steps1, steps2 = single["step_losses"], two["step_losses"]
+    assert [s for s, _ in steps1] == [s for s, _ in steps2] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(steps1, steps2):
+        assert a == pytest.approx(b, rel=1e-5)
     # the same final weights
     s1 = single["model"].state_dict()
     s2 = two["state"]

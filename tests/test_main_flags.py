@@ -108,3 +108,17 @@ def test_published_script_flags_are_accepted():
     assert a.resume is None and a.unified_transformer_layers == 12 and a.do_train == 1 and a.precision == "amp"
     a = validate(p.parse_args(["--output_dir", "o", "--do_eval", "1"]), p)
     assert a.do_train == 0  # --do_eval 1 alone evaluates only
+
+
+@pytest.mark.parametrize("script", ["msrvtt.sh", "vatex.sh", "lsmdc.sh", "activitynet.sh"])
+def test_scripts_need_paths(script, tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "VIDEO_PATH", "PRETRAINED_DIR",
+                                                            "DGL_PRETRAINED_DIR")}
+    r = subprocess.run(["bash", str(REPO / "scripts" / script)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "set DATA_PATH" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "videos").mkdir()
+    env.update(DATA_PATH=str(tmp_path), PRETRAINED_DIR=str(tmp_path))
+    r = subprocess.run(["bash", str(REPO / "scripts" / script)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "CLIP weights" in r.stderr and len(r.stderr.strip().splitlines()) == 1

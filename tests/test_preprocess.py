@@ -75,3 +75,41 @@ def test_synthetic_cli(tmp_path, capsys):
     assert lines == ["video_id", "video0", "video1", "video2"]
     reader = decord.VideoReader(str(tmp_path / "syn" / "videos" / "video0.mp4"))
     assert reader.get_avg_fps() == pytest.approx(3.0) and 12 <= len(reader) <= 18
+
+
+def test_keyint_puts_keyframes_where_asked(tmp_path):
+    from preprocess.compress_video import is_valid_output, max_keyframe_gap
+
+    frames = np.random.default_rng(1).integers(0, 255, (10, 32, 48, 3), dtype=np.uint8)
+    every3 = write_video(str(tmp_path / "k3.mp4"), frames, fps=3, keyint=3)
+    default = write_video(str(tmp_path / "k0.mp4"), frames, fps=3)
+    assert list(decord.VideoReader(every3).get_key_indices()) == [0, 3, 6, 9]
+    assert list(decord.VideoReader(default).get_key_indices()) == [0]
+    assert max_keyframe_gap([0, 3, 6, 9], 10) == 3 and max_keyframe_gap([0], 10) == 10
+    assert max_keyframe_gap([0, 4], 6) == 4 and max_keyframe_gap([], 5) == 5
+    assert is_valid_output(every3, 32, keyint=3) and is_valid_output(default, 32)
+    assert not is_valid_output(default, 32, keyint=3)  # keyframes too far apart: re-encode
+    with pytest.raises(ValueError):
+        write_video(str(tmp_path / "bad.mp4"), frames, keyint=-1)
+
+
+def test_compress_tree_keyint(raw_tree, tmp_path):
+    out = tmp_path / "out"
+    compress_tree(str(raw_tree), str(out), fps=3, size=32, workers=1, progress=False, keyint=None)
+    assert list(decord.VideoReader(str(out / "a.mp4")).get_key_indices()) == [0]  # x264 default GOP
+    mtime = os.path.getmtime(out / "a.mp4")
+    # asking for a keyframe every 2 frames re-encodes the outputs that do not have them
+    assert compress_main(["--input_root", str(raw_tree), "--output_root", str(out), "--size", "32",
+                          "--workers", "1", "--keyint", "2"]) == 1  # broken.avi still fails
+    a = decord.VideoReader(str(out / "a.mp4"))
+    assert list(a.get_key_indices()) == [0, 2, 4] and len(a) == 6 and os.path.getmtime(out / "a.mp4") != mtime
+    assert list(decord.VideoReader(str(out / "sub" / "b.mp4")).get_key_indices()) == [0, 2, 4]
+    again = compress_tree(str(raw_tree), str(out), fps=3, size=32, workers=1, progress=False, keyint=2)
+    assert sorted(r.status for r in again) == ["failed", "skipped", "skipped"]
+
+
+def test_synthetic_keyint(tmp_path):
+    assert synthetic_main([str(tmp_path / "syn"), "--num_train", "1", "--num_test", "0", "--size", "32",
+                           "--min_frames", "12", "--max_frames", "12", "--keyint", "4"]) == 0
+    reader = decord.VideoReader(str(tmp_path / "syn" / "videos" / "video0.mp4"))
+    assert list(reader.get_key_indices()) == [0, 4, 8]

@@ -156,3 +156,26 @@ def test_schedule_matches_published_formula():
     assert s.lr_at(t) == pytest.approx(0.5 * 2e-3 * (1 + math.cos(math.pi * (t - 17.5) / (175 - 17.5))))
     assert s.lr_at(175) == pytest.approx(1e-8)
     assert total_optimization_steps(35, 2, 5) == 18 * 5
+
+
+@pytest.mark.parametrize("precision", ["bf16", "amp"])
+def test_reduced_precision_on_cpu(tmp_path, precision):
+    s = run_toy(str(tmp_path / precision), epochs=1, precision=precision)
+    assert all(np.isfinite(l) for _, l in s["step_losses"])
+    log = (tmp_path / precision / "log.txt").read_text()
+    if precision == "amp":
+        assert "using bf16 autocast" in log   # no GradScaler on CPU
+    ckpt = _load(tmp_path / precision / "ckpt.pth.tar")
+    assert "scaler" not in ckpt
+    assert all(v.dtype == torch.float32 for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+
+
+def test_resume_from_finished_run_and_load_from_pretrained(tmp_path):
+    run_toy(str(tmp_path / "a"), epochs=1)
+    ck = str(tmp_path / "a" / "ckpt.pth.tar")
+    # weights only: a new schedule from epoch 0
+    s = run_toy(str(tmp_path / "b"), epochs=1, resume=ck, load_from_pretrained=1)
+    assert s["global_step"] == 4
+    # a finished run resumed with the same --epochs trains no further
+    s = run_toy(str(tmp_path / "c"), epochs=1, resume=ck)
+    assert s["global_step"] == 4 and s["step_losses"] == []

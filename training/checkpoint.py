@@ -52,26 +52,34 @@ def atomic_np_save(path: str, array) -> None:
     _atomic_write(path, lambda f: np.save(f, np.asarray(array)))
 
 
-def capture_rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def rng_state() -> dict:
+    """Generator states as plain types / tensors, so that checkpoints load with weights_only=True."""
+    py = random.getstate()
+    npst = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]),
+                       float(npst[4])],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng_state(state: dict | None) -> None:
+def set_rng_state(state: dict | None) -> None:
     if not state:
         return
     if "python" in state:
-        random.setstate(state["python"])
+        v, s, g = state["python"]
+        random.setstate((v, tuple(s), g))
     if "numpy" in state:
-        np.random.set_state(state["numpy"])
+        n, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((n, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     if "torch" in state:
-        torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
+        torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         try:
             torch.cuda.set_rng_state_all(state["cuda"])
-        except Exception:  # noqa: BLE001 - different GPU count: not fatal
+        except Exception:  # noqa: BLE001 - another GPU count
             pass
 
 
@@ -103,10 +111,8 @@ def make_checkpoint(model, optimizer, scaler, epoch: int, global_step: int, best
 
 
 def load_checkpoint_file(path: str, map_location="cpu") -> dict:
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except TypeError:  # very old torch
-        ckpt = torch.load(path, map_location=map_location)
+    # weights_only: no arbitrary objects are unpickled (our checkpoints and the official ones are plain data)
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a checkpoint dict")
     if "state_dict" not in ckpt:

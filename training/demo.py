@@ -1,7 +1,7 @@
 """The embedded demo (scripts/demo.sh): synthetic data -> small random CLIP -> train DGL on CPU ->
 evaluate before and after -> QB-norm search.
 
-    python -m training.demo [--out demo_output] [--epochs 6] [--num_train 240] [--num_test 60]
+    python -m training.demo [--out demo_output] [--epochs 8] [--num_train 240] [--num_test 60]
 
 Everything it needs is made here: the synthetic MSR-VTT-layout dataset, a small random-initialised
 CLIP in the OpenAI state-dict format (real weights cannot be downloaded everywhere) and, when CLIP's
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained_dir", default=None, help="use CLIP's BPE file from here when present")
     p.add_argument("--num_train", type=int, default=240)
     p.add_argument("--num_test", type=int, default=60)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch_size", type=int, default=24)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--max_frames", type=int, default=6)
@@ -159,6 +159,8 @@ def main(argv=None) -> int:
         f"text-to-video R@1 before training: {before['t2v']['R1']:.1f}%   after {after['epoch']} epochs: "
         f"{after['t2v']['R1']:.1f}% ({after['t2v']['R1'] / chance:.1f}x chance), "
         f"R@5 {after['t2v']['R5']:.1f}%, R@10 {after['t2v']['R10']:.1f}%",
+        f"best epoch: {results['best']['epoch']} with text-to-video R@1 {results['best']['t2v']['R1']:.1f}% "
+        f"(saved as ckpt.best.pth.tar)" if results.get("best") else "best epoch: n/a",
         f"video-to-text R@1 before: {before['v2t']['R1']:.1f}%   after: {after['v2t']['R1']:.1f}%",
         f"QB-norm: {qb_line}",
         f"checkpoints:  {os.path.join(run_dir, 'ckpt.pth.tar')} , {os.path.join(run_dir, 'ckpt.best.pth.tar')}",

@@ -18,6 +18,19 @@ log = logging.getLogger(LOGGER_NAME)
 
 
 # ------------------------------------------------------------------------------------------ precision
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16); None when it cannot be told.
+
+    Without either, bf16 autocast on CPU is emulated and slower than fp32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return None
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 class Precision:
     """Autocast settings of --precision on a device."""
 
@@ -34,12 +47,22 @@ class Precision:
                 self.note = "--precision amp on CPU: using bf16 autocast (fp16 autocast with a GradScaler needs CUDA)"
         elif precision == "bf16":
             self.dtype = torch.bfloat16
+        if self.dtype == torch.bfloat16 and device.type == "cpu" and cpu_has_native_bf16() is False:
+            self.note = ((self.note + "; ") if self.note else "") + (
+                "this CPU has neither AMX nor AVX512-BF16: bf16 autocast is emulated and slower than "
+                "--precision fp32 here")
         self.use_scaler = precision == "amp" and device.type == "cuda"
 
     def autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def eval_autocast(self):
+        """Evaluation runs in fp32 with --precision amp (as the published code evaluates) and in bf16 with bf16."""
+        if self.name != "bf16":
+            return contextlib.nullcontext()
+        return self.autocast()
 
     def make_scaler(self):
         if not self.use_scaler:
@@ -103,7 +126,9 @@ def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, sc
                 loss = out["loss"] if isinstance(out, dict) else out
             loss_value = float(loss.detach().float())
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1}, step {global_step}")
+                if scaler is None:
+                    raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1}, step {global_step}")
+                log.warning("loss is %s at step %d; the AMP grad scaler skips this update", loss_value, global_step)
             scaled = loss / accumulation
             if scaler is not None:
                 scaler.scale(scaled).backward()
@@ -170,7 +195,7 @@ def encode_texts(core, text_dataset, batch_size, workers, device, precision, pro
         from tqdm import tqdm
         it = tqdm(it, desc=f"eval {desc}", leave=False, dynamic_ncols=True)
     for batch in it:
-        with precision.autocast():
+        with precision.eval_autocast():
             f = core.encode_text(batch["input_ids"].to(device))
         feats.append(f.float())
         order.append(torch.as_tensor(batch.get("caption_index", torch.zeros(0))).to(device).long())
@@ -189,7 +214,7 @@ def encode_videos(core, video_dataset, batch_size, workers, device, precision, p
     for batch in it:
         if "replaced" in batch:
             replaced += int(torch.as_tensor(batch["replaced"]).sum())
-        with precision.autocast():
+        with precision.eval_autocast():
             f = core.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
         feats.append(f.float())
         order.append(torch.as_tensor(batch.get("video_index", torch.zeros(0))).to(device).long())

@@ -57,12 +57,15 @@ def setup_logging(output_dir: str | None, is_main: bool, rank: int = 0, debug: b
 
 
 def close_logging() -> None:
+    """Undo setup_logging: close the handlers and give the loggers back to the root logger."""
     for name in (LOGGER_NAME, "dataloaders", "modules", "preprocess"):
         lg = logging.getLogger(name)
         for h in list(lg.handlers):
             lg.removeHandler(h)
             if isinstance(h, logging.FileHandler):
                 h.close()
+        lg.propagate = True
+        lg.setLevel(logging.NOTSET)
 
 
 class Board:

@@ -17,7 +17,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from training import distributed as D
 from training.checkpoint import (atomic_np_save, atomic_torch_save, is_own_checkpoint, load_checkpoint_file,
-                                 make_checkpoint)
+                                 make_checkpoint, rng_state, set_rng_state)
 from training.config import config_to_json, fail, resolve_clip_path
 from training.engine import Precision, evaluate, log_eval, train_one_epoch, unwrap
 from training.logs import Board, close_logging, setup_logging, write_results
@@ -36,38 +36,6 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
-
-
-# ------------------------------------------------------------------------------------------ RNG state
-def rng_state() -> dict:
-    """Generator states as plain types / tensors (checkpoints load with weights_only=True)."""
-    py = random.getstate()
-    npst = np.random.get_state()
-    state = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]),
-                       float(npst[4])],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict | None) -> None:
-    if not state:
-        return
-    if "python" in state:
-        v, s, g = state["python"]
-        random.setstate((v, tuple(s), g))
-    if "numpy" in state:
-        n, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((n, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
-    if "torch" in state:
-        torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        try:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        except Exception:  # noqa: BLE001 - another GPU count
-            pass
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -135,7 +103,7 @@ def _run(args, info, device, out_dir, progress, t_start, model, tokenizer, train
         log.info("single process on %s", device)
     precision = Precision(args.precision, device)
     if precision.note:
-        log.info(precision.note)
+        log.warning(precision.note)
 
     if getattr(args, "clip_path", None):
         log.info("CLIP weights: %s", args.clip_path)
@@ -179,7 +147,10 @@ def _run(args, info, device, out_dir, progress, t_start, model, tokenizer, train
     start_epoch, global_step, best_r1, best_epoch = 0, 0, float("-inf"), None
     results = {"evaluations": [], "best": None}
     if args.resume:
-        ckpt = load_checkpoint_file(args.resume)
+        try:
+            ckpt = load_checkpoint_file(args.resume)
+        except Exception as e:  # noqa: BLE001 - one line, not a traceback
+            fail(f"cannot read --resume {args.resume}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         try:
             core.load_checkpoint(ckpt)
         except (ValueError, KeyError, RuntimeError) as e:
@@ -201,7 +172,8 @@ def _run(args, info, device, out_dir, progress, t_start, model, tokenizer, train
             if args.do_train and scaler is not None and ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
             if own:
-                results = ckpt.get("results") or results
+                if args.do_train:  # the run continues: keep its evaluation history
+                    results = ckpt.get("results") or results
                 set_rng_state(ckpt.get("rng"))
                 old_total = ckpt.get("schedule", {}).get("total_steps")
                 if args.do_train and old_total is not None and abs(old_total - total_steps) > 1e-6:
@@ -319,12 +291,14 @@ def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, p
     if D.is_main_process():
         atomic_np_save(prefix + "_sim_matrix.npy", res["sim"])
         log.info("saved %s_sim_matrix.npy %s", prefix, tuple(res["sim"].shape))
-    if bank_ds is None and args.train_csv is not None and tokenizer is not None:
+    if tokenizer is not None and (bank_ds is None or getattr(bank_ds, "random_sampling", False)):
+        # The training split with evaluation-style frames (segment centres).
+        from dataloaders import build_test_dataset
         try:
-            from dataloaders import build_train_dataset
-            bank_ds = build_train_dataset(args, tokenizer)
+            bank_ds = build_test_dataset(args, tokenizer, "train")
         except Exception as e:  # noqa: BLE001 - the bank is optional
             log.warning("no training set for the QB-norm query bank (%s)", str(e).splitlines()[0] if str(e) else e)
+            bank_ds = None
     if bank_ds is None or not hasattr(bank_ds, "text_dataset"):
         log.info("QB-norm query bank not written: no training set")
         return

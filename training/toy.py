@@ -146,7 +146,8 @@ def _dist_worker(rank: int, world: int, port: int, output_dir: str, flags: dict,
     summary = run_toy(output_dir, **flags)
     if rank == 0:
         state = {k: v.detach().cpu() for k, v in summary["model"].state_dict().items()}
-        torch.save({"state": state, "results": summary["results"]}, os.path.join(result_dir, "rank0.pt"))
+        torch.save({"state": state, "results": summary["results"], "step_losses": summary["step_losses"]},
+                   os.path.join(result_dir, "rank0.pt"))
 
 
 def run_toy_distributed(world: int, output_dir: str, result_dir: str, port: int, **flags) -> dict:
