@@ -1,17 +1,22 @@
-"""Speed of DGL's training step and evaluation forward, against a per-frame-loop baseline.
+"""Speed of DGL's training step and evaluation forward, against two baselines on the same weights.
 
-Both implementations share the same random ViT-B/32-shaped weights; the baseline differs only in the
-global-local attention: a Python loop over frames, each frame attending to [global tokens, its own
-tokens] through nn.functional's multi-head attention (separate query and key/value projections),
-then the global tokens over the whole sequence. Its outputs are checked against ours before timing.
-A plain CLIP image forward over the same frames gives the cost of the prompt tokens themselves.
+* published: the computation as the published code writes it (benchmarks/published_reference.py:
+  sequence-first tensors, a loop over frames filling zeroed key buffers, separate query and key/value
+  projections);
+* loop: our model with only the global-local attention replaced by a Python loop over frames, each
+  frame attending to [global tokens, its own tokens], then the global tokens over the whole sequence.
+
+All three are checked to give the same features and prompt gradients before timing. A plain CLIP
+image forward over the same frames gives the cost of the prompt tokens themselves.
 
     python benchmarks/bench_model.py                    # ViT-B/32 shape: 12 layers, 224 px, 12 frames
     python benchmarks/bench_model.py --layers 4         # the shape of the published-code reference timing
     python benchmarks/bench_model.py --precision fp32   # fp32 only (default: fp32 and bf16)
+    python benchmarks/bench_model.py --rounds 3         # medians over 3 interleaved sweeps
 
-Each configuration runs in its own process, so that peak memory is its own. Memory on CPU is the
-growth of the peak resident set during the timed loop (activations and temporaries, not weights).
+Each configuration runs in its own process. Memory on CPU is the peak resident set during the timed
+loop above the resident set before it (activations and temporaries, not weights; Linux's VmHWM,
+reset before the loop); on CUDA it is torch's peak allocation.
 """
 from __future__ import annotations
 
@@ -32,8 +37,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import modules.dgl as dgl_module  # noqa: E402
+from benchmarks import published_reference as published  # noqa: E402
 from modules.clip import CLIP, CLIPConfig  # noqa: E402
-from modules.dgl import DGL, DGLConfig  # noqa: E402
+from modules.dgl import DGL, DGLConfig, contrastive_loss  # noqa: E402
+
+IMPLS = ("ours", "published", "loop")
 
 
 def per_frame_loop_block(block, x, num_global, num_frames, key_padding_mask=None):
@@ -112,8 +120,46 @@ def time_it(fn, args) -> float:
     return statistics.median(times)
 
 
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> float:
+    """Start a new peak-memory window (Linux: clear VmHWM); returns the resident size now, in MB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    now = _status_mb("VmRSS")
+    return now if now is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def encoders(model: DGL, impl: str):
+    """(encode_text, encode_video) of one implementation."""
+    if impl == "published":
+        return (lambda ids: published.encode_text(model, ids),
+                lambda video, mask: published.encode_video(model, video))
+    return model.encode_text, model.encode_video
+
+
+def training_loss(model: DGL, impl: str, ids, video, mask) -> torch.Tensor:
+    if impl != "published":
+        return model(ids, video, mask)["loss"]
+    encode_text, encode_video = encoders(model, impl)
+    return contrastive_loss(model.similarity(encode_text(ids), encode_video(video, mask)))
 
 
 def run_worker(args) -> dict:
@@ -122,17 +168,18 @@ def run_worker(args) -> dict:
     model = build(args)
     ids, video, mask = inputs(args)
     optimizer = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-4)
+    _, encode_video = encoders(model, args.impl)
 
     def train_step():
         with autocast(args):
-            loss = model(ids, video, mask)["loss"]
+            loss = training_loss(model, args.impl, ids, video, mask)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def eval_forward():
         with torch.no_grad(), autocast(args):
-            model.encode_video(video, mask)
+            encode_video(video, mask)
 
     def clip_forward():
         with torch.no_grad(), autocast(args):
@@ -141,7 +188,7 @@ def run_worker(args) -> dict:
     fn = {"train": train_step, "eval": eval_forward, "clip": clip_forward}[args.mode]
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    before = peak_rss_mb()
+    before = reset_peak_rss()
     with attention_impl(args.impl):
         seconds = time_it(fn, args)
     memory = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
@@ -149,19 +196,21 @@ def run_worker(args) -> dict:
     return {"seconds": seconds, "memory_mb": memory}
 
 
-def check_same_results(args) -> float:
-    """Max abs difference between ours and the loop baseline (video features and prompt gradients)."""
+def check_same_results(args) -> dict:
+    """Max abs difference to ours of each baseline (video features and prompt gradients, fp32)."""
     model = build(args)
     ids, video, mask = inputs(args)
-    results = []
-    for impl in ("ours", "loop"):
+    results = {}
+    for impl in IMPLS:
         model.zero_grad(set_to_none=True)
         with attention_impl(impl):
-            out = model(ids, video, mask)
-        out["loss"].backward()
+            features = encoders(model, impl)[1](video, mask)
+            training_loss(model, impl, ids, video, mask).backward()
         grads = torch.cat([p.grad.flatten() for _, p in model.trainable_parameters() if p.grad is not None])
-        results.append((out["video_features"].detach(), grads))
-    return max(float((results[0][0] - results[1][0]).abs().max()), float((results[0][1] - results[1][1]).abs().max()))
+        results[impl] = (features.detach(), grads)
+    ours = results["ours"]
+    return {impl: max(float((f - ours[0]).abs().max()), float((g - ours[1]).abs().max()))
+            for impl, (f, g) in results.items() if impl != "ours"}
 
 
 def main():
@@ -177,6 +226,8 @@ def main():
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep; report medians")
+    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", nargs=3, metavar=("IMPL", "MODE", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,39 +245,51 @@ def main():
 
         native = cpu_has_native_bf16()
         print(f"# CPU native bf16 (AMX / AVX512-BF16): {'unknown' if native is None else 'yes' if native else 'no: bf16 is emulated'}")
-    diff = check_same_results(args)
-    print(f"max |ours - loop| over video features and prompt gradients (fp32): {diff:.2e}")
+    for impl, diff in check_same_results(args).items():
+        print(f"max |ours - {impl}| over video features and prompt gradients (fp32): {diff:.2e}")
 
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
-    base_cmd = [sys.executable, __file__] + [a for a in sys.argv[1:] if not a.startswith("--json")]
-    results = {}
+    impls = [i for i in IMPLS if i in args.impls.split(",")]
+    forwarded = ["--layers", args.layers, "--frames", args.frames, "--batch", args.batch, "--resolution",
+                 args.resolution, "--patch", args.patch, "--latent", args.latent, "--device", args.device,
+                 "--threads", args.threads, "--warmup", args.warmup, "--repeats", args.repeats]
+    base_cmd = [sys.executable, __file__] + [str(a) for a in forwarded]
     frames = args.batch * args.frames
-    for precision in precisions:
-        for mode in ("train", "eval", "clip"):
-            for impl in (("ours", "loop") if mode != "clip" else ("ours",)):
-                cmd = base_cmd + ["--precision", precision, "--worker", impl, mode, precision]
-                out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-                if out.returncode != 0:
-                    sys.exit(f"benchmark worker failed ({impl} {mode} {precision}):\n{out.stderr}")
-                results[(precision, mode, impl)] = json.loads(out.stdout.strip().splitlines()[-1])
+    configs = [(precision, mode, impl) for precision in precisions for mode in ("train", "eval", "clip")
+               for impl in (impls if mode != "clip" else ("ours",))]
+    # Rounds go over every configuration in turn, so that drifts in machine load hit all of them alike.
+    runs: dict = {config: [] for config in configs}
+    for _ in range(args.rounds):
+        for precision, mode, impl in configs:
+            cmd = base_cmd + ["--precision", precision, "--worker", impl, mode, precision]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            if out.returncode != 0:
+                sys.exit(f"benchmark worker failed ({impl} {mode} {precision}):\n{out.stderr}")
+            runs[(precision, mode, impl)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = {config: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for config, rs in runs.items()}
+    print(f"(medians over {args.rounds} round(s) of {args.repeats} timed repeats each)")
 
-    header = f"{'precision':9} {'measure':22} {'seconds':>8} {'frames/s':>9} {'peak MB':>8}"
+    header = f"{'precision':9} {'measure':28} {'seconds':>8} {'frames/s':>9} {'peak MB':>8}"
     print(header)
     print("-" * len(header))
     for (precision, mode, impl), r in results.items():
         label = {"train": "train step", "eval": "eval forward", "clip": "plain CLIP forward"}[mode]
         label += "" if mode == "clip" else f" ({impl})"
-        print(f"{precision:9} {label:22} {r['seconds']:8.3f} {frames / r['seconds']:9.1f} {r['memory_mb']:8.0f}")
+        print(f"{precision:9} {label:28} {r['seconds']:8.3f} {frames / r['seconds']:9.1f} {r['memory_mb']:8.0f}")
     print()
+
+    def ratio(slow, fast):
+        return results[slow]["seconds"] / results[fast]["seconds"]
+
     for precision in precisions:
-        train = results[(precision, "train", "loop")]["seconds"] / results[(precision, "train", "ours")]["seconds"]
-        evalr = results[(precision, "eval", "loop")]["seconds"] / results[(precision, "eval", "ours")]["seconds"]
-        over = results[(precision, "eval", "ours")]["seconds"] / results[(precision, "clip", "ours")]["seconds"]
-        print(f"{precision}: speed-up over the per-frame loop: train step {train:.2f}x, eval forward {evalr:.2f}x; "
-              f"eval forward / plain CLIP forward = {over:.2f}")
-    if len(precisions) == 2:
-        r = results[("fp32", "train", "loop")]["seconds"] / results[("bf16", "train", "ours")]["seconds"]
-        print(f"bf16 train step (ours) vs fp32 train step (loop): {r:.2f}x")
+        for impl in impls[1:]:
+            print(f"{precision}: ours vs {impl}: train step {ratio((precision, 'train', impl), (precision, 'train', 'ours')):.2f}x "
+                  f"faster, eval forward {ratio((precision, 'eval', impl), (precision, 'eval', 'ours')):.2f}x faster")
+        print(f"{precision}: eval forward / plain CLIP forward over the same frames = "
+              f"{ratio((precision, 'eval', 'ours'), (precision, 'clip', 'ours')):.2f}")
+    if len(precisions) == 2 and "published" in impls:
+        print(f"bf16 train step (ours) vs fp32 train step (published): "
+              f"{ratio(('fp32', 'train', 'published'), ('bf16', 'train', 'ours')):.2f}x faster")
     tokens = 1 + (args.resolution // args.patch) ** 2
     print(f"(prompt tokens alone cost about (1+P+S)/(1+S) = {(tokens + 4) / tokens:.2f} of plain CLIP)")
     if args.json:

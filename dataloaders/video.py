@@ -42,15 +42,21 @@ def _pad(indices: list[int], max_frames: int) -> list[int]:
     return indices + [indices[-1]] * (max_frames - len(indices))
 
 
-def sample_train_indices(num_frames: int, max_frames: int,
-                         generator: Optional[torch.Generator] = None) -> list[int]:
-    """``max_frames`` indices: one random frame inside each of ``max_frames`` equal segments."""
+def _short_video_indices(num_frames: int, max_frames: int) -> list[int] | None:
+    """Every frame, the last repeated to fill, when the video has at most ``max_frames``; else None."""
     if num_frames <= 0:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
     if max_frames <= 0:
         raise ValueError(f"max_frames must be positive, got {max_frames}")
-    if num_frames <= max_frames:
-        return _pad(list(range(num_frames)), max_frames)
+    return _pad(list(range(num_frames)), max_frames) if num_frames <= max_frames else None
+
+
+def sample_train_indices(num_frames: int, max_frames: int,
+                         generator: Optional[torch.Generator] = None) -> list[int]:
+    """``max_frames`` indices: one random frame inside each of ``max_frames`` equal segments."""
+    short = _short_video_indices(num_frames, max_frames)
+    if short is not None:
+        return short
     seg = num_frames // max_frames
     offsets = torch.randint(seg, (max_frames,), generator=generator).tolist()
     return [t * seg + o for t, o in enumerate(offsets)]
@@ -58,12 +64,9 @@ def sample_train_indices(num_frames: int, max_frames: int,
 
 def sample_eval_indices(num_frames: int, max_frames: int) -> list[int]:
     """``max_frames`` indices: the centre of each of ``max_frames`` equal segments."""
-    if num_frames <= 0:
-        raise ValueError(f"num_frames must be positive, got {num_frames}")
-    if max_frames <= 0:
-        raise ValueError(f"max_frames must be positive, got {max_frames}")
-    if num_frames <= max_frames:
-        return _pad(list(range(num_frames)), max_frames)
+    short = _short_video_indices(num_frames, max_frames)
+    if short is not None:
+        return short
     tick = num_frames / float(max_frames)
     return [int(tick / 2.0 + tick * t) for t in range(max_frames)]
 

@@ -153,15 +153,16 @@ def global_local_block(block: ResidualAttentionBlock, x: torch.Tensor, num_globa
     out_global = (F.scaled_dot_product_attention(q[:, :, :G], k, v, attn_mask=mask) if G
                   else q[:, :, :0])  # (B, H, G, d)
 
-    # Local queries: each frame over [global tokens, its own tokens]. Frames become a batch
-    # dimension of a 5-D attention, (B, T, H, L, d): queries stay views, only keys/values are joined.
-    def per_frame(t: torch.Tensor) -> torch.Tensor:  # (B, H, G + T*L, d) -> (B, T, H, L, d) view
-        return t[:, :, G:].unflatten(2, (T, L)).transpose(1, 2)
+    # Local queries: each frame over [global tokens, its own tokens]; frames join the batch.
+    def per_frame(t: torch.Tensor) -> torch.Tensor:  # (B, H, G + T*L, d) -> (B*T, H, L, d)
+        return t[:, :, G:].unflatten(2, (T, L)).transpose(1, 2).reshape(B * T, H, L, d)
 
-    def with_globals(t: torch.Tensor) -> torch.Tensor:  # -> (B, T, H, G + L, d)
-        return torch.cat([t[:, :, :G].unsqueeze(1).expand(B, T, H, G, d), per_frame(t)], dim=3)
+    def with_globals(t: torch.Tensor) -> torch.Tensor:  # -> (B*T, H, G + L, d)
+        glob = t[:, :, :G].unsqueeze(1).expand(B, T, H, G, d).reshape(B * T, H, G, d)
+        return torch.cat([glob, per_frame(t)], dim=2)
 
-    out_local = F.scaled_dot_product_attention(per_frame(q), with_globals(k), with_globals(v))  # (B, T, H, L, d)
+    out_local = F.scaled_dot_product_attention(per_frame(q), with_globals(k), with_globals(v))
+    out_local = out_local.view(B, T, H, L, d)
 
     # Back to tokens: (B, G + T*L, W).
     out = torch.cat([out_global.transpose(1, 2), out_local.permute(0, 1, 3, 2, 4).reshape(B, T * L, H, d)],

@@ -261,6 +261,21 @@ def test_msrvtt_train_and_test_samples(synthetic, tokenizer):
     assert torch.equal(test.video_dataset()[3]["video"], v["video"])
 
 
+def test_training_split_as_evaluation_set(synthetic, tokenizer):
+    """The QB-norm query bank: the training split with every caption and segment-centre frames."""
+    bank = build_test_dataset(msrvtt_args(synthetic), tokenizer, split="train")
+    train = build_train_dataset(msrvtt_args(synthetic), tokenizer)
+    assert (bank.num_videos, bank.num_captions) == (NUM_TRAIN, 3 * NUM_TRAIN)
+    assert bank.caption_video_index.tolist() == train.caption_video_index.tolist()
+    first = bank.video_dataset()[1]["video"]
+    assert torch.equal(bank.video_dataset()[1]["video"], first)  # deterministic: segment centres
+    torch.manual_seed(0)
+    draws = [train[1]["video"] for _ in range(4)]  # training: random offsets
+    assert any(not torch.equal(d, draws[0]) for d in draws[1:])
+    with pytest.raises(ValueError, match="split"):
+        build_test_dataset(msrvtt_args(synthetic), tokenizer, split="dev")
+
+
 def test_dataloader_with_two_workers(synthetic, tokenizer):
     ds = build_train_dataset(msrvtt_args(synthetic, expand_msrvtt_sentences=True), tokenizer)
     loader = DataLoader(ds, batch_size=6, num_workers=2, shuffle=True)
