@@ -79,6 +79,8 @@ class _ArchiveCLIP(CLIP):
         self.register_buffer("vocab_size", torch.tensor(config.vocab_size))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript: how OpenAI ships CLIP
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_load_torchscript_archive_fp16(tmp_path, tiny_clip):
     model = _ArchiveCLIP(tiny_clip_config())
     model.load_state_dict(tiny_clip.state_dict(), strict=False)
@@ -106,6 +108,7 @@ def test_load_plain_state_dict_and_from_pretrained(tmp_path, tiny_clip):
         DGL.from_pretrained(path, max_word=12)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_objects_are_not_loaded(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
