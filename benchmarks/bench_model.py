@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,17 +45,13 @@ IMPLS = ("ours", "published", "loop")
 
 def per_frame_loop_block(block, x, num_global, num_frames, key_padding_mask=None):
     """The global-local block written directly: one attention call per frame."""
-    attn = block.attn
     B, length, W = x.shape
     G, T = num_global, num_frames
     L = (length - G) // T
 
-    def mha(query, keys):  # batch-first wrapper over nn.functional's sequence-first attention
-        out = F.multi_head_attention_forward(
-            query.transpose(0, 1), keys.transpose(0, 1), keys.transpose(0, 1), W, attn.heads,
-            attn.in_proj_weight, attn.in_proj_bias, None, None, False, 0.0, attn.out_proj.weight,
-            attn.out_proj.bias, training=False, need_weights=False)[0]
-        return out.transpose(0, 1)
+    def mha(query, keys):  # batch-first use of the reference's sequence-first attention
+        keys = keys.transpose(0, 1)
+        return published.mha(block, query.transpose(0, 1), keys, keys).transpose(0, 1)
 
     h = block.ln_1(x)
     glob, frames = h[:, :G], h[:, G:].reshape(B, T, L, W)

@@ -5,8 +5,8 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from benchmarks import published_reference as published
 from modules.clip import CLIP, CLIPConfig, build_clip, load_clip_state_dict, tiny_clip_config
 from modules.dgl import DGL
 
@@ -39,11 +39,8 @@ def test_resnet_clip_is_rejected():
 
 
 def ref_block(block, x, mask=None):  # x (L, N, W), nn.MultiheadAttention semantics
-    a = block.attn
     h = block.ln_1(x)
-    x = x + F.multi_head_attention_forward(
-        h, h, h, a.width, a.heads, a.in_proj_weight, a.in_proj_bias, None, None, False, 0.0,
-        a.out_proj.weight, a.out_proj.bias, training=False, need_weights=False, attn_mask=mask)[0]
+    x = x + published.mha(block, h, h, h, mask)
     return x + block.mlp(block.ln_2(x))
 
 

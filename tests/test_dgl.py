@@ -184,8 +184,7 @@ def test_mask_padding_frames_option_ignores_padding_content(kind):
 def test_similarity_and_loss():
     model = make_model("linear")
     t, v = torch.randn(3, 64), torch.randn(2, 64)
-    expected = 100.0 * F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).t()  # exp(log(1/0.07)) = 14.28...
-    expected = expected / 100.0 * (1 / 0.07)
+    expected = (1 / 0.07) * F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).t()  # exp(logit_scale) = 1/0.07
     torch.testing.assert_close(model.similarity(t, v), expected)
     sim = torch.tensor([[5.0, 1.0], [0.0, 3.0]])
     logp_rows = torch.log_softmax(sim, 1).diag()
