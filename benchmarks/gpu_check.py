@@ -19,6 +19,8 @@ recipe by default: transformer latent space, 12 frames, 32 words) are measured i
 * distributed: a 1-process torchrun with NCCL (gloo on CPU): process group, all_gather, all_reduce,
   the DDP-wrapped training step and the gather-with-gradient loss equal to the local loss.
 
+The loss printed with each measurement only shows it is finite: the implementations share one model whose
+prompts every measurement trains further (their equality is tested in tests/ and checked by bench_model.py).
 Every section is guarded (an out-of-memory or a failure is recorded and the rest still runs), the JSON
 is rewritten atomically after every measurement, and sections are skipped once --time_budget_s is spent.
 """
@@ -495,7 +497,9 @@ def environment(args) -> dict:
 # ------------------------------------------------------------------------------------------ summary table
 def print_summary(report: Report) -> None:
     data = report.data
-    print("\n== training step (median after warm-up) ==")
+    env = data["environment"]
+    print(f"\n== {env.get('gpu', env['device'])}, torch {env['torch']} ==")
+    print("== training step (median after warm-up) ==")
     print(f"{'arch':5} {'prec':5} {'impl':9} {'batch':>5} {'s/step':>8} {'videos/s':>9} {'peak GB':>8}  status")
     for r in data["train"]:
         ok = r["status"] == "ok"
