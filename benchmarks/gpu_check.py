@@ -277,7 +277,7 @@ def train_section(model, arch: str, args, report: Report) -> None:
 def describe_train(r: dict) -> str:
     if r["status"] != "ok":
         return f"{r['status'].upper()} ({r['error']})"
-    memory = "" if r["peak_mb"] is None else f", peak {r['peak_mb'] / 1024:.2f} GB"
+    memory = "" if r["peak_mb"] is None else f", peak {r['peak_mb'] / 1024:.2f} GiB"
     return f"{r['step_s']:.3f} s/step, {r['videos_per_s']:.1f} videos/s{memory}, loss {r['loss']:.3f}"
 
 
@@ -485,7 +485,7 @@ def environment(args) -> dict:
            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
     if args.device.type == "cuda":
         props = torch.cuda.get_device_properties(args.device)
-        env.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    compute_capability=f"{props.major}.{props.minor}", bf16_supported=torch.cuda.is_bf16_supported(),
                    cudnn=torch.backends.cudnn.version())
         with contextlib.suppress(Exception):
@@ -500,7 +500,7 @@ def print_summary(report: Report) -> None:
     env = data["environment"]
     print(f"\n== {env.get('gpu', env['device'])}, torch {env['torch']} ==")
     print("== training step (median after warm-up) ==")
-    print(f"{'arch':5} {'prec':5} {'impl':9} {'batch':>5} {'s/step':>8} {'videos/s':>9} {'peak GB':>8}  status")
+    print(f"{'arch':5} {'prec':5} {'impl':9} {'batch':>5} {'s/step':>8} {'videos/s':>9} {'peak GiB':>8}  status")
     for r in data["train"]:
         ok = r["status"] == "ok"
         step = f"{r['step_s']:8.3f} {r['videos_per_s']:9.1f}" if ok else f"{'-':>8} {'-':>9}"
@@ -530,7 +530,7 @@ def print_summary(report: Report) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu_check.json", help="the JSON written (atomically, after every step)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="default: cuda (cpu with --tiny when no GPU is visible)")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny shapes and few steps (a smoke test in seconds; CI runs it on CPU)")
     parser.add_argument("--archs", help="comma-separated of " + ",".join(SHAPES) + " (default B/32,B/16)")
@@ -566,6 +566,11 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.eval_batch = args.eval_batch or args.batch
+    if args.device is None:
+        if not torch.cuda.is_available() and not args.tiny:
+            parser.error(f"this torch ({torch.__version__}, CUDA {torch.version.cuda}) sees no CUDA device; "
+                         "use --device cpu --tiny for the smoke run (or --device cpu for full shapes on CPU)")
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.device = torch.device(args.device)
     for name, allowed in (("archs", SHAPES), ("precisions", PRECISIONS), ("eval_precisions", PRECISIONS),
                           ("impls", IMPLS), ("sections", SECTIONS)):
@@ -605,7 +610,7 @@ def main(argv=None) -> dict:
     report = Report(args.out, args.time_budget_s)
     report.data["environment"] = env = environment(args)
     report.log(f"torch {env['torch']} (CUDA {env['torch_cuda']}), device {env.get('gpu', args.device)}"
-               f"{', %s GB' % env['gpu_memory_gb'] if 'gpu_memory_gb' in env else ''}, NCCL {env.get('nccl', '-')}; "
+               f"{', %s GiB' % env['gpu_memory_gib'] if 'gpu_memory_gib' in env else ''}, NCCL {env.get('nccl', '-')}; "
                f"budget {args.time_budget_s:.0f}s")
     report.save()
     if "distributed" in args.sections:
