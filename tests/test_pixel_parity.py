@@ -13,7 +13,9 @@ import functools
 import json
 import math
 import subprocess
+import sys
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,8 @@ from dataloaders.video import DECODERS, load_video, normalize_frames, read_frame
 from preprocess.ffmpeg_tools import find_ffmpeg
 
 av = pytest.importorskip("av")
+
+REPO = Path(__file__).resolve().parents[1]
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -274,3 +278,91 @@ def test_didemo_clip_as_published(tmp_path, tokenizer, decoder):
     assert torch.equal(item["video"], want) and torch.equal(item["video_mask"], want_mask)
     everything, _ = ref_load(vids / "clip1.mp4", 5, 32)
     assert not torch.equal(item["video"], everything)  # the cut changes the sampled frames
+
+
+# ---------------------------------------------------------------------------------------------- main.py end to end
+EVAL_VIDEOS = {  # name: (width, height, frames); the tiny CLIP's input is 32 x 32
+    "wide": (40, 24, 7),    # smaller than the input on one side (padded rows), larger on the other
+    "large": (64, 48, 9),   # larger both ways
+    "odd": (33, 47, 6),     # odd differences: crop offsets rounded
+    "narrow": (30, 36, 3),  # fewer frames than --max_frames: the last one repeats
+}
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory):
+    """Generated mp4s in the MSR-VTT test layout, a tiny CLIP in the OpenAI layout and a BPE vocabulary."""
+    from modules.clip import CLIP, tiny_clip_config
+    from modules.tokenizer import get_tokenizer, write_bpe_vocab
+
+    root = tmp_path_factory.mktemp("eval_parity")
+    (root / "videos").mkdir()
+    captions = {"wide": "a red car drives by", "large": "a man cooks food in a kitchen",
+                "odd": "a dog runs in a park", "narrow": "people dance on a stage"}
+    rows = ["key,vid_key,video_id,sentence"]
+    for i, (name, (w, h, n)) in enumerate(EVAL_VIDEOS.items()):
+        encode(root / "videos" / f"{name}.mp4", pattern(n, h, w, seed=20 + i))
+        rows.append(f"ret{i},msr{i},{name},{captions[name]}")
+    (root / "test.csv").write_text("\n".join(rows) + "\n")
+    bpe = write_bpe_vocab(list(captions.values()), str(root / "bpe.txt.gz"), num_merges=60)
+    torch.manual_seed(0)
+    clip_cfg = tiny_clip_config(vocab_size=get_tokenizer(bpe_path=bpe).vocab_size)
+    torch.save(CLIP(clip_cfg).state_dict(), root / "tiny.pt")
+    return root, bpe, list(captions.values())
+
+
+def official_checkpoint(path, clip_path, latent):
+    """A trained-looking DGL (random prompts, non-zero biases) saved as the published code saves it."""
+    from modules.dgl import DGL
+
+    torch.manual_seed(3)
+    model = DGL.from_pretrained(str(clip_path), shared_latent_space=latent, max_words=12, max_frames=4,
+                                unified_transformer_layers=2).eval()
+    with torch.no_grad():
+        for _, p in model.trainable_parameters():
+            p.normal_(0, 0.5)
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.02)
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 5, "global_step": 100, "arch": "DGL", "best_acc1": 40.0, "optimizer": {},
+                "state_dict": state}, path)
+    return model
+
+
+def oracle_similarity(model, root, bpe, captions):
+    """The published evaluation: published pixels (PyAV, this file's transform), the published-style
+    computation (``benchmarks/published_reference.py``), exp(logit_scale) * cosine."""
+    from benchmarks import published_reference as published
+    from modules.tokenizer import tokenize
+
+    video = torch.stack([ref_load(root / "videos" / f"{name}.mp4", 4, 32)[0] for name in EVAL_VIDEOS])
+    ids = tokenize(captions, max_words=12, bpe_path=bpe)
+    with torch.no_grad():
+        t = published.encode_text(model, ids)
+        v = published.encode_video(model, video)  # (B, T, 3, 32, 32) -> (B, D)
+        t, v = t / t.norm(dim=-1, keepdim=True), v / v.norm(dim=-1, keepdim=True)
+        return (model.clip.logit_scale.exp() * t @ v.t()).numpy()
+
+
+@pytest.mark.parametrize("latent,decoder", [("linear", "decord"), ("transformer", "decord"),
+                                            pytest.param("transformer", "pyav", marks=pytest.mark.slow)])
+def test_main_eval_gives_the_published_similarity_matrix(eval_setup, tmp_path, latent, decoder):
+    root, bpe, captions = eval_setup
+    ckpt = tmp_path / "ckpt.best.pth.tar"
+    model = official_checkpoint(ckpt, root / "tiny.pt", latent)
+    out = tmp_path / "eval"
+    cmd = [sys.executable, str(REPO / "main.py"), "--do_eval", "1", "--resume", str(ckpt), "--datatype", "msrvtt",
+           "--val_csv", str(root / "test.csv"), "--features_path", str(root / "videos"),
+           "--pretrained_dir", str(root), "--pretrained_clip_name", "tiny.pt", "--bpe_path", bpe,
+           "--shared_latent_space", latent, "--unified_transformer_layers", "2", "--max_words", "12",
+           "--max_frames", "4", "--batch_size_val", "3", "--num_thread_reader", "0", "--device", "cpu",
+           "--video_decoder", decoder, "--no_progress", "--no_tensorboard", "--save_sim_matrix",
+           "--output_dir", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(out / "msrvtt_sim_matrix.npy")
+    want = oracle_similarity(model, root, bpe, captions)
+    assert got.shape == want.shape == (4, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert np.abs(want - want.mean()).max() > 0.05  # the matrix is not flat: a wrong input would show
