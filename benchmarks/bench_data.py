@@ -271,7 +271,6 @@ def run_loader(a) -> int:
             name, seconds, keyint = sets.get(frames, ("long" if frames > 12 else "short", a.seconds, None))
             files[frames] = [write_video(os.path.join(tmp, f"{name}{i}.mp4"), render(i, seconds), fps=3.0, crf=23,
                                          keyint=keyint, ffmpeg=ffmpeg) for i in range(a.num_videos)]
-            files[frames] = files[frames]
             print(f"{frames} frames: {a.num_videos} videos of {seconds:g} s at 3 fps, 398x224"
                   f"{f', keyframe every {keyint} frames' if keyint else ', x264 default GOP'}")
         print(f"encoded in {time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs; DataLoader batch {a.batch}, "
@@ -474,7 +473,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="loader: device of the model forward")
     ap.add_argument("--trials", type=int, default=10, help="decoders: random sparse reads per file")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1) if a.mode == "sampling" else None
+    if a.mode == "sampling":
+        torch.set_num_threads(1)
     return {"sampling": run_sampling, "loader": run_loader, "decoders": run_decoders}[a.mode](a)
 
 

@@ -205,6 +205,20 @@ def test_clip_times_bit_exact(videos, decoder, start, end):
     assert torch.equal(got, want) and torch.equal(mask, want_mask)
 
 
+def test_pyav_decoder_exact_on_an_open_gop_file(tmp_path):
+    """B-pyramid with open GOPs: decord's sparse reads can return the neighbouring frame there
+    (``benchmarks/bench_data.py --mode decoders``); the PyAV decoder gives the published frames."""
+    path = tmp_path / "open_gop.mp4"
+    frames = pattern(120, 64, 80, seed=4)
+    cmd = [find_ffmpeg(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "80x64", "-r", "30",
+           "-i", "pipe:0", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-threads", "1", "-bf", "8",
+           "-x264-params", "b-pyramid=normal:open-gop=1:keyint=24", "-an", str(path)]
+    subprocess.run(cmd, input=frames.tobytes(), check=True, capture_output=True)
+    want, want_mask = ref_load(path, 64, 64)
+    got, mask = load_video(path, 64, 64, train=False, decoder="pyav")
+    assert torch.equal(got, want) and torch.equal(mask, want_mask)
+
+
 def test_clip_past_the_end_is_a_clear_error(videos):
     from dataloaders.video import VideoDecodeError
 
