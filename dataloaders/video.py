@@ -357,6 +357,11 @@ def video_options(args) -> dict:
     decoder = getattr(args, "video_decoder", None) or "decord"
     if decoder not in DECODERS:
         raise ValueError(f"--video_decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if decoder == "pyav":
+        try:
+            import av  # noqa: F401
+        except ImportError as exc:
+            raise ValueError("--video_decoder pyav needs PyAV (pip install av)") from exc
     return {"resize_short_side": bool(resize), "decoder": decoder}
 
 
