@@ -128,8 +128,9 @@ def encode(path, frames, fps=3.0):
     return str(path)
 
 
-# width x height: larger both ways, smaller on one side, smaller on both, odd differences
-VIDEO_SIZES = [(301, 225), (225, 301), (240, 200), (200, 240), (398, 224), (160, 120), (224, 224)]
+# width x height: larger both ways, smaller on one side, smaller on both, odd differences (225: crop offset
+# round(0.5) = 0; 301: round(38.5) = 38; 201: 23 columns of padding, 11 left and 12 right; 227: round(1.5) = 2)
+VIDEO_SIZES = [(301, 225), (225, 301), (240, 200), (200, 240), (398, 224), (160, 120), (224, 224), (201, 227)]
 
 
 @functools.lru_cache(maxsize=None)
