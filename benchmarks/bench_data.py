@@ -1,7 +1,17 @@
-"""Clips per second for 12-frame sampling: our sparse loader against the published decode-everything loader.
+"""Video loading: sparse sampling against the published loader, DataLoader throughput, decord against PyAV.
 
     python benchmarks/bench_data.py [--video_dir DIR] [--num_videos 24] [--seconds 10] [--keyint 3]
                                     [--rounds 7] [--pyav_threads 1]
+    python benchmarks/bench_data.py --mode loader [--workers 0 1 2 4] [--frames 12 64] [--device cuda]
+    python benchmarks/bench_data.py --mode decoders
+
+``--mode sampling`` (default) is described below. ``--mode loader`` measures what a training run gets
+from its DataLoader: videos/s with N workers, for 12 frames of 10 s clips and 64 frames of two-minute
+ActivityNet-like videos, for both decoders (``--video_decoder decord|pyav``), next to the videos/s of
+the model's evaluation forward (ViT-B/32 shape, random weights, on ``--device``) measured in the same
+run, so a reader sees whether the loader keeps the model fed. ``--mode decoders`` encodes B-frame-heavy
+(open and closed GOP) and variable-frame-rate files with ffmpeg and compares decord's frames with
+PyAV's: frame counts, frame rates, a sequential decode, and the sparse reads the loader makes.
 
 Without ``--video_dir`` it renders ``--num_videos`` clips of ``--seconds`` s at 3 fps, 398x224 (224 px
 short side; moving shapes over a scrolling texture) and encodes each twice in a temporary folder: with
@@ -48,8 +58,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataloaders.video import (CLIP_MEAN, CLIP_STD, center_crop, load_video, open_video,  # noqa: E402
-                               read_frames, sample_eval_indices)
+from dataloaders.video import (CLIP_MEAN, CLIP_STD, DECODERS, center_crop, load_video,  # noqa: E402
+                               open_video, read_frames, sample_eval_indices)
 from preprocess.ffmpeg_tools import find_ffmpeg, write_video  # noqa: E402
 
 SIZE = 224
@@ -198,25 +208,218 @@ def report(name, paths, methods, wall, cpu, max_frames):
     return ratios
 
 
-def main(argv=None) -> int:
-    global PYAV_THREADS
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--video_dir", default=None, help="folder of 3 fps, 224 px .mp4 videos (default: generate)")
-    ap.add_argument("--num_videos", type=int, default=24)
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--keyint", type=int, default=3,
-                    help="keyframe interval of the short-GOP set (frames)")
-    ap.add_argument("--max_frames", type=int, default=12)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--pyav_threads", type=int, default=1, help="PyAV decoder threads (0: PyAV's default)")
-    a = ap.parse_args(argv)
-    PYAV_THREADS = a.pyav_threads
-    torch.set_num_threads(1)
+# ---------------------------------------------------------------------------------------------- loader mode
+class ClipSet(torch.utils.data.Dataset):
+    """Training-sampled model inputs of a list of files, as a DataLoader worker produces them."""
+
+    def __init__(self, paths, max_frames, decoder):
+        self.paths, self.max_frames, self.decoder = paths, max_frames, decoder
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return load_video(self.paths[i], self.max_frames, SIZE, train=True, decoder=self.decoder)
+
+
+def loader_videos_per_s(paths, max_frames, decoder, workers, batch, epochs) -> float:
+    """Videos/s over ``epochs`` passes after a warm-up pass (worker start-up excluded)."""
+    loader = torch.utils.data.DataLoader(ClipSet(paths, max_frames, decoder), batch_size=batch,
+                                         num_workers=workers, persistent_workers=workers > 0, shuffle=True)
+    for _ in loader:  # warm-up: workers start, files enter the page cache
+        pass
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for _ in loader:
+            pass
+    return epochs * len(paths) / (time.perf_counter() - t0)
+
+
+def model_videos_per_s(max_frames, device, batch, layers, reps=3) -> float:
+    """Evaluation forward (video encoder) of the ViT-B/32-shaped model with random weights."""
+    from modules.clip import CLIP, CLIPConfig
+    from modules.dgl import DGL, DGLConfig
+
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig(vision_layers=layers, transformer_layers=layers))
+    model = DGL(clip, DGLConfig(shared_latent_space="linear", max_frames=max_frames,
+                                unified_transformer_layers=layers)).to(device).eval()
+    video = torch.randn(batch, max_frames, 3, SIZE, SIZE, device=device)
+    mask = torch.ones(batch, max_frames, dtype=torch.long, device=device)
+    times = []
+    with torch.no_grad():
+        for _ in range(reps + 1):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.encode_video(video, mask)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times[1:])
+
+
+def run_loader(a) -> int:
+    have_pyav = _have_pyav()
+    decoders = [d for d in DECODERS if d != "pyav" or have_pyav]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        sets = {12: ("short", a.seconds, None), 64: ("long", a.long_seconds, a.long_keyint)}
+        files = {}
+        ffmpeg = find_ffmpeg()
+        for frames in a.frames:
+            name, seconds, keyint = sets.get(frames, ("long" if frames > 12 else "short", a.seconds, None))
+            files[frames] = [write_video(os.path.join(tmp, f"{name}{i}.mp4"), render(i, seconds), fps=3.0, crf=23,
+                                         keyint=keyint, ffmpeg=ffmpeg) for i in range(a.num_videos)]
+            print(f"{frames} frames: {a.num_videos} videos of {seconds:g} s at 3 fps, 398x224"
+                  f"{f', keyframe every {keyint} frames' if keyint else ', x264 default GOP'}")
+        print(f"encoded in {time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs; DataLoader batch {a.batch}, "
+              f"{a.epochs} timed passes after a warm-up pass")
+        model = {}
+        if a.model_layers:
+            for frames in a.frames:
+                model[frames] = model_videos_per_s(frames, a.device, a.model_batch, a.model_layers)
+        print(f"\n  {'frames':>6s} {'decoder':>7s} {'workers':>7s} {'videos/s':>9s} {'model videos/s':>15s} "
+              f"{'loader/model':>12s}")
+        for frames in a.frames:
+            for decoder in decoders:
+                for workers in a.workers:
+                    v = loader_videos_per_s(files[frames], frames, decoder, workers, a.batch, a.epochs)
+                    m = model.get(frames)
+                    print(f"  {frames:6d} {decoder:>7s} {workers:7d} {v:9.1f} "
+                          f"{(f'{m:.1f}' if m else '-'):>15s} {(f'{v / m:.2f}x' if m else '-'):>12s}", flush=True)
+    if a.model_layers:
+        print(f"\nmodel: DGL evaluation forward, ViT-B/32 shape with {a.model_layers} layers, 224 px, batch "
+              f"{a.model_batch}, fp32, on {a.device}; loader/model >= 1 means the loader keeps up")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- decoders mode
+def numbered_frames(n: int, height: int = 120, width: int = 160) -> np.ndarray:
+    """Frames that identify themselves: frame k has a distinct moving gradient and blue level."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    out = np.empty((n, height, width, 3), np.uint8)
+    for k in range(n):
+        out[k, ..., 0] = (2 * xx + 3 * k) % 256
+        out[k, ..., 1] = (2 * yy + 5 * k) % 256
+        out[k, ..., 2] = (37 * k) % 256
+    return out
+
+
+VFR_PTS = "setpts='if(lt(N,40),N/30,if(lt(N,80),40/30+(N-40)/5,40/30+8+(N-80)/15))/TB'"
+X264 = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-threads", "1", "-crf", "18"]
+DECODER_CASES = {  # name: (frames, input fps, ffmpeg output options, container)
+    "x264 default (reference)": (300, 30, X264, "mp4"),
+    "B-frames 16, closed GOP": (300, 30, X264 + ["-bf", "16", "-b_strategy", "0", "-refs", "4", "-g", "60"], "mp4"),
+    "B-pyramid, open GOP": (300, 30, X264 + ["-bf", "8", "-x264-params", "b-pyramid=normal:open-gop=1:keyint=48"],
+                            "mp4"),
+    "variable frame rate (mp4)": (120, 30, X264 + ["-vf", VFR_PTS, "-fps_mode", "vfr"], "mp4"),
+    "variable frame rate (mkv)": (120, 30, X264 + ["-vf", VFR_PTS, "-fps_mode", "vfr"], "mkv"),
+}
+
+
+def encode_case(path, n, fps, options):
+    frames = numbered_frames(n)
+    cmd = [find_ffmpeg(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+           "-s", f"{frames.shape[2]}x{frames.shape[1]}", "-r", str(fps), "-i", "pipe:0", *options, "-an", path]
+    import subprocess
+
+    subprocess.run(cmd, input=frames.tobytes(), check=True, capture_output=True)
+    return path
+
+
+def pyav_all_frames(path):
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        listed, rate = int(stream.frames or 0), float(stream.average_rate or 0)
+        frames = np.stack([f.to_rgb().to_ndarray() for f in container.decode(stream)])
+    return frames, listed, rate
+
+
+def differing(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-frame max |difference| of two (N, H, W, 3) uint8 stacks."""
+    return np.abs(a.astype(np.int16) - b.astype(np.int16)).reshape(len(a), -1).max(1)
+
+
+def which_frames(got: np.ndarray, reference: np.ndarray) -> list[int]:
+    """For each frame of ``got``, the index of the closest reference frame (mean squared error)."""
+    ref = reference.reshape(len(reference), -1).astype(np.float32)
+    return [int(((ref - g.reshape(1, -1).astype(np.float32)) ** 2).mean(1).argmin()) for g in got]
+
+
+def compare_decoders(path, rng, trials):
+    """decord against PyAV on one file; returns printable findings."""
+    import decord
+
+    ref, listed, rate = pyav_all_frames(path)
+    reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    n = min(len(reader), len(ref))
+    lines = [f"frames: decord {len(reader)}, PyAV decoded {len(ref)} (container lists {listed or 'unknown'}); "
+             f"fps: decord {reader.get_avg_fps():.4g}, PyAV average_rate {rate:.4g}"]
+    seq = differing(reader.get_batch(list(range(n))).asnumpy(), ref[:n])
+    lines.append(f"sequential decode of all frames: {int((seq > 0).sum())} of {n} frames differ")
+    del reader
+    bad = total = 0
+    wrong = []
+    for _ in range(trials):  # fresh reader per read, as a DataLoader worker does
+        idx = sorted(rng.choice(n, size=min(12, n), replace=False).tolist())
+        got = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1).get_batch(idx).asnumpy()
+        d = differing(got, ref[idx])
+        bad, total = bad + int((d > 0).sum()), total + len(idx)
+        wrong += [(i, j) for i, j, e in zip(idx, which_frames(got, ref), d) if e > 0]
+    lines.append(f"random sparse reads (12 frames, {trials} files opened): {bad} of {total} frames differ"
+                 + (f"; e.g. asked {wrong[0][0]}, got {wrong[0][1]}" if wrong else ""))
+    for frames in (12, 64):
+        a, _ = read_frames(path, frames, train=False, decoder="decord")
+        b, _ = read_frames(path, frames, train=False, decoder="pyav")
+        if a.shape != b.shape:
+            lines.append(f"loader, {frames} eval frames: shapes differ {tuple(a.shape)} vs {tuple(b.shape)}")
+            continue
+        d = differing(a.numpy(), b.numpy())
+        got = which_frames(a.numpy(), ref)
+        want = which_frames(b.numpy(), ref)
+        moved = [(w, g) for w, g, e in zip(want, got, d) if e > 0]
+        lines.append(f"loader, {frames} eval-sampled frames: {int((d > 0).sum())} differ"
+                     + (f" (PyAV frame {moved[0][0]} -> decord frame {moved[0][1]})" if moved else ""))
+    a, _ = read_frames(path, 8, train=False, start=1, end=5, decoder="decord")
+    b, _ = read_frames(path, 8, train=False, start=1, end=5, decoder="pyav")
+    d = differing(a.numpy(), b.numpy())
+    lines.append(f"loader, clip 1-5 s, 8 frames: {int((d > 0).sum())} differ"
+                 + (f" (PyAV frames {which_frames(b.numpy(), ref)}, decord {which_frames(a.numpy(), ref)})"
+                    if (d > 0).any() else ""))
+    return lines
+
+
+def run_decoders(a) -> int:
+    if not _have_pyav():
+        print("PyAV is not installed (pip install av): nothing to compare", file=sys.stderr)
+        return 1
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, (n, fps, options, ext)) in enumerate(DECODER_CASES.items()):
+            path = encode_case(os.path.join(tmp, f"case{i}.{ext}"), n, fps, options)
+            print(f"\n[{name}] {n} frames of 160x120 encoded at {fps} fps")
+            for line in compare_decoders(path, rng, a.trials):
+                print("  " + line, flush=True)
+    return 0
+
+
+def _have_pyav() -> bool:
     try:
         import av  # noqa: F401  the published decoder
-        have_pyav = True
+        return True
     except ImportError:
-        have_pyav = False
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def run_sampling(a) -> int:
+    global PYAV_THREADS
+    PYAV_THREADS = a.pyav_threads
+    have_pyav = _have_pyav()
+    if not have_pyav:
         print("PyAV is not installed (pip install av): the baseline falls back to decord decode-all, which also "
               "converts every frame to RGB (heavier than the published loader)", file=sys.stderr)
     methods = make_methods(have_pyav)
@@ -244,6 +447,35 @@ def main(argv=None) -> int:
             print(f"ratio ours / {methods[1][0]} [{name}]: {fc:.2f}x cpu, {fw:.2f}x wall "
                   f"(decode only {dc:.2f}x cpu, {dw:.2f}x wall)")
     return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=["sampling", "loader", "decoders"], default="sampling")
+    ap.add_argument("--video_dir", default=None, help="sampling: folder of 3 fps, 224 px .mp4 videos "
+                                                      "(default: generate)")
+    ap.add_argument("--num_videos", type=int, default=24)
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of the generated clips (12 frames)")
+    ap.add_argument("--keyint", type=int, default=3,
+                    help="sampling: keyframe interval of the short-GOP set (frames)")
+    ap.add_argument("--max_frames", type=int, default=12, help="sampling: frames per clip")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--pyav_threads", type=int, default=1, help="sampling: PyAV decoder threads (0: PyAV's default)")
+    ap.add_argument("--frames", type=int, nargs="+", default=[12, 64], help="loader: frames per video")
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader: DataLoader workers")
+    ap.add_argument("--batch", type=int, default=4, help="loader: DataLoader batch size")
+    ap.add_argument("--epochs", type=int, default=2, help="loader: timed passes over the videos")
+    ap.add_argument("--long_seconds", type=float, default=120.0, help="loader: length of the 64-frame videos")
+    ap.add_argument("--long_keyint", type=int, default=3,
+                    help="loader: keyframe interval of the 64-frame videos (0: x264 default)")
+    ap.add_argument("--model_layers", type=int, default=12, help="loader: model depth (0: do not time the model)")
+    ap.add_argument("--model_batch", type=int, default=2, help="loader: model batch")
+    ap.add_argument("--device", default="cpu", help="loader: device of the model forward")
+    ap.add_argument("--trials", type=int, default=10, help="decoders: random sparse reads per file")
+    a = ap.parse_args(argv)
+    if a.mode == "sampling":
+        torch.set_num_threads(1)
+    return {"sampling": run_sampling, "loader": run_loader, "decoders": run_decoders}[a.mode](a)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .video import FRAME_ORDERS, VideoDecodeError, load_video
+from .video import FRAME_ORDERS, VideoDecodeError, load_video, video_options
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class VideoTextDataset(Dataset):
         self.max_frames = int(get_option(args, "max_frames", 12))
         self.image_resolution = int(get_option(args, "image_resolution", 224))
         self.skip_bad_videos = bool(get_option(args, "skip_bad_videos", False))
+        self.video_options = video_options(args)  # --resize_short_side, --video_decoder
         # accepted for compatibility: the published DGL decoder samples segments of the whole clip and
         # ignores both (videos are pre-encoded at 3 fps).
         self.feature_framerate = float(get_option(args, "feature_framerate", 1.0))
@@ -201,7 +202,8 @@ class VideoTextDataset(Dataset):
         entry = self.videos[video_index]
         try:
             return load_video(entry.path, self.max_frames, self.image_resolution, train=self.random_sampling,
-                              start=entry.start, end=entry.end, frame_order=self.frame_order)
+                              start=entry.start, end=entry.end, frame_order=self.frame_order,
+                              **self.video_options)
         except VideoDecodeError as exc:
             raise BadVideoError(f"{self.name} {self.split} {row}: video '{entry.video_id}' "
                                 f"(listed in {entry.source}): {exc}") from exc

@@ -1,4 +1,4 @@
-"""Frame sampling, sparse decoding with decord, and CLIP pixel transforms (torch only).
+"""Frame sampling, decoding (decord, sparse; or PyAV, as published) and CLIP pixel transforms (torch only).
 
 Sampling follows section 5 of the DGL spec and the published ``sampling.py``:
 
@@ -6,18 +6,27 @@ Sampling follows section 5 of the DGL spec and the published ``sampling.py``:
   at a random offset inside each segment (frames past ``T * (N // T)`` are never drawn, as published);
 * evaluation: the centre of each of ``T`` segments of ``N / T`` frames, ``int(tick / 2 + tick * t)``;
 * a video with ``N <= T`` frames takes every frame once and repeats its last frame; the mask marks the
-  ``min(N, T)`` real frames.
+  ``min(N, T)`` real frames;
+* a clip given by start/end seconds (ActivityNet, DiDeMo) is cut as the published loaders cut it
+  (:func:`published_clip_seconds`, :func:`clip_frame_span`).
 
-Only the sampled frames are converted and copied out of the decoder (one ``VideoReader.get_batch`` of
-the sorted distinct indices); the whole video is never materialised. How many frames the decoder
-still has to decode depends on the keyframe interval of the file: decord decodes forward from the
-last keyframe at or before each requested frame (see ``preprocess/compress_video.py``).
+Pixels (:func:`normalize_frames`), as the published transform makes them: no resize; a centre crop of
+the model's input size at the native resolution, zero-padded (before the normalisation) where a side is
+smaller; /255; CLIP's mean and std. Resizing the short side first is an opt-in (``resize_short_side``).
+
+Decoders (``decoder=``): ``"decord"`` (default) converts and copies out only the sampled frames (one
+``VideoReader.get_batch`` of the sorted distinct indices); decord decodes forward from the last
+keyframe at or before each requested frame (see ``preprocess/compress_video.py``). ``"pyav"`` decodes
+every frame in order and converts the sampled ones, as the published loader does: slower, and the
+reference when decord's seeking is in doubt (open-GOP files, see the README).
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +36,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # frame order flags of the published code: 0 normal, 1 reverse, 2 random
 FRAME_ORDER_NORMAL, FRAME_ORDER_REVERSE, FRAME_ORDER_RANDOM = 0, 1, 2
 FRAME_ORDERS = (FRAME_ORDER_NORMAL, FRAME_ORDER_REVERSE, FRAME_ORDER_RANDOM)
+
+DECODERS = ("decord", "pyav")
 
 
 class VideoDecodeError(RuntimeError):
@@ -87,22 +98,51 @@ def apply_frame_order(indices: Sequence[int], num_valid: int, frame_order: int,
     return _pad(real, len(indices))
 
 
+def published_clip_seconds(start: float, end: float) -> tuple[int, int]:
+    """Start/end seconds as the published loaders use them: cut to int (toward zero), negative -> 0,
+    swapped when start > end, end + 1 when they are equal."""
+    start, end = max(int(start), 0), max(int(end), 0)
+    if start > end:
+        start, end = end, start
+    elif start == end:
+        end += 1
+    return start, end
+
+
+def clip_frame_span(num_frames: int, fps: float, start: Optional[float], end: Optional[float],
+                    listed_frames: int = 0) -> tuple[int, int]:
+    """``(first, count)``: the frames ``first .. first + count - 1`` that the published loader samples from.
+
+    ``num_frames`` frames were decoded; ``listed_frames`` is the container's frame count when known
+    (PyAV ``stream.frames``; 0 = unknown) and caps the count as published. Without start/end: the whole
+    video. With them (seconds, see :func:`published_clip_seconds`): frame indices in the inclusive range
+    ``[int(start * fps), min(int(end * fps), frames)]``, fps the stream's average rate.
+    Raises ``ValueError`` when the clip holds no frame.
+    """
+    listed = listed_frames if listed_frames and listed_frames > 0 else num_frames
+    if start is None or end is None:
+        return 0, min(listed, num_frames)
+    if not fps or fps <= 0:
+        raise ValueError("unknown frame rate, cannot cut a clip by time")
+    start_s, end_s = published_clip_seconds(start, end)
+    first = int(start_s * fps)
+    last = min(int(end_s * fps), listed, num_frames - 1)
+    count = min(listed, last - first + 1)
+    if count <= 0:
+        raise ValueError(f"the clip {start_s}-{end_s} s starts at frame {first} but the video has "
+                         f"{num_frames} frames at {fps:g} fps")
+    return first, count
+
+
 def time_to_frame_range(num_frames: int, fps: float, start: Optional[float],
                         end: Optional[float]) -> tuple[int, int]:
     """Inclusive frame range ``[first, last]`` of the clip ``[start, end]`` seconds (whole video when
-    either is None), as the published decoder: ``int(start * fps)`` .. ``min(int(end * fps), N - 1)``."""
-    if start is None or end is None:
-        return 0, num_frames - 1
-    start, end = max(0.0, float(start)), max(0.0, float(end))
-    if start > end:
-        start, end = end, start
-    first = min(int(start * fps), num_frames - 1)
-    last = max(first, min(int(end * fps), num_frames - 1))
-    return first, last
+    either is None), as :func:`clip_frame_span` cuts it."""
+    first, count = clip_frame_span(num_frames, fps, start, end)
+    return first, first + count - 1
 
 
-def open_video(path: str, num_threads: int = 1):
-    """A decord ``VideoReader`` with clear errors for missing, empty and undecodable files."""
+def _check_file(path: str) -> str:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise VideoDecodeError(path, "file not found")
@@ -110,6 +150,12 @@ def open_video(path: str, num_threads: int = 1):
         raise VideoDecodeError(path, "not a regular file")
     if os.path.getsize(path) == 0:
         raise VideoDecodeError(path, "empty file (0 bytes)")
+    return path
+
+
+def open_video(path: str, num_threads: int = 1):
+    """A decord ``VideoReader`` with clear errors for missing, empty and undecodable files."""
+    path = _check_file(path)
     import decord  # imported lazily: keeps `import dataloaders` cheap
 
     try:
@@ -126,15 +172,18 @@ def open_video(path: str, num_threads: int = 1):
 
 
 def _sampled_indices(num_frames: int, fps: float, max_frames: int, train: bool, start: Optional[float],
-                     end: Optional[float], frame_order: int,
-                     generator: Optional[torch.Generator]) -> tuple[list[int], int]:
+                     end: Optional[float], frame_order: int, generator: Optional[torch.Generator],
+                     listed_frames: int = 0) -> tuple[list[int], int]:
     """Absolute frame indices in output order (padding included) and the number of real frames."""
-    first, last = time_to_frame_range(num_frames, fps, start, end)
-    n = last - first + 1
+    first, n = clip_frame_span(num_frames, fps, start, end, listed_frames)
     sampler = sample_train_indices(n, max_frames, generator) if train else sample_eval_indices(n, max_frames)
     num_valid = min(n, max_frames)
     order = apply_frame_order(sampler, num_valid, frame_order, generator)
     return [first + i for i in order], num_valid
+
+
+# a frame plan: (num_frames, fps, listed_frames=) -> (absolute indices in output order, number of real frames)
+FramePlan = Callable[..., tuple]
 
 
 def _batch_to_tensor(batch) -> torch.Tensor:
@@ -147,25 +196,20 @@ def _batch_to_tensor(batch) -> torch.Tensor:
         return torch.from_numpy(batch.asnumpy())
 
 
-def read_unique_frames(path: str, max_frames: int, train: bool, start: Optional[float] = None,
-                       end: Optional[float] = None, frame_order: int = FRAME_ORDER_NORMAL,
-                       generator: Optional[torch.Generator] = None,
-                       num_threads: int = 1) -> tuple[torch.Tensor, list[int], torch.Tensor]:
-    """Decode each sampled frame once, in file order.
+def _plan_or_fail(path: str, plan: FramePlan, num_frames: int, fps: float, listed: int) -> tuple[list[int], int]:
+    try:
+        return plan(num_frames, fps, listed_frames=listed)
+    except ValueError as exc:
+        raise VideoDecodeError(path, str(exc)) from exc
 
-    Returns ``decoded`` uint8 ``(U, H, W, 3)`` (the ``U`` distinct sampled frames, ascending),
-    ``take`` (``max_frames`` positions into ``decoded`` giving the output order, padding included) and
-    ``mask`` int64 ``(max_frames,)``. One ``get_batch`` call reads the sorted distinct indices: decord
-    decodes forward from the nearest keyframe and colour-converts only the requested frames.
-    """
+
+def _decode_decord(path: str, plan: FramePlan, num_threads: int) -> tuple[torch.Tensor, list[int], list[int], int]:
+    """decord: only the planned frames are decoded forward from their keyframes and converted."""
     reader = open_video(path, num_threads=num_threads)
     try:
         num_frames = len(reader)
         fps = float(reader.get_avg_fps() or 0.0)
-        if (start is not None and end is not None) and fps <= 0:
-            raise VideoDecodeError(path, "unknown frame rate, cannot cut a clip by time")
-        order, num_valid = _sampled_indices(num_frames, fps, max_frames, train, start, end, frame_order,
-                                            generator)
+        order, num_valid = _plan_or_fail(path, plan, num_frames, fps, 0)
         wanted = sorted(set(order))
         try:
             batch = reader.get_batch(wanted)
@@ -174,7 +218,55 @@ def read_unique_frames(path: str, max_frames: int, train: bool, start: Optional[
                                          f"(truncated or corrupt?): {type(exc).__name__}: {exc}") from exc
     finally:
         del reader
-    decoded = _batch_to_tensor(batch)
+    return _batch_to_tensor(batch), wanted, order, num_valid
+
+
+def _decode_pyav(path: str, plan: FramePlan) -> tuple[torch.Tensor, list[int], list[int], int]:
+    """PyAV, as the published loader: every frame decoded in order, the planned ones converted to RGB
+    (``to_rgb().to_ndarray()``); the container's frame count and average rate are used as published."""
+    _check_file(path)
+    import av  # imported lazily: PyAV is only needed for this decoder
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoDecodeError(path, "no video stream (zero frames)")
+            stream = container.streams.video[0]
+            listed = int(stream.frames or 0)
+            fps = float(stream.average_rate) if stream.average_rate else 0.0
+            frames = list(container.decode(stream))
+    except VideoDecodeError:
+        raise
+    except Exception as exc:  # av.FFmpegError and friends
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise VideoDecodeError(path, f"undecodable or truncated ({type(exc).__name__}: {detail})") from exc
+    if not frames:
+        raise VideoDecodeError(path, "the video has zero frames")
+    order, num_valid = _plan_or_fail(path, plan, len(frames), fps, listed)
+    wanted = sorted(set(order))
+    decoded = torch.from_numpy(np.stack([frames[i].to_rgb().to_ndarray() for i in wanted]))
+    return decoded, wanted, order, num_valid
+
+
+def read_unique_frames(path: str, max_frames: int, train: bool, start: Optional[float] = None,
+                       end: Optional[float] = None, frame_order: int = FRAME_ORDER_NORMAL,
+                       generator: Optional[torch.Generator] = None, num_threads: int = 1,
+                       decoder: str = "decord") -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """Decode each sampled frame once, in file order.
+
+    Returns ``decoded`` uint8 ``(U, H, W, 3)`` (the ``U`` distinct sampled frames, ascending),
+    ``take`` (``max_frames`` positions into ``decoded`` giving the output order, padding included) and
+    ``mask`` int64 ``(max_frames,)``. ``decoder``: ``"decord"`` (sparse: one ``get_batch`` of the
+    sorted distinct indices) or ``"pyav"`` (decode everything, as published).
+    """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    plan = functools.partial(_sampled_indices, max_frames=max_frames, train=train, start=start, end=end,
+                             frame_order=frame_order, generator=generator)
+    if decoder == "pyav":
+        decoded, wanted, order, num_valid = _decode_pyav(path, plan)
+    else:
+        decoded, wanted, order, num_valid = _decode_decord(path, plan, num_threads)
     if decoded.ndim != 4 or decoded.shape[0] != len(wanted) or decoded.shape[-1] != 3:
         raise VideoDecodeError(path, f"decoder returned an array of shape {tuple(decoded.shape)}")
     pos = {idx: k for k, idx in enumerate(wanted)}
@@ -189,19 +281,19 @@ def _gather(x: torch.Tensor, take: list[int]) -> torch.Tensor:
 
 def read_frames(path: str, max_frames: int, train: bool, start: Optional[float] = None,
                 end: Optional[float] = None, frame_order: int = FRAME_ORDER_NORMAL,
-                generator: Optional[torch.Generator] = None,
-                num_threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: Optional[torch.Generator] = None, num_threads: int = 1,
+                decoder: str = "decord") -> tuple[torch.Tensor, torch.Tensor]:
     """Decode only the sampled frames of ``path``.
 
     Returns ``frames`` uint8 ``(max_frames, H, W, 3)`` RGB and ``mask`` int64 ``(max_frames,)``.
     Raises :class:`VideoDecodeError` naming the file on any failure.
     """
     decoded, take, mask = read_unique_frames(path, max_frames, train, start, end, frame_order, generator,
-                                             num_threads)
+                                             num_threads, decoder)
     return _gather(decoded, take), mask
 
 
-def resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
+def resize_to_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
     """Resize float ``(T, C, H, W)`` so that the short side is ``size`` (bicubic, antialiased)."""
     h, w = frames.shape[-2:]
     if min(h, w) == size:
@@ -214,11 +306,21 @@ def resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
     return out.clamp_(0.0, 255.0)
 
 
-def center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """Center crop ``(..., H, W)`` to ``size x size`` (offsets rounded as torchvision's CenterCrop)."""
+def pad_to_size(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad ``(..., H, W)`` so that both sides are at least ``size``, as torchvision's CenterCrop
+    pads: left/top ``(size - w) // 2``, right/bottom the rest. Zero in uint8 and in ``x / 255`` alike."""
     h, w = frames.shape[-2:]
-    if h < size or w < size:
-        raise ValueError(f"cannot crop {h}x{w} frames to {size}x{size}")
+    pad_h, pad_w = max(size - h, 0), max(size - w, 0)
+    if pad_h == 0 and pad_w == 0:
+        return frames
+    return F.pad(frames, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+
+
+def center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision's CenterCrop of ``(..., H, W)`` to ``size x size``: zero padding where a side is
+    smaller (:func:`pad_to_size`), then offsets ``int(round((h - size) / 2.0))`` (Python's round)."""
+    frames = pad_to_size(frames, size)
+    h, w = frames.shape[-2:]
     top = int(round((h - size) / 2.0))
     left = int(round((w - size) / 2.0))
     return frames[..., top:top + size, left:left + size]
@@ -228,31 +330,50 @@ _MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
 _STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
 
 
-def normalize_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 ``(T, H, W, 3)`` RGB -> float32 ``(T, 3, size, size)``: resize the short side to ``size``
-    when it differs, center crop, /255, CLIP mean/std.
+def normalize_frames(frames: torch.Tensor, size: int, resize_short_side: bool = False) -> torch.Tensor:
+    """uint8 ``(T, H, W, 3)`` RGB -> float32 ``(T, 3, size, size)``, the published transform: centre crop
+    at the native resolution (zero padding where a side is under ``size``), /255, CLIP mean/std.
 
-    When no resize is needed (videos preprocessed to ``size``) the crop is taken on the uint8 frames
-    before anything else, so only the kept ``size x size`` pixels are transposed and converted to
-    float; the arithmetic runs in place, in the same order as ``(x / 255 - mean) / std``.
+    The crop (and padding) is taken on the uint8 frames, so only the kept ``size x size`` pixels are
+    transposed and converted to float; since zero padding is zero after /255 and the arithmetic runs
+    in place in the order of ``(x / 255 - mean) / std``, the result is bit for bit the published one.
+    ``resize_short_side=True`` (opt-in, changes results) first scales the short side to ``size``
+    (bicubic, antialiased), for videos that were not preprocessed.
     """
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 (T, H, W, 3) frames, got {frames.dtype} {tuple(frames.shape)}")
-    x = frames.permute(0, 3, 1, 2)
-    if min(x.shape[-2:]) == size:
-        x = center_crop(x, size).contiguous().float()
+    x = frames.permute(0, 3, 1, 2)  # (T, 3, H, W)
+    if resize_short_side and min(x.shape[-2:]) != size:
+        x = center_crop(resize_to_short_side(x.float(), size), size).contiguous()
     else:
-        x = center_crop(resize_short_side(x.float(), size), size).contiguous()
+        x = center_crop(x, size).contiguous().float()
     return x.div_(255.0).sub_(_MEAN).div_(_STD)
+
+
+def video_options(args) -> dict:
+    """The pixel and decoder options of ``main.py`` (``--resize_short_side``, ``--video_decoder``) as
+    keyword arguments of :func:`load_video`; absent flags take the published behaviour."""
+    resize = getattr(args, "resize_short_side", None)
+    decoder = getattr(args, "video_decoder", None) or "decord"
+    if decoder not in DECODERS:
+        raise ValueError(f"--video_decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if decoder == "pyav":
+        try:
+            import av  # noqa: F401
+        except ImportError as exc:
+            raise ValueError("--video_decoder pyav needs PyAV (pip install av)") from exc
+    return {"resize_short_side": bool(resize), "decoder": decoder}
 
 
 def load_video(path: str, max_frames: int, size: int, train: bool, start: Optional[float] = None,
                end: Optional[float] = None, frame_order: int = FRAME_ORDER_NORMAL,
-               generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               generator: Optional[torch.Generator] = None, resize_short_side: bool = False,
+               decoder: str = "decord") -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled frames as the model input: ``video`` float ``(T, 3, size, size)``, ``mask`` ``(T,)``.
 
     Each distinct sampled frame is decoded, cropped and normalised once; the output order (and the
     padding of short videos) is applied to the normalised frames.
     """
-    decoded, take, mask = read_unique_frames(path, max_frames, train, start, end, frame_order, generator)
-    return _gather(normalize_frames(decoded, size), take), mask
+    decoded, take, mask = read_unique_frames(path, max_frames, train, start, end, frame_order, generator,
+                                             decoder=decoder)
+    return _gather(normalize_frames(decoded, size, resize_short_side), take), mask

@@ -1,7 +1,16 @@
 """Re-encode a folder tree of raw videos to 3 fps with the short side scaled to 224 (even sizes).
 
     python -m preprocess.compress_video --input_root RAW --output_root OUT [--fps 3] [--size 224] [--workers N]
-                                        [--keyint K]
+                                        [--keyint K] [--published_scaling]
+
+Scaling: by default the short side becomes ``size`` and the long side keeps the aspect ratio (rounded to
+even). ``--published_scaling`` instead runs the published preprocessing command: ffmpeg's scale filter
+``scale='if(gt(a,1),trunc(oh*a/2)*2,224)':'if(gt(a,1),224,trunc(ow*a/2)*2)'`` (a = width / height),
+the output frame rate as an output option (``-r 3``, which picks frames differently from the ``fps``
+filter) and x264's default settings. Landscape videos come out identical in size (height 224);
+portrait ones get width 224 and height ``trunc(224 * a / 2) * 2`` < 224: squashed, and zero-padded by
+the loader's centre crop. Those are the inputs the official checkpoints were trained and evaluated on,
+so use it to reproduce the published numbers exactly; use the default for anything else.
 
 Each ``RAW/a/b/name.ext`` becomes ``OUT/a/b/name.mp4`` (H.264, no audio). Outputs that exist and are
 valid (decodable, with frames, short side == size) are skipped. Each file is written under a temporary
@@ -78,9 +87,10 @@ def max_keyframe_gap(key_indices, num_frames: int) -> int:
     return max(b - a for a, b in zip(keys, keys[1:] + [num_frames]))
 
 
-def is_valid_output(path: str, size: int, keyint: Optional[int] = None) -> bool:
-    """True when ``path`` decodes, has frames, its short side is ``size`` and, when ``keyint`` is given,
-    no two keyframes are more than ``keyint`` frames apart."""
+def is_valid_output(path: str, size: int, keyint: Optional[int] = None, published_scaling: bool = False) -> bool:
+    """True when ``path`` decodes, has frames, its short side is ``size`` (with ``published_scaling``: its
+    width or height is ``size``) and, when ``keyint`` is given, no two keyframes are more than ``keyint``
+    frames apart."""
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         return False
     try:
@@ -92,7 +102,7 @@ def is_valid_output(path: str, size: int, keyint: Optional[int] = None) -> bool:
         if keyint and max_keyframe_gap(reader.get_key_indices(), len(reader)) > keyint:
             return False
         h, w = reader[0].shape[:2]
-        return min(h, w) == size
+        return size in (h, w) if published_scaling else min(h, w) == size
     except Exception:
         return False
 
@@ -102,32 +112,59 @@ def scale_filter_args(size: int) -> tuple[str, str]:
     return f"if(lt(iw,ih),{size},-2)", f"if(lt(iw,ih),-2,{size})"
 
 
-def compress_one(job: Job, fps: float = 3.0, size: int = 224, ffmpeg: Optional[str] = None,
-                 overwrite: bool = False, keyint: Optional[int] = DEFAULT_KEYINT) -> Result:
+def published_scale_filter_args(size: int) -> tuple[str, str]:
+    """The published script's scale w/h expressions (``a`` = input width / height): landscape -> height
+    ``size``; portrait and square -> width ``size`` and height ``trunc(size * a / 2) * 2`` (not
+    ``size / a``: portrait videos are squashed, as published)."""
+    return f"if(gt(a,1),trunc(oh*a/2)*2,{size})", f"if(gt(a,1),{size},trunc(ow*a/2)*2)"
+
+
+def published_output_size(width: int, height: int, size: int = 224) -> tuple[int, int]:
+    """``(width, height)`` that the published scale filter gives a ``width x height`` input."""
+    a = width / height
+    if a > 1:
+        return int(size * a / 2) * 2, size
+    return size, int(size * a / 2) * 2
+
+
+def _ffmpeg_stream(src: str, dst: str, fps: float, size: int, keyint: Optional[int], published_scaling: bool):
+    """The ffmpeg-python graph of one re-encode: ours (fps filter, short side, x264 fast/crf 23/yuv420p)
+    or the published command (scale filter, ``-r fps``, x264 defaults)."""
     import ffmpeg as ffmpeg_python
 
-    if not overwrite and is_valid_output(job.dst, size, keyint):
+    gop = keyint_args(keyint)  # ["-g", k, "-keyint_min", k, "-sc_threshold", "0"] or []
+    gop_kwargs = {gop[i].lstrip("-"): gop[i + 1] for i in range(0, len(gop), 2)}
+    video = ffmpeg_python.input(src).video
+    if published_scaling:
+        w, h = published_scale_filter_args(size)
+        return video.filter("scale", w, h).output(dst, format="mp4", vcodec="libx264", r=fps, an=None,
+                                                   movflags="+faststart", **gop_kwargs)
+    w, h = scale_filter_args(size)
+    return (video.filter("fps", fps=fps).filter("scale", w, h)
+            .output(dst, format="mp4", vcodec="libx264", pix_fmt="yuv420p", preset="fast", crf=23, an=None,
+                    movflags="+faststart", **gop_kwargs))
+
+
+def compress_one(job: Job, fps: float = 3.0, size: int = 224, ffmpeg: Optional[str] = None,
+                 overwrite: bool = False, keyint: Optional[int] = DEFAULT_KEYINT,
+                 published_scaling: bool = False) -> Result:
+    import ffmpeg as ffmpeg_python
+
+    if not overwrite and is_valid_output(job.dst, size, keyint, published_scaling):
         return Result(job.src, job.dst, "skipped")
     if not os.path.isfile(job.src) or os.path.getsize(job.src) == 0:
         return Result(job.src, job.dst, "failed", "input missing or empty")
     os.makedirs(os.path.dirname(os.path.abspath(job.dst)), exist_ok=True)
     tmp = temporary_path_for(job.dst)
     try:
-        w, h = scale_filter_args(size)
-        gop = keyint_args(keyint)  # ["-g", k, "-keyint_min", k, "-sc_threshold", "0"] or []
-        gop_kwargs = {gop[i].lstrip("-"): gop[i + 1] for i in range(0, len(gop), 2)}
-        stream = (ffmpeg_python.input(job.src)
-                  .video.filter("fps", fps=fps)
-                  .filter("scale", w, h)
-                  .output(tmp, format="mp4", vcodec="libx264", pix_fmt="yuv420p", preset="fast", crf=23,
-                          an=None, movflags="+faststart", **gop_kwargs))
+        stream = _ffmpeg_stream(job.src, tmp, fps, size, keyint, published_scaling)
         try:
             stream.run(cmd=ffmpeg or find_ffmpeg(), capture_stdout=True, capture_stderr=True,
                        overwrite_output=True, quiet=True)
         except ffmpeg_python.Error as exc:
             lines = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
             return Result(job.src, job.dst, "failed", " | ".join(lines[-3:]) or "ffmpeg failed")
-        if not is_valid_output(tmp, size, keyint):
+        if not is_valid_output(tmp, size, keyint, published_scaling):
             return Result(job.src, job.dst, "failed", "ffmpeg produced no decodable frames")
         os.replace(tmp, job.dst)
         return Result(job.src, job.dst, "done")
@@ -139,13 +176,13 @@ def compress_one(job: Job, fps: float = 3.0, size: int = 224, ffmpeg: Optional[s
 
 
 def _run_job(payload) -> Result:
-    job, fps, size, ffmpeg, overwrite, keyint = payload
-    return compress_one(job, fps, size, ffmpeg, overwrite, keyint)
+    job, fps, size, ffmpeg, overwrite, keyint, published_scaling = payload
+    return compress_one(job, fps, size, ffmpeg, overwrite, keyint, published_scaling)
 
 
 def compress_tree(input_root: str, output_root: str, fps: float = 3.0, size: int = 224,
                   workers: Optional[int] = None, overwrite: bool = False, progress: bool = True,
-                  keyint: Optional[int] = DEFAULT_KEYINT) -> list[Result]:
+                  keyint: Optional[int] = DEFAULT_KEYINT, published_scaling: bool = False) -> list[Result]:
     """Compress every video under ``input_root``; returns one :class:`Result` per input file."""
     from tqdm import tqdm
 
@@ -155,7 +192,7 @@ def compress_tree(input_root: str, output_root: str, fps: float = 3.0, size: int
         raise ValueError("output_root must differ from input_root")
     jobs = list_jobs(input_root, output_root)
     ffmpeg = find_ffmpeg()
-    payloads = [(j, fps, size, ffmpeg, overwrite, keyint) for j in jobs]
+    payloads = [(j, fps, size, ffmpeg, overwrite, keyint, published_scaling) for j in jobs]
     workers = max(1, workers or (os.cpu_count() or 1))
     results: list[Result] = []
     bar = tqdm(total=len(jobs), desc="compress", unit="video", disable=not progress)
@@ -192,13 +229,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="a keyframe every KEYINT output frames, e.g. 3 = one per second at 3 fps (default 0: "
                         "x264's default GOP, a keyframe every 250 frames); worth it for videos of a minute or "
                         "more, not for 10-30 s clips (see the module docstring)")
+    p.add_argument("--published_scaling", action="store_true",
+                   help="run the published ffmpeg command (its scale filter, -r FPS, x264 defaults) to rebuild "
+                        "the exact inputs of the official checkpoints: portrait videos get width SIZE and a "
+                        "squashed height below SIZE (see the module docstring); default: short side = SIZE")
     a = p.parse_args(argv)
     if a.size % 2:
         p.error("--size must be even")
     if a.keyint < 0:
         p.error("--keyint must be >= 0")
     results = compress_tree(a.input_root, a.output_root, a.fps, a.size, a.workers, a.overwrite,
-                            keyint=a.keyint or None)
+                            keyint=a.keyint or None, published_scaling=a.published_scaling)
     print(summarize(results), file=sys.stderr)
     return 1 if any(r.status == "failed" for r in results) else 0
 

@@ -108,6 +108,9 @@ def test_frame_order_and_time_range():
     assert time_to_frame_range(30, 3.0, 2, 4) == (6, 12)
     assert time_to_frame_range(30, 3.0, 0, 127) == (0, 29)  # end past the video is capped
     assert time_to_frame_range(30, 3.0, 4, 2) == (6, 12)  # swapped
+    assert time_to_frame_range(30, 3.0, 2.9, 4.7) == (6, 12)  # int seconds, as published
+    assert time_to_frame_range(30, 3.0, 3, 3) == (9, 12)  # equal: end + 1 s
+    assert time_to_frame_range(30, 3.0, -2, 1) == (0, 3)  # negative -> 0
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -159,9 +162,12 @@ def test_normalize_crop_resize():
     assert torch.allclose(out[0, 0, :, 16:], (0 - mean[0]) / std[0])
     assert torch.allclose(out[0, 1], (0 - mean[1]) / std[1])
     uniform = torch.full((1, 48, 80, 3), 128, dtype=torch.uint8)
-    out = normalize_frames(uniform, 16)  # resize 48x80 -> 16x27, crop 16x16
+    out = normalize_frames(uniform, 16, resize_short_side=True)  # opt-in: resize 48x80 -> 16x27, crop 16x16
     assert out.shape == (1, 3, 16, 16)
     assert torch.allclose(out[0, :, 5, 5], (128 / 255 - mean) / std, atol=1e-4)
+    ramp = torch.arange(80, dtype=torch.uint8).view(1, 1, 80, 1).expand(1, 48, 80, 3).contiguous()
+    assert torch.equal(normalize_frames(ramp, 16)[0, 0, 0], (torch.arange(32, 48) / 255.0 - mean[0]) / std[0])
+    assert not torch.equal(normalize_frames(ramp, 16, resize_short_side=True), normalize_frames(ramp, 16))
 
 
 def test_normalize_crop_first_matches_reference():

@@ -113,3 +113,37 @@ def test_synthetic_keyint(tmp_path):
                            "--min_frames", "12", "--max_frames", "12", "--keyint", "4"]) == 0
     reader = decord.VideoReader(str(tmp_path / "syn" / "videos" / "video0.mp4"))
     assert list(reader.get_key_indices()) == [0, 4, 8]
+
+
+@pytest.mark.parametrize("width,height", [(40, 64), (90, 50)])
+def test_published_scaling_reproduces_the_published_command(tmp_path, width, height):
+    """--published_scaling gives the frames the published ffmpeg command gives (portrait: width 224 and a
+    squashed height trunc(224 * a / 2) * 2); the default keeps the aspect ratio."""
+    import subprocess
+
+    from preprocess.compress_video import published_output_size
+    from preprocess.ffmpeg_tools import find_ffmpeg
+
+    raw = tmp_path / "raw"
+    rng = np.random.default_rng(1)
+    write_video(str(raw / "v.mp4"), rng.integers(0, 255, (20, height, width, 3), dtype=np.uint8), fps=10)
+    published = tmp_path / "published.mp4"
+    cmd = [find_ffmpeg(), "-y", "-loglevel", "error", "-i", str(raw / "v.mp4"), "-filter:v",
+           "scale='if(gt(a,1),trunc(oh*a/2)*2,224)':'if(gt(a,1),224,trunc(ow*a/2)*2)'", "-map", "0:v", "-r", "3",
+           str(published)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    ours = compress_tree(str(raw), str(tmp_path / "ours"), fps=3, size=224, workers=1, progress=False,
+                         published_scaling=True)
+    assert [r.status for r in ours] == ["done"]
+    want = decord.VideoReader(str(published))
+    got = decord.VideoReader(str(tmp_path / "ours" / "v.mp4"))
+    assert len(got) == len(want) and got[0].shape == want[0].shape
+    assert (got[0].shape[1], got[0].shape[0]) == published_output_size(width, height, 224)
+    np.testing.assert_array_equal(got.get_batch(list(range(len(got)))).asnumpy(),
+                                  want.get_batch(list(range(len(want)))).asnumpy())
+    default = compress_tree(str(raw), str(tmp_path / "default"), fps=3, size=224, workers=1, progress=False)
+    assert [r.status for r in default] == ["done"]
+    h, w = decord.VideoReader(str(tmp_path / "default" / "v.mp4"))[0].shape[:2]
+    assert min(h, w) == 224 and abs(max(h, w) / 224 - max(width, height) / min(width, height)) < 0.02
+    if height > width:
+        assert got[0].shape[:2] == (140, 224)  # 224 * 40 / 64 = 140: squashed (the aspect would need 358)

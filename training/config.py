@@ -84,6 +84,13 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     g.add_argument("--skip_bad_videos", type=int, nargs="?", const=1, default=0, choices=[0, 1],
                    help="replace unreadable training videos instead of failing (counted per epoch)")
     g.add_argument("--num_thread_reader", type=int, default=1, help="DataLoader workers per process")
+    g.add_argument("--resize_short_side", type=int, default=0, choices=[0, 1],
+                   help="opt-in (changes results): scale each frame's short side to the model's input size "
+                        "before the centre crop, for videos that were not preprocessed (the published "
+                        "transform never resizes: it crops, or zero-pads, at the native resolution)")
+    g.add_argument("--video_decoder", type=str, default="decord", choices=["decord", "pyav"],
+                   help="decord (default: decodes only the sampled frames) or pyav (decodes every frame, as "
+                        "the published code; the reference for exact reproduction)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-4)
