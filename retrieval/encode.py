@@ -114,3 +114,13 @@ def encode_batch(model, video: torch.Tensor, mask: torch.Tensor, dtype: torch.dt
     with ctx:
         features = model.encode_video(video.to(device), mask.to(device))
     return F.normalize(features.float(), dim=-1).cpu()
+
+
+def frames_as_seen(video: torch.Tensor) -> torch.Tensor:
+    """Normalised model input (T, 3, S, S) -> uint8 RGB (T, S, S, 3): the pixels the model saw."""
+    from dataloaders.video import CLIP_MEAN, CLIP_STD
+
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    pixels = (video.float().cpu() * std + mean).clamp(0, 1) * 255
+    return pixels.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
