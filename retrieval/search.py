@@ -47,12 +47,12 @@ def exact_topk(queries: torch.Tensor, chunks: Iterable[torch.Tensor], k: int,
     """
     q = queries.float()
     best_s = q.new_empty(q.shape[0], 0)
-    best_i = torch.empty(q.shape[0], 0, dtype=torch.long)
+    best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
     offset = 0
     for chunk in chunks:
         chunk = torch.as_tensor(chunk)
         for start in range(0, chunk.shape[0], chunk_rows):
-            part = chunk[start:start + chunk_rows].float()
+            part = chunk[start:start + chunk_rows].to(q.device, torch.float32)
             s = q @ part.t()                                                 # (Q, n)
             top = s.topk(min(k, s.shape[1]), dim=1)
             best_s, best_i = _merge_topk(best_s, best_i, top.values, top.indices + offset + start, k)
