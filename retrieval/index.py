@@ -149,7 +149,7 @@ class VideoIndex:
         record = model_record or describe_model(model)
         sampling = {"max_frames": model.config.max_frames, "image_resolution": model.image_resolution,
                     "frames": "evaluation sampling (segment centres)"}
-        index = cls._open_for_update(index_dir, record, sampling) if index_dir else \
+        index = cls._open_for_update(index_dir, record, sampling, log) if index_dir else \
             cls(None, {"format": FORMAT, "model": record, "sampling": sampling}, [])
         index.model, index.tokenizer = model, tokenizer
         todo = index._drop_stale(files, log)
@@ -163,7 +163,7 @@ class VideoIndex:
         return index
 
     @classmethod
-    def _open_for_update(cls, index_dir: str, record: dict, sampling: dict) -> "VideoIndex":
+    def _open_for_update(cls, index_dir: str, record: dict, sampling: dict, log) -> "VideoIndex":
         os.makedirs(os.path.join(index_dir, "shards"), exist_ok=True)
         meta_path = os.path.join(index_dir, "index.json")
         if os.path.exists(meta_path):
@@ -183,24 +183,37 @@ class VideoIndex:
                 _, entries = read_shard(path, entries_only=True)
             except SearchError as err:
                 os.replace(path, path + ".corrupt")
-                print(f"warning: {err}; moved to {path}.corrupt and its videos are encoded again")
+                if log:
+                    log(f"warning: {err}; moved to {path}.corrupt and its videos are encoded again")
                 continue
             shards.append(Shard(path, entries))
         return cls(index_dir, meta, shards)
 
     def _drop_stale(self, files: list[str], log) -> list[str]:
-        """Drop entries of deleted or changed files (rewriting their shards); return the files to encode."""
+        """Drop entries of deleted or changed files (rewriting their shards); return the files to encode.
+
+        Entries of files outside the folders given this time stay while their file is unchanged, so
+        indexing another folder into the same index adds to it.
+        """
         current = {}
         for path in files:
             try:
                 current[path] = file_identity(path)
             except OSError:
                 continue
+
+        def unchanged(entry: dict) -> bool:
+            ident = current.get(entry["path"])
+            if ident is None:
+                try:
+                    ident = file_identity(entry["path"])
+                except OSError:  # deleted
+                    return False
+            return ident == {k: entry[k] for k in ("path", "size", "mtime_ns")}
+
         kept_paths, dropped = set(), 0
         for shard in list(self.shards):
-            keep = [i for i, e in enumerate(shard.entries)
-                    if current.get(e["path"]) == {k: e[k] for k in ("path", "size", "mtime_ns")}
-                    and e["path"] not in kept_paths]
+            keep = [i for i, e in enumerate(shard.entries) if unchanged(e) and e["path"] not in kept_paths]
             kept_paths.update(shard.entries[i]["path"] for i in keep)
             if len(keep) == len(shard.entries):
                 continue

@@ -152,6 +152,13 @@ def test_incremental_reindex_add_change_delete(world, tmp_path, capsys, loaded):
     assert index_cli(world, videos, idx, capsys)[0] == 0
     again = as_dict(VideoIndex.open(idx))
     assert set(again) == set(after) and all(torch.equal(again[p][1], after[p][1]) for p in after)
+    # Another folder into the same index adds to it; the first folder's entries stay.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(names[0], other / "extra.mp4")
+    assert index_cli(world, other, idx, capsys)[0] == 0
+    more = as_dict(VideoIndex.open(idx))
+    assert set(more) == set(after) | {str(other / "extra.mp4")}
 
 
 def test_killed_run_resumes_to_the_same_index(world, tmp_path, loaded):
