@@ -55,6 +55,7 @@ def unit_rows(rng: np.random.Generator, n: int, d: int, chunk: int = 100_000) ->
 
 
 def timed(fn, rounds: int) -> tuple[float, object]:
+    fn()  # warm-up: first-call allocations and thread start-up are not search time
     times, result = [], None
     for _ in range(rounds):
         t = time.perf_counter()

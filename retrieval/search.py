@@ -90,7 +90,7 @@ class FaissSearcher:
             nprobe = nprobe or max(1, nlist // 16)
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
             rng = np.random.default_rng(seed)
-            train = x if n <= 256 * nlist else x[rng.choice(n, 256 * nlist, replace=False)]
+            train = x if n <= 64 * nlist else x[rng.choice(n, 64 * nlist, replace=False)]  # 64 points per centroid
             index.train(train)
             index.nprobe = nprobe
             params = {"nlist": nlist, "nprobe": nprobe}
