@@ -56,8 +56,9 @@ def build_parser() -> OneLineArgumentParser:
     q.add_argument("--video", default=None, help="a video as the query: the most similar videos")
     q.add_argument("-k", "--top_k", type=int, default=10)
     q.add_argument("--backend", default="auto", choices=["auto", "exact", "faiss", "faiss-ivf", "faiss-hnsw"],
-                   help="auto: exact search, faiss's exact index from 50k videos when faiss is installed; "
-                        "faiss-ivf / faiss-hnsw: approximate (recall against exact is reported)")
+                   help="auto / exact: the built-in exact search (bounded memory); faiss: faiss's exact index; "
+                        "faiss-ivf / faiss-hnsw: approximate, for millions of videos (recall against exact is "
+                        "reported); faiss* need faiss-cpu")
     q.add_argument("--json", default=None, help="write the results as JSON to this file ('-': stdout, no table)")
     q.add_argument("--html", default=None, help="write a self-contained results page")
     _add_model_flags(q, required=False)

@@ -28,8 +28,7 @@ import torch
 
 from retrieval.encode import (autocast_dtype, encode_batch, file_identity, find_videos, video_loader)
 from retrieval.model_io import SearchError, describe_model
-from retrieval.search import (APPROXIMATE, AUTO_FAISS_MIN_VIDEOS, BACKENDS, FaissSearcher, exact_topk,
-                              faiss_available, recall_at_k)
+from retrieval.search import APPROXIMATE, BACKENDS, FaissSearcher, exact_topk, faiss_available, recall_at_k
 
 FORMAT = "dgl-video-index/1"
 SHARD_GLOB = "shard-*.npz"
@@ -402,8 +401,11 @@ class VideoIndex:
 
     @staticmethod
     def _choose_backend(backend: str, n: int) -> str:
+        # auto is exact: faiss's exact index measured no faster than the built-in search (which streams
+        # the shards in bounded memory, while faiss holds every feature); approximate search changes
+        # results, so it is only used when asked for.
         if backend == "auto":
-            return "faiss" if faiss_available() and n >= AUTO_FAISS_MIN_VIDEOS else "exact"
+            return "exact"
         if backend.startswith("faiss") and not faiss_available():
             raise SearchError(f"--backend {backend} needs faiss (pip install faiss-cpu)")
         return backend

@@ -17,8 +17,6 @@ import torch
 
 BACKENDS = ("auto", "exact", "faiss", "faiss-ivf", "faiss-hnsw")
 APPROXIMATE = {"faiss-ivf": "ivf", "faiss-hnsw": "hnsw"}
-# auto: faiss's exact index from this many videos on (when faiss is installed), the built-in search below
-AUTO_FAISS_MIN_VIDEOS = 50_000
 
 
 def faiss_available() -> bool:
