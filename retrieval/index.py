@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrieval.encode import (autocast_dtype, encode_batch, file_identity, find_videos, video_loader)
+from retrieval.encode import (VIDEO_EXTENSIONS, autocast_dtype, encode_batch, file_identity, find_videos,
+                              video_loader)
 from retrieval.model_io import SearchError, describe_model
 from retrieval.search import APPROXIMATE, BACKENDS, FaissSearcher, exact_topk, faiss_available, recall_at_k
 
@@ -75,7 +76,8 @@ def read_shard(path: str, entries_only: bool = False) -> tuple[torch.Tensor | No
         if not isinstance(entries, list) or (features is not None and features.shape[0] != len(entries)):
             raise ValueError("features and entries disagree")
     except Exception as err:  # noqa: BLE001 - any damage is the same problem for the user
-        raise SearchError(f"corrupt index shard {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise SearchError(f"corrupt index shard {path} ({type(err).__name__}: {detail}); "
                           "run `search_videos.py index` again to re-encode its videos") from err
     return features, entries
 
@@ -143,8 +145,8 @@ class VideoIndex:
             raise SearchError(f"no such file or folder: {missing[0]}")
         files = find_videos(paths, exclude=index_dir)
         if not files:
-            raise SearchError(f"no video files ({', '.join(e[1:] for e in ('.mp4', '.avi', '.mkv', '.mov', '.webm'))}, "
-                              f"...) found under {', '.join(map(str, paths))}")
+            raise SearchError(f"no video files ({' '.join(VIDEO_EXTENSIONS[:5])} ...) found under "
+                              f"{', '.join(map(str, paths))}")
         record = model_record or describe_model(model)
         sampling = {"max_frames": model.config.max_frames, "image_resolution": model.image_resolution,
                     "frames": "evaluation sampling (segment centres)"}
@@ -174,12 +176,13 @@ class VideoIndex:
                 raise SearchError(f"{index_dir} has shards but no index.json; use an empty folder")
             meta = {"format": FORMAT, "model": record, "sampling": sampling, "created": time.time()}
             _write_json(meta_path, meta)
-        for tmp in glob.glob(os.path.join(index_dir, "shards", ".*.tmp")):  # left by a killed run
-            os.remove(tmp)
+        for pattern in (".*.tmp", os.path.join("shards", ".*.tmp")):  # left by a killed run
+            for tmp in glob.glob(os.path.join(index_dir, pattern)):
+                os.remove(tmp)
         shards = []
         for path in sorted(glob.glob(os.path.join(index_dir, "shards", SHARD_GLOB))):
-            try:
-                _, entries = read_shard(path, entries_only=True)
+            try:  # read whole (not only the entries): a damaged shard is found and re-encoded here
+                _, entries = read_shard(path)
             except SearchError as err:
                 os.replace(path, path + ".corrupt")
                 if log:

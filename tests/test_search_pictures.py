@@ -3,7 +3,6 @@ also rendered by a real headless browser (slow, skipped without Chromium)."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import shutil
@@ -15,9 +14,8 @@ import torch
 
 from modules.attention_maps import attention_maps, global_local_mask
 from modules.dgl import VISUAL_OUTPUT_TYPES
-from retrieval import VideoIndex
 from retrieval.cli import main
-from tests.search_fixtures import NUM_VIDEOS, make_world
+from tests.search_fixtures import make_world
 from tests.test_dgl import make_model, video_batch
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval import SearchError, VideoIndex
+from retrieval import VideoIndex
 from retrieval.cli import main
 from retrieval.search import exact_topk, faiss_available
 from tests.search_fixtures import CONFIG, NUM_VIDEOS, make_world, save_checkpoint
@@ -321,3 +321,8 @@ def test_bad_inputs_one_line_each(world, tmp_path, capsys):
     repaired = as_dict(VideoIndex.open(str(idx)))
     assert set(repaired) == set(good)
     assert all(torch.allclose(repaired[p][1], good[p][1], atol=1e-5) for p in good)
+
+    # A damaged index.json: one line, the shards stay.
+    (idx / "index.json").write_text("{not json")
+    one_line_error(["query", "a red square", *q], "index.json is unreadable")
+    assert len(list((idx / "shards").glob("shard-*.npz"))) >= 1
