@@ -114,8 +114,10 @@ def _render(d: dict, title: str, out_png: str) -> None:
     for t, m in enumerate(mass):
         ax.text(t, 100 * m, f"{100 * m:.1f}%", ha="center", va="bottom", fontsize=8)
     rest = 100 * (1 - float(d["frame_mass"].sum()))
+    padding = 100 * float(d["frame_mass"][T:].sum())
+    note = f"; padding frames (the last frame repeated) take {padding:.1f}%" if len(d["frame_mass"]) > T else ""
     ax.set_title(f"share of the global prompts' attention on each frame (its CLS, prompts and patches); "
-                 f"{rest:.1f}% stays on the global prompts", fontsize=9)
+                 f"{rest:.1f}% stays on the global prompts{note}", fontsize=9)
     ax.set_ylabel("% of attention", fontsize=8)
     ax.set_xticks(range(T), [lab.replace("\n", ", ") for lab in labels], fontsize=7)
     ax.set_xlim(-0.5, T - 0.5)
