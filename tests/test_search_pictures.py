@@ -27,6 +27,8 @@ def world(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------ attention path
+# Every output type and both padding rules; the transformer latent space skips the frame-CLS-only type
+# (the attention path does not depend on the latent space, which only makes the prompts).
 @pytest.mark.parametrize("latent,kind,mask_padding", [
     (latent, kind, mask) for latent, kind, mask in itertools.product(["linear", "transformer"], VISUAL_OUTPUT_TYPES,
                                                                      [False, True])

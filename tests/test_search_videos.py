@@ -106,7 +106,7 @@ def index_with_model(idx, world):
 
 def test_python_api_in_memory(world, loaded):
     index = VideoIndex.build(loaded.model, [world.videos], tokenizer=loaded.tokenizer, precision="fp32",
-                             log=None)
+                             workers=1, log=None)  # a decoding worker process
     assert len(index) == NUM_VIDEOS and index.root is None
     hits = index.search(["a red square moves left then up", "a green triangle"], k=3)
     assert len(hits) == 2 and all(len(h) == 3 for h in hits)
