@@ -90,6 +90,11 @@ def test_index_query_round_trip(world, tmp_path, capsys):
     assert out.count("query: ") == 2 and "rank" in out
     data = json.load(open(tmp_path / "r.json"))
     assert [len(d["results"]) for d in data] == [2, 2]
+    (tmp_path / "queries.txt").write_text("a red square moves left then up\n\nthe blue circle\n")
+    code, out, err = run_cli(["query", "--queries_file", tmp_path / "queries.txt", "--index", idx, "-k", 2,
+                              "--json", "-", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert json.loads(out) == data  # blank lines skipped; the same results as the arguments gave
     # The scores are the cosine similarities of the model's text and video features.
     hits = index_with_model(idx, world).search(["the blue circle"], k=NUM_VIDEOS)[0]
     text = index_with_model(idx, world).encode_texts(["the blue circle"])
