@@ -301,11 +301,12 @@ class DGL(nn.Module):
 
     # ----------------------------------------------------------------------------- video
     def encode_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None,
-                     prompts: Prompts | None = None) -> torch.Tensor:
+                     prompts: Prompts | None = None, block_fn=None) -> torch.Tensor:
         """video (B, T, 3, H, W) normalised pixels, video_mask (B, T) -> video features (B, D).
 
         The published model ignores video_mask (padding frames take part); so does this one unless
-        config.mask_padding_frames is set.
+        config.mask_padding_frames is set. ``block_fn`` replaces :func:`global_local_block` (same
+        signature); modules/attention_maps.py passes an explicit-attention block that records weights.
         """
         prompts = prompts or self.prompts()
         visual, cfg = self.clip.visual, self.config
@@ -338,7 +339,7 @@ class DGL(nn.Module):
             if 0 < layer < cfg.unified_transformer_layers:  # overwrite each frame's local prompt slots
                 f = x[:, G:].view(B, T, L, W)
                 x = torch.cat([x[:, :G], with_prompts(f, layer).flatten(1, 2)], dim=1)
-            x = global_local_block(block, x, G, T, key_mask)
+            x = (block_fn or global_local_block)(block, x, G, T, key_mask)
 
         return self._pool_video(x, B, T, L, video_mask)
 

@@ -1,0 +1,220 @@
+"""``search_videos.py``: index a folder of videos, query it by text or by video, draw attention pictures.
+
+    python search_videos.py index  VIDEOS... --index IDX --clip CLIP.pt --checkpoint CKPT [model flags]
+    python search_videos.py query  "a text" ... --index IDX [-k 10] [--json out.json] [--html page.html]
+    python search_videos.py query  --video clip.mp4 --index IDX
+    python search_videos.py visualize VIDEO --clip CLIP.pt --checkpoint CKPT [--caption TEXT] --out pic.png
+
+Every bad input ends with one line ``search_videos.py: error: ...`` and exit status 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from training.config import OneLineArgumentParser
+
+PROG = "search_videos.py"
+
+
+def _add_model_flags(p, required: bool) -> None:
+    g = p.add_argument_group("model (for query: taken from the index unless given)")
+    g.add_argument("--clip", required=required, help="CLIP weights: OpenAI's ViT-B-32.pt / ViT-B-16.pt or a state dict")
+    g.add_argument("--checkpoint", default=None, help="DGL checkpoint (ours or an official one)")
+    g.add_argument("--bpe_path", default=None, help="CLIP's BPE vocabulary (default: next to --clip, "
+                                                    "the checkpoint's, $DGL_BPE_PATH)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--shared_latent_space", choices=["transformer", "linear"], default=None,
+                   help="model flags: needed for official checkpoints; ours record them")
+    for name in ("max_words", "max_frames", "text_prompt_length", "local_each_frame_prompt_length",
+                 "global_visual_prompt_length", "unified_transformer_layers"):
+        g.add_argument("--" + name, type=int, default=None)
+    g.add_argument("--visual_output_type", default=None)
+    g.add_argument("--mask_padding_frames", type=int, choices=[0, 1], default=None)
+
+
+def build_parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(prog=PROG, description="Search your own videos with a trained DGL.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineArgumentParser)
+
+    ix = sub.add_parser("index", help="encode a folder of videos into an index folder (incremental, resumable)")
+    ix.add_argument("videos", nargs="+", help="video files or folders (searched recursively)")
+    ix.add_argument("--index", required=True, help="index folder (created or updated)")
+    ix.add_argument("--batch_size", type=int, default=8)
+    ix.add_argument("--workers", type=int, default=2, help="video decoding processes (0: in the main process)")
+    ix.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto: bf16 where the GPU or CPU computes it natively (AMX / AVX512-BF16), else fp32")
+    ix.add_argument("--shard_size", type=int, default=256, help="videos per shard file (the resume granularity)")
+    ix.add_argument("--no_progress", action="store_true")
+    _add_model_flags(ix, required=True)
+
+    q = sub.add_parser("query", help="top-k videos for texts or for a video")
+    q.add_argument("texts", nargs="*", help="query texts")
+    q.add_argument("--index", required=True)
+    q.add_argument("--queries_file", default=None, help="a text file, one query per line")
+    q.add_argument("--video", default=None, help="a video as the query: the most similar videos")
+    q.add_argument("-k", "--top_k", type=int, default=10)
+    q.add_argument("--backend", default="auto", choices=["auto", "exact", "faiss", "faiss-ivf", "faiss-hnsw"],
+                   help="auto / exact: the built-in exact search (bounded memory); faiss: faiss's exact index; "
+                        "faiss-ivf / faiss-hnsw: approximate, for millions of videos (recall against exact is "
+                        "reported); faiss* need faiss-cpu")
+    q.add_argument("--json", default=None, help="write the results as JSON to this file ('-': stdout, no table)")
+    q.add_argument("--html", default=None, help="write a self-contained results page")
+    _add_model_flags(q, required=False)
+
+    v = sub.add_parser("visualize", help="a PNG of what the global prompts attend to in a video")
+    v.add_argument("video")
+    v.add_argument("--out", required=True, help="the PNG to write")
+    v.add_argument("--caption", default=None, help="also plot this caption's similarity to each frame")
+    v.add_argument("--layer", type=int, default=-1, help="vision layer (negative counts from the end; default last)")
+    v.add_argument("--prompt", type=int, default=None, help="one global prompt (default: their mean)")
+    v.add_argument("--index", default=None, help="take the model (CLIP, checkpoint, flags) from this index")
+    _add_model_flags(v, required=False)
+    return p
+
+
+def fail(message: str) -> None:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    raise SystemExit(2)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def _model_flags(args) -> dict:
+    from retrieval.model_io import DGL_FLAGS
+
+    flags = {k: getattr(args, k, None) for k in DGL_FLAGS}
+    if flags.get("mask_padding_frames") is not None:
+        flags["mask_padding_frames"] = bool(flags["mask_padding_frames"])
+    return flags
+
+
+def _load(args, index_record: dict | None = None):
+    """The model of the command line, or (no --clip) the one recorded in the index."""
+    from retrieval.model_io import load_model
+
+    clip, ckpt, bpe, flags = args.clip, args.checkpoint, args.bpe_path, _model_flags(args)
+    if index_record is not None:
+        model = index_record["model"]
+        if clip is None:
+            clip, ckpt = model.get("clip_weights"), ckpt or model.get("checkpoint")
+        bpe = bpe or model.get("bpe_path")
+        flags = {**model.get("dgl_config", {}), **{k: v for k, v in flags.items() if v is not None}}
+    if clip is None:
+        fail("give the model: --clip CLIP.pt --checkpoint CKPT (or --index of an index built with it)")
+    return load_model(clip, ckpt, bpe, flags, _device(args.device))
+
+
+def cmd_index(args) -> int:
+    from retrieval.index import VideoIndex
+
+    loaded = _load(args)
+    index = VideoIndex.build(loaded.model, args.videos, index_dir=args.index, tokenizer=loaded.tokenizer,
+                             batch_size=args.batch_size, workers=args.workers, precision=args.precision,
+                             shard_size=args.shard_size, progress=not args.no_progress,
+                             model_record=loaded.info, log=_log)
+    print(f"index {args.index}: {len(index)} videos in {len(index.shards)} shard(s), "
+          f"{index.record.get('precision', 'fp32')} features")
+    if index.failed:
+        print(f"{len(index.failed)} video(s) could not be read and were skipped "
+              f"(listed in {os.path.join(args.index, 'failed.json')}):")
+        for f in index.failed:
+            print(f"  {f['path']}: {f['reason']}")
+    return 0
+
+
+def _read_queries(args) -> list[str]:
+    texts = list(args.texts)
+    if args.queries_file:
+        try:
+            with open(args.queries_file, encoding="utf-8") as f:
+                texts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as err:
+            fail(f"cannot read --queries_file {args.queries_file}: {err.strerror}")
+    return texts
+
+
+def format_table(query: str, hits) -> str:
+    lines = [f"query: {query}", f"{'rank':>4}  {'score':>7}  {'duration':>8}  path"]
+    for h in hits:
+        d = h.entry.get("duration")
+        lines.append(f"{h.rank:>4}  {h.score:7.4f}  {(f'{d:.1f}s' if d is not None else '?'):>8}  {h.path}")
+    return "\n".join(lines)
+
+
+def cmd_query(args) -> int:
+    from retrieval.index import VideoIndex
+
+    texts = _read_queries(args)
+    if not texts and not args.video:
+        fail("no query: give texts, --queries_file or --video")
+    if args.top_k < 1:
+        fail(f"-k must be at least 1, got {args.top_k}")
+    record = VideoIndex._read_meta(args.index)
+    loaded = _load(args, record)
+    index = VideoIndex.open(args.index, model=loaded.model, tokenizer=loaded.tokenizer,
+                            fingerprint=loaded.info["fingerprint"])
+    results = []
+    if texts:
+        for text, hits in zip(texts, index.search(texts, args.top_k, args.backend, log=_log)):
+            results.append({"query": text, "hits": hits})
+    if args.video:
+        results.append({"query": f"video: {os.path.abspath(args.video)}", "query_video": os.path.abspath(args.video),
+                        "hits": index.search_video(args.video, args.top_k, args.backend, log=_log)})
+    payload = [{"query": r["query"], "results": [h.to_dict() for h in r["hits"]]} for r in results]
+    if args.json == "-":
+        print(json.dumps(payload, indent=1))
+    else:
+        print("\n\n".join(format_table(r["query"], r["hits"]) for r in results))
+        if args.json:
+            from retrieval.index import _write_json
+
+            _write_json(args.json, payload)
+    if args.html:
+        from retrieval.html import write_results_page
+
+        write_results_page(args.html, results, index)
+        _log(f"results page: {args.html}")
+    return 0
+
+
+def cmd_visualize(args) -> int:
+    from retrieval.pictures import draw_attention
+
+    record = None
+    if args.index:
+        from retrieval.index import VideoIndex
+
+        record = VideoIndex._read_meta(args.index)
+    loaded = _load(args, record)
+    draw_attention(loaded.model, args.video, args.out, caption=args.caption, tokenizer=loaded.tokenizer,
+                   layer=args.layer, prompt=args.prompt)
+    print(f"attention picture: {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from retrieval.model_io import SearchError
+
+    args = build_parser().parse_args(argv)
+    commands = {"index": cmd_index, "query": cmd_query, "visualize": cmd_visualize}
+    try:
+        return commands[args.command](args)
+    except SearchError as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        fail("interrupted; the shards written so far are kept (run the same command to continue)")
+    return 1

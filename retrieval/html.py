@@ -1,0 +1,88 @@
+"""A self-contained HTML results page: per query, the top-k videos with their score, a strip of the
+frames the model saw (embedded as images) and a link to the file."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from pathlib import Path
+
+from retrieval.encode import frames_as_seen, read_for_model
+
+STRIP_HEIGHT = 96  # px per frame in the strip
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; background: #fafafa; }
+header { margin-bottom: 16px; color: #555; font-size: 14px; }
+h2 { font-size: 18px; margin: 24px 0 8px; }
+ol.results { list-style: none; padding: 0; margin: 0; }
+li.result { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px 12px; margin: 8px 0; }
+.meta { display: flex; gap: 16px; align-items: baseline; margin-bottom: 6px; font-size: 14px; }
+.rank { font-weight: bold; width: 2.5em; }
+.score { font-family: monospace; }
+.strip { display: block; image-rendering: pixelated; max-width: 100%; }
+.missing { color: #a00; font-size: 13px; }
+"""
+
+
+def frame_strip(path: str, max_frames: int, size: int) -> str | None:
+    """The frames the model saw, side by side, as a data URI; None when the file cannot be read."""
+    from PIL import Image
+
+    try:
+        video, mask, _ = read_for_model(path, max_frames, size)
+    except Exception:  # noqa: BLE001 - the page says the frames are unavailable
+        return None
+    frames = frames_as_seen(video[: int(mask.sum())]).numpy()      # (T, S, S, 3)
+    strip = Image.fromarray(frames.transpose(1, 0, 2, 3).reshape(size, -1, 3))
+    scale = STRIP_HEIGHT / size
+    upscale = scale >= 1
+    strip = strip.resize((round(strip.width * scale), STRIP_HEIGHT),
+                         Image.NEAREST if upscale else Image.BILINEAR)
+    buf = io.BytesIO()
+    kind = "png" if upscale else "jpeg"  # sharp pixels for tiny frames, small files for real ones
+    strip.save(buf, format=kind.upper(), **({} if upscale else {"quality": 85}))
+    return f"data:image/{kind};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _strip_html(path: str, max_frames: int, size: int) -> str:
+    uri = frame_strip(path, max_frames, size)
+    if uri is None:
+        return '<div class="missing">frames unavailable (the file cannot be read now)</div>'
+    return f'<img class="strip" src="{uri}" alt="the frames the model saw">'
+
+
+def _result_html(hit, max_frames: int, size: int) -> str:
+    d = hit.entry.get("duration")
+    link = Path(hit.path).as_uri()
+    return (f'<li class="result"><div class="meta"><span class="rank">#{hit.rank}</span>'
+            f'<span class="score">score {hit.score:.4f}</span>'
+            f'<span>{f"{d:.1f} s" if d is not None else ""}</span>'
+            f'<a href="{html.escape(link)}">{html.escape(hit.path)}</a></div>'
+            f"{_strip_html(hit.path, max_frames, size)}</li>")
+
+
+def write_results_page(out_path: str, results: list[dict], index) -> None:
+    """``results``: [{"query": text, "hits": [Hit, ...], "query_video": path (optional)}, ...]."""
+    from retrieval.index import _atomic_write
+
+    sampling = index.record.get("sampling", {})
+    max_frames, size = sampling.get("max_frames", 12), sampling.get("image_resolution", 224)
+    model = index.record.get("model", {})
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Video search results</title>"
+             f"<style>{STYLE}</style></head><body>",
+             f"<header>index {html.escape(str(index.root or '(in memory)'))}: {len(index)} videos; model "
+             f"{html.escape(model.get('fingerprint', '')[:12])} "
+             f"({html.escape(os.path.basename(model.get('checkpoint') or 'no checkpoint'))}); "
+             f"scores are cosine similarities; the strips show the {max_frames} sampled frames as the model "
+             f"saw them ({size}x{size} px)</header>"]
+    for r in results:
+        parts.append(f'<section class="query"><h2>{html.escape(r["query"])}</h2>')
+        if r.get("query_video"):
+            parts.append(_strip_html(r["query_video"], max_frames, size))
+        parts.append('<ol class="results">')
+        parts += [_result_html(h, max_frames, size) for h in r["hits"]]
+        parts.append("</ol></section>")
+    parts.append("</body></html>\n")
+    _atomic_write(out_path, lambda f: f.write("\n".join(parts)), mode="w")

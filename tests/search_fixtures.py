@@ -1,0 +1,69 @@
+"""A tiny searchable world for the search tests: generated videos, a tiny CLIP file, a BPE file and
+a DGL checkpoint in our format (recording its model flags)."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from modules.clip import CLIP, tiny_clip_config
+from modules.dgl import DGL
+from modules.tokenizer import get_tokenizer, write_bpe_vocab
+from preprocess.ffmpeg_tools import write_video
+from preprocess.make_synthetic_dataset import make_specs, render_clip
+from training.checkpoint import FORMAT, with_module_prefix
+
+CONFIG = dict(shared_latent_space="linear", max_words=16, max_frames=4, text_prompt_length=4,
+              local_each_frame_prompt_length=2, global_visual_prompt_length=2, unified_transformer_layers=2)
+NUM_VIDEOS = 6
+
+
+@dataclass
+class World:
+    root: str
+    videos: str      # folder of NUM_VIDEOS videos, half of them in a subfolder
+    clip: str
+    checkpoint: str
+    bpe: str
+    specs: list
+
+    def model(self, checkpoint: str | None = None):
+        from retrieval.model_io import load_model
+
+        return load_model(self.clip, checkpoint or self.checkpoint, self.bpe)
+
+    def copy_videos(self, dest: str) -> str:
+        shutil.copytree(self.videos, dest)
+        return dest
+
+    def model_args(self, checkpoint: str | None = None) -> list[str]:
+        return ["--clip", self.clip, "--checkpoint", checkpoint or self.checkpoint, "--bpe_path", self.bpe,
+                "--device", "cpu"]
+
+
+def save_checkpoint(model: DGL, path: str, bpe: str, config: dict) -> str:
+    torch.save({"epoch": 1, "state_dict": with_module_prefix(model.state_dict()), "format": FORMAT,
+                "config": {**config, "bpe_path": bpe}}, path)
+    return path
+
+
+def make_world(root: str) -> World:
+    specs = make_specs(0, NUM_VIDEOS, seed=5, size=32)
+    videos = os.path.join(root, "videos")
+    for j, spec in enumerate(specs):
+        folder = os.path.join(videos, "more") if j % 2 else videos
+        write_video(os.path.join(folder, spec.video_id + ".mp4"), render_clip(spec), fps=3.0)
+    bpe = write_bpe_vocab([s.caption(t) for s in specs for t in range(3)], os.path.join(root, "bpe.txt.gz"),
+                          num_merges=60)
+    vocab = get_tokenizer(bpe_path=bpe).vocab_size
+    torch.manual_seed(0)
+    clip_path = os.path.join(root, "tiny-clip.pt")
+    torch.save(CLIP(tiny_clip_config(vocab_size=vocab)).state_dict(), clip_path)
+    model = DGL.from_pretrained(clip_path, **CONFIG)
+    with torch.no_grad():  # trained-looking prompts: not the initial values
+        for _, p in model.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = save_checkpoint(model, os.path.join(root, "ckpt.pth.tar"), bpe, CONFIG)
+    return World(root, videos, clip_path, ckpt, bpe, specs)
