@@ -274,6 +274,7 @@ def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, prec
     cap_idx = torch.as_tensor(test_dataset.caption_video_index).long()
     n_videos = int(test_dataset.num_videos)
     result = {"num_captions": int(text_feats.shape[0]), "num_videos": n_videos, "replaced": replaced,
+              "caption_video_index": cap_idx.numpy(),
               "text_features": text_feats, "video_features": video_feats}
     if D.is_main_process():
         sim = similarity_matrix(core, text_feats, video_feats, device, chunk)

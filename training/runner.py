@@ -22,6 +22,7 @@ from training.config import config_to_json, fail, resolve_clip_path
 from training.engine import Precision, evaluate, log_eval, train_one_epoch, unwrap
 from training.logs import Board, close_logging, setup_logging, write_results
 from training.optim import WarmupCosineSchedule, build_optimizer, total_optimization_steps
+from training.qb_bank import save_caption_video_index, save_train_train
 from training.query_ranks import evaluation_extras, write_query_ranks
 from training.repro import write_run_record
 
@@ -297,6 +298,7 @@ def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, p
     prefix = os.path.join(out_dir, args.datatype)
     if D.is_main_process():
         atomic_np_save(prefix + "_sim_matrix.npy", res["sim"])
+        save_caption_video_index(prefix, res["caption_video_index"])
         log.info("saved %s_sim_matrix.npy %s", prefix, tuple(res["sim"].shape))
     if tokenizer is not None and (bank_ds is None or getattr(bank_ds, "random_sampling", False)):
         # The training split with evaluation-style frames (segment centres).
@@ -330,3 +332,4 @@ def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, p
         atomic_np_save(prefix + "_train_test_v2t.npy", v2t)
         log.info("saved QB-norm query banks %s_train_test_t2v.npy %s and %s_train_test_v2t.npy %s",
                  prefix, t2v.shape, prefix, v2t.shape)
+        save_train_train(prefix, core, bank_t, bank_v, bank_ds, device)
