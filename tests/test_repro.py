@@ -141,3 +141,17 @@ def test_compare_runs_cli(two_toy_runs, tmp_path):
     bad = subprocess.run(cmd + [str(run_a), str(tmp_path / "ranks_x.json")], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "differently" in bad.stderr
+
+
+def test_cuda_device_description(monkeypatch):
+    import types
+
+    import torch
+
+    from training.repro import device_description
+
+    props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=80 * 2 ** 30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    d = device_description(torch.device("cuda", 1))
+    assert d == {"type": "cuda", "index": 1, "name": "NVIDIA H100 80GB HBM3", "capability": "9.0",
+                 "memory_gib": 80.0}
