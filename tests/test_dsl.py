@@ -111,6 +111,7 @@ def test_evaluate_sim_matrix_cli(tmp_path):
     assert out["dsl"]["t2v"] == pytest.approx(dsl_metrics(sim, cap_video, 5)["t2v"])
     # a non-square matrix without the caption index is refused with one line
     np.save(tmp_path / "x.npy", sim)
-    bad = subprocess.run([sys.executable, str(REPO / "evaluate_sim_matrix.py"), "--sim_matrix", str(tmp_path / "x.npy")],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, str(REPO / "evaluate_sim_matrix.py"),
+                          "--sim_matrix", str(tmp_path / "x.npy")], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "caption_video_index" in bad.stderr

@@ -16,13 +16,13 @@ import sys
 
 import numpy as np
 
+from modules.metrics import metrics_from_ranks
+
 
 def _direction_diff(a: dict, b: dict, top: int) -> dict:
     ra = np.asarray(a["rank"], dtype=np.int64)
     rb = np.asarray(b["rank"], dtype=np.int64)
     delta = rb - ra
-    from modules.metrics import metrics_from_ranks
-
     # largest moves first: by the change of log-rank (a move 1 -> 3 matters more than 501 -> 503), then by size
     move = np.abs(np.log(rb) - np.log(ra))
     order = np.lexsort((-np.abs(delta), -move))
@@ -30,7 +30,8 @@ def _direction_diff(a: dict, b: dict, top: int) -> dict:
     return {
         "num_queries": int(ra.size),
         "metrics_a": metrics_from_ranks(ra - 1), "metrics_b": metrics_from_ranks(rb - 1),
-        "same_rank": int(np.sum(delta == 0)), "better_in_b": int(np.sum(delta < 0)), "worse_in_b": int(np.sum(delta > 0)),
+        "same_rank": int(np.sum(delta == 0)), "better_in_b": int(np.sum(delta < 0)),
+        "worse_in_b": int(np.sum(delta > 0)),
         "r1_gained": int(np.sum((ra > 1) & (rb == 1))), "r1_lost": int(np.sum((ra == 1) & (rb > 1))),
         "most_changed": [{"query": int(i), "rank_a": int(ra[i]), "rank_b": int(rb[i])} for i in changed],
     }
