@@ -11,6 +11,13 @@ For one direction (rows = queries, columns = gallery items):
    by exp(beta * s) / normaliser; every other row keeps its *raw* scores (as in the published
    script; rows are only ever ranked within themselves, so the mixed scales do not matter).
 
+Choosing beta: the published search (:func:`search_best_beta`) keeps the beta with the best *test* R@1, so
+its number includes a selection on the test labels. :func:`cross_validate_beta` chooses beta from the
+query bank alone: a (train captions x train videos) matrix with the training ground truth is split by
+video into folds; each fold's videos are a gallery, their captions the queries, and the captions of the
+other folds' videos the bank (as at test time, the bank never describes a gallery video); the beta with
+the best pooled R@1 over the folds is then applied once to the test matrix.
+
 Ties: the top-k / top-1 items are taken from a stable descending sort (lowest column index first
 among equal scores); the published script uses numpy's default (unstable) sort, so the two can
 differ only where scores tie exactly.
@@ -19,9 +26,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from modules.metrics import compute_metrics, format_metrics
+from modules.metrics import compute_metrics, compute_ranks, format_metrics
 
-__all__ = ["get_retrieved_videos", "get_index_to_normalize", "qb_norm", "beta_values", "search_best_beta"]
+__all__ = ["get_retrieved_videos", "get_index_to_normalize", "qb_norm", "beta_values", "search_best_beta",
+           "bank_folds", "cross_validate_beta"]
 
 
 def _topk_indices(sims: np.ndarray, k: int) -> np.ndarray:
@@ -98,4 +106,65 @@ def search_best_beta(train_test_t2v: np.ndarray, train_test_v2t: np.ndarray, sim
             best_r1, best_beta = tv["R1"], float(beta)
         log(f"Beta: {float(beta):.4f}, curr R@1: {tv['R1']}")
         history.append({"beta": float(beta), "t2v": tv, "v2t": vt})
+    return best_beta, best_r1, history
+
+
+def bank_folds(caption_video, num_folds: int = 5, gallery_size: int | None = None, seed: int = 0) -> list[dict]:
+    """Video-disjoint folds of a (train captions x train videos) matrix for :func:`cross_validate_beta`.
+
+    caption_video: (num_captions,) column of each caption's video, -1 when its video is not a column.
+    Each fold is dict(gallery (columns), queries (rows whose video is in the gallery), gt (each query's
+    position in the gallery), bank (rows whose video is not in the fold)).  The columns are shuffled with
+    ``seed`` and split into ``num_folds`` parts; a part larger than ``gallery_size`` keeps its first
+    ``gallery_size`` videos as the gallery (so the gallery can match the test set's size).
+    """
+    caption_video = np.asarray(caption_video, dtype=np.int64).reshape(-1)
+    videos = np.unique(caption_video[caption_video >= 0])
+    if num_folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {num_folds}")
+    if videos.size < num_folds:
+        raise ValueError(f"the query bank has captions of {videos.size} videos, fewer than {num_folds} folds")
+    shuffled = np.random.default_rng(seed).permutation(videos)
+    folds = []
+    for part in np.array_split(shuffled, num_folds):
+        gallery = np.sort(part[:gallery_size] if gallery_size else part)
+        queries = np.nonzero(np.isin(caption_video, gallery))[0]
+        bank = np.nonzero(~np.isin(caption_video, part))[0]
+        if queries.size == 0 or bank.size == 0:
+            raise ValueError("a cross-validation fold has no queries or no bank; use fewer folds")
+        folds.append({"gallery": gallery, "queries": queries, "bank": bank,
+                      "gt": np.searchsorted(gallery, caption_video[queries])})
+    return folds
+
+
+def cross_validate_beta(train_train: np.ndarray, caption_video, betas, k: int = 1, theta: float = 3,
+                        num_folds: int = 5, gallery_size: int | None = None, seed: int = 0, log=print):
+    """Choose the text-to-video beta on the query bank alone (no test labels); see the module docstring.
+
+    train_train: (train captions, train videos) similarities; caption_video: each caption's column (-1: none).
+    Returns (best_beta, best_r1, history) with the first beta of the best pooled cross-validated R@1 (the
+    tie rule of :func:`search_best_beta`) and history = [{beta, R1, per_fold_R1}].
+    """
+    train_train = np.asarray(train_train)
+    folds = bank_folds(caption_video, num_folds, gallery_size, seed)
+    prepared = []
+    for f in folds:
+        bank = train_train[np.ix_(f["bank"], f["gallery"])]
+        queries = train_train[np.ix_(f["queries"], f["gallery"])]
+        prepared.append((bank, queries, f["gt"], get_retrieved_videos(bank, k, theta)))
+    log(f"cross-validation: {num_folds} video-disjoint folds, gallery {[len(f['gallery']) for f in folds]} videos, "
+        f"{[len(f['queries']) for f in folds]} queries, bank {[len(f['bank']) for f in folds]} captions")
+    total = sum(q.shape[0] for _, q, _, _ in prepared)
+    plain = sum(int(np.sum(compute_ranks(q, gt) == 0)) for _, q, gt, _ in prepared)
+    log(f"Without QB-norm, cross-validated R@1: {100.0 * plain / total:.3f}")
+    best_beta, best_r1, history = None, -1.0, []
+    for beta in betas:
+        hits = [int(np.sum(compute_ranks(qb_norm(bank, queries, k, beta, theta, retrieved=retrieved), gt) == 0))
+                for bank, queries, gt, retrieved in prepared]
+        r1 = 100.0 * sum(hits) / total
+        per_fold = [100.0 * h / q.shape[0] for h, (_, q, _, _) in zip(hits, prepared)]
+        log(f"Beta: {float(beta):.4f}, cross-validated R@1: {r1:.3f}")
+        if r1 > best_r1:
+            best_r1, best_beta = r1, float(beta)
+        history.append({"beta": float(beta), "R1": r1, "per_fold_R1": per_fold})
     return best_beta, best_r1, history

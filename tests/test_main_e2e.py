@@ -1,4 +1,5 @@
 """main.py end to end on the synthetic MSR-VTT-layout dataset (real decoder and loaders) with a tiny CLIP."""
+import hashlib
 import json
 import subprocess
 import sys
@@ -62,11 +63,26 @@ def test_main_train_eval_resume_and_qb_norm(synthetic, tmp_path):
 
     # evaluating the checkpoint reproduces the epoch's numbers
     ev = tmp_path / "eval"
-    r = _main(common + ["--do_eval", "1", "--resume", str(out / "ckpt.best.pth.tar"), "--output_dir", str(ev)])
+    r = _main(common + ["--do_eval", "1", "--resume", str(out / "ckpt.best.pth.tar"), "--output_dir", str(ev),
+                        "--dsl"])
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads((ev / "results.json").read_text())["evaluations"][0]
     want = res["evaluations"][-1]
     assert got["t2v"] == pytest.approx(want["t2v"]) and got["v2t"] == pytest.approx(want["v2t"])
+    assert "dsl" in got and "dsl" not in want  # --dsl adds its metrics next to the plain ones
+
+    # reproducibility record: the annotation files this run read, hashed
+    rec = json.loads((out / "reproducibility.json").read_text())
+    hashed = {Path(e["path"]).name: e["sha256"] for e in rec["annotation_files"]}
+    for key in ("train_csv", "data_path", "val_csv"):
+        path = Path(paths[key])
+        assert hashed[path.name] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert rec["batch"]["global"] == 4 and rec["input"]["max_frames"] == 3
+    # per-query ranks: both runs rank the same test set; the comparison of the run with its checkpoint is empty
+    c = subprocess.run([sys.executable, "-m", "training.compare_runs", str(out), str(ev)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert c.returncode == 0, c.stderr
+    assert "rank: same 6, better in B 0, worse in B 0" in c.stdout
 
     # QB-norm on the saved matrices
     q = subprocess.run([sys.executable, str(REPO / "search_for_best_r1_with_qb_norm.py"),
@@ -77,3 +93,16 @@ def test_main_train_eval_resume_and_qb_norm(synthetic, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert q.returncode == 0, q.stderr
     assert q.stdout.strip().splitlines()[-1].startswith("Best beta: ")
+
+    # the beta chosen on the query bank alone: main.py wrote the train x train matrix and its ground truth
+    tt, gt = np.load(out / "msrvtt_train_train_t2v.npy"), np.load(out / "msrvtt_train_train_gt.npy")
+    assert tt.shape == (24, 8) and sorted(set(gt.tolist())) == list(range(8))  # every caption has its video
+    b = subprocess.run([sys.executable, str(REPO / "search_for_best_r1_with_qb_norm.py"),
+                        "--sim_matrix", str(out / "msrvtt_sim_matrix.npy"),
+                        "--train_test_t2v", str(out / "msrvtt_train_test_t2v.npy"),
+                        "--train_test_v2t", str(out / "msrvtt_train_test_v2t.npy"),
+                        "--t2v_theta", "1", "--v2t_theta", "1", "--beta_step", "0.25", "--beta_selection", "both",
+                        "--cv_folds", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert b.returncode == 0, b.stderr
+    assert "query bank only (2-fold CV)" in b.stdout
+    assert b.stdout.strip().splitlines()[-1] == q.stdout.strip().splitlines()[-1]

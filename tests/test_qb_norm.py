@@ -95,3 +95,97 @@ def test_cli_end_line_and_errors(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1 and "not found" in bad.stderr
+
+
+# ------------------------------------------------------------------ beta chosen on the query bank alone
+def test_bank_folds_are_video_disjoint_and_cover_every_video():
+    from modules.qb_norm import bank_folds
+
+    rng = np.random.default_rng(5)
+    caption_video = np.concatenate([np.repeat(np.arange(20), 3), [-1, -1]])  # 2 captions of videos outside
+    rng.shuffle(caption_video)
+    folds = bank_folds(caption_video, num_folds=4, gallery_size=None, seed=1)
+    galleries = np.concatenate([f["gallery"] for f in folds])
+    assert sorted(galleries.tolist()) == list(range(20))
+    for f in folds:
+        # queries: every caption of a gallery video; gt points at that video's column of the gallery
+        assert sorted(f["queries"].tolist()) == sorted(np.nonzero(np.isin(caption_video, f["gallery"]))[0].tolist())
+        assert np.array_equal(f["gallery"][f["gt"]], caption_video[f["queries"]])
+        # the bank never describes a gallery video (as training captions never describe test videos)
+        assert not np.isin(caption_video[f["bank"]], f["gallery"]).any()
+        assert len(f["bank"]) + len(f["queries"]) == len(caption_video)
+    capped = bank_folds(caption_video, num_folds=2, gallery_size=3, seed=1)
+    assert [len(f["gallery"]) for f in capped] == [3, 3]
+    for f in capped:  # the captions of the fold's videos left out of the gallery are not in the bank either
+        assert len(f["bank"]) == len(caption_video) - 3 * 10
+    with pytest.raises(ValueError):
+        bank_folds(caption_video, num_folds=1)
+
+
+def test_cross_validate_beta_matches_direct_recomputation():
+    from modules.qb_norm import bank_folds, cross_validate_beta
+
+    rng = np.random.default_rng(6)
+    caption_video = np.repeat(np.arange(12), 2)
+    train_train = rng.normal(size=(24, 12)) * 2 + 3 * np.eye(12)[caption_video]
+    betas = beta_values(0.5, 1.0, 0.25)
+    best, best_r1, hist = cross_validate_beta(train_train, caption_video, betas, k=1, theta=1, num_folds=3,
+                                              seed=2, log=lambda *_: None)
+    folds = bank_folds(caption_video, 3, None, 2)
+    want = []
+    for beta in betas:
+        hits = 0
+        for f in folds:
+            bank = train_train[f["bank"]][:, f["gallery"]]
+            queries = train_train[f["queries"]][:, f["gallery"]]
+            normed = reference_qb_norm(bank, queries, 1, beta, 1)
+            hits += sum(int(np.argsort(-normed[i], kind="stable")[0] == f["gt"][i]) for i in range(len(queries)))
+        want.append(100.0 * hits / len(caption_video))
+    assert [h["R1"] for h in hist] == pytest.approx(want)
+    assert best_r1 == pytest.approx(max(want)) and best == pytest.approx(float(betas[want.index(max(want))]))
+
+
+def _bank_files(tmp_path, rng):
+    n_test, n_train = 30, 40
+    sim = (rng.normal(size=(n_test, n_test)) + 3 * np.eye(n_test)).astype(np.float32)
+    np.save(tmp_path / "msrvtt_sim_matrix.npy", sim)
+    np.save(tmp_path / "t2v.npy", rng.normal(size=(2 * n_train, n_test)).astype(np.float32))
+    np.save(tmp_path / "v2t.npy", rng.normal(size=(n_test, n_train)).astype(np.float32))
+    gt = np.repeat(np.arange(n_train), 2)
+    np.save(tmp_path / "msrvtt_train_train_t2v.npy",
+            (rng.normal(size=(2 * n_train, n_train)) + 3 * np.eye(n_train)[gt]).astype(np.float32))
+    np.save(tmp_path / "msrvtt_train_train_gt.npy", gt)
+    return [sys.executable, str(REPO / "search_for_best_r1_with_qb_norm.py"),
+            "--sim_matrix", str(tmp_path / "msrvtt_sim_matrix.npy"), "--train_test_t2v", str(tmp_path / "t2v.npy"),
+            "--train_test_v2t", str(tmp_path / "v2t.npy"), "--beta_step", "0.1", "--t2v_theta", "1",
+            "--v2t_theta", "1", "--cv_folds", "4"]
+
+
+def test_cli_both_selections_side_by_side(tmp_path):
+    cmd = _bank_files(tmp_path, np.random.default_rng(7))
+    plain = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    both = subprocess.run(cmd + ["--beta_selection", "both"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0 and both.returncode == 0, both.stderr
+    # the published search's lines are all there, and the last line is the same
+    assert [ln for ln in plain.stdout.splitlines()] == [ln for ln in both.stdout.splitlines()
+                                                       if ln in plain.stdout.splitlines()]
+    assert both.stdout.strip().splitlines()[-1] == plain.stdout.strip().splitlines()[-1]
+    assert "QB-norm beta selection" not in plain.stdout
+    table = both.stdout[both.stdout.index("QB-norm beta selection"):]
+    for label in ("none (no QB-norm)", "query bank only (4-fold CV)", "test labels (best test R@1)",
+                  "from selecting on the test set"):
+        assert label in table
+    # the bank row reports the test R@1 at the cross-validated beta
+    bank_beta = float(both.stdout.split("Bank-selected beta: ")[1].split()[0])
+    sim = np.load(tmp_path / "msrvtt_sim_matrix.npy")
+    r1 = compute_metrics(qb_norm(np.load(tmp_path / "t2v.npy"), sim, 1, bank_beta, 1))["R1"]
+    assert f"{r1:>7.2f}" in table.splitlines()[3]
+
+    bank = subprocess.run(cmd + ["--beta_selection", "bank"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bank.returncode == 0, bank.stderr
+    assert "curr R@1" not in bank.stdout  # the test labels are not searched
+    assert bank.stdout.strip().splitlines()[-1] == f"Bank-selected beta: {bank_beta}, with R@1: {r1}"
+
+    (tmp_path / "msrvtt_train_train_gt.npy").unlink()
+    bad = subprocess.run(cmd + ["--beta_selection", "bank"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "train_train_gt" in bad.stderr

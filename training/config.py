@@ -59,6 +59,11 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     g.add_argument("--no_tensorboard", action="store_true", help="do not write TensorBoard event files")
     g.add_argument("--debug", action="store_true", help="log at DEBUG level")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bars")
+    g.add_argument("--dsl", action="store_true",
+                   help="also report dual-softmax (DSL) re-scored metrics, next to the plain ones; DSL uses every "
+                        "test query at once (as TS2-Net / T-MASS report it)")
+    g.add_argument("--dsl_temperature", type=float, default=1.0,
+                   help="DSL softmax temperature on the logit matrix (100 x cosine): 1 as published")
 
     g = p.add_argument_group("CLIP and tokenizer")
     g.add_argument("--pretrained_dir", type=_none_str, default=None,
@@ -176,6 +181,8 @@ def validate(args, parser) -> argparse.Namespace:
         err("--max_epochs_this_run must be >= 1")
     if args.qb_norm_train_queries < 0:
         err("--qb_norm_train_queries must be >= 0")
+    if args.dsl_temperature <= 0:
+        err("--dsl_temperature must be > 0")
     # precision / optimiser
     if args.precision == "fp16":
         err("--precision fp16 (pure half weights) is not supported; use --precision amp (fp16 autocast) or bf16")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from modules.metrics import format_metrics, text_to_video_metrics, video_to_text_metrics
+from modules.metrics import DSL_LABEL, dsl_metrics, format_metrics, metrics_from_ranks, retrieval_ranks
 from training import distributed as D
 from training.logs import LOGGER_NAME
 
@@ -256,10 +256,12 @@ def similarity_matrix(core, text_feats: torch.Tensor, video_feats: torch.Tensor,
 
 
 def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, precision: Precision,
-             progress: bool = True, chunk: int = 1024) -> dict:
+             progress: bool = True, chunk: int = 1024, dsl: bool = False, dsl_temperature: float = 1.0) -> dict:
     """Text-to-video and video-to-text metrics on a test dataset (every caption against every video).
 
-    Returns dict(t2v, v2t, sim (np.ndarray, main process), text_features, video_features, time, ...).
+    Returns dict(t2v, v2t, sim (np.ndarray, main process), ranks (0-based rank of the ground truth per
+    caption / per video, main process), text_features, video_features, time, ...); with ``dsl`` also
+    ``dsl`` = dict(t2v, v2t, temperature) of the dual-softmax re-scored matrix (next to the plain metrics).
     """
     core = unwrap(model)
     was_training = core.training
@@ -272,17 +274,17 @@ def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, prec
     cap_idx = torch.as_tensor(test_dataset.caption_video_index).long()
     n_videos = int(test_dataset.num_videos)
     result = {"num_captions": int(text_feats.shape[0]), "num_videos": n_videos, "replaced": replaced,
+              "caption_video_index": cap_idx.numpy(),
               "text_features": text_feats, "video_features": video_feats}
     if D.is_main_process():
         sim = similarity_matrix(core, text_feats, video_feats, device, chunk)
         multi = not torch.equal(cap_idx, torch.arange(sim.shape[0])) or sim.shape[0] != sim.shape[1]
-        if multi:
-            t2v = text_to_video_metrics(sim, cap_idx)
-            v2t = video_to_text_metrics(sim, cap_idx, n_videos)
-        else:
-            t2v = text_to_video_metrics(sim)
-            v2t = video_to_text_metrics(sim)
-        result.update(sim=sim, t2v=t2v, v2t=v2t, multi_sentence=multi)
+        groups = (cap_idx, n_videos) if multi else (None, None)
+        ranks = retrieval_ranks(sim, *groups)
+        result.update(sim=sim, ranks=ranks, t2v=metrics_from_ranks(ranks["t2v"]),
+                      v2t=metrics_from_ranks(ranks["v2t"]), multi_sentence=multi)
+        if dsl:
+            result["dsl"] = dsl_metrics(sim, *groups, temperature=dsl_temperature, return_ranks=True)
     result = _share_metrics(result)
     result["time"] = time.time() - t0
     if was_training:
@@ -293,7 +295,7 @@ def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, prec
 def _share_metrics(result: dict) -> dict:
     if D.get_world_size() == 1:
         return result
-    shared = D.broadcast_object({k: result.get(k) for k in ("t2v", "v2t", "multi_sentence")})
+    shared = D.broadcast_object({k: result.get(k) for k in ("t2v", "v2t", "multi_sentence", "dsl")})
     result.update(shared)
     return result
 
@@ -303,5 +305,9 @@ def log_eval(result: dict, header: str) -> None:
              " (multi-sentence)" if result.get("multi_sentence") else "", result.get("time", 0.0))
     log.info("Text-to-Video: %s", format_metrics(result["t2v"]))
     log.info("Video-to-Text: %s", format_metrics(result["v2t"], prefix="V2T "))
+    if result.get("dsl"):
+        log.info("%s, temperature %g:", DSL_LABEL, result["dsl"]["temperature"])
+        log.info("DSL Text-to-Video: %s", format_metrics(result["dsl"]["t2v"]))
+        log.info("DSL Video-to-Text: %s", format_metrics(result["dsl"]["v2t"], prefix="V2T "))
     if result.get("replaced"):
         log.warning("%d test videos were unreadable and replaced (--skip_bad_videos)", result["replaced"])

@@ -22,6 +22,9 @@ from training.config import config_to_json, fail, resolve_clip_path
 from training.engine import Precision, evaluate, log_eval, train_one_epoch, unwrap
 from training.logs import Board, close_logging, setup_logging, write_results
 from training.optim import WarmupCosineSchedule, build_optimizer, total_optimization_steps
+from training.qb_bank import save_caption_video_index, save_train_train
+from training.query_ranks import evaluation_extras, write_query_ranks
+from training.repro import write_run_record
 
 log = logging.getLogger("dgl")
 
@@ -187,6 +190,7 @@ def _run(args, info, device, out_dir, progress, t_start, model, tokenizer, train
     if info.is_main:
         config_to_json(args, os.path.join(out_dir, "config.json"))
         log.info("configuration saved to %s", os.path.join(out_dir, "config.json"))
+    write_run_record(args, info, precision, out_dir)
 
     def record(res, tag, epoch, train_stats=None):
         entry = {"tag": tag, "epoch": epoch, "global_step": global_step, "t2v": res["t2v"], "v2t": res["v2t"],
@@ -195,6 +199,7 @@ def _run(args, info, device, out_dir, progress, t_start, model, tokenizer, train
         if train_stats:
             entry.update(train_loss=train_stats["loss"], train_time=round(train_stats["time"], 3),
                          train_replaced=train_stats["replaced"])
+        entry.update(evaluation_extras(res))
         results["evaluations"].append(entry)
         if info.is_main:
             write_results(os.path.join(out_dir, "results.json"), results)
@@ -206,8 +211,11 @@ def _run(args, info, device, out_dir, progress, t_start, model, tokenizer, train
 
     def run_eval(tag, epoch, train_stats=None, final=False):
         res = evaluate(model, test_ds, batch_size=args.batch_size_val, workers=args.num_thread_reader,
-                       device=device, precision=precision, progress=progress)
+                       device=device, precision=precision, progress=progress, dsl=getattr(args, "dsl", False),
+                       dsl_temperature=getattr(args, "dsl_temperature", 1.0))
         log_eval(res, f"evaluation ({tag}, epoch {epoch}, step {global_step})")
+        if info.is_main:
+            res["ranks_file"] = write_query_ranks(out_dir, res, test_ds, tag, epoch, global_step)
         record(res, tag, epoch, train_stats)
         if final and args.save_sim_matrix:
             save_sim_matrices(args, model, res, bank_ds if bank_ds is not None else train_ds, tokenizer,
@@ -290,6 +298,7 @@ def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, p
     prefix = os.path.join(out_dir, args.datatype)
     if D.is_main_process():
         atomic_np_save(prefix + "_sim_matrix.npy", res["sim"])
+        save_caption_video_index(prefix, res["caption_video_index"])
         log.info("saved %s_sim_matrix.npy %s", prefix, tuple(res["sim"].shape))
     if tokenizer is not None and (bank_ds is None or getattr(bank_ds, "random_sampling", False)):
         # The training split with evaluation-style frames (segment centres).
@@ -323,3 +332,4 @@ def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, p
         atomic_np_save(prefix + "_train_test_v2t.npy", v2t)
         log.info("saved QB-norm query banks %s_train_test_t2v.npy %s and %s_train_test_v2t.npy %s",
                  prefix, t2v.shape, prefix, v2t.shape)
+        save_train_train(prefix, core, bank_t, bank_v, bank_ds, device)

@@ -43,6 +43,10 @@ class _Pairs(Dataset):
         return {"input_ids": self.d.ids[i], "video": video, "video_mask": self.d.masks[v],
                 "index": i, "replaced": False}
 
+    @property
+    def caption_video_index(self):
+        return self.d.caption_video_index
+
     def text_dataset(self):
         return self.d.text_dataset()
 

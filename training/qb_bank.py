@@ -1,0 +1,54 @@
+"""Extra matrices ``main.py --save_sim_matrix`` writes for label-free QB-norm and for re-scoring a saved matrix.
+
+``<datatype>_train_train_t2v.npy``: the query-bank texts x the query-bank videos (both from the training
+split, the same rows and columns as ``_train_test_t2v.npy`` / ``_train_test_v2t.npy``), and
+``<datatype>_train_train_gt.npy``: the column of each row's video (-1 when its video is not among the
+columns, e.g. under --qb_norm_train_queries). With them ``search_for_best_r1_with_qb_norm.py
+--beta_selection bank`` chooses beta without test labels.
+``<datatype>_caption_video_index.npy``: the video of every test caption (multi-sentence test sets).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from training.checkpoint import atomic_np_save
+from training.logs import LOGGER_NAME
+
+log = logging.getLogger(LOGGER_NAME)
+
+# a larger train x train matrix is not written (MSR-VTT 9k in full would be 180k captions x 9k videos)
+MAX_TRAIN_TRAIN_BYTES = 4 << 30
+
+
+def save_caption_video_index(prefix: str, caption_video_index) -> None:
+    atomic_np_save(prefix + "_caption_video_index.npy", np.asarray(caption_video_index, dtype=np.int64))
+
+
+def bank_ground_truth(caption_video_index, num_texts: int, num_videos: int) -> np.ndarray:
+    """Column of each of the first ``num_texts`` captions' video among the first ``num_videos`` videos, or -1."""
+    gt = np.asarray(caption_video_index, dtype=np.int64)[:num_texts].copy()
+    gt[gt >= num_videos] = -1
+    return gt
+
+
+def save_train_train(prefix: str, core, bank_texts, bank_videos, bank_dataset, device) -> None:
+    """Write the train x train matrix and its ground truth (skipped, with a message, when too large)."""
+    from training.engine import similarity_matrix
+
+    n_t, n_v = int(bank_texts.shape[0]), int(bank_videos.shape[0])
+    if n_t * n_v * 4 > MAX_TRAIN_TRAIN_BYTES:
+        log.info("QB-norm train x train matrix not written: %d x %d is over %d GiB; cap the bank with "
+                 "--qb_norm_train_queries for --beta_selection bank", n_t, n_v, MAX_TRAIN_TRAIN_BYTES >> 30)
+        return
+    caption_video = getattr(bank_dataset, "caption_video_index", None)
+    if caption_video is None:
+        log.info("QB-norm train x train matrix not written: the bank dataset does not say which video each "
+                 "caption describes")
+        return
+    gt = bank_ground_truth(caption_video, n_t, n_v)
+    atomic_np_save(prefix + "_train_train_t2v.npy", similarity_matrix(core, bank_texts, bank_videos, device))
+    atomic_np_save(prefix + "_train_train_gt.npy", gt)
+    log.info("saved %s_train_train_t2v.npy (%d x %d, %d rows with their video among the columns) and "
+             "%s_train_train_gt.npy", prefix, n_t, n_v, int(np.sum(gt >= 0)), prefix)
