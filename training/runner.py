@@ -15,18 +15,19 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from dataloaders.base import BadVideoError
 from training import distributed as D
-from training.checkpoint import (atomic_np_save, atomic_torch_save, is_own_checkpoint, load_checkpoint_file,
-                                 make_checkpoint, rng_state, set_rng_state)
+from training.checkpoint import (CheckpointError, OutputWriteError, atomic_np_save, atomic_torch_save,
+                                 checkpoint_latent_space, is_own_checkpoint, load_checkpoint_file, make_checkpoint,
+                                 rng_state, set_rng_state)
 from training.config import config_to_json, fail, resolve_clip_path
+from training.data_checks import leave_out_bad_video_files
 from training.engine import Precision, evaluate, log_eval, train_one_epoch, unwrap
-from training.logs import Board, close_logging, setup_logging, write_results
+from training.logs import Board, close_logging, log_to_file_only, progress_bars_wanted, setup_logging, write_results
 from training.optim import WarmupCosineSchedule, build_optimizer, total_optimization_steps
+from training.outputs import CKPT, CKPT_BEST, check_output_dir, prepare_output_dir
 
 log = logging.getLogger("dgl")
-
-CKPT = "ckpt.pth.tar"
-CKPT_BEST = "ckpt.best.pth.tar"
 DGL_FIELDS = ("shared_latent_space", "max_words", "max_frames", "text_prompt_length",
               "local_each_frame_prompt_length", "global_visual_prompt_length", "unified_transformer_layers",
               "visual_output_type")
@@ -78,13 +79,16 @@ def run(args, *, model=None, tokenizer=None, train_dataset=None, test_dataset=No
     """main.py: the steps below, in order. Returns a summary (results, last metrics, model, step losses)."""
     t_start = time.time()
     info = D.setup(args.device, args.dist_backend, args.gpu)
+    check_output_dir(args)  # a folder holding another run is refused before anything is loaded or written
     if model is None:  # before anything is written: a bad CLIP / vocabulary path is reported as one line
         seed_all(args.seed)
         model, tokenizer, args.clip_path = build_model_and_tokenizer(args)
-    if info.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
+    D.barrier()
+    notes = prepare_output_dir(args, info.is_main)
     D.barrier()
     setup_logging(args.output_dir, info.is_main, info.rank, args.debug)
+    for note in notes:
+        log.info(note)
     r = Run(args, info, model, tokenizer, train_dataset, test_dataset, bank_dataset, t_start)
     try:
         r.describe_setup()
@@ -97,6 +101,8 @@ def run(args, *, model=None, tokenizer=None, train_dataset=None, test_dataset=No
         if args.do_train:
             r.train()
         return r.finish()
+    except (BadVideoError, OutputWriteError) as exc:
+        r.stop(exc)
     finally:
         close_logging()
 
@@ -111,7 +117,7 @@ class Run:
         self.tokenizer = tokenizer
         self.train_ds, self.test_ds, self.bank_ds = train_ds, test_ds, bank_ds
         self.t_start = t_start
-        self.progress = info.is_main and not args.no_progress
+        self.progress = info.is_main and progress_bars_wanted(args.no_progress)
         self.precision = Precision(args.precision, self.device)
         self.loader = self.sampler = self.optimizer = self.schedule = self.scaler = self.board = None
         self.micro_batch = args.batch_size // args.gradient_accumulation_steps
@@ -122,6 +128,8 @@ class Run:
         self.results = {"evaluations": [], "best": None}
         self.step_losses: list[tuple[int, float]] = []
         self.last = None
+        self.epochs_saved = None  # epochs completed in the newest ckpt.pth.tar of this folder
+        self.left_out: dict = {}  # bad videos left out up front (--skip_bad_videos), per split
 
     # ---------------------------------------------------------------------------------- setup
     def describe_setup(self) -> None:
@@ -150,6 +158,11 @@ class Run:
             self.train_ds, self.test_ds = build_datasets(args, self.tokenizer, need_train=bool(args.do_train))
         if args.do_train and self.train_ds is None:
             fail("training needs a training set")
+        checks = [("test", self.test_ds)] + ([("train", self.train_ds)] if args.do_train else [])
+        for split, dataset in checks:
+            record = leave_out_bad_video_files(dataset, split, bool(args.skip_bad_videos), self.progress)
+            if record:
+                self.left_out[split] = record
 
     def build_training(self) -> None:
         """Model on its device (DDP-wrapped when distributed), training loader, optimiser, schedule, scaler."""
@@ -193,18 +206,25 @@ class Run:
         path = self.args.resume
         try:
             ckpt = load_checkpoint_file(path)
-        except Exception as e:  # noqa: BLE001 - one line, not a traceback
-            fail(f"cannot read --resume {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        except CheckpointError as e:
+            fail(f"--resume {e}")
+        except OSError as e:
+            fail(f"cannot read --resume {path}: {os.strerror(e.errno).lower() if e.errno else e}")
+        space, wanted = checkpoint_latent_space(ckpt), self.core.config.shared_latent_space
+        if space is not None and space != wanted:
+            fail(f"--resume {path}: this checkpoint is a {space}-latent-space DGL; pass --shared_latent_space "
+                 f"{space} (the model was built with --shared_latent_space {wanted})")
         try:
             self.core.load_checkpoint(ckpt)
         except (ValueError, KeyError, RuntimeError) as e:
-            fail(f"cannot load --resume {path}: {str(e).splitlines()[0]}")
+            fail(f"cannot load --resume {path}: {str(e).splitlines()[0][:400]}")
         return ckpt
 
     def _restore_progress(self, ckpt: dict, own: bool) -> None:
         args = self.args
         self.start_epoch = int(ckpt.get("epoch", 0) or 0)
         self.global_step = int(ckpt.get("global_step", 0) or 0)
+        self.epochs_saved = self.start_epoch
         if ckpt.get("best_acc1") is not None and own:
             self.best_r1 = float(ckpt["best_acc1"])
             self.best_epoch = ckpt.get("best_epoch")
@@ -226,14 +246,17 @@ class Run:
                             "--batch_size or the process count differ from the interrupted run",
                             old_total, new_total)
         if args.do_train and self.start_epoch >= args.epochs:
-            log.info("[resume] the checkpoint already completed %d of %d epochs", self.start_epoch, args.epochs)
+            log.info("[resume] this run is already finished: the checkpoint completed %d of --epochs %d; "
+                     "nothing to train (raise --epochs to train further)", self.start_epoch, args.epochs)
 
     def open_logs(self) -> None:
         """TensorBoard and config.json (main process)."""
         if not self.info.is_main:
             return
         if not self.args.no_tensorboard:
-            self.board = Board(os.path.join(self.out_dir, "tensorboard"))
+            # a resumed run redoes the steps logged after its checkpoint: TensorBoard drops the earlier ones
+            purge = self.global_step if (self.args.do_train and self.args.resume) else None
+            self.board = Board(os.path.join(self.out_dir, "tensorboard"), purge_step=purge)
         config_to_json(self.args, os.path.join(self.out_dir, "config.json"))
         log.info("configuration saved to %s", os.path.join(self.out_dir, "config.json"))
 
@@ -257,10 +280,15 @@ class Run:
         entry = {"tag": tag, "epoch": epoch, "global_step": self.global_step, "t2v": res["t2v"], "v2t": res["v2t"],
                  "num_captions": res["num_captions"], "num_videos": res["num_videos"],
                  "multi_sentence": bool(res.get("multi_sentence")), "eval_time": round(res["time"], 3)}
+        left_out = self._test_videos_left_out(res)
+        if left_out:
+            entry["test_left_out"] = left_out
         if train_stats:
             entry.update(train_loss=train_stats["loss"], train_time=round(train_stats["time"], 3),
                          train_replaced=train_stats["replaced"])
         self.results["evaluations"].append(entry)
+        if self.left_out:
+            self.results["left_out"] = self.left_out
         if self.info.is_main:
             write_results(os.path.join(self.out_dir, "results.json"), self.results)
             if self.board is not None:
@@ -269,12 +297,23 @@ class Run:
                 self.board.scalars(vals, self.global_step, prefix="eval/")
                 self.board.flush()
 
+    def _test_videos_left_out(self, res: dict) -> dict | None:
+        """Test videos and captions this evaluation lacks: missing at start-up plus undecodable now."""
+        start = self.left_out.get("test", {})
+        videos = start.get("videos", 0) + len(res.get("unreadable_videos") or [])
+        if not videos:
+            return None
+        return {"videos": videos, "captions": start.get("captions", 0) + res.get("captions_left_out", 0),
+                "comparable_to_full_test_set": False}
+
     # ---------------------------------------------------------------------------------- training
     def train(self) -> None:
         """Epochs start_epoch+1 .. stop: train, evaluate, save."""
         args = self.args
         stop = args.epochs if args.max_epochs_this_run is None else min(args.epochs,
                                                                          self.start_epoch + args.max_epochs_this_run)
+        if self.start_epoch >= stop:
+            return  # a finished run (restore_state said so)
         log.info("training: %d samples, %d processes x batch %d (micro-batch %d x %d accumulation), "
                  "%d optimiser steps per epoch, epochs %d..%d of %d, lr %g, %s", len(self.train_ds),
                  self.info.world_size, args.batch_size, self.micro_batch, args.gradient_accumulation_steps,
@@ -328,6 +367,7 @@ class Run:
                                        "schedule": self.schedule.state_dict(), "config": _plain_config(self.args),
                                        "results": self.results})
             atomic_torch_save(ckpt, os.path.join(self.out_dir, CKPT))
+            self.epochs_saved = epochs_done
             if is_best:
                 atomic_torch_save(ckpt, os.path.join(self.out_dir, CKPT_BEST))
             log.info("checkpoint: %s%s; best text-to-video R@1 %.2f (epoch %s)", os.path.join(self.out_dir, CKPT),
@@ -335,6 +375,18 @@ class Run:
         D.barrier()
 
     # ---------------------------------------------------------------------------------- end
+    def stop(self, exc: BaseException) -> None:
+        """A video that fails to decode, or a file that cannot be written: one line, exit status 2; the
+        files already saved stay as they are (every write is atomic)."""
+        message = one_line(exc)
+        if self.args.do_train and self.epochs_saved:
+            message += (f"; {os.path.join(self.out_dir, CKPT)} (epoch {self.epochs_saved}) is intact: continue "
+                        f"with --resume {os.path.join(self.out_dir, CKPT)}")
+        if isinstance(exc, BadVideoError) and not self.args.skip_bad_videos:
+            message += " (or pass --skip_bad_videos)"
+        log_to_file_only(logging.ERROR, message)
+        fail(message)
+
     def finish(self) -> dict:
         if self.board is not None:
             self.board.close()
@@ -349,6 +401,20 @@ class Run:
                    "step_losses": self.step_losses}
         D.cleanup()
         return summary
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` in one line; for an error re-raised from a DataLoader worker (whose message
+    carries the worker's traceback) the original message, which is the text's last line."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[-1] if lines[0].startswith("Caught ") else lines[0]
+    name = type(exc).__name__
+    for prefix in (f"{type(exc).__module__}.{name}: ", f"{name}: "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    return text
 
 
 def _plain_config(args) -> dict:
