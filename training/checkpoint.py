@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -171,7 +172,9 @@ def load_checkpoint_file(path: str, map_location="cpu") -> dict:
     data); that protection stays on, and a file that needs it off is refused like a damaged one.
     """
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on unusual pickles would precede the one-line error
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError,
             UnicodeDecodeError, ImportError) as exc:
         raise CheckpointError(f"{path} is not a readable checkpoint (damaged, truncated, or not a torch.save file "

@@ -255,7 +255,7 @@ class Run:
             return
         if not self.args.no_tensorboard:
             # a resumed run redoes the steps logged after its checkpoint: TensorBoard drops the earlier ones
-            purge = self.global_step if (self.args.do_train and self.args.resume) else None
+            purge = self.global_step + 1 if (self.args.do_train and self.args.resume) else None
             self.board = Board(os.path.join(self.out_dir, "tensorboard"), purge_step=purge)
         config_to_json(self.args, os.path.join(self.out_dir, "config.json"))
         log.info("configuration saved to %s", os.path.join(self.out_dir, "config.json"))
@@ -385,6 +385,8 @@ class Run:
         if isinstance(exc, BadVideoError) and not self.args.skip_bad_videos:
             message += " (or pass --skip_bad_videos)"
         log_to_file_only(logging.ERROR, message)
+        if self.board is not None:
+            self.board.close()  # keep what was logged
         fail(message)
 
     def finish(self) -> dict:
