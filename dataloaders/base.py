@@ -167,7 +167,8 @@ class VideoTextDataset(Dataset):
 
     def _check_annotations(self, ann: Annotations) -> None:
         if not ann.videos:
-            raise AnnotationError(f"{self.name} {self.split}: the annotation files list no videos")
+            raise AnnotationError(f"{self.name} {self.split}: the annotation files list no videos "
+                                  f"(--data_path {self.data_path})")
         if len(ann.captions) != len(ann.caption_video):
             raise AnnotationError(f"{self.name} {self.split}: {len(ann.captions)} captions but "
                                   f"{len(ann.caption_video)} caption->video links")
