@@ -441,9 +441,28 @@ def test_tensorboard_purges_redone_steps_on_resume(tmp_path):
 def test_demo_dataset_files_get_normal_permissions(world):
     umask = os.umask(0)
     os.umask(umask)
-    for name in ("MSRVTT_train.9k.csv", "MSRVTT_JSFUSION_test.csv", "MSRVTT_data.json"):
+    for name in ("MSRVTT_train.9k.csv", "MSRVTT_JSFUSION_test.csv", "MSRVTT_data.json", "videos/video0.mp4"):
         mode = stat.S_IMODE(os.stat(os.path.join(world["data"]["root"], name)).st_mode)
         assert mode == 0o666 & ~umask, (name, oct(mode))
+
+
+def test_video_file_check_in_parallel_matches_a_loop(tmp_path):
+    from dataloaders.checks import PARALLEL_FROM, find_bad_video_files
+
+    paths = []
+    for i in range(PARALLEL_FROM + 40):
+        p = tmp_path / f"v{i}.mp4"
+        if i % 97 == 5:
+            p.write_bytes(b"")
+        elif i % 89 != 7:
+            p.write_bytes(b"x")
+        paths.append(str(p))
+    paths.append(str(tmp_path))   # a folder
+    expected = [(i, "empty file (0 bytes)") if i % 97 == 5 else (i, "file not found")
+                for i in range(PARALLEL_FROM + 40) if i % 97 == 5 or i % 89 == 7]
+    expected.append((len(paths) - 1, "not a regular file"))
+    assert find_bad_video_files(paths, workers=4) == expected
+    assert find_bad_video_files(paths, workers=1) == expected
 
 
 # ---------------------------------------------------------------------------------------------- 8. structure
