@@ -178,7 +178,8 @@ class VideoTextDataset(Dataset):
         sources = ann.caption_sources or [ann.videos[v].source for v in ann.caption_video]
         for c, text in enumerate(ann.captions):
             if not isinstance(text, str) or not text.strip():
-                raise AnnotationError(f"{sources[c]}: empty caption (video {ann.videos[ann.caption_video[c]].video_id})")
+                video = ann.videos[ann.caption_video[c]].video_id
+                raise AnnotationError(f"{sources[c]}: empty caption (video {video})")
         no_caption = set(range(len(ann.videos))) - set(ann.caption_video)
         if no_caption:
             v = ann.videos[min(no_caption)]

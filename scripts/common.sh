@@ -31,8 +31,8 @@ Environment:
 Examples:
   DATA_PATH=/data/msrvtt PRETRAINED_DIR=/models/clip bash scripts/msrvtt.sh                 # train
   DATA_PATH=/data/msrvtt PRETRAINED_DIR=/models/clip EVAL=1 bash scripts/msrvtt.sh --resume runs/x/ckpt.best.pth.tar
-  DATA_PATH=/data/msrvtt PRETRAINED_DIR=/models/clip bash scripts/msrvtt.sh --do_eval 1 --resume runs/x/ckpt.best.pth.tar
-                                                                    # the same evaluation
+  DATA_PATH=/data/msrvtt PRETRAINED_DIR=/models/clip bash scripts/msrvtt.sh --do_eval 1 \
+      --resume runs/x/ckpt.best.pth.tar                                                     # the same
 
 main.py's flags follow.
 
@@ -98,8 +98,8 @@ count_gpus() {
     echo 1
 }
 
-# main.py with the given flags: directly for one process (its last line and exit status are the
-# script's), under torchrun for several.
+# main.py with the given flags: directly for one process, under torchrun (training/launch.py) for several;
+# either way main.py's one-line error is the last line and its exit status is the script's.
 launch() {
     local nproc; nproc=$(count_gpus)
     [[ "${nproc}" =~ ^[1-9][0-9]*$ ]] || die "NUM_GPUS must be a positive integer, got '${nproc}'"
@@ -108,7 +108,8 @@ launch() {
     if [[ "${nproc}" == 1 && "${NNODES:-1}" == 1 ]]; then
         exec python "${REPO_DIR}/main.py" "$@"
     fi
-    exec python -m torch.distributed.run \
+    export PYTHONPATH="${REPO_DIR}${PYTHONPATH:+:${PYTHONPATH}}"   # for python -m training.launch
+    exec python -m training.launch \
         --nproc_per_node "${nproc}" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
         --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
         "${REPO_DIR}/main.py" "$@"

@@ -182,7 +182,8 @@ def test_missing_and_empty_videos_stop_before_training(world, tmp_path):
     open(os.path.join(data["features_path"], "video2.mp4"), "wb").close()
     r = main(flags(world, data) + ["--epochs", "2", "--output_dir", str(run), "--resume", str(run / "ckpt.pth.tar")])
     line = last_error(r, f"2 of {NUM_TRAIN} train videos are missing or empty",
-                      os.path.join(data["features_path"], "video1.mp4") + " (MSRVTT_train.9k.csv line 3: file not found)",
+                      os.path.join(data["features_path"], "video1.mp4")
+                      + " (MSRVTT_train.9k.csv line 3: file not found)",
                       "(MSRVTT_train.9k.csv line 4: empty file (0 bytes))", "--skip_bad_videos")
     assert "epoch 2" not in r.stderr and "training:" not in r.stderr, line
     assert snapshot(run, skip=("log.txt",)) == before
@@ -376,6 +377,16 @@ def test_script_error_is_main_py_line_and_status(world, tmp_path):
            "DGL_BPE_PATH": world["bpe"]}
     r = script("msrvtt.sh", ["--device", "cpu", "--max_frames", "3", "--unified_transformer_layers", "2",
                              "--output_dir", str(tmp_path / "o")], env, tmp_path)
+    last_error(r, "MSRVTT_train.9k.csv: no rows after the header")
+    # two processes under torchrun: still main.py's line last, and its exit status
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.update(NUM_GPUS="2", MASTER_PORT=str(port))
+    r = script("msrvtt.sh", ["--device", "cpu", "--max_frames", "3", "--unified_transformer_layers", "2",
+                             "--output_dir", str(tmp_path / "o2")], env, tmp_path)
     last_error(r, "MSRVTT_train.9k.csv: no rows after the header")
     r = script("vatex.sh", ["--help"], {}, tmp_path)
     assert r.returncode == 0, r.stderr

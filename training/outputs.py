@@ -15,6 +15,9 @@ CKPT_BEST = "ckpt.best.pth.tar"
 CHECKPOINTS = (CKPT, CKPT_BEST)
 # what a run writes (see the README, "What a run writes"); tensorboard/ and *.npy matrices too
 RUN_FILES = CHECKPOINTS + ("results.json", "config.json", "log.txt")
+# a folder holds a run once it holds results: a checkpoint or results.json (a start that failed before its
+# first evaluation leaves only a log, which the next start appends to)
+RESULT_FILES = CHECKPOINTS + ("results.json",)
 
 
 def files_of_a_run(out_dir: str) -> list[str]:
@@ -49,7 +52,7 @@ def check_output_dir(args) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         fail(f"--output_dir {out} is not writable (permission denied on {existing})")
     held = files_of_a_run(out)
-    if not held or _continues_the_run_in(args, out):
+    if not any(name in held for name in RESULT_FILES) or _continues_the_run_in(args, out):
         return
     listing = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
     if not args.do_train:
@@ -61,8 +64,9 @@ def check_output_dir(args) -> None:
                  "--overwrite_output_dir to replace it")
         return
     if not args.overwrite_output_dir:
-        fail(f"--output_dir {out} already holds a run ({listing}); continue it with --resume "
-             f"{os.path.join(out, CKPT)}, start it over with --overwrite_output_dir, or pass another --output_dir")
+        resume = f"continue it with --resume {os.path.join(out, CKPT)}, " if CKPT in held else ""
+        fail(f"--output_dir {out} already holds a run ({listing}); {resume}start it over with --overwrite_output_dir, "
+             "or pass another --output_dir")
 
 
 def prepare_output_dir(args, is_main: bool) -> list[str]:
@@ -77,7 +81,8 @@ def prepare_output_dir(args, is_main: bool) -> list[str]:
     except OSError as exc:
         fail(f"--output_dir {out} cannot be created ({os.strerror(exc.errno).lower() if exc.errno else exc})")
     held = files_of_a_run(out)
-    if held and args.overwrite_output_dir and not _continues_the_run_in(args, out):
+    starting_over = args.overwrite_output_dir and not _continues_the_run_in(args, out)
+    if starting_over and any(name in held for name in RESULT_FILES):
         for name in held:
             path = os.path.join(out, name.rstrip("/"))
             try:
