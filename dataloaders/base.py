@@ -269,7 +269,7 @@ class VideoTextDataset(Dataset):
             raise IndexError(index)
         if self.sample_per_video:
             caption_index, video_index = None, index
-            row = f"item {index} (video {self.videos[index].video_id}, listed in {self.videos[index].source})"
+            row = f"item {index}"
         else:
             caption_index, video_index = index, int(self.caption_video_index[index])
             row = f"item {index} (caption in {self.caption_sources[index]})"
@@ -326,7 +326,7 @@ class VideoView(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(index)
         parent = self.parent
-        row = f"video {index} ({parent.videos[index].video_id})"
+        row = f"video {index}"
         try:
             video, mask = parent.load_video(index, row)
             unreadable = False

@@ -105,6 +105,7 @@ def last_error(r, *needles) -> str:
     assert line.startswith("main.py: error: "), line
     for n in needles:
         assert n in line, (n, line)
+    print(line)  # shown by pytest -rP
     return line
 
 

@@ -379,11 +379,11 @@ class Run:
         """A video that fails to decode, or a file that cannot be written: one line, exit status 2; the
         files already saved stay as they are (every write is atomic)."""
         message = one_line(exc)
-        if self.args.do_train and self.epochs_saved:
-            message += (f"; {os.path.join(self.out_dir, CKPT)} (epoch {self.epochs_saved}) is intact: continue "
-                        f"with --resume {os.path.join(self.out_dir, CKPT)}")
         if isinstance(exc, BadVideoError) and not self.args.skip_bad_videos:
-            message += " (or pass --skip_bad_videos)"
+            message += "; fix or remove the file, or pass --skip_bad_videos"
+        ckpt = os.path.join(self.out_dir, CKPT)
+        if self.args.do_train and self.epochs_saved and os.path.isfile(ckpt):
+            message += f"; {ckpt} (epoch {self.epochs_saved}) is intact: continue with --resume {ckpt}"
         log_to_file_only(logging.ERROR, message)
         if self.board is not None:
             self.board.close()  # keep what was logged
