@@ -489,5 +489,5 @@ def test_runner_is_a_short_sequence_of_named_steps():
     calls = [n.func.attr for n in sorted(ast.walk(run_fn), key=lambda n: getattr(n, "lineno", 0))
              if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
              and isinstance(n.func.value, ast.Name) and n.func.value.id == "r"]
-    assert calls == ["describe_setup", "validate_data", "build_training", "restore_state", "open_logs", "evaluate",
+    assert calls == ["describe_setup", "load_resume_weights", "validate_data", "build_training", "restore_state", "open_logs", "evaluate",
                      "train", "finish", "stop"]

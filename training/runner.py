@@ -92,6 +92,7 @@ def run(args, *, model=None, tokenizer=None, train_dataset=None, test_dataset=No
     r = Run(args, info, model, tokenizer, train_dataset, test_dataset, bank_dataset, t_start)
     try:
         r.describe_setup()
+        r.load_resume_weights()
         r.validate_data()
         r.build_training()
         r.restore_state()
@@ -130,6 +131,7 @@ class Run:
         self.last = None
         self.epochs_saved = None  # epochs completed in the newest ckpt.pth.tar of this folder
         self.left_out: dict = {}  # bad videos left out up front (--skip_bad_videos), per split
+        self.resume_ckpt: dict | None = None
 
     # ---------------------------------------------------------------------------------- setup
     def describe_setup(self) -> None:
@@ -189,18 +191,21 @@ class Run:
         self.schedule = WarmupCosineSchedule(args.lr, total_steps, args.warmup_proportion, args.wd)
         self.scaler = self.precision.make_scaler()
 
-    def restore_state(self) -> None:
-        """--resume: the weights, and unless --load_from_pretrained the progress (epoch, step, best,
-        optimiser, scaler, RNG, results) of the checkpoint."""
-        args = self.args
-        if not args.resume:
+    def load_resume_weights(self) -> None:
+        """--resume: read the checkpoint and load its weights (before the data, so that a wrong file is found
+        at once); its progress is restored by restore_state once the optimiser exists."""
+        if not self.args.resume:
             return
-        ckpt = self._load_resume_checkpoint()
-        own = is_own_checkpoint(ckpt)
-        log.info("[resume] loaded weights from %s (%s checkpoint, epoch %s, step %s)", args.resume,
-                 "our" if own else "official", ckpt.get("epoch"), ckpt.get("global_step"))
-        if not args.load_from_pretrained:
-            self._restore_progress(ckpt, own)
+        self.resume_ckpt = self._load_resume_checkpoint()
+        log.info("[resume] loaded weights from %s (%s checkpoint, epoch %s, step %s)", self.args.resume,
+                 "our" if is_own_checkpoint(self.resume_ckpt) else "official", self.resume_ckpt.get("epoch"),
+                 self.resume_ckpt.get("global_step"))
+
+    def restore_state(self) -> None:
+        """--resume without --load_from_pretrained: the progress (epoch, step, best, optimiser, scaler, RNG,
+        results) of the checkpoint."""
+        if self.resume_ckpt is not None and not self.args.load_from_pretrained:
+            self._restore_progress(self.resume_ckpt, is_own_checkpoint(self.resume_ckpt))
 
     def _load_resume_checkpoint(self) -> dict:
         path = self.args.resume
