@@ -130,7 +130,8 @@ def main(argv=None) -> int:
            "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--batch_size_val", "32",
            "--lr", str(args.lr), "--wd", "0.2", "--warmup_proportion", "0.1", "--clip_grad_norm", "1.0",
            "--precision", "fp32", "--seed", str(args.seed), "--n_display", "10", "--num_thread_reader", "1",
-           "--device", "cpu", "--save_sim_matrix", "--output_dir", run_dir]
+           "--device", "cpu", "--save_sim_matrix", "--output_dir", run_dir,
+           "--overwrite_output_dir"]  # a second demo starts its run over
     print("[demo] " + " ".join(cmd[1:]), flush=True)
     r = subprocess.run(cmd, cwd=REPO)
     if r.returncode != 0:
