@@ -460,8 +460,13 @@ def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, p
     core.eval()
     bank_t = encode_texts(core, texts, args.batch_size_val, args.num_thread_reader, device, precision, progress,
                           desc="train text (QB-norm)")
-    bank_v, _ = encode_videos(core, videos, args.batch_size_val, args.num_thread_reader, device, precision, progress,
-                              desc="train video (QB-norm)")
+    bank_v, unreadable = encode_videos(core, videos, args.batch_size_val, args.num_thread_reader, device, precision,
+                                       progress, desc="train video (QB-norm)")
+    if unreadable:  # --skip_bad_videos: left out of the bank
+        keep = torch.ones(bank_v.shape[0], dtype=torch.bool)
+        keep[unreadable] = False
+        bank_v = bank_v[keep]
+        log.warning("QB-norm query bank: %d unreadable training videos left out", len(unreadable))
     if was:
         core.train()
     if D.is_main_process():
