@@ -195,7 +195,8 @@ def test_skip_bad_videos_leaves_them_out_and_counts_them(world, tmp_path):
     os.remove(os.path.join(data["features_path"], "video1.mp4"))       # a training video
     open(os.path.join(data["features_path"], TEST_IDS[0] + ".mp4"), "wb").close()   # a test video
     out = tmp_path / "skip"
-    r = main(flags(world, data) + ["--epochs", "1", "--batch_size", "2", "--skip_bad_videos", "--output_dir", str(out)])
+    r = main(flags(world, data) + ["--epochs", "1", "--batch_size", "2", "--skip_bad_videos", "--save_sim_matrix",
+                                   "--output_dir", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["left_out"]["train"]["videos"] == 1 and res["left_out"]["train"]["captions"] == 3
@@ -205,6 +206,10 @@ def test_skip_bad_videos_leaves_them_out_and_counts_them(world, tmp_path):
     # the bad test video is gone with its caption, not replaced by another video
     assert ev["num_videos"] == NUM_TEST - 1 and ev["num_captions"] == NUM_TEST - 1
     assert ev["test_left_out"] == {"videos": 1, "captions": 1, "comparable_to_full_test_set": False}
+    import numpy as np
+
+    assert np.load(out / "msrvtt_sim_matrix.npy").shape == (NUM_TEST - 1, NUM_TEST - 1)
+    assert np.load(out / "msrvtt_train_test_v2t.npy").shape == (NUM_TEST - 1, NUM_TRAIN - 1)   # bank without it
     log = (out / "log.txt").read_text()
     assert "NOT comparable to those on the full test set" in log
     assert f"1 of {NUM_TRAIN} videos are missing or empty and were left out with their 3 captions" in log
