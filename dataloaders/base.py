@@ -46,10 +46,24 @@ class Annotations:
     caption_sources: list[str] = field(default_factory=list)
 
 
+def read_text(path: str, what: str = "annotation file") -> str:
+    """The text of a UTF-8 file; a file in another encoding is an :class:`AnnotationError` naming the line."""
+    with open(require_file(path, what), "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise AnnotationError(f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                              f"{exc.start}); save the file as UTF-8") from exc
+
+
 def read_lines(path: str) -> list[str]:
     """Non-empty stripped lines of a text file (an id list)."""
-    with open(require_file(path), "r", encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    lines = [line.strip() for line in read_text(path).split("\n") if line.strip()]
+    if not lines:
+        raise AnnotationError(f"{path}: the file is empty (no video ids)")
+    return lines
 
 
 def require_file(path: str, what: str = "annotation file") -> str:
@@ -126,15 +140,7 @@ class VideoTextDataset(Dataset):
         self.videos = ann.videos
         self.captions = ann.captions
         self.caption_sources = ann.caption_sources or [self.videos[v].source for v in ann.caption_video]
-        self.caption_video_index = torch.as_tensor(ann.caption_video, dtype=torch.long)
-        self._captions_of_video: list[list[int]] = [[] for _ in self.videos]
-        for c, v in enumerate(ann.caption_video):
-            self._captions_of_video[v].append(c)
-        missing = sum(1 for v in self.videos if not os.path.isfile(v.path))
-        if missing:
-            example = next(v for v in self.videos if not os.path.isfile(v.path))
-            logger.warning("%s %s: %d of %d videos are missing under %s (e.g. %s, listed in %s)", self.name,
-                           split, missing, len(self.videos), self.features_path, example.path, example.source)
+        self._index_captions(ann.caption_video)
         logger.info("%s %s: %d videos, %d captions", self.name, split, self.num_videos, self.num_captions)
 
     # ----------------------------------------------------------------- subclass interface
@@ -162,18 +168,49 @@ class VideoTextDataset(Dataset):
 
     def _check_annotations(self, ann: Annotations) -> None:
         if not ann.videos:
-            raise AnnotationError(f"{self.name} {self.split}: the annotation files list no videos")
+            raise AnnotationError(f"{self.name} {self.split}: the annotation files list no videos "
+                                  f"(--data_path {self.data_path})")
         if len(ann.captions) != len(ann.caption_video):
             raise AnnotationError(f"{self.name} {self.split}: {len(ann.captions)} captions but "
                                   f"{len(ann.caption_video)} caption->video links")
         bad = [i for i, v in enumerate(ann.caption_video) if not 0 <= v < len(ann.videos)]
         if bad:
             raise AnnotationError(f"{self.name} {self.split}: caption {bad[0]} points to no video")
+        sources = ann.caption_sources or [ann.videos[v].source for v in ann.caption_video]
+        for c, text in enumerate(ann.captions):
+            if not isinstance(text, str) or not text.strip():
+                video = ann.videos[ann.caption_video[c]].video_id
+                raise AnnotationError(f"{sources[c]}: empty caption (video {video})")
         no_caption = set(range(len(ann.videos))) - set(ann.caption_video)
         if no_caption:
             v = ann.videos[min(no_caption)]
             raise AnnotationError(f"{self.name} {self.split}: {len(no_caption)} videos have no caption "
                                   f"(e.g. {v.video_id}, listed in {v.source})")
+
+    def _index_captions(self, caption_video: Sequence[int]) -> None:
+        self.caption_video_index = torch.as_tensor(list(caption_video), dtype=torch.long)
+        self._captions_of_video: list[list[int]] = [[] for _ in self.videos]
+        for c, v in enumerate(caption_video):
+            self._captions_of_video[v].append(c)
+
+    def leave_out_videos(self, indices: Iterable[int]) -> int:
+        """Remove these videos and their captions (bad videos with ``--skip_bad_videos``); returns the
+        number of captions removed. Nothing is ever put in their place."""
+        drop = set(int(i) for i in indices)
+        if not drop:
+            return 0
+        new_index = {}
+        for old, _ in enumerate(self.videos):
+            if old not in drop:
+                new_index[old] = len(new_index)
+        keep_captions = [c for c, v in enumerate(self.caption_video_index.tolist()) if v in new_index]
+        removed = self.num_captions - len(keep_captions)
+        links = [new_index[int(self.caption_video_index[c])] for c in keep_captions]
+        self.captions = [self.captions[c] for c in keep_captions]
+        self.caption_sources = [self.caption_sources[c] for c in keep_captions]
+        self.videos = [v for i, v in enumerate(self.videos) if i not in drop]
+        self._index_captions(links)
+        return removed
 
     # ----------------------------------------------------------------- sizes
     @property
@@ -234,7 +271,7 @@ class VideoTextDataset(Dataset):
             raise IndexError(index)
         if self.sample_per_video:
             caption_index, video_index = None, index
-            row = f"item {index} (video {self.videos[index].video_id}, listed in {self.videos[index].source})"
+            row = f"item {index}"
         else:
             caption_index, video_index = index, int(self.caption_video_index[index])
             row = f"item {index} (caption in {self.caption_sources[index]})"
@@ -274,7 +311,12 @@ class TextView(Dataset):
 
 
 class VideoView(Dataset):
-    """Every video once: dict(video, video_mask, video_index, replaced)."""
+    """Every video once: dict(video, video_mask, video_index, replaced, unreadable).
+
+    A test video is never replaced by another: one that cannot be decoded raises :class:`BadVideoError`,
+    or with ``skip_bad_videos`` comes back flagged ``unreadable`` (zero pixels) so that the evaluation
+    leaves it and its captions out.
+    """
 
     def __init__(self, parent: VideoTextDataset):
         self.parent = parent
@@ -285,9 +327,21 @@ class VideoView(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        row = f"video {index} ({self.parent.videos[index].video_id})"
-        video, mask, replaced, _ = self.parent.load_video_or_replace(index, row)
-        return {"video": video, "video_mask": mask, "video_index": index, "replaced": replaced}
+        parent = self.parent
+        row = f"video {index}"
+        try:
+            video, mask = parent.load_video(index, row)
+            unreadable = False
+        except BadVideoError as exc:
+            if not parent.skip_bad_videos:
+                raise
+            logger.warning("left out of the evaluation: %s", exc)
+            size = parent.image_resolution
+            video = torch.zeros(parent.max_frames, 3, size, size)
+            mask = torch.ones(parent.max_frames, dtype=torch.long)
+            unreadable = True
+        return {"video": video, "video_mask": mask, "video_index": index, "replaced": False,
+                "unreadable": unreadable}
 
 
 class ReplacementCounter:

@@ -8,7 +8,7 @@ import json
 import os
 import re
 
-from .base import AnnotationError, Annotations, VideoEntry, VideoTextDataset, require_file
+from .base import AnnotationError, Annotations, VideoEntry, VideoTextDataset, read_text, require_file
 
 _CLIP_TIME = re.compile(r"_\d{2}\.\d{2}\.\d{2}\.\d+-\d{2}\.\d{2}\.\d{2}\.\d+$")
 
@@ -30,29 +30,32 @@ class LSMDCDataset(VideoTextDataset):
         mapping = {}
         map_file = os.path.join(self.data_path, "video_path.json")
         if os.path.isfile(map_file):
-            with open(map_file, "r", encoding="utf-8") as f:
-                mapping = json.load(f)
+            try:
+                mapping = json.loads(read_text(map_file))
+            except json.JSONDecodeError as exc:
+                raise AnnotationError(f"{map_file}: not valid JSON ({exc})") from exc
         video_index: dict[str, int] = {}
         videos, captions, links, sources = [], [], [], []
-        with open(path, "r", encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                line = line.rstrip("\n").rstrip("\r")
-                if not line.strip():
-                    continue
-                fields = line.split("\t")
-                if len(fields) != 6:
-                    raise AnnotationError(f"{path} line {line_no}: expected 6 tab-separated columns (clip id, "
-                                          f"4 times, sentence), found {len(fields)}")
-                clip_id, sentence = fields[0].strip(), fields[5].strip()
-                if not clip_id or not sentence:
-                    raise AnnotationError(f"{path} line {line_no}: empty clip id or sentence")
-                if clip_id not in video_index:
-                    video_index[clip_id] = len(videos)
-                    folder = os.path.join(self.features_path, movie_of_clip(clip_id))
-                    candidates = [os.path.join(self.features_path, mapping[clip_id])] if clip_id in mapping else []
-                    candidates += [os.path.join(folder, clip_id + ext) for ext in (".avi", ".mp4")]
-                    videos.append(VideoEntry(clip_id, self.video_path(clip_id, *candidates), f"{name} line {line_no}"))
-                captions.append(sentence)
-                links.append(video_index[clip_id])
-                sources.append(f"{name} line {line_no}")
+        for line_no, line in enumerate(read_text(path).split("\n"), start=1):
+            line = line.rstrip("\r")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != 6:
+                raise AnnotationError(f"{path} line {line_no}: expected 6 tab-separated columns (clip id, "
+                                      f"4 times, sentence), found {len(fields)}")
+            clip_id, sentence = fields[0].strip(), fields[5].strip()
+            if not clip_id or not sentence:
+                raise AnnotationError(f"{path} line {line_no}: empty clip id or sentence")
+            if clip_id not in video_index:
+                video_index[clip_id] = len(videos)
+                folder = os.path.join(self.features_path, movie_of_clip(clip_id))
+                candidates = [os.path.join(self.features_path, mapping[clip_id])] if clip_id in mapping else []
+                candidates += [os.path.join(folder, clip_id + ext) for ext in (".avi", ".mp4")]
+                videos.append(VideoEntry(clip_id, self.video_path(clip_id, *candidates), f"{name} line {line_no}"))
+            captions.append(sentence)
+            links.append(video_index[clip_id])
+            sources.append(f"{name} line {line_no}")
+        if not videos:
+            raise AnnotationError(f"{path}: no rows (the file lists no clips)")
         return Annotations(videos, captions, links, sources)

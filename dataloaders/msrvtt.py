@@ -10,18 +10,20 @@ sample is a video with one of its captions drawn at random at every access (once
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 
-from .base import AnnotationError, Annotations, VideoEntry, VideoTextDataset, get_option, require_columns, \
-    require_file
+from .base import AnnotationError, Annotations, VideoEntry, VideoTextDataset, get_option, read_text, \
+    require_columns, require_file
 
 
 def read_csv_rows(path: str, needed: list[str]) -> list[dict]:
-    with open(require_file(path, "csv file"), "r", encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        require_columns(path, reader.fieldnames or [], needed)
-        rows = list(reader)
+    reader = csv.DictReader(io.StringIO(read_text(path, "csv file"), newline=""))
+    require_columns(path, reader.fieldnames or [], needed)
+    rows = list(reader)
+    if not rows:
+        raise AnnotationError(f"{path}: no rows after the header (the file lists no videos)")
     for i, row in enumerate(rows):
         empty = [c for c in needed if not (row.get(c) or "").strip()]
         if empty:
@@ -70,8 +72,7 @@ class MSRVTTDataset(VideoTextDataset):
         ids = [r["video_id"].strip() for r in read_csv_rows(csv_path, ["video_id"])]
         json_path = self._json_path()
         try:
-            with open(json_path, "r", encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(read_text(json_path))
         except json.JSONDecodeError as exc:
             raise AnnotationError(f"{json_path}: not valid JSON ({exc})") from exc
         if not isinstance(data, dict) or not isinstance(data.get("sentences"), list):

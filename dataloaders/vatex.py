@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 
-from .base import AnnotationError, Annotations, VideoEntry, VideoTextDataset, read_lines, require_file
+from .base import AnnotationError, Annotations, VideoEntry, VideoTextDataset, read_lines, read_text
 
 
 def load_json(path: str):
     try:
-        with open(require_file(path), "r", encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise AnnotationError(f"{path}: not valid JSON ({exc})") from exc
 

@@ -128,12 +128,20 @@ def make_specs(num_train: int, num_test: int, seed: int = 0, size: int = 32, min
     return specs
 
 
+def _give_normal_mode(path: str) -> None:
+    """Files written through mkstemp are 0600: give them the mode the umask gives a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _atomic_write_text(path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
+        _give_normal_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -153,8 +161,9 @@ def make_synthetic_dataset(out_dir: str, num_train: int = 200, num_test: int = 5
     ffmpeg = find_ffmpeg()
 
     def encode(spec: ClipSpec) -> None:
-        write_video(os.path.join(videos_dir, spec.video_id + ".mp4"), render_clip(spec), fps=FPS, crf=crf,
-                    keyint=keyint, ffmpeg=ffmpeg)
+        path = os.path.join(videos_dir, spec.video_id + ".mp4")
+        write_video(path, render_clip(spec), fps=FPS, crf=crf, keyint=keyint, ffmpeg=ffmpeg)
+        _give_normal_mode(path)
 
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
         list(pool.map(encode, specs))  # re-raises the first failure

@@ -4,12 +4,13 @@
 # val_1.json; VIDEO_PATH the videos.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DATASET=activity
+parse_mode "$@"
 require_env
 LR=${LR:-1e-2}
 LATENT=${SHARED_LATENT_SPACE:-linear}
-OUTPUT_DIR=${OUTPUT_DIR:-runs/${DATASET}_dgl_${LATENT}_lr${LR}}
-launch \
-    --do_train 1 --datatype activity \
+mode_flags
+launch "${MODE_FLAGS[@]}" \
+    --datatype activity \
     --data_path "${DATA_PATH}" --features_path "${VIDEO_PATH}" \
     --pretrained_dir "${PRETRAINED_DIR}" --pretrained_clip_name "${CLIP_NAME:-ViT-B/32}" \
     --output_dir "${OUTPUT_DIR}" \

@@ -4,12 +4,13 @@
 # VIDEO_PATH the movie folders.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DATASET=lsmdc
+parse_mode "$@"
 require_env
 LR=${LR:-1e-2}
 LATENT=${SHARED_LATENT_SPACE:-linear}
-OUTPUT_DIR=${OUTPUT_DIR:-runs/${DATASET}_dgl_${LATENT}_lr${LR}}
-launch \
-    --do_train 1 --datatype lsmdc \
+mode_flags
+launch "${MODE_FLAGS[@]}" \
+    --datatype lsmdc \
     --data_path "${DATA_PATH}" --features_path "${VIDEO_PATH}" \
     --pretrained_dir "${PRETRAINED_DIR}" --pretrained_clip_name "${CLIP_NAME:-ViT-B/32}" \
     --output_dir "${OUTPUT_DIR}" \

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # DGL on MSR-VTT 1k-A (published recipe: transformer latent space, lr 2e-3, 5 epochs, 128 per GPU x 4 GPUs,
 # 12 frames at 3 fps, 32 words, AMP). DATA_PATH holds MSRVTT_train.9k.csv, MSRVTT_JSFUSION_test.csv and
-# MSRVTT_data.json; VIDEO_PATH the videos. See scripts/common.sh for the environment variables.
+# MSRVTT_data.json; VIDEO_PATH the videos. `bash scripts/msrvtt.sh --help` lists the environment variables.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DATASET=msrvtt
+parse_mode "$@"
 require_env
 LR=${LR:-2e-3}
 LATENT=${SHARED_LATENT_SPACE:-transformer}
-OUTPUT_DIR=${OUTPUT_DIR:-runs/${DATASET}_dgl_${LATENT}_lr${LR}}
-launch \
-    --do_train 1 --datatype msrvtt \
+mode_flags
+launch "${MODE_FLAGS[@]}" \
+    --datatype msrvtt \
     --train_csv "${DATA_PATH}/MSRVTT_train.9k.csv" --val_csv "${DATA_PATH}/MSRVTT_JSFUSION_test.csv" \
     --data_path "${DATA_PATH}/MSRVTT_data.json" --features_path "${VIDEO_PATH}" \
     --pretrained_dir "${PRETRAINED_DIR}" --pretrained_clip_name "${CLIP_NAME:-ViT-B/32}" \

@@ -3,12 +3,13 @@
 # 32 words, AMP). DATA_PATH holds train_list.txt, test_list.txt, ref_captions.json; VIDEO_PATH the videos.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DATASET=vatex
+parse_mode "$@"
 require_env
 LR=${LR:-5e-3}
 LATENT=${SHARED_LATENT_SPACE:-linear}
-OUTPUT_DIR=${OUTPUT_DIR:-runs/${DATASET}_dgl_${LATENT}_lr${LR}}
-launch \
-    --do_train 1 --datatype vatex \
+mode_flags
+launch "${MODE_FLAGS[@]}" \
+    --datatype vatex \
     --data_path "${DATA_PATH}" --features_path "${VIDEO_PATH}" \
     --pretrained_dir "${PRETRAINED_DIR}" --pretrained_clip_name "${CLIP_NAME:-ViT-B/32}" \
     --output_dir "${OUTPUT_DIR}" \

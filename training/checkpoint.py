@@ -9,9 +9,12 @@ plus extra keys the published code ignores and ``--resume`` uses to continue exa
 """
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -19,11 +22,41 @@ import torch
 FORMAT = "dgl-reimpl-1"
 
 
-def _atomic_write(path: str, write_fn, mode: str = "wb") -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+class OutputWriteError(OSError):
+    """A result file could not be written; the message names the file and the reason, in one line."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or does not fit the model; the message is one line."""
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def _write_failure_reason(exc: BaseException, directory: str) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os.strerror(exc.errno).lower()
+    # torch's zip writer reports a failed write as "unexpected pos ..." / "file write failed"
     try:
+        st = os.statvfs(directory)
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            return "no space left on device"
+    except OSError:
+        pass
+    text = str(exc).strip().splitlines()
+    return f"write failed ({type(exc).__name__}: {text[0] if text else ''})"
+
+
+def _atomic_write(path: str, write_fn, mode: str = "wb") -> None:
+    """Write to a temporary file next to ``path``, then rename it: ``path`` is the old file or the new one,
+    never a part. A failure removes the temporary file and raises :class:`OutputWriteError`."""
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=d)
         with os.fdopen(fd, mode) as f:
             write_fn(f)
             f.flush()
@@ -32,12 +65,34 @@ def _atomic_write(path: str, write_fn, mode: str = "wb") -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, OutputWriteError):
+            raise OutputWriteError(f"{_write_failure_reason(exc, d)} while writing {path}") from exc
         raise
+
+
+def remove_stale_temporary_files(directory: str) -> list[str]:
+    """Delete the temporary files (``.<name>.<random>.tmp``) a killed write left in ``directory``."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if name.startswith(".") and name.endswith(TMP_SUFFIX) and name.count(".") >= 3:
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                try:
+                    os.unlink(path)
+                    removed.append(name)
+                except OSError:
+                    pass
+    return removed
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -111,14 +166,43 @@ def make_checkpoint(model, optimizer, scaler, epoch: int, global_step: int, best
 
 
 def load_checkpoint_file(path: str, map_location="cpu") -> dict:
-    # weights_only: no arbitrary objects are unpickled (our checkpoints and the official ones are plain data)
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    """The checkpoint dict of ``path``; :class:`CheckpointError` (one line) when it is not one.
+
+    ``weights_only``: no arbitrary objects are unpickled (our checkpoints and the official ones are plain
+    data); that protection stays on, and a file that needs it off is refused like a damaged one.
+    """
+    try:
+        with warnings.catch_warnings():  # torch's notes on unusual pickles would precede the one-line error
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError,
+            UnicodeDecodeError, ImportError) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint (damaged, truncated, or not a torch.save file "
+                              f"of tensors and plain data; {type(exc).__name__})") from exc
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not a checkpoint dict")
+        raise CheckpointError(f"{path} is not a readable checkpoint (it holds a {type(ckpt).__name__}, "
+                              "not a dict)")
     if "state_dict" not in ckpt:
         # a bare state dict
         ckpt = {"state_dict": ckpt}
+    if not isinstance(ckpt["state_dict"], dict):
+        raise CheckpointError(f"{path} is not a readable checkpoint ('state_dict' is not a dict)")
     return ckpt
+
+
+# Parameter names that only one latent space has (official layout, without "module.").
+_LATENT_SPACE_MARKERS = {
+    "linear": ("clip.prefix_text_prompt_proj_layer.", "clip.postfix_text_prompt_proj_layer."),
+    "transformer": ("clip.unified_prompt_embedding.", "clip.PromptTransformer.", "clip.unified_prompt_mlp."),
+}
+
+
+def checkpoint_latent_space(ckpt: dict) -> str | None:
+    """'linear' or 'transformer': the shared latent space a DGL checkpoint was trained with (None: unknown)."""
+    names = [k[len("module."):] if k.startswith("module.") else k for k in ckpt.get("state_dict", {})]
+    found = [space for space, prefixes in _LATENT_SPACE_MARKERS.items()
+             if any(n.startswith(prefixes) for n in names)]
+    return found[0] if len(found) == 1 else None
 
 
 def is_own_checkpoint(ckpt: dict) -> bool:

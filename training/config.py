@@ -58,7 +58,11 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     g.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--no_tensorboard", action="store_true", help="do not write TensorBoard event files")
     g.add_argument("--debug", action="store_true", help="log at DEBUG level")
-    g.add_argument("--no_progress", action="store_true", help="no tqdm bars")
+    g.add_argument("--no_progress", action="store_true",
+                   help="no progress bars (they are off anyway when stderr is not a terminal)")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start over in an --output_dir that holds an earlier run: its files are removed first "
+                        "(without it such a folder is refused; an evaluation never writes over checkpoints)")
     g.add_argument("--dsl", action="store_true",
                    help="also report dual-softmax (DSL) re-scored metrics, next to the plain ones; DSL uses every "
                         "test query at once (as TS2-Net / T-MASS report it)")
@@ -87,7 +91,9 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     g.add_argument("--train_frame_order", type=int, default=0, choices=[0, 1, 2])
     g.add_argument("--eval_frame_order", type=int, default=0, choices=[0, 1, 2])
     g.add_argument("--skip_bad_videos", type=int, nargs="?", const=1, default=0, choices=[0, 1],
-                   help="replace unreadable training videos instead of failing (counted per epoch)")
+                   help="leave out videos that are missing or empty at start-up (training and test, with their "
+                        "captions; counted in the log and results.json) and test videos that fail to decode; a "
+                        "training video that fails to decode later is replaced by the next readable one")
     g.add_argument("--num_thread_reader", type=int, default=1, help="DataLoader workers per process")
     g.add_argument("--resize_short_side", type=int, default=0, choices=[0, 1],
                    help="opt-in (changes results): scale each frame's short side to the model's input size "

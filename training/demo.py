@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--own_vocab", action="store_true", help="always learn the small BPE vocabulary")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--prepare_only", action="store_true",
+                   help="only write the dataset, the vocabulary and the small CLIP (e.g. to smoke-test "
+                        "scripts/msrvtt.sh on CPU), then print the environment to use them")
     return p
 
 
@@ -110,6 +113,9 @@ def main(argv=None) -> int:
         torch.save(CLIP(cfg).state_dict(), tmp)
         os.replace(tmp, clip_path)
     print(f"[demo] random-initialised CLIP: {clip_path}", flush=True)
+    if args.prepare_only:
+        print(f"DATA_PATH={data_dir} PRETRAINED_DIR={pre_dir} CLIP_NAME={clip_name} DGL_BPE_PATH={bpe}", flush=True)
+        return 0
 
     # 4. train + evaluate (before and after) with main.py
     cmd = [sys.executable, os.path.join(REPO, "main.py"), "--do_train", "1", "--do_eval", "1",
@@ -124,7 +130,8 @@ def main(argv=None) -> int:
            "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--batch_size_val", "32",
            "--lr", str(args.lr), "--wd", "0.2", "--warmup_proportion", "0.1", "--clip_grad_norm", "1.0",
            "--precision", "fp32", "--seed", str(args.seed), "--n_display", "10", "--num_thread_reader", "1",
-           "--device", "cpu", "--save_sim_matrix", "--output_dir", run_dir]
+           "--device", "cpu", "--save_sim_matrix", "--output_dir", run_dir,
+           "--overwrite_output_dir"]  # a second demo starts its run over
     print("[demo] " + " ".join(cmd[1:]), flush=True)
     r = subprocess.run(cmd, cwd=REPO)
     if r.returncode != 0:

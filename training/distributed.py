@@ -106,6 +106,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_list(items: list) -> list:
+    """The concatenation of every process's list (picklable items)."""
+    if not is_initialized() or get_world_size() == 1:
+        return list(items)
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]
+
+
 def all_reduce_sum(value: float, device) -> float:
     if not is_initialized() or get_world_size() == 1:
         return float(value)

@@ -204,22 +204,24 @@ def encode_texts(core, text_dataset, batch_size, workers, device, precision, pro
 
 @torch.no_grad()
 def encode_videos(core, video_dataset, batch_size, workers, device, precision, progress=True, desc="video"):
-    """Features of every video, each computed once; returns ((N, D) float32 CPU, replaced count)."""
+    """Features of every video, each computed once; returns ((N, D) float32 CPU, sorted indices of the
+    videos flagged unreadable, which the caller leaves out)."""
     idx = _shard(len(video_dataset))
-    feats, order, replaced = [], [], 0
+    feats, order, unreadable = [], [], []
     it = _loader(Subset(video_dataset, idx), batch_size, workers, device)
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc=f"eval {desc}", leave=False, dynamic_ncols=True)
     for batch in it:
-        if "replaced" in batch:
-            replaced += int(torch.as_tensor(batch["replaced"]).sum())
+        if "unreadable" in batch:
+            flags = torch.as_tensor(batch["unreadable"]).bool()
+            unreadable += torch.as_tensor(batch["video_index"])[flags].tolist()
         with precision.eval_autocast():
             f = core.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
         feats.append(f.float())
         order.append(torch.as_tensor(batch.get("video_index", torch.zeros(0))).to(device).long())
     out = _gather_in_order(feats, order, idx, device)
-    return out, int(D.all_reduce_sum(replaced, device))
+    return out, sorted(D.all_gather_list(unreadable))
 
 
 def _gather_in_order(feats, order, idx, device) -> torch.Tensor:
@@ -268,18 +270,21 @@ def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, prec
     core.eval()
     t0 = time.time()
     show = progress and D.is_main_process()
-    video_feats, replaced = encode_videos(core, test_dataset.video_dataset(), batch_size, workers, device,
-                                          precision, show)
+    video_feats, unreadable = encode_videos(core, test_dataset.video_dataset(), batch_size, workers, device,
+                                            precision, show)
     text_feats = encode_texts(core, test_dataset.text_dataset(), batch_size, workers, device, precision, show)
     cap_idx = torch.as_tensor(test_dataset.caption_video_index).long()
-    n_videos = int(test_dataset.num_videos)
-    result = {"num_captions": int(text_feats.shape[0]), "num_videos": n_videos, "replaced": replaced,
+    if unreadable:  # left out with their captions (--skip_bad_videos), never replaced
+        text_feats, video_feats, cap_idx = _without_videos(text_feats, video_feats, cap_idx, unreadable)
+    result = {"num_captions": int(text_feats.shape[0]), "num_videos": int(video_feats.shape[0]),
+              "unreadable_videos": unreadable, "captions_left_out": int(len(test_dataset.caption_video_index)
+                                                                        - text_feats.shape[0]),
               "caption_video_index": cap_idx.numpy(),
               "text_features": text_feats, "video_features": video_feats}
     if D.is_main_process():
         sim = similarity_matrix(core, text_feats, video_feats, device, chunk)
         multi = not torch.equal(cap_idx, torch.arange(sim.shape[0])) or sim.shape[0] != sim.shape[1]
-        groups = (cap_idx, n_videos) if multi else (None, None)
+        groups = (cap_idx, result["num_videos"]) if multi else (None, None)
         ranks = retrieval_ranks(sim, *groups)
         result.update(sim=sim, ranks=ranks, t2v=metrics_from_ranks(ranks["t2v"]),
                       v2t=metrics_from_ranks(ranks["v2t"]), multi_sentence=multi)
@@ -290,6 +295,15 @@ def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, prec
     if was_training:
         core.train()
     return result
+
+
+def _without_videos(text_feats, video_feats, cap_idx, drop: list[int]):
+    """The features and caption->video links without the videos ``drop`` and their captions."""
+    keep_video = torch.ones(video_feats.shape[0], dtype=torch.bool)
+    keep_video[drop] = False
+    new_index = torch.cumsum(keep_video.long(), 0) - 1
+    keep_caption = keep_video[cap_idx]
+    return text_feats[keep_caption], video_feats[keep_video], new_index[cap_idx[keep_caption]]
 
 
 def _share_metrics(result: dict) -> dict:
@@ -309,5 +323,7 @@ def log_eval(result: dict, header: str) -> None:
         log.info("%s, temperature %g:", DSL_LABEL, result["dsl"]["temperature"])
         log.info("DSL Text-to-Video: %s", format_metrics(result["dsl"]["t2v"]))
         log.info("DSL Video-to-Text: %s", format_metrics(result["dsl"]["v2t"], prefix="V2T "))
-    if result.get("replaced"):
-        log.warning("%d test videos were unreadable and replaced (--skip_bad_videos)", result["replaced"])
+    if result.get("unreadable_videos"):
+        log.warning("%d test videos could not be decoded and were left out with their %d captions "
+                    "(--skip_bad_videos): these metrics are not comparable to those on the full test set",
+                    len(result["unreadable_videos"]), result["captions_left_out"])

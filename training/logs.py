@@ -36,8 +36,13 @@ def setup_logging(output_dir: str | None, is_main: bool, rank: int = 0, debug: b
     console.setLevel(level if is_main else logging.WARNING)
     handlers = [console]
     if is_main and output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(output_dir, "log.txt"), mode="a")
+        path = os.path.join(output_dir, "log.txt")
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            fh = logging.FileHandler(path, mode="a")
+        except OSError as exc:
+            from training.config import fail
+            fail(f"cannot write {path} ({os.strerror(exc.errno).lower() if exc.errno else exc})")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         fh.setLevel(level)
         handlers.append(fh)
@@ -68,15 +73,38 @@ def close_logging() -> None:
         lg.setLevel(logging.NOTSET)
 
 
-class Board:
-    """TensorBoard writer on the main process only (a no-op elsewhere or when disabled)."""
+def progress_bars_wanted(no_progress: bool = False) -> bool:
+    """Progress bars only for a person watching: not with --no_progress, not when stderr goes to a file or pipe."""
+    if no_progress:
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
-    def __init__(self, log_dir: str | None):
+
+def log_to_file_only(level: int, message: str) -> None:
+    """Write ``message`` to log.txt but not to the console (where it is printed another way)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, None, None)
+    for h in logger.handlers:
+        if isinstance(h, logging.FileHandler) and record.levelno >= h.level:
+            h.handle(record)
+
+
+class Board:
+    """TensorBoard writer on the main process only (a no-op elsewhere or when disabled).
+
+    ``purge_step``: a resumed run starts again at this step; TensorBoard discards the events an earlier
+    run logged at this step and later, so redone steps are not shown twice.
+    """
+
+    def __init__(self, log_dir: str | None, purge_step: int | None = None):
         self.writer = None
         if log_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(log_dir)
+                self.writer = SummaryWriter(log_dir, purge_step=purge_step)
             except Exception as e:  # noqa: BLE001 - tensorboard missing: keep training
                 logging.getLogger(LOGGER_NAME).warning("TensorBoard disabled: %s", e)
 

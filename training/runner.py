@@ -15,21 +15,22 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from dataloaders.base import BadVideoError
 from training import distributed as D
-from training.checkpoint import (atomic_np_save, atomic_torch_save, is_own_checkpoint, load_checkpoint_file,
-                                 make_checkpoint, rng_state, set_rng_state)
+from training.checkpoint import (CheckpointError, OutputWriteError, atomic_np_save, atomic_torch_save,
+                                 checkpoint_latent_space, is_own_checkpoint, load_checkpoint_file, make_checkpoint,
+                                 rng_state, set_rng_state)
 from training.config import config_to_json, fail, resolve_clip_path
+from training.data_checks import leave_out_bad_video_files
 from training.engine import Precision, evaluate, log_eval, train_one_epoch, unwrap
-from training.logs import Board, close_logging, setup_logging, write_results
+from training.logs import Board, close_logging, log_to_file_only, progress_bars_wanted, setup_logging, write_results
 from training.optim import WarmupCosineSchedule, build_optimizer, total_optimization_steps
 from training.qb_bank import save_caption_video_index, save_train_train
 from training.query_ranks import evaluation_extras, write_query_ranks
 from training.repro import write_run_record
+from training.outputs import CKPT, CKPT_BEST, check_output_dir, prepare_output_dir
 
 log = logging.getLogger("dgl")
-
-CKPT = "ckpt.pth.tar"
-CKPT_BEST = "ckpt.best.pth.tar"
 DGL_FIELDS = ("shared_latent_space", "max_words", "max_frames", "text_prompt_length",
               "local_each_frame_prompt_length", "global_visual_prompt_length", "unified_transformer_layers",
               "visual_output_type")
@@ -76,216 +77,363 @@ def build_datasets(args, tokenizer, need_train: bool):
     return train_ds, test_ds
 
 
-# ------------------------------------------------------------------------------------------ main loop
+# ------------------------------------------------------------------------------------------ the run
 def run(args, *, model=None, tokenizer=None, train_dataset=None, test_dataset=None, bank_dataset=None) -> dict:
+    """main.py: the steps below, in order. Returns a summary (results, last metrics, model, step losses)."""
     t_start = time.time()
     info = D.setup(args.device, args.dist_backend, args.gpu)
-    device = info.device
-    out_dir = args.output_dir
-    if model is None:  # before any logging: a bad CLIP / vocabulary path is reported as one line
+    check_output_dir(args)  # a folder holding another run is refused before anything is loaded or written
+    if model is None:  # before anything is written: a bad CLIP / vocabulary path is reported as one line
         seed_all(args.seed)
-        model, tokenizer, clip_path = build_model_and_tokenizer(args)
-        args.clip_path = clip_path
-    if info.is_main:
-        os.makedirs(out_dir, exist_ok=True)
+        model, tokenizer, args.clip_path = build_model_and_tokenizer(args)
     D.barrier()
-    setup_logging(out_dir, info.is_main, info.rank, args.debug)
-    progress = info.is_main and not args.no_progress
+    notes = prepare_output_dir(args, info.is_main)
+    D.barrier()
+    setup_logging(args.output_dir, info.is_main, info.rank, args.debug)
+    for note in notes:
+        log.info(note)
+    r = Run(args, info, model, tokenizer, train_dataset, test_dataset, bank_dataset, t_start)
     try:
-        return _run(args, info, device, out_dir, progress, t_start, model, tokenizer, train_dataset,
-                    test_dataset, bank_dataset)
+        r.describe_setup()
+        r.load_resume_weights()
+        r.validate_data()
+        r.build_training()
+        r.restore_state()
+        r.open_logs()
+        write_run_record(args, r.info, r.precision, r.out_dir)  # every process: it gathers the device names
+        if args.do_eval:
+            r.evaluate("eval", r.start_epoch, final=not args.do_train)
+        if args.do_train:
+            r.train()
+        return r.finish()
+    except (BadVideoError, OutputWriteError) as exc:
+        r.stop(exc)
     finally:
         close_logging()
 
 
-def _run(args, info, device, out_dir, progress, t_start, model, tokenizer, train_ds, test_ds, bank_ds):
-    if info.distributed:
-        log.info("distributed: %d processes (%s), this is rank %d on %s", info.world_size, info.backend,
-                 info.rank, device)
-    else:
-        log.info("single process on %s", device)
-    precision = Precision(args.precision, device)
-    if precision.note:
-        log.warning(precision.note)
+class Run:
+    """What one invocation of main.py holds; each method is one step of :func:`run`."""
 
-    if getattr(args, "clip_path", None):
-        log.info("CLIP weights: %s", args.clip_path)
-    args.image_resolution = int(model.image_resolution)
-    if train_ds is None and test_ds is None:
-        train_ds, test_ds = build_datasets(args, tokenizer, need_train=bool(args.do_train))
-    if args.do_train and train_ds is None:
-        fail("training needs a training set")
+    def __init__(self, args, info, model, tokenizer, train_ds, test_ds, bank_ds, t_start: float):
+        self.args, self.info, self.device = args, info, info.device
+        self.out_dir = args.output_dir
+        self.model = self.core = model  # self.model becomes the DDP wrapper in a distributed run
+        self.tokenizer = tokenizer
+        self.train_ds, self.test_ds, self.bank_ds = train_ds, test_ds, bank_ds
+        self.t_start = t_start
+        self.progress = info.is_main and progress_bars_wanted(args.no_progress)
+        self.precision = Precision(args.precision, self.device)
+        self.loader = self.sampler = self.optimizer = self.schedule = self.scaler = self.board = None
+        self.micro_batch = args.batch_size // args.gradient_accumulation_steps
+        self.batches_per_epoch = 1
+        # progress, restored by --resume and advanced by training
+        self.start_epoch, self.global_step = 0, 0
+        self.best_r1, self.best_epoch = float("-inf"), None
+        self.results = {"evaluations": [], "best": None}
+        self.step_losses: list[tuple[int, float]] = []
+        self.last = None
+        self.epochs_saved = None  # epochs completed in the newest ckpt.pth.tar of this folder
+        self.left_out: dict = {}  # bad videos left out up front (--skip_bad_videos), per split
+        self.resume_ckpt: dict | None = None
 
-    model.to(device)
-    core = model
-    n_train = sum(p.numel() for _, p in core.trainable_parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in core.parameters())
-    log.info("trainable parameters: %d (%.2fM) of %d (%.2f%%)", n_train, n_train / 1e6, n_all,
-             100.0 * n_train / max(n_all, 1))
-    for name, p in core.trainable_parameters():
-        log.debug("  trainable %s %s", name, tuple(p.shape))
+    # ---------------------------------------------------------------------------------- setup
+    def describe_setup(self) -> None:
+        info = self.info
+        if info.distributed:
+            log.info("distributed: %d processes (%s), this is rank %d on %s", info.world_size, info.backend,
+                     info.rank, self.device)
+        else:
+            log.info("single process on %s", self.device)
+        if self.precision.note:
+            log.warning(self.precision.note)
+        if getattr(self.args, "clip_path", None):
+            log.info("CLIP weights: %s", self.args.clip_path)
+        n_train = sum(p.numel() for _, p in self.core.trainable_parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.core.parameters())
+        log.info("trainable parameters: %d (%.2fM) of %d (%.2f%%)", n_train, n_train / 1e6, n_all,
+                 100.0 * n_train / max(n_all, 1))
+        for name, p in self.core.trainable_parameters():
+            log.debug("  trainable %s %s", name, tuple(p.shape))
 
-    if info.distributed:
-        ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        # the postfix text prompts never get a gradient (published quirk), hence find_unused_parameters
-        model = torch.nn.parallel.DistributedDataParallel(core, find_unused_parameters=True, **ddp_kwargs)
+    def validate_data(self) -> None:
+        """Build the datasets (unless given) and check that training has what it needs."""
+        args = self.args
+        args.image_resolution = int(self.core.image_resolution)
+        if self.train_ds is None and self.test_ds is None:
+            self.train_ds, self.test_ds = build_datasets(args, self.tokenizer, need_train=bool(args.do_train))
+        if args.do_train and self.train_ds is None:
+            fail("training needs a training set")
+        checks = [("test", self.test_ds)] + ([("train", self.train_ds)] if args.do_train else [])
+        for split, dataset in checks:
+            record = leave_out_bad_video_files(dataset, split, bool(args.skip_bad_videos), self.progress)
+            if record:
+                self.left_out[split] = record
 
-    micro_batch = args.batch_size // args.gradient_accumulation_steps
-    loader = sampler = None
-    if args.do_train:
-        sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                     seed=args.seed, drop_last=True)
-        loader = DataLoader(train_ds, batch_size=micro_batch, sampler=sampler, drop_last=True,
-                            num_workers=args.num_thread_reader, pin_memory=device.type == "cuda")
-        if len(loader) < args.gradient_accumulation_steps:
-            fail(f"the training set ({len(train_ds)} samples) is smaller than one global batch "
-                 f"({args.batch_size} x {info.world_size} processes); lower --batch_size")
-    batches = len(loader) if loader is not None else 1
-    total_steps = total_optimization_steps(batches, args.gradient_accumulation_steps, args.epochs)
-    optimizer = build_optimizer(core.trainable_parameters(), args.lr, args.wd, args.coef_lr,
-                                (args.beta1, args.beta2), args.eps)
-    schedule = WarmupCosineSchedule(args.lr, total_steps, args.warmup_proportion, args.wd)
-    scaler = precision.make_scaler()
+    def build_training(self) -> None:
+        """Model on its device (DDP-wrapped when distributed), training loader, optimiser, schedule, scaler."""
+        args, info = self.args, self.info
+        self.core.to(self.device)
+        if info.distributed:
+            ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            # the postfix text prompts never get a gradient (published quirk), hence find_unused_parameters
+            self.model = torch.nn.parallel.DistributedDataParallel(self.core, find_unused_parameters=True,
+                                                                   **ddp_kwargs)
+        if args.do_train:
+            self.sampler = DistributedSampler(self.train_ds, num_replicas=info.world_size, rank=info.rank,
+                                              shuffle=True, seed=args.seed, drop_last=True)
+            self.loader = DataLoader(self.train_ds, batch_size=self.micro_batch, sampler=self.sampler,
+                                     drop_last=True, num_workers=args.num_thread_reader,
+                                     pin_memory=self.device.type == "cuda")
+            if len(self.loader) < args.gradient_accumulation_steps:
+                fail(f"the training set ({len(self.train_ds)} samples) is smaller than one global batch "
+                     f"({args.batch_size} x {info.world_size} processes); lower --batch_size")
+            self.batches_per_epoch = len(self.loader)
+        total_steps = total_optimization_steps(self.batches_per_epoch, args.gradient_accumulation_steps, args.epochs)
+        self.optimizer = build_optimizer(self.core.trainable_parameters(), args.lr, args.wd, args.coef_lr,
+                                         (args.beta1, args.beta2), args.eps)
+        self.schedule = WarmupCosineSchedule(args.lr, total_steps, args.warmup_proportion, args.wd)
+        self.scaler = self.precision.make_scaler()
 
-    start_epoch, global_step, best_r1, best_epoch = 0, 0, float("-inf"), None
-    results = {"evaluations": [], "best": None}
-    if args.resume:
+    def load_resume_weights(self) -> None:
+        """--resume: read the checkpoint and load its weights (before the data, so that a wrong file is found
+        at once); its progress is restored by restore_state once the optimiser exists."""
+        if not self.args.resume:
+            return
+        self.resume_ckpt = self._load_resume_checkpoint()
+        log.info("[resume] loaded weights from %s (%s checkpoint, epoch %s, step %s)", self.args.resume,
+                 "our" if is_own_checkpoint(self.resume_ckpt) else "official", self.resume_ckpt.get("epoch"),
+                 self.resume_ckpt.get("global_step"))
+
+    def restore_state(self) -> None:
+        """--resume without --load_from_pretrained: the progress (epoch, step, best, optimiser, scaler, RNG,
+        results) of the checkpoint."""
+        if self.resume_ckpt is not None and not self.args.load_from_pretrained:
+            self._restore_progress(self.resume_ckpt, is_own_checkpoint(self.resume_ckpt))
+
+    def _load_resume_checkpoint(self) -> dict:
+        path = self.args.resume
         try:
-            ckpt = load_checkpoint_file(args.resume)
-        except Exception as e:  # noqa: BLE001 - one line, not a traceback
-            fail(f"cannot read --resume {args.resume}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            ckpt = load_checkpoint_file(path)
+        except CheckpointError as e:
+            fail(f"--resume {e}")
+        except OSError as e:
+            fail(f"cannot read --resume {path}: {os.strerror(e.errno).lower() if e.errno else e}")
+        space, wanted = checkpoint_latent_space(ckpt), self.core.config.shared_latent_space
+        if space is not None and space != wanted:
+            fail(f"--resume {path}: this checkpoint is a {space}-latent-space DGL; pass --shared_latent_space "
+                 f"{space} (the model was built with --shared_latent_space {wanted})")
         try:
-            core.load_checkpoint(ckpt)
+            self.core.load_checkpoint(ckpt)
         except (ValueError, KeyError, RuntimeError) as e:
-            fail(f"cannot load --resume {args.resume}: {str(e).splitlines()[0]}")
-        own = is_own_checkpoint(ckpt)
-        log.info("[resume] loaded weights from %s (%s checkpoint, epoch %s, step %s)", args.resume,
-                 "our" if own else "official", ckpt.get("epoch"), ckpt.get("global_step"))
-        if not args.load_from_pretrained:
-            start_epoch = int(ckpt.get("epoch", 0) or 0)
-            global_step = int(ckpt.get("global_step", 0) or 0)
-            if ckpt.get("best_acc1") is not None and own:
-                best_r1 = float(ckpt["best_acc1"])
-                best_epoch = ckpt.get("best_epoch")
-            if args.do_train and ckpt.get("optimizer"):
-                try:
-                    optimizer.load_state_dict(ckpt["optimizer"])
-                except (ValueError, KeyError) as e:
-                    log.warning("[resume] optimiser state not loaded (%s); AdamW moments start from zero", e)
-            if args.do_train and scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            if own:
-                if args.do_train:  # the run continues: keep its evaluation history
-                    results = ckpt.get("results") or results
-                set_rng_state(ckpt.get("rng"))
-                old_total = ckpt.get("schedule", {}).get("total_steps")
-                if args.do_train and old_total is not None and abs(old_total - total_steps) > 1e-6:
-                    log.warning("[resume] the schedule length changed (%s -> %s optimiser steps): --epochs, "
-                                "--batch_size or the process count differ from the interrupted run",
-                                old_total, total_steps)
-        if args.do_train and start_epoch >= args.epochs:
-            log.info("[resume] the checkpoint already completed %d of %d epochs", start_epoch, args.epochs)
+            fail(f"cannot load --resume {path}: {str(e).splitlines()[0][:400]}")
+        return ckpt
 
-    board = Board(os.path.join(out_dir, "tensorboard")) if info.is_main and not args.no_tensorboard else None
-    if info.is_main:
-        config_to_json(args, os.path.join(out_dir, "config.json"))
-        log.info("configuration saved to %s", os.path.join(out_dir, "config.json"))
-    write_run_record(args, info, precision, out_dir)
+    def _restore_progress(self, ckpt: dict, own: bool) -> None:
+        args = self.args
+        self.start_epoch = int(ckpt.get("epoch", 0) or 0)
+        self.global_step = int(ckpt.get("global_step", 0) or 0)
+        self.epochs_saved = self.start_epoch
+        if ckpt.get("best_acc1") is not None and own:
+            self.best_r1 = float(ckpt["best_acc1"])
+            self.best_epoch = ckpt.get("best_epoch")
+        if args.do_train and ckpt.get("optimizer"):
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError) as e:
+                log.warning("[resume] optimiser state not loaded (%s); AdamW moments start from zero", e)
+        if args.do_train and self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if own:
+            if args.do_train:  # the run continues: keep its evaluation history
+                self.results = ckpt.get("results") or self.results
+            set_rng_state(ckpt.get("rng"))
+            old_total = ckpt.get("schedule", {}).get("total_steps")
+            new_total = self.schedule.total_steps
+            if args.do_train and old_total is not None and abs(old_total - new_total) > 1e-6:
+                log.warning("[resume] the schedule length changed (%s -> %s optimiser steps): --epochs, "
+                            "--batch_size or the process count differ from the interrupted run",
+                            old_total, new_total)
+        if args.do_train and self.start_epoch >= args.epochs:
+            log.info("[resume] this run is already finished: the checkpoint completed %d of --epochs %d; "
+                     "nothing to train (raise --epochs to train further)", self.start_epoch, args.epochs)
 
-    def record(res, tag, epoch, train_stats=None):
-        entry = {"tag": tag, "epoch": epoch, "global_step": global_step, "t2v": res["t2v"], "v2t": res["v2t"],
+    def open_logs(self) -> None:
+        """TensorBoard and config.json (main process)."""
+        if not self.info.is_main:
+            return
+        if not self.args.no_tensorboard:
+            # a resumed run redoes the steps logged after its checkpoint: TensorBoard drops the earlier ones
+            purge = self.global_step + 1 if (self.args.do_train and self.args.resume) else None
+            self.board = Board(os.path.join(self.out_dir, "tensorboard"), purge_step=purge)
+        config_to_json(self.args, os.path.join(self.out_dir, "config.json"))
+        log.info("configuration saved to %s", os.path.join(self.out_dir, "config.json"))
+
+    # ---------------------------------------------------------------------------------- evaluation
+    def evaluate(self, tag: str, epoch: int, train_stats: dict | None = None, final: bool = False) -> dict:
+        """Evaluate on the test set, log, append to results.json (and with --save_sim_matrix at the end, save
+        the similarity matrices)."""
+        args = self.args
+        res = evaluate(self.model, self.test_ds, batch_size=args.batch_size_val, workers=args.num_thread_reader,
+                       device=self.device, precision=self.precision, progress=self.progress, dsl=args.dsl,
+                       dsl_temperature=args.dsl_temperature)
+        log_eval(res, f"evaluation ({tag}, epoch {epoch}, step {self.global_step})")
+        if self.info.is_main:
+            res["ranks_file"] = write_query_ranks(self.out_dir, res, self.test_ds, tag, epoch, self.global_step)
+        self._record(res, tag, epoch, train_stats)
+        if final and args.save_sim_matrix:
+            bank = self.bank_ds if self.bank_ds is not None else self.train_ds
+            save_sim_matrices(args, self.model, res, bank, self.tokenizer, self.device, self.precision,
+                              self.progress, self.out_dir)
+        self.last = res
+        return res
+
+    def _record(self, res: dict, tag: str, epoch: int, train_stats: dict | None) -> None:
+        entry = {"tag": tag, "epoch": epoch, "global_step": self.global_step, "t2v": res["t2v"], "v2t": res["v2t"],
                  "num_captions": res["num_captions"], "num_videos": res["num_videos"],
                  "multi_sentence": bool(res.get("multi_sentence")), "eval_time": round(res["time"], 3)}
+        left_out = self._test_videos_left_out(res)
+        if left_out:
+            entry["test_left_out"] = left_out
         if train_stats:
             entry.update(train_loss=train_stats["loss"], train_time=round(train_stats["time"], 3),
                          train_replaced=train_stats["replaced"])
         entry.update(evaluation_extras(res))
-        results["evaluations"].append(entry)
-        if info.is_main:
-            write_results(os.path.join(out_dir, "results.json"), results)
-            if board is not None:
+        self.results["evaluations"].append(entry)
+        if self.left_out:
+            self.results["left_out"] = self.left_out
+        if self.info.is_main:
+            write_results(os.path.join(self.out_dir, "results.json"), self.results)
+            if self.board is not None:
                 vals = {f"t2v_{k}": res["t2v"][k] for k in ("R1", "R5", "R10", "MR", "MeanR")}
                 vals.update({f"v2t_{k}": res["v2t"][k] for k in ("R1", "R5", "R10", "MR", "MeanR")})
-                board.scalars(vals, global_step, prefix="eval/")
-                board.flush()
+                self.board.scalars(vals, self.global_step, prefix="eval/")
+                self.board.flush()
 
-    def run_eval(tag, epoch, train_stats=None, final=False):
-        res = evaluate(model, test_ds, batch_size=args.batch_size_val, workers=args.num_thread_reader,
-                       device=device, precision=precision, progress=progress, dsl=getattr(args, "dsl", False),
-                       dsl_temperature=getattr(args, "dsl_temperature", 1.0))
-        log_eval(res, f"evaluation ({tag}, epoch {epoch}, step {global_step})")
-        if info.is_main:
-            res["ranks_file"] = write_query_ranks(out_dir, res, test_ds, tag, epoch, global_step)
-        record(res, tag, epoch, train_stats)
-        if final and args.save_sim_matrix:
-            save_sim_matrices(args, model, res, bank_ds if bank_ds is not None else train_ds, tokenizer,
-                              device, precision, progress, out_dir)
-        return res
+    def _test_videos_left_out(self, res: dict) -> dict | None:
+        """Test videos and captions this evaluation lacks: missing at start-up plus undecodable now."""
+        start = self.left_out.get("test", {})
+        videos = start.get("videos", 0) + len(res.get("unreadable_videos") or [])
+        if not videos:
+            return None
+        return {"videos": videos, "captions": start.get("captions", 0) + res.get("captions_left_out", 0),
+                "comparable_to_full_test_set": False}
 
-    step_losses = []
-    last = None
-    if args.do_eval:
-        last = run_eval("eval", start_epoch, final=not args.do_train)
-    if args.do_train:
+    # ---------------------------------------------------------------------------------- training
+    def train(self) -> None:
+        """Epochs start_epoch+1 .. stop: train, evaluate, save."""
+        args = self.args
         stop = args.epochs if args.max_epochs_this_run is None else min(args.epochs,
-                                                                         start_epoch + args.max_epochs_this_run)
+                                                                         self.start_epoch + args.max_epochs_this_run)
+        if self.start_epoch >= stop:
+            return  # a finished run (restore_state said so)
         log.info("training: %d samples, %d processes x batch %d (micro-batch %d x %d accumulation), "
-                 "%d optimiser steps per epoch, epochs %d..%d of %d, lr %g, %s", len(train_ds), info.world_size,
-                 args.batch_size, micro_batch, args.gradient_accumulation_steps,
-                 batches // args.gradient_accumulation_steps, start_epoch + 1, stop, args.epochs, args.lr,
-                 args.precision)
-        for epoch in range(start_epoch, stop):
-            sampler.set_epoch(epoch)
-            seed_all(args.seed + 1000 * (epoch + 1) + info.rank)
-            stats = train_one_epoch(model, loader, optimizer, schedule, precision, scaler, epoch=epoch,
-                                    global_step=global_step, accumulation=args.gradient_accumulation_steps,
-                                    clip_grad_norm=args.clip_grad_norm, n_display=args.n_display, device=device,
-                                    board=board, progress=progress,
-                                    step_callback=lambda step, loss: step_losses.append((step, loss)))
-            global_step = stats["global_step"]
-            log.info("epoch %d/%d finished: train loss %.4f, %d steps, %.1fs", epoch + 1, args.epochs,
-                     stats["loss"], stats["steps"], stats["time"])
-            if stats["samples"]:
-                msg = f"epoch {epoch + 1}: {stats['replaced']} of {stats['samples']} training samples had an " \
-                      "unreadable video and were replaced"
-                (log.warning if stats["replaced"] else log.info)(msg)
-            if board is not None:
-                board.scalars({"epoch_loss": stats["loss"], "bad_videos_replaced": stats["replaced"]},
-                              global_step, prefix="train/")
-            last = run_eval("epoch", epoch + 1, stats, final=(epoch + 1 == stop))
-            r1 = last["t2v"]["R1"]
-            is_best = best_r1 <= r1
-            if is_best:
-                best_r1, best_epoch = r1, epoch + 1
-                results["best"] = {"epoch": epoch + 1, "global_step": global_step, "t2v": last["t2v"],
-                                   "v2t": last["v2t"]}
-            if info.is_main:
-                write_results(os.path.join(out_dir, "results.json"), results)
-                ckpt = make_checkpoint(core, optimizer, scaler, epoch + 1, global_step, best_r1, extra={
-                    "best_epoch": best_epoch, "rng": rng_state(), "schedule": schedule.state_dict(),
-                    "config": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
-                               for k, v in vars(args).items()},
-                    "results": results})
-                atomic_torch_save(ckpt, os.path.join(out_dir, CKPT))
-                if is_best:
-                    atomic_torch_save(ckpt, os.path.join(out_dir, CKPT_BEST))
-                log.info("checkpoint: %s%s; best text-to-video R@1 %.2f (epoch %s)", os.path.join(out_dir, CKPT),
-                         " (new best)" if is_best else "", best_r1, best_epoch)
-            D.barrier()
+                 "%d optimiser steps per epoch, epochs %d..%d of %d, lr %g, %s", len(self.train_ds),
+                 self.info.world_size, args.batch_size, self.micro_batch, args.gradient_accumulation_steps,
+                 self.batches_per_epoch // args.gradient_accumulation_steps, self.start_epoch + 1, stop,
+                 args.epochs, args.lr, args.precision)
+        for epoch in range(self.start_epoch, stop):
+            stats = self.train_epoch(epoch)
+            res = self.evaluate("epoch", epoch + 1, stats, final=(epoch + 1 == stop))
+            self.save(epoch + 1, res)
         if stop < args.epochs:
             log.info("stopped after epoch %d of %d (--max_epochs_this_run); continue with --resume %s",
-                     stop, args.epochs, os.path.join(out_dir, CKPT))
-    if board is not None:
-        board.close()
-    total = time.time() - t_start
-    log.info("done in %.1fs. output: %s (log.txt, results.json, config.json%s%s)", total, out_dir,
-             ", ckpt.pth.tar, ckpt.best.pth.tar" if args.do_train else "",
-             ", tensorboard/" if board is not None else "")
-    D.barrier()
-    summary = {"results": results, "last": None if last is None else {"t2v": last["t2v"], "v2t": last["v2t"]},
-               "global_step": global_step, "time": total, "model": core, "step_losses": step_losses}
-    D.cleanup()
-    return summary
+                     stop, args.epochs, os.path.join(self.out_dir, CKPT))
+
+    def train_epoch(self, epoch: int) -> dict:
+        args = self.args
+        self.sampler.set_epoch(epoch)
+        seed_all(args.seed + 1000 * (epoch + 1) + self.info.rank)
+        stats = train_one_epoch(self.model, self.loader, self.optimizer, self.schedule, self.precision, self.scaler,
+                                epoch=epoch, global_step=self.global_step,
+                                accumulation=args.gradient_accumulation_steps, clip_grad_norm=args.clip_grad_norm,
+                                n_display=args.n_display, device=self.device, board=self.board,
+                                progress=self.progress, step_callback=self._remember_loss)
+        self.global_step = stats["global_step"]
+        log.info("epoch %d/%d finished: train loss %.4f, %d steps, %.1fs", epoch + 1, args.epochs,
+                 stats["loss"], stats["steps"], stats["time"])
+        if stats["samples"]:
+            msg = f"epoch {epoch + 1}: {stats['replaced']} of {stats['samples']} training samples had an " \
+                  "unreadable video and were replaced"
+            (log.warning if stats["replaced"] else log.info)(msg)
+        if self.board is not None:
+            self.board.scalars({"epoch_loss": stats["loss"], "bad_videos_replaced": stats["replaced"]},
+                               self.global_step, prefix="train/")
+        return stats
+
+    def _remember_loss(self, step: int, loss: float) -> None:
+        self.step_losses.append((step, loss))
+
+    def save(self, epochs_done: int, res: dict) -> None:
+        """results.json and ckpt.pth.tar (and ckpt.best.pth.tar on a new best), written atomically."""
+        r1 = res["t2v"]["R1"]
+        is_best = self.best_r1 <= r1
+        if is_best:
+            self.best_r1, self.best_epoch = r1, epochs_done
+            self.results["best"] = {"epoch": epochs_done, "global_step": self.global_step, "t2v": res["t2v"],
+                                    "v2t": res["v2t"]}
+        if self.info.is_main:
+            write_results(os.path.join(self.out_dir, "results.json"), self.results)
+            ckpt = make_checkpoint(self.core, self.optimizer, self.scaler, epochs_done, self.global_step,
+                                   self.best_r1, extra={
+                                       "best_epoch": self.best_epoch, "rng": rng_state(),
+                                       "schedule": self.schedule.state_dict(), "config": _plain_config(self.args),
+                                       "results": self.results})
+            atomic_torch_save(ckpt, os.path.join(self.out_dir, CKPT))
+            self.epochs_saved = epochs_done
+            if is_best:
+                atomic_torch_save(ckpt, os.path.join(self.out_dir, CKPT_BEST))
+            log.info("checkpoint: %s%s; best text-to-video R@1 %.2f (epoch %s)", os.path.join(self.out_dir, CKPT),
+                     " (new best)" if is_best else "", self.best_r1, self.best_epoch)
+        D.barrier()
+
+    # ---------------------------------------------------------------------------------- end
+    def stop(self, exc: BaseException) -> None:
+        """A video that fails to decode, or a file that cannot be written: one line, exit status 2; the
+        files already saved stay as they are (every write is atomic)."""
+        message = one_line(exc)
+        if isinstance(exc, BadVideoError) and not self.args.skip_bad_videos:
+            message += "; fix or remove the file, or pass --skip_bad_videos"
+        ckpt = os.path.join(self.out_dir, CKPT)
+        if self.args.do_train and self.epochs_saved and os.path.isfile(ckpt):
+            message += f"; {ckpt} (epoch {self.epochs_saved}) is intact: continue with --resume {ckpt}"
+        log_to_file_only(logging.ERROR, message)
+        if self.board is not None:
+            self.board.close()  # keep what was logged
+        fail(message)
+
+    def finish(self) -> dict:
+        if self.board is not None:
+            self.board.close()
+        total = time.time() - self.t_start
+        log.info("done in %.1fs. output: %s (log.txt, results.json, config.json%s%s)", total, self.out_dir,
+                 ", ckpt.pth.tar, ckpt.best.pth.tar" if self.args.do_train else "",
+                 ", tensorboard/" if self.board is not None else "")
+        D.barrier()
+        last = self.last
+        summary = {"results": self.results, "last": None if last is None else {"t2v": last["t2v"], "v2t": last["v2t"]},
+                   "global_step": self.global_step, "time": total, "model": self.core,
+                   "step_losses": self.step_losses}
+        D.cleanup()
+        return summary
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` in one line; for an error re-raised from a DataLoader worker (whose message
+    carries the worker's traceback) the original message, which is the text's last line."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[-1] if lines[0].startswith("Caught ") else lines[0]
+    name = type(exc).__name__
+    for prefix in (f"{type(exc).__module__}.{name}: ", f"{name}: "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    return text
+
+
+def _plain_config(args) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in vars(args).items()}
 
 
 def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, progress, out_dir) -> None:
@@ -321,8 +469,13 @@ def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, p
     core.eval()
     bank_t = encode_texts(core, texts, args.batch_size_val, args.num_thread_reader, device, precision, progress,
                           desc="train text (QB-norm)")
-    bank_v, _ = encode_videos(core, videos, args.batch_size_val, args.num_thread_reader, device, precision, progress,
-                              desc="train video (QB-norm)")
+    bank_v, unreadable = encode_videos(core, videos, args.batch_size_val, args.num_thread_reader, device, precision,
+                                       progress, desc="train video (QB-norm)")
+    if unreadable:  # --skip_bad_videos: left out of the bank
+        keep = torch.ones(bank_v.shape[0], dtype=torch.bool)
+        keep[unreadable] = False
+        bank_v = bank_v[keep]
+        log.warning("QB-norm query bank: %d unreadable training videos left out", len(unreadable))
     if was:
         core.train()
     if D.is_main_process():

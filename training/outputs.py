@@ -1,0 +1,96 @@
+"""The output folder of a run: checked before anything is written, so that a run never writes over
+another run (or an evaluation over a training run), and a path that cannot be written is reported in
+one line."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from training.checkpoint import remove_stale_temporary_files
+from training.config import fail
+
+CKPT = "ckpt.pth.tar"
+CKPT_BEST = "ckpt.best.pth.tar"
+CHECKPOINTS = (CKPT, CKPT_BEST)
+# what a run writes (see the README, "What a run writes"); tensorboard/ and *.npy matrices too
+RUN_FILES = CHECKPOINTS + ("results.json", "config.json", "log.txt")
+# a folder holds a run once it holds results: a checkpoint or results.json (a start that failed before its
+# first evaluation leaves only a log, which the next start appends to)
+RESULT_FILES = CHECKPOINTS + ("results.json",)
+
+
+def files_of_a_run(out_dir: str) -> list[str]:
+    """The names of the run files already in ``out_dir`` (empty when it holds no run)."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+    if os.path.isdir(os.path.join(out_dir, "tensorboard")):
+        found.append("tensorboard/")
+    found += sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "*_sim_matrix.npy")))
+    found += sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "*_train_test_*.npy")))
+    return found
+
+
+def _continues_the_run_in(args, out_dir: str) -> bool:
+    """--resume of a checkpoint inside out_dir, to go on training it."""
+    if not (args.do_train and args.resume) or args.load_from_pretrained:
+        return False
+    return os.path.realpath(os.path.dirname(os.path.abspath(args.resume))) == os.path.realpath(out_dir)
+
+
+def check_output_dir(args) -> None:
+    """Stop with one line, before anything is written, when --output_dir cannot be used by this run."""
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--output_dir {out} is a file, not a folder")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        fail(f"--output_dir {out} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--output_dir {out} is not writable (permission denied on {existing})")
+    held = files_of_a_run(out)
+    if not any(name in held for name in RESULT_FILES) or _continues_the_run_in(args, out):
+        return
+    listing = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+    if not args.do_train:
+        if any(name in held for name in CHECKPOINTS):
+            fail(f"--output_dir {out} holds a training run ({listing}); an evaluation writes to a folder of its "
+                 "own: pass another --output_dir")
+        if not args.overwrite_output_dir:
+            fail(f"--output_dir {out} already holds an evaluation ({listing}); pass another --output_dir, or "
+                 "--overwrite_output_dir to replace it")
+        return
+    if not args.overwrite_output_dir:
+        resume = f"continue it with --resume {os.path.join(out, CKPT)}, " if CKPT in held else ""
+        fail(f"--output_dir {out} already holds a run ({listing}); {resume}start it over with --overwrite_output_dir, "
+             "or pass another --output_dir")
+
+
+def prepare_output_dir(args, is_main: bool) -> list[str]:
+    """Create --output_dir (main process); with --overwrite_output_dir remove the earlier run's files; remove
+    temporary files a killed write left. Returns what was done, for the log (logging starts after this)."""
+    out = args.output_dir
+    notes: list[str] = []
+    if not is_main:
+        return notes
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        fail(f"--output_dir {out} cannot be created ({os.strerror(exc.errno).lower() if exc.errno else exc})")
+    held = files_of_a_run(out)
+    starting_over = args.overwrite_output_dir and not _continues_the_run_in(args, out)
+    if starting_over and any(name in held for name in RESULT_FILES):
+        for name in held:
+            path = os.path.join(out, name.rstrip("/"))
+            try:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            except OSError as exc:
+                fail(f"--overwrite_output_dir: cannot remove {path} ({os.strerror(exc.errno).lower()})")
+        notes.append(f"--overwrite_output_dir: removed the earlier run's {', '.join(held)}")
+    stale = remove_stale_temporary_files(out)
+    if stale:
+        notes.append(f"removed {len(stale)} temporary file(s) left by an interrupted write: {', '.join(stale)}")
+    return notes
