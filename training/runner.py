@@ -21,6 +21,7 @@ from training.checkpoint import (atomic_np_save, atomic_torch_save, is_own_check
 from training.config import config_to_json, fail, resolve_clip_path
 from training.engine import Precision, evaluate, log_eval, train_one_epoch, unwrap
 from training.logs import Board, close_logging, setup_logging, write_results
+from training.model_options import apply_model_options
 from training.optim import WarmupCosineSchedule, build_optimizer, total_optimization_steps
 
 log = logging.getLogger("dgl")
@@ -115,6 +116,7 @@ def _run(args, info, device, out_dir, progress, t_start, model, tokenizer, train
 
     model.to(device)
     core = model
+    apply_model_options(core, args, info.world_size)
     n_train = sum(p.numel() for _, p in core.trainable_parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in core.parameters())
     log.info("trainable parameters: %d (%.2fM) of %d (%.2f%%)", n_train, n_train / 1e6, n_all,
@@ -233,7 +235,8 @@ def _run(args, info, device, out_dir, progress, t_start, model, tokenizer, train
                                     global_step=global_step, accumulation=args.gradient_accumulation_steps,
                                     clip_grad_norm=args.clip_grad_norm, n_display=args.n_display, device=device,
                                     board=board, progress=progress,
-                                    step_callback=lambda step, loss: step_losses.append((step, loss)))
+                                    step_callback=lambda step, loss: step_losses.append((step, loss)),
+                                    contrastive_chunk_size=args.contrastive_chunk_size)
             global_step = stats["global_step"]
             log.info("epoch %d/%d finished: train loss %.4f, %d steps, %.1fs", epoch + 1, args.epochs,
                      stats["loss"], stats["steps"], stats["time"])
