@@ -4,10 +4,11 @@ gradient checkpointing (--grad_checkpointing), on random weights in a ViT-B shap
     python benchmarks/bench_train_memory.py                                 # ViT-B/32, 12 layers, 12 frames, batch 32
     python benchmarks/bench_train_memory.py --layers 4 --frames 4 --batch 16 --chunks 8,4 --repeats 2  # quick, CPU
     python benchmarks/bench_train_memory.py --device cuda --batch 128 --chunks 64,32,16 --precision amp
+    python benchmarks/bench_train_memory.py --compile ...    # also torch.compile'd encoders (train and eval)
 
 Every configuration runs in its own process, on the same weights and batch; its prompt gradients are
 compared with the plain step's first (max relative difference printed). Memory on CPU is the peak
-resident set during the timed steps above the resident set before them (Linux VmHWM, as in
+resident set during the steps above the resident set before them (Linux VmHWM, as in
 bench_model.py); on CUDA it is torch's peak allocation during the steps (weights included).
 Seconds are medians per optimiser step (forward, backward, AdamW).
 """
@@ -20,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -28,14 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_model import build, inputs, peak_rss_mb, reset_peak_rss, time_it  # noqa: E402
 from training.gradcache import gradcache_step  # noqa: E402
+from training.model_options import compile_encoders, compile_seconds  # noqa: E402
 
 
-def configurations(args) -> list[tuple[str, int, bool]]:
-    """(label, chunk size (0 = plain), checkpointing)."""
+def configurations(args) -> list[tuple[str, int, bool, bool]]:
+    """(label, chunk size (0 = plain), checkpointing, compiled encoders)."""
     chunks = [int(c) for c in args.chunks.split(",") if c]
-    configs = [("plain", 0, False), ("checkpointing", 0, True)]
-    configs += [(f"chunks of {c}", c, False) for c in chunks]
-    configs += [(f"chunks of {c} + checkpointing", c, True) for c in chunks[-1:]]
+    configs = [("plain", 0, False, False), ("checkpointing", 0, True, False)]
+    configs += [(f"chunks of {c}", c, False, False) for c in chunks]
+    configs += [(f"chunks of {c} + checkpointing", c, True, False) for c in chunks[-1:]]
+    if args.compile:
+        configs += [("plain, compiled", 0, False, True)]
     return configs
 
 
@@ -51,6 +56,8 @@ def precision_context(args):
 def run_worker(args) -> dict:
     torch.set_num_threads(args.threads)
     model = build(args).set_grad_checkpointing(args.checkpointing)
+    if args.compiled:
+        compile_encoders(model)
     ids, video, mask = inputs(args)
     params = [p for _, p in model.trainable_parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -77,18 +84,28 @@ def run_worker(args) -> dict:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    # The memory window opens before the first step: memory freed by a step may stay in the process.
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    before = reset_peak_rss()
+    start = time.perf_counter()
     forward_backward()  # the gradients of the first step, for the comparison
+    first_step = time.perf_counter() - start
     if scaler is not None:
         scaler.unscale_(optimizer)
     torch.save(torch.cat([p.grad.flatten().float().cpu() for p in params if p.grad is not None]), args.grads_out)
     optimizer.zero_grad(set_to_none=True)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    before = reset_peak_rss()
     seconds = time_it(train_step, args)
     memory = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
               else peak_rss_mb() - before)
-    return {"seconds": seconds, "memory_mb": memory}
+    result = {"seconds": seconds, "memory_mb": memory, "first_step_seconds": first_step}
+    if args.compiled:  # the evaluation forward too: compiled (its first call compiles) and eager
+        eager_encode_video = type(model).encode_video.__get__(model)
+        with torch.no_grad(), autocast():
+            result["eval_seconds"] = time_it(lambda: model.encode_video(video, mask), args)
+            result["eval_eager_seconds"] = time_it(lambda: eager_encode_video(video, mask), args)
+        result["compile_seconds"] = compile_seconds(model)  # first calls, compilation included
+    return result
 
 
 def main():
@@ -107,13 +124,17 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--worker", nargs=3, metavar=("CHUNK", "CHECKPOINTING", "GRADS_OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true",
+                        help="also the plain step and the evaluation forward with torch.compile'd encoders")
+    parser.add_argument("--worker", nargs=4, metavar=("CHUNK", "CHECKPOINTING", "COMPILED", "GRADS_OUT"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.precision == "amp" and not args.device.startswith("cuda"):
         parser.error("--precision amp needs --device cuda")
 
     if args.worker:
-        args.chunk, args.checkpointing, args.grads_out = int(args.worker[0]), bool(int(args.worker[1])), args.worker[2]
+        args.chunk, args.checkpointing, args.compiled = (int(a) for a in args.worker[:3])
+        args.grads_out = args.worker[3]
         print(json.dumps(run_worker(args)))
         return
 
@@ -123,9 +144,9 @@ def main():
                                 "threads", "warmup", "repeats") for a in (f"--{name}", str(getattr(args, name)))]
     results, grads = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, chunk, ckpt in configurations(args):
+        for label, chunk, ckpt, compiled in configurations(args):
             grads_out = os.path.join(tmp, f"{len(results)}.pt")
-            cmd = [sys.executable, __file__] + forwarded + ["--worker", str(chunk), str(int(ckpt)), grads_out]
+            cmd = [sys.executable, __file__] + forwarded + ["--worker", str(chunk), str(int(ckpt)), str(int(compiled)), grads_out]
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
             if out.returncode != 0:
                 sys.exit(f"benchmark worker failed ({label}):\n{out.stderr}")
@@ -142,6 +163,12 @@ def main():
                  max_relative_grad_difference=diff)
         print(f"{label:30} {r['seconds']:8.3f} {r['time_ratio']:8.2f} {r['memory_mb']:8.0f} {r['memory_ratio']:8.2f} "
               f"{diff:9.1e}")
+    compiled = results.get("plain, compiled")
+    if compiled:
+        print(f"torch.compile: compilation (first calls) {compiled['compile_seconds']:.1f}s; train step "
+              f"{plain['seconds'] / compiled['seconds']:.2f}x, evaluation forward "
+              f"{compiled['eval_eager_seconds'] / compiled['eval_seconds']:.2f}x faster than eager "
+              f"({compiled['eval_eager_seconds']:.3f}s -> {compiled['eval_seconds']:.3f}s)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
