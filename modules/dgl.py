@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .clip import CLIP, QuickGELU, ResidualAttentionBlock, build_clip, load_clip_state_dict
 
@@ -246,6 +247,7 @@ class DGL(nn.Module):
         self.global_prompts = nn.Parameter(torch.empty(1, config.global_visual_prompt_length, cc.vision_width))
         nn.init.uniform_(self.global_prompts, -bound, bound)
         self._official_names = _OFFICIAL_NAMES[config.shared_latent_space]
+        self.grad_checkpointing = False  # see set_grad_checkpointing
         self.register_state_dict_post_hook(DGL._to_official_layout)
         self.register_load_state_dict_pre_hook(DGL._from_official_layout)
 
@@ -273,6 +275,13 @@ class DGL(nn.Module):
 
     def prompts(self) -> Prompts:
         return self.prompt_generator()
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> "DGL":
+        """Keep only each vision block's input for the backward pass and recompute the rest there: the
+        video tower's activation memory drops to one tensor per block, for about one more forward pass
+        of compute. The results are the same."""
+        self.grad_checkpointing = bool(enabled)
+        return self
 
     # ----------------------------------------------------------------------------- text
     def encode_text(self, ids: torch.Tensor, prompts: Prompts | None = None) -> torch.Tensor:
@@ -339,7 +348,11 @@ class DGL(nn.Module):
             if 0 < layer < cfg.unified_transformer_layers:  # overwrite each frame's local prompt slots
                 f = x[:, G:].view(B, T, L, W)
                 x = torch.cat([x[:, :G], with_prompts(f, layer).flatten(1, 2)], dim=1)
-            x = (block_fn or global_local_block)(block, x, G, T, key_mask)
+            step = block_fn or global_local_block
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(step, block, x, G, T, key_mask, use_reentrant=False)
+            else:
+                x = step(block, x, G, T, key_mask)
 
         return self._pool_video(x, B, T, L, video_mask)
 

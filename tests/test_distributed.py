@@ -73,13 +73,17 @@ def _grad_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    data = ToyData(num_videos=8)
-    model = torch.nn.parallel.DistributedDataParallel(tiny_dgl(seed=1), find_unused_parameters=True)
-    sl = slice(rank * 4, rank * 4 + 4)
-    loss = model(data.ids[sl], data.videos[sl], data.masks[sl])["loss"]
-    loss.backward()
-    if rank == 0:
-        grads = {n: p.grad.clone() for n, p in model.module.trainable_parameters() if p.grad is not None}
-        torch.save(grads, os.path.join(out, "grads.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    try:
+        data = ToyData(num_videos=8)
+        model = torch.nn.parallel.DistributedDataParallel(tiny_dgl(seed=1), find_unused_parameters=True)
+        sl = slice(rank * 4, rank * 4 + 4)
+        loss = model(data.ids[sl], data.videos[sl], data.masks[sl])["loss"]
+        loss.backward()
+        if rank == 0:
+            grads = {n: p.grad.clone() for n, p in model.module.trainable_parameters() if p.grad is not None}
+            torch.save(grads, os.path.join(out, "grads.pt"))
+        # DDP's reducer and the autograd graph hold the process group: release them before destroying it
+        del model, loss
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

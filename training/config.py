@@ -122,6 +122,16 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     g.add_argument("--beta1", type=float, default=0.9)
     g.add_argument("--beta2", type=float, default=0.98)
     g.add_argument("--eps", type=float, default=1e-6)
+    g.add_argument("--contrastive_chunk_size", type=int, default=0,
+                   help="encode at most this many samples at once and cache the loss gradients (gradient "
+                        "caching): the contrastive loss and gradients stay those of the whole batch of all "
+                        "processes, on the memory of this chunk (0 = the whole micro-batch at once)")
+    g.add_argument("--grad_checkpointing", type=int, nargs="?", const=1, default=0, choices=[0, 1],
+                   help="recompute the vision blocks' activations in the backward pass instead of keeping "
+                        "them (less memory, more compute; same results)")
+    g.add_argument("--compile", type=int, nargs="?", const=1, default=0, choices=[0, 1],
+                   help="torch.compile the text and video encoders (training and evaluation; the first "
+                        "calls compile, their time is logged)")
 
     g = p.add_argument_group("model (DGL)")
     g.add_argument("--shared_latent_space", type=str, default="transformer", choices=["transformer", "linear"])
@@ -215,6 +225,8 @@ def validate(args, parser) -> argparse.Namespace:
         err("--warmup_proportion must be in [0, 1)")
     if args.clip_grad_norm is not None and args.clip_grad_norm < 0:
         err("--clip_grad_norm must be >= 0 (0 disables clipping)")
+    if args.contrastive_chunk_size < 0:
+        err("--contrastive_chunk_size must be >= 0 (0 = the whole micro-batch at once)")
     if args.n_display < 1:
         err("--n_display must be >= 1")
     if args.num_thread_reader < 0:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Subset
 
 from modules.metrics import DSL_LABEL, dsl_metrics, format_metrics, metrics_from_ranks, retrieval_ranks
 from training import distributed as D
+from training.gradcache import gradcache_step
 from training.logs import LOGGER_NAME
 
 log = logging.getLogger(LOGGER_NAME)
@@ -91,8 +92,13 @@ def _to(batch: dict, device) -> dict:
 # ------------------------------------------------------------------------------------------ training
 def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, scaler, *, epoch: int,
                     global_step: int, accumulation: int, clip_grad_norm: float | None, n_display: int,
-                    device, board=None, progress: bool = True, step_callback=None) -> dict:
-    """Train for one pass over ``loader``; returns dict(loss, global_step, replaced, steps, time)."""
+                    device, board=None, progress: bool = True, step_callback=None,
+                    contrastive_chunk_size: int = 0) -> dict:
+    """Train for one pass over ``loader``; returns dict(loss, global_step, replaced, steps, time).
+
+    contrastive_chunk_size > 0 (smaller than the micro-batch): gradient caching (training/gradcache.py),
+    the same loss and gradients with the encoders' activations of that many samples at a time.
+    """
     model.train()
     core = unwrap(model)
     params = [p for _, p in core.trainable_parameters() if p.requires_grad]
@@ -107,6 +113,10 @@ def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, sc
         from tqdm import tqdm
         bar = tqdm(total=usable, desc=f"train epoch {epoch + 1}", leave=False, dynamic_ncols=True)
     lr = schedule.lr_at(global_step)
+
+    def scale_loss(loss):  # what is back-propagated: the micro-batch's share, scaled for AMP
+        return scaler.scale(loss / accumulation) if scaler is not None else loss / accumulation
+
     for i, batch in enumerate(loader):
         if i >= usable:  # an incomplete accumulation group at the end of the epoch is dropped
             break
@@ -121,19 +131,20 @@ def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, sc
         update = (i + 1) % accumulation == 0
         sync = contextlib.nullcontext() if (update or not ddp) else model.no_sync()
         with sync:
-            with precision.autocast():
-                out = model(batch["input_ids"], batch["video"], batch["video_mask"])
-                loss = out["loss"] if isinstance(out, dict) else out
+            if 0 < contrastive_chunk_size < batch["input_ids"].shape[0]:
+                loss = gradcache_step(model, batch["input_ids"], batch["video"], batch["video_mask"],
+                                      contrastive_chunk_size, autocast=precision.autocast,
+                                      scale_loss=scale_loss, sync_grads=update)
+            else:
+                with precision.autocast():
+                    out = model(batch["input_ids"], batch["video"], batch["video_mask"])
+                    loss = out["loss"] if isinstance(out, dict) else out
+                scale_loss(loss).backward()
             loss_value = float(loss.detach().float())
             if not math.isfinite(loss_value):
                 if scaler is None:
                     raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1}, step {global_step}")
                 log.warning("loss is %s at step %d; the AMP grad scaler skips this update", loss_value, global_step)
-            scaled = loss / accumulation
-            if scaler is not None:
-                scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
         total_loss += loss_value
         n_loss += 1
         if update:

@@ -24,6 +24,7 @@ from training.config import config_to_json, fail, resolve_clip_path
 from training.data_checks import leave_out_bad_video_files
 from training.engine import Precision, evaluate, log_eval, train_one_epoch, unwrap
 from training.logs import Board, close_logging, log_to_file_only, progress_bars_wanted, setup_logging, write_results
+from training.model_options import apply_model_options
 from training.optim import WarmupCosineSchedule, build_optimizer, total_optimization_steps
 from training.qb_bank import save_caption_video_index, save_train_train
 from training.query_ranks import evaluation_extras, write_query_ranks
@@ -174,6 +175,7 @@ class Run:
         """Model on its device (DDP-wrapped when distributed), training loader, optimiser, schedule, scaler."""
         args, info = self.args, self.info
         self.core.to(self.device)
+        apply_model_options(self.core, self.args, info.world_size)  # --grad_checkpointing, --compile
         if info.distributed:
             ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
             # the postfix text prompts never get a gradient (published quirk), hence find_unused_parameters
@@ -348,7 +350,8 @@ class Run:
                                 epoch=epoch, global_step=self.global_step,
                                 accumulation=args.gradient_accumulation_steps, clip_grad_norm=args.clip_grad_norm,
                                 n_display=args.n_display, device=self.device, board=self.board,
-                                progress=self.progress, step_callback=self._remember_loss)
+                                progress=self.progress, step_callback=self._remember_loss,
+                                contrastive_chunk_size=args.contrastive_chunk_size)
         self.global_step = stats["global_step"]
         log.info("epoch %d/%d finished: train loss %.4f, %d steps, %.1fs", epoch + 1, args.epochs,
                  stats["loss"], stats["steps"], stats["time"])
