@@ -19,6 +19,7 @@ from training import distributed as D
 from training.checkpoint import (atomic_np_save, atomic_torch_save, is_own_checkpoint, load_checkpoint_file,
                                  make_checkpoint, rng_state, set_rng_state)
 from training.config import config_to_json, fail, resolve_clip_path
+from training.cpu import apply_cpu_settings, restore as restore_cpu_settings
 from training.engine import Precision, evaluate, log_eval, train_one_epoch, unwrap
 from training.logs import Board, close_logging, setup_logging, write_results
 from training.optim import WarmupCosineSchedule, build_optimizer, total_optimization_steps
@@ -92,6 +93,7 @@ def run(args, *, model=None, tokenizer=None, train_dataset=None, test_dataset=No
         return _run(args, info, device, out_dir, progress, t_start, model, tokenizer, train_dataset,
                     test_dataset, bank_dataset)
     finally:
+        restore_cpu_settings()
         close_logging()
 
 
@@ -101,9 +103,10 @@ def _run(args, info, device, out_dir, progress, t_start, model, tokenizer, train
                  info.rank, device)
     else:
         log.info("single process on %s", device)
-    precision = Precision(args.precision, device)
+    precision = Precision(args.precision, device, getattr(args, "eval_precision", None))
     if precision.note:
         log.warning(precision.note)
+    apply_cpu_settings(args, device, model, precision)
 
     if getattr(args, "clip_path", None):
         log.info("CLIP weights: %s", args.clip_path)
