@@ -262,9 +262,15 @@ def measure_attention(shape, dtype: torch.dtype) -> dict:
     return _compare(timers)
 
 
+@functools.lru_cache(maxsize=None)
+def _cached_attention_times(shape: tuple, dtype: torch.dtype, threads: int) -> dict:
+    return measure_attention(shape, dtype)
+
+
 def choose_attention(shape, dtype: torch.dtype) -> tuple[list, list, dict]:
-    """(eval backends, train backends, times) for the model's local attention ``shape``."""
-    times = measure_attention(shape, dtype)
+    """(eval backends, train backends, times) for the model's local attention ``shape`` (measured once
+    per process, shape, dtype and thread count)."""
+    times = _cached_attention_times(tuple(shape), dtype, torch.get_num_threads())
 
     def pick(direction):
         flash, math = times[("flash", direction)], times[("math", direction)]
@@ -375,6 +381,8 @@ def apply_cpu_settings(args, device: torch.device, model, precision, split: Core
                  "bf16 by autocast alone")
         return
     log.info(choose_fp32_path().describe())
+    if not (hasattr(model, "clip") and hasattr(model, "config")):
+        return
     train_dtype = torch.bfloat16 if precision.dtype == torch.bfloat16 else torch.float32
     shape = local_attention_shape(model)
     eval_b, train_b, _ = choose_attention(shape, precision.eval_video_dtype or torch.float32)
