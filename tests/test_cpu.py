@@ -66,6 +66,11 @@ def test_torchrun_processes_share_the_machine(monkeypatch):
     assert a.threads + a.num_thread_reader <= 4 and a.threads >= 1
     a = parse_args(["--output_dir", "o", "--do_eval", "1", "--device", "cpu", "--threads", "3"])
     assert (a.threads, a.num_thread_reader) == (3, 1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("WORLD_SIZE", "8")  # another launcher: assume every process is on this machine
+    assert cpu.processes_on_this_machine() == 8
+    a = parse_args(["--output_dir", "o", "--do_eval", "1", "--device", "cpu"])
+    assert (a.threads, a.num_thread_reader) == (2, 0)
 
 
 # ------------------------------------------------------------------------------------------ fp32
@@ -166,6 +171,14 @@ def test_bf16_training_run_saves_fp32_checkpoints(tmp_path):
     w = "module.clip.visual.transformer.resblocks.0.attn.in_proj_weight"
     assert torch.equal(sd[w], clip_before["visual.transformer.resblocks.0.attn.in_proj_weight"])
     assert s["model"].clip.visual.proj.dtype == torch.float32  # the run restored the model
+
+
+@pytest.mark.parametrize("precision,eval_precision", [("bf16", "fp32"), ("amp", None), ("fp32", "bf16")])
+def test_backbone_stays_fp32_unless_every_use_is_bf16(tmp_path, precision, eval_precision):
+    flags = {"precision": precision} | ({"eval_precision": eval_precision} if eval_precision else {})
+    s = run_toy(str(tmp_path / "r"), epochs=1, **flags)  # evaluates in fp32 (videos in bf16 for the last)
+    assert all(np.isfinite(loss) for _, loss in s["step_losses"])
+    assert "stored in bf16" not in (tmp_path / "r" / "log.txt").read_text()
 
 
 def test_bf16_video_evaluation_matches_fp32(tmp_path):

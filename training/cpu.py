@@ -56,11 +56,14 @@ def available_cores() -> int:
 
 
 def processes_on_this_machine() -> int:
-    """Processes torchrun started on this machine (1 without torchrun)."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+    """Processes started on this machine: torchrun's LOCAL_WORLD_SIZE; without it (other launchers) all
+    WORLD_SIZE processes are assumed to share this machine; 1 outside a distributed run."""
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        try:
+            return max(1, int(os.environ[name]))
+        except (KeyError, ValueError):
+            continue
+    return 1
 
 
 @dataclass
@@ -366,12 +369,12 @@ def bf16_speedup() -> float:
 
 
 # ------------------------------------------------------------------------------------------ a run
-def apply_cpu_settings(args, device: torch.device, model, precision, split: CoreSplit | None = None) -> None:
+def apply_cpu_settings(args, device: torch.device, model, precision) -> None:
     """Threads, fp32 product path, attention backends and bf16 storage for a run of main.py; logs each.
 
     ``precision`` (training.engine.Precision) gets the attention backends to use.
     """
-    split = split or resolve_core_split(args)
+    split = resolve_core_split(args)
     set_threads(split.threads)
     (log.warning if split.oversubscribed else log.info)("cores: %s", split.note)
     if device.type != "cpu":
@@ -381,20 +384,36 @@ def apply_cpu_settings(args, device: torch.device, model, precision, split: Core
                  "bf16 by autocast alone")
         return
     log.info(choose_fp32_path().describe())
-    if not (hasattr(model, "clip") and hasattr(model, "config")):
-        return
-    train_dtype = torch.bfloat16 if precision.dtype == torch.bfloat16 else torch.float32
+    if hasattr(model, "clip") and hasattr(model, "config"):  # a DGL model
+        _set_attention_backends(model, precision)
+        _store_backbone_if_always_bf16(model, precision)
+    _warn_if_bf16_is_slow(precision)
+
+
+def _set_attention_backends(model, precision) -> None:
+    fp32, bf16 = torch.float32, torch.bfloat16
+    train_dtype = bf16 if precision.dtype == bf16 else fp32
+    eval_dtype = precision.eval_video_dtype or fp32
     shape = local_attention_shape(model)
-    eval_b, train_b, _ = choose_attention(shape, precision.eval_video_dtype or torch.float32)
-    if train_dtype != (precision.eval_video_dtype or torch.float32):
+    eval_b, train_b, _ = choose_attention(shape, eval_dtype)
+    if train_dtype != eval_dtype:
         _, train_b, _ = choose_attention(shape, train_dtype)
     precision.eval_attention, precision.train_attention = eval_b, train_b
     log.info("attention backend (measured on %s): evaluation %s, training %s", "x".join(map(str, shape)),
              backend_name(eval_b), backend_name(train_b))
-    if precision.name == "bf16":
+
+
+def _store_backbone_if_always_bf16(model, precision) -> None:
+    """Only when every use of the backbone runs under bf16 autocast (not with --eval_precision fp32,
+    nor with --precision amp, which evaluates in fp32)."""
+    bf16 = torch.bfloat16
+    if precision.dtype == bf16 and precision.eval_video_dtype == bf16 and precision.eval_text_dtype == bf16:
         stored = store_backbone_in_bf16(model)
         log.info("bf16: %d frozen backbone tensors stored in bf16 (checkpoints keep them in fp32)", len(stored))
-    if precision.eval_video_dtype == torch.bfloat16 or precision.dtype == torch.bfloat16:
+
+
+def _warn_if_bf16_is_slow(precision) -> None:
+    if torch.bfloat16 in (precision.dtype, precision.eval_video_dtype):
         speedup = bf16_speedup()
         if speedup < 1.0:
             log.warning("bf16 matrix products run at %.2fx the fp32 rate on this CPU (no native bf16): "
