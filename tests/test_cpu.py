@@ -198,3 +198,15 @@ def test_bf16_video_evaluation_matches_fp32(tmp_path):
     assert 0 < float((f32 - b16).abs().max()) < 0.05 * float(f32.abs().max())  # bf16 was used, within tolerance
     assert torch.equal(results["fp32"]["text_features"], results["bf16"]["text_features"])  # texts stay fp32
     np.testing.assert_allclose(results["bf16"]["sim"], results["fp32"]["sim"], atol=0.05 * np.abs(results["fp32"]["sim"]).max())
+
+
+def test_inference_settings_for_encoding_tools():
+    model = tiny_dgl(width=128, max_frames=3).eval()
+    ids, video, mask = _inputs(model)
+    with torch.no_grad():
+        reference = model.encode_video(video, mask)
+    precision = cpu.inference_settings(model, "cpu", threads=1)
+    assert torch.get_num_threads() == 1 and precision.eval_attention is not None
+    with torch.no_grad(), precision.eval_video_autocast():
+        got = model.encode_video(video, mask)
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)

@@ -420,6 +420,23 @@ def _warn_if_bf16_is_slow(precision) -> None:
                         "bf16 is slower than fp32 here", speedup)
 
 
+def inference_settings(model, device: torch.device | str = "cpu", threads: int | None = None,
+                       eval_precision: str | None = None):
+    """The same start-up choices for a tool that only encodes (e.g. indexing a folder of videos):
+    threads (all cores by default), fp32 product path, attention backend. Returns the
+    training.engine.Precision whose ``eval_autocast()`` / ``eval_video_autocast()`` to encode under.
+    ``restore()`` undoes the settings."""
+    import argparse
+
+    from training.engine import Precision
+
+    device = torch.device(device)
+    precision = Precision("fp32", device, eval_precision)
+    args = argparse.Namespace(threads=threads, num_thread_reader=0, device=device.type, gpu=None, cpu_tuning=1)
+    apply_cpu_settings(args, device, model, precision)
+    return precision
+
+
 def restore() -> None:
     """Undo every process-global setting made here (newest first)."""
     while _undo:
