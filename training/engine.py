@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Subset
 
 from modules.metrics import format_metrics, text_to_video_metrics, video_to_text_metrics
 from training import distributed as D
+from training.cpu import backends_context
 from training.logs import LOGGER_NAME
 
 log = logging.getLogger(LOGGER_NAME)
@@ -64,8 +65,6 @@ class Precision:
         self.eval_attention = None
 
     def _context(self, dtype, backends):
-        from training.cpu import backends_context
-
         stack = contextlib.ExitStack()
         if dtype is not None:
             stack.enter_context(torch.autocast(device_type=self.device_type, dtype=dtype))
