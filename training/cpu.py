@@ -185,7 +185,9 @@ class Fp32Check:
 
     def describe(self) -> str:
         path = "oneDNN" if self.use_onednn else "MKL"
-        if not self.exact:
+        if self.error_onednn != self.error_onednn:  # nan: not checked
+            why = "this PyTorch cannot route fp32 products to oneDNN"
+        elif not self.exact:
             why = (f"oneDNN computes them in reduced precision here (error {self.error_onednn:.1e} against "
                    f"float64, MKL {self.error_mkl:.1e})")
         else:
@@ -196,6 +198,9 @@ class Fp32Check:
 
 def check_onednn_fp32() -> Fp32Check:
     """Whether oneDNN's fp32 products keep fp32 accuracy (against float64) and are faster than MKL's."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if not torch.backends.mkldnn.is_available() or not hasattr(matmul, "fp32_precision"):
+        return Fp32Check(exact=False, error_mkl=float("nan"), error_onednn=float("nan"), speedup=0.0)
     products = _products(torch.Generator().manual_seed(0))
     error = {}
     for on in (False, True):
