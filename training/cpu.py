@@ -267,7 +267,7 @@ def measure_attention(shape, dtype: torch.dtype) -> dict:
     for name, backends in (("math", [MATH]), ("flash", [FLASH, MATH])):
         for direction in ("eval", "train"):
             timers[(name, direction)] = _attention_timer(shape, dtype, backends, direction == "train")
-    return _compare(timers)
+    return _compare(timers, repeats=5)
 
 
 @functools.lru_cache(maxsize=None)
