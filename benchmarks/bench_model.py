@@ -9,10 +9,21 @@
 All three are checked to give the same features and prompt gradients before timing. A plain CLIP
 image forward over the same frames gives the cost of the prompt tokens themselves.
 
+Ours runs twice: with PyTorch's defaults ("default": MKL fp32 products, PyTorch's attention choice,
+bf16 by autocast alone) and with the CPU settings main.py chooses at start-up ("tuned", training/cpu.py:
+oneDNN fp32 products where exact and faster, the measured attention backend, the frozen backbone stored
+in bf16). The tuned results are checked against the default ones first.
+
+The limit: this machine's best matrix-product rate per precision is measured first (fp32 through MKL
+and through oneDNN - the latter only where it is exact - and bf16), the FLOPs of a training step and
+of an evaluation forward are counted (torch's FLOP counter, attention included), and every time is
+printed with its rate and its fraction of the best rate of its precision.
+
     python benchmarks/bench_model.py                    # ViT-B/32 shape: 12 layers, 224 px, 12 frames
     python benchmarks/bench_model.py --layers 4         # the shape of the published-code reference timing
     python benchmarks/bench_model.py --precision fp32   # fp32 only (default: fp32 and bf16)
     python benchmarks/bench_model.py --rounds 3         # medians over 3 interleaved sweeps
+    python benchmarks/bench_model.py --impls ours        # default vs tuned only
 
 Each configuration runs in its own process. Memory on CPU is the peak resident set during the timed
 loop above the resident set before it (activations and temporaries, not weights; Linux's VmHWM,
@@ -39,8 +50,10 @@ import modules.dgl as dgl_module  # noqa: E402
 from benchmarks import published_reference as published  # noqa: E402
 from modules.clip import CLIP, CLIPConfig  # noqa: E402
 from modules.dgl import DGL, DGLConfig, contrastive_loss  # noqa: E402
+from training import cpu  # noqa: E402
 
 IMPLS = ("ours", "published", "loop")
+SETUPS = ("default", "tuned")
 
 
 def per_frame_loop_block(block, x, num_global, num_frames, key_padding_mask=None):
@@ -157,13 +170,33 @@ def training_loss(model: DGL, impl: str, ids, video, mask) -> torch.Tensor:
     return contrastive_loss(model.similarity(encode_text(ids), encode_video(video, mask)))
 
 
+def tune(args, model: DGL, mode: str):
+    """The CPU settings main.py chooses (training/cpu.py); returns the attention context to time under."""
+    if not args.device.startswith("cpu"):
+        return contextlib.nullcontext(), "not on CPU: PyTorch's defaults"
+    fp32 = cpu.choose_fp32_path()
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    eval_b, train_b, _ = cpu.choose_attention(cpu.local_attention_shape(model, args.frames), dtype)
+    backends = train_b if mode == "train" else eval_b
+    if args.precision == "bf16":
+        cpu.store_backbone_in_bf16(model)
+    return cpu.backends_context(backends), f"{fp32.describe()}; attention {cpu.backend_name(backends)}"
+
+
 def run_worker(args) -> dict:
-    """One measurement (impl x mode x precision) in this process."""
+    """One measurement (impl x mode x precision x setup) in this process."""
     torch.set_num_threads(args.threads)
     model = build(args)
     ids, video, mask = inputs(args)
     optimizer = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-4)
     _, encode_video = encoders(model, args.impl)
+    if args.setup == "tuned":
+        attention, note = tune(args, model, args.mode)
+    else:
+        attention, note = contextlib.nullcontext(), "PyTorch's defaults"
+        if args.device.startswith("cpu"):  # the same start-up measurements, not applied (same allocator history)
+            cpu.check_onednn_fp32()
+            cpu.choose_attention(cpu.local_attention_shape(model, args.frames), torch.float32)
 
     def train_step():
         with autocast(args):
@@ -184,28 +217,110 @@ def run_worker(args) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     before = reset_peak_rss()
-    with attention_impl(args.impl):
+    with attention_impl(args.impl), attention:
         seconds = time_it(fn, args)
     memory = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
               else peak_rss_mb() - before)
-    return {"seconds": seconds, "memory_mb": memory}
+    return {"seconds": seconds, "memory_mb": memory, "note": note}
+
+
+def features_and_grads(model: DGL, impl: str, ids, video, mask, context=contextlib.nullcontext):
+    model.zero_grad(set_to_none=True)
+    with attention_impl(impl), context():
+        features = encoders(model, impl)[1](video, mask)
+        training_loss(model, impl, ids, video, mask).backward()
+    grads = torch.cat([p.grad.flatten() for _, p in model.trainable_parameters() if p.grad is not None])
+    return features.detach().float(), grads
+
+
+def max_difference(a, b) -> tuple[float, float]:
+    """(max abs difference, max abs of b) over features and gradients."""
+    return (max(float((x - y).abs().max()) for x, y in zip(a, b)), max(float(y.abs().max()) for y in b))
 
 
 def check_same_results(args) -> dict:
-    """Max abs difference to ours of each baseline (video features and prompt gradients, fp32)."""
+    """Max abs difference to ours (default setup, fp32) of each baseline and of the tuned setups
+    (video features and prompt gradients), with the largest magnitude for scale."""
     model = build(args)
     ids, video, mask = inputs(args)
-    results = {}
-    for impl in IMPLS:
-        model.zero_grad(set_to_none=True)
-        with attention_impl(impl):
-            features = encoders(model, impl)[1](video, mask)
-            training_loss(model, impl, ids, video, mask).backward()
-        grads = torch.cat([p.grad.flatten() for _, p in model.trainable_parameters() if p.grad is not None])
-        results[impl] = (features.detach(), grads)
-    ours = results["ours"]
-    return {impl: max(float((f - ours[0]).abs().max()), float((g - ours[1]).abs().max()))
-            for impl, (f, g) in results.items() if impl != "ours"}
+    ours = features_and_grads(model, "ours", ids, video, mask)
+    diffs = {impl: max_difference(features_and_grads(model, impl, ids, video, mask), ours)
+             for impl in IMPLS if impl != "ours"}
+    if args.device.startswith("cpu"):
+        bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+        for precision in ("fp32", "bf16"):
+            args.precision = precision
+            for mode in ("eval", "train"):
+                attention, _ = tune(args, model, mode)
+                got = features_and_grads(model, "ours", ids, video, mask,
+                                         lambda: _stack(attention, bf16() if precision == "bf16" else None))
+                diffs[f"tuned {precision} ({mode} settings)"] = max_difference(got, ours)
+                cpu.restore()
+    return diffs
+
+
+@contextlib.contextmanager
+def _stack(*contexts):
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            if c is not None:
+                stack.enter_context(c)
+        yield
+
+
+# ------------------------------------------------------------------------------------------ the limit
+def matmul_peaks(threads: int) -> dict:
+    """Best measured rate (FLOP/s) of fp32 products through MKL and oneDNN and of bf16 products, over a
+    large square product and the model's linear-layer sizes; oneDNN fp32 only counts where it is exact."""
+    torch.set_num_threads(threads)
+    shapes = [(2048, 2048, 2048), (1304, 768, 3072), (1304, 3072, 768), (1304, 768, 2304)]
+    check = cpu.check_onednn_fp32()
+    rates = {}
+    for name, dtype, onednn in (("fp32 MKL", torch.float32, False), ("fp32 oneDNN", torch.float32, True),
+                                ("bf16", torch.bfloat16, False)):
+        best = 0.0
+        for m, k, n in shapes:
+            a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+            with cpu.onednn_fp32(onednn):
+                seconds = cpu._best_time(lambda: a @ b, repeats=3)
+            best = max(best, 2 * m * k * n / seconds)
+        rates[name] = best
+    peaks = {"fp32": max(rates["fp32 MKL"], rates["fp32 oneDNN"] if check.exact else 0.0), "bf16": rates["bf16"]}
+    return {"rates": rates, "peaks": peaks, "onednn_exact": check.exact, "fp32_check": check.describe()}
+
+
+def count_flops(args) -> dict:
+    """FLOPs of one training step and one evaluation forward (ours; attention counted as the products of
+    the math backend; the published code's extra zero keys are not counted)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build(args)
+    ids, video, mask = inputs(args)
+    flops = {}
+    for mode in ("train", "eval", "clip"):
+        with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+            # (forwards with autograd on: the counter's module tracker needs it; nothing runs backward)
+            if mode == "train":
+                model(ids, video, mask)["loss"].backward()
+            elif mode == "eval":
+                model.encode_video(video, mask)
+            else:
+                model.clip.encode_image(video.flatten(0, 1))
+        flops[mode] = counter.get_total_flops()
+    model.zero_grad(set_to_none=True)
+    return flops
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return "unknown"
+    found = [flag for flag in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2") if f" {flag}" in text]
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    return f"{model}; flags: {' '.join(found) or 'none of avx2/avx512/amx'}"
 
 
 def main():
@@ -224,71 +339,110 @@ def main():
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep; report medians")
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--worker", nargs=3, metavar=("IMPL", "MODE", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, metavar=("IMPL", "MODE", "PRECISION", "SETUP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        args.impl, args.mode, args.precision = args.worker
+        args.impl, args.mode, args.precision, args.setup = args.worker
         print(json.dumps(run_worker(args)))
         return
 
+    torch.set_num_threads(args.threads)
     shape = (f"ViT-B/{args.patch} shape, {args.layers} layers, {args.resolution} px, {args.frames} frames, "
              f"batch {args.batch}, {args.latent} latent space, {args.device}, {args.threads} threads")
     print(f"# {shape}")
-    if args.device == "cpu":
-        from training.engine import cpu_has_native_bf16
+    on_cpu = args.device.startswith("cpu")
+    if on_cpu:
+        print(f"# CPU: {cpu_flags()}")
+    requested = args.precision
+    for name, (diff, scale) in check_same_results(args).items():
+        print(f"max |{name} - ours default fp32| over video features and prompt gradients: {diff:.2e} "
+              f"(largest value {scale:.2e})")
+    args.precision = requested
 
-        native = cpu_has_native_bf16()
-        print(f"# CPU native bf16 (AMX / AVX512-BF16): {'unknown' if native is None else 'yes' if native else 'no: bf16 is emulated'}")
-    for impl, diff in check_same_results(args).items():
-        print(f"max |ours - {impl}| over video features and prompt gradients (fp32): {diff:.2e}")
+    peaks = None
+    if on_cpu:
+        peaks = matmul_peaks(args.threads)
+        rates = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks["rates"].items())
+        print(f"best matrix-product rates (GFLOP/s): {rates}")
+        print(f"  {peaks['fp32_check']}")
+        print(f"  the limit: fp32 {peaks['peaks']['fp32'] / 1e9:.0f} GFLOP/s"
+              f"{'' if peaks['onednn_exact'] else ' (oneDNN not exact here: MKL only)'}, "
+              f"bf16 {peaks['peaks']['bf16'] / 1e9:.0f} GFLOP/s")
+    flops = count_flops(args)
+    print("FLOPs counted: " + ", ".join(f"{mode} {f / 1e9:.1f} G" for mode, f in flops.items()))
 
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     impls = [i for i in IMPLS if i in args.impls.split(",")]
+    setups = SETUPS if on_cpu else ("default",)
     forwarded = ["--layers", args.layers, "--frames", args.frames, "--batch", args.batch, "--resolution",
                  args.resolution, "--patch", args.patch, "--latent", args.latent, "--device", args.device,
                  "--threads", args.threads, "--warmup", args.warmup, "--repeats", args.repeats]
     base_cmd = [sys.executable, __file__] + [str(a) for a in forwarded]
     frames = args.batch * args.frames
-    configs = [(precision, mode, impl) for precision in precisions for mode in ("train", "eval", "clip")
-               for impl in (impls if mode != "clip" else ("ours",))]
+    configs = [(precision, mode, impl, setup) for precision in precisions for mode in ("train", "eval", "clip")
+               for impl in (impls if mode != "clip" else ("ours",))
+               for setup in (setups if impl == "ours" else ("default",))]
     # Rounds go over every configuration in turn, so that drifts in machine load hit all of them alike.
     runs: dict = {config: [] for config in configs}
+    notes = {}
     for _ in range(args.rounds):
-        for precision, mode, impl in configs:
-            cmd = base_cmd + ["--precision", precision, "--worker", impl, mode, precision]
+        for config in configs:
+            cmd = base_cmd + ["--precision", config[0], "--worker", config[2], config[1], config[0], config[3]]
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
             if out.returncode != 0:
-                sys.exit(f"benchmark worker failed ({impl} {mode} {precision}):\n{out.stderr}")
-            runs[(precision, mode, impl)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                sys.exit(f"benchmark worker failed ({' '.join(config)}):\n{out.stderr}")
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            notes[config] = result.pop("note")
+            runs[config].append(result)
     results = {config: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for config, rs in runs.items()}
     print(f"(medians over {args.rounds} round(s) of {args.repeats} timed repeats each)")
+    for config, note in notes.items():
+        if config[3] == "tuned" and config[1] != "clip":
+            print(f"tuned {config[0]} {config[1]}: {note}")
 
-    header = f"{'precision':9} {'measure':28} {'seconds':>8} {'frames/s':>9} {'peak MB':>8}"
+    header = (f"{'precision':9} {'measure':36} {'seconds':>8} {'frames/s':>9} {'GFLOP/s':>8} "
+              f"{'of limit':>8} {'peak MB':>8}")
     print(header)
     print("-" * len(header))
-    for (precision, mode, impl), r in results.items():
+    for (precision, mode, impl, setup), r in results.items():
         label = {"train": "train step", "eval": "eval forward", "clip": "plain CLIP forward"}[mode]
-        label += "" if mode == "clip" else f" ({impl})"
-        print(f"{precision:9} {label:28} {r['seconds']:8.3f} {frames / r['seconds']:9.1f} {r['memory_mb']:8.0f}")
+        label += f" ({impl}{', ' + setup if impl == 'ours' and len(setups) > 1 else ''})"
+        rate = flops[mode] / r["seconds"]
+        r["gflops"] = rate / 1e9
+        fraction = f"{100 * rate / peaks['peaks'][precision]:7.0f}%" if peaks else f"{'n/a':>8}"
+        if peaks:
+            r["fraction_of_limit"] = rate / peaks["peaks"][precision]
+        print(f"{precision:9} {label:36} {r['seconds']:8.3f} {frames / r['seconds']:9.1f} {rate / 1e9:8.0f} "
+              f"{fraction} {r['memory_mb']:8.0f}")
     print()
 
     def ratio(slow, fast):
         return results[slow]["seconds"] / results[fast]["seconds"]
 
+    best = setups[-1]
     for precision in precisions:
+        if len(setups) > 1:
+            print(f"{precision}: ours tuned vs ours default: train step "
+                  f"{ratio((precision, 'train', 'ours', 'default'), (precision, 'train', 'ours', 'tuned')):.2f}x "
+                  f"faster, eval forward "
+                  f"{ratio((precision, 'eval', 'ours', 'default'), (precision, 'eval', 'ours', 'tuned')):.2f}x faster")
         for impl in impls[1:]:
-            print(f"{precision}: ours vs {impl}: train step {ratio((precision, 'train', impl), (precision, 'train', 'ours')):.2f}x "
-                  f"faster, eval forward {ratio((precision, 'eval', impl), (precision, 'eval', 'ours')):.2f}x faster")
+            print(f"{precision}: ours ({best}) vs {impl}: train step "
+                  f"{ratio((precision, 'train', impl, 'default'), (precision, 'train', 'ours', best)):.2f}x "
+                  f"faster, eval forward "
+                  f"{ratio((precision, 'eval', impl, 'default'), (precision, 'eval', 'ours', best)):.2f}x faster")
         print(f"{precision}: eval forward / plain CLIP forward over the same frames = "
-              f"{ratio((precision, 'eval', 'ours'), (precision, 'clip', 'ours')):.2f}")
+              f"{ratio((precision, 'eval', 'ours', best), (precision, 'clip', 'ours', best)):.2f}")
     if len(precisions) == 2 and "published" in impls:
-        print(f"bf16 train step (ours) vs fp32 train step (published): "
-              f"{ratio(('fp32', 'train', 'published'), ('bf16', 'train', 'ours')):.2f}x faster")
+        print(f"bf16 train step (ours, {best}) vs fp32 train step (published): "
+              f"{ratio(('fp32', 'train', 'published', 'default'), ('bf16', 'train', 'ours', best)):.2f}x faster")
     tokens = 1 + (args.resolution // args.patch) ** 2
-    print(f"(prompt tokens alone cost about (1+P+S)/(1+S) = {(tokens + 4) / tokens:.2f} of plain CLIP)")
+    print(f"(prompt tokens alone cost about (1+P+S)/(1+S) = {(tokens + 4) / tokens:.2f} of plain CLIP; "
+          "GFLOP/s of every row use ours' FLOP count)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"/".join(k): v for k, v in results.items()}, indent=1))
+        Path(args.json).write_text(json.dumps({"results": {"/".join(k): v for k, v in results.items()},
+                                               "flops": flops, "limit": peaks}, indent=1))
 
 
 if __name__ == "__main__":

@@ -68,6 +68,9 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
                         "test query at once (as TS2-Net / T-MASS report it)")
     g.add_argument("--dsl_temperature", type=float, default=1.0,
                    help="DSL softmax temperature on the logit matrix (100 x cosine): 1 as published")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch compute threads per process (default: this process's cores minus the data-loader "
+                        "workers; under torchrun the machine's cores are shared among its processes)")
 
     g = p.add_argument_group("CLIP and tokenizer")
     g.add_argument("--pretrained_dir", type=_none_str, default=None,
@@ -94,7 +97,9 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
                    help="leave out videos that are missing or empty at start-up (training and test, with their "
                         "captions; counted in the log and results.json) and test videos that fail to decode; a "
                         "training video that fails to decode later is replaced by the next readable one")
-    g.add_argument("--num_thread_reader", type=int, default=1, help="DataLoader workers per process")
+    g.add_argument("--num_thread_reader", type=int, default=None,
+                   help="DataLoader workers per process (default: fitted with --threads to the cores; on CPU "
+                        "0 below 4 cores, on CUDA all cores but one, at most 8)")
     g.add_argument("--resize_short_side", type=int, default=0, choices=[0, 1],
                    help="opt-in (changes results): scale each frame's short side to the model's input size "
                         "before the centre crop, for videos that were not preprocessed (the published "
@@ -132,6 +137,13 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     g.add_argument("--compile", type=int, nargs="?", const=1, default=0, choices=[0, 1],
                    help="torch.compile the text and video encoders (training and evaluation; the first "
                         "calls compile, their time is logged)")
+    g.add_argument("--eval_precision", type=str, default=None, choices=["fp32", "bf16"],
+                   help="precision of evaluation (default: bf16 with --precision bf16, else fp32); bf16 "
+                        "encodes the videos with bf16 autocast (worth it on CPUs with AMX or AVX512-BF16)")
+    g.add_argument("--cpu_tuning", type=int, default=1, choices=[0, 1],
+                   help="on CPU, choose by measurement at start-up: fp32 products through oneDNN where it is "
+                        "exact and faster, the faster attention backend, the frozen backbone stored in bf16 "
+                        "with --precision bf16 (0: PyTorch's defaults)")
 
     g = p.add_argument_group("model (DGL)")
     g.add_argument("--shared_latent_space", type=str, default="transformer", choices=["transformer", "linear"])
@@ -229,8 +241,10 @@ def validate(args, parser) -> argparse.Namespace:
         err("--contrastive_chunk_size must be >= 0 (0 = the whole micro-batch at once)")
     if args.n_display < 1:
         err("--n_display must be >= 1")
-    if args.num_thread_reader < 0:
+    if args.num_thread_reader is not None and args.num_thread_reader < 0:
         err("--num_thread_reader must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        err("--threads must be >= 1")
     if not (0.0 <= args.beta1 < 1.0 and 0.0 <= args.beta2 < 1.0) or args.eps <= 0:
         err("need 0 <= --beta1, --beta2 < 1 and --eps > 0")
     # model
@@ -274,6 +288,8 @@ def validate(args, parser) -> argparse.Namespace:
         args.pretrained_dir = os.environ.get("DGL_PRETRAINED_DIR")
     if args.do_train and args.datatype == "msrvtt" and args.train_csv is None:
         err("training on msrvtt needs --train_csv (e.g. MSRVTT_train.9k.csv)")
+    from training.cpu import resolve_core_split
+    resolve_core_split(args)  # --threads and --num_thread_reader fitted to this process's cores
     return args
 
 

@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared_latent_space", default="transformer", choices=["transformer", "linear"])
     p.add_argument("--own_vocab", action="store_true", help="always learn the small BPE vocabulary")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads, passed on to main.py (default: the cores minus the data-loader workers)")
+    p.add_argument("--eval_precision", default=None, choices=["fp32", "bf16"],
+                   help="passed on to main.py: bf16 encodes the test videos with bf16 autocast")
     p.add_argument("--prepare_only", action="store_true",
                    help="only write the dataset, the vocabulary and the small CLIP (e.g. to smoke-test "
                         "scripts/msrvtt.sh on CPU), then print the environment to use them")
@@ -129,9 +132,13 @@ def main(argv=None) -> int:
            "--unified_transformer_layers", "2", "--freeze_clip", "1",
            "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--batch_size_val", "32",
            "--lr", str(args.lr), "--wd", "0.2", "--warmup_proportion", "0.1", "--clip_grad_norm", "1.0",
-           "--precision", "fp32", "--seed", str(args.seed), "--n_display", "10", "--num_thread_reader", "1",
+           "--precision", "fp32", "--seed", str(args.seed), "--n_display", "10",
            "--device", "cpu", "--save_sim_matrix", "--output_dir", run_dir,
            "--overwrite_output_dir"]  # a second demo starts its run over
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.eval_precision:
+        cmd += ["--eval_precision", args.eval_precision]
     print("[demo] " + " ".join(cmd[1:]), flush=True)
     r = subprocess.run(cmd, cwd=REPO)
     if r.returncode != 0:

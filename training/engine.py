@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Subset
 from modules.metrics import DSL_LABEL, dsl_metrics, format_metrics, metrics_from_ranks, retrieval_ranks
 from training import distributed as D
 from training.gradcache import gradcache_step
+from training.cpu import backends_context
 from training.logs import LOGGER_NAME
 
 log = logging.getLogger(LOGGER_NAME)
@@ -33,9 +34,10 @@ def cpu_has_native_bf16() -> bool | None:
 
 
 class Precision:
-    """Autocast settings of --precision on a device."""
+    """Autocast settings of --precision (and --eval_precision) on a device, plus the attention backends
+    to use in training and evaluation (None: PyTorch's choice; training.cpu measures them on CPU)."""
 
-    def __init__(self, precision: str, device: torch.device):
+    def __init__(self, precision: str, device: torch.device, eval_precision: str | None = None):
         self.name = precision
         self.device_type = device.type
         self.dtype = None
@@ -48,22 +50,39 @@ class Precision:
                 self.note = "--precision amp on CPU: using bf16 autocast (fp16 autocast with a GradScaler needs CUDA)"
         elif precision == "bf16":
             self.dtype = torch.bfloat16
-        if self.dtype == torch.bfloat16 and device.type == "cpu" and cpu_has_native_bf16() is False:
+        # Evaluation runs in fp32 with --precision amp (as the published code evaluates) and in bf16 with
+        # bf16; --eval_precision bf16 encodes the videos in bf16 whatever the training precision.
+        self.eval_video_dtype = torch.bfloat16 if (precision == "bf16" or eval_precision == "bf16") else None
+        self.eval_text_dtype = torch.bfloat16 if precision == "bf16" else None
+        if eval_precision == "fp32":
+            self.eval_video_dtype = self.eval_text_dtype = None
+        emulated = device.type == "cpu" and cpu_has_native_bf16() is False
+        if emulated and (self.dtype == torch.bfloat16 or self.eval_video_dtype == torch.bfloat16):
             self.note = ((self.note + "; ") if self.note else "") + (
                 "this CPU has neither AMX nor AVX512-BF16: bf16 autocast is emulated and slower than "
-                "--precision fp32 here")
+                "fp32 here")
         self.use_scaler = precision == "amp" and device.type == "cuda"
+        self.train_attention = None  # list of torch.nn.attention.SDPBackend, or None
+        self.eval_attention = None
+
+    def _context(self, dtype, backends):
+        stack = contextlib.ExitStack()
+        if dtype is not None:
+            stack.enter_context(torch.autocast(device_type=self.device_type, dtype=dtype))
+        stack.enter_context(backends_context(backends))
+        return stack
 
     def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+        """Training forward (and the backward it records)."""
+        return self._context(self.dtype, self.train_attention)
 
     def eval_autocast(self):
-        """Evaluation runs in fp32 with --precision amp (as the published code evaluates) and in bf16 with bf16."""
-        if self.name != "bf16":
-            return contextlib.nullcontext()
-        return self.autocast()
+        """Text encoding at evaluation."""
+        return self._context(self.eval_text_dtype, self.eval_attention)
+
+    def eval_video_autocast(self):
+        """Video encoding at evaluation."""
+        return self._context(self.eval_video_dtype, self.eval_attention)
 
     def make_scaler(self):
         if not self.use_scaler:
@@ -227,7 +246,7 @@ def encode_videos(core, video_dataset, batch_size, workers, device, precision, p
         if "unreadable" in batch:
             flags = torch.as_tensor(batch["unreadable"]).bool()
             unreadable += torch.as_tensor(batch["video_index"])[flags].tolist()
-        with precision.eval_autocast():
+        with precision.eval_video_autocast():
             f = core.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
         feats.append(f.float())
         order.append(torch.as_tensor(batch.get("video_index", torch.zeros(0))).to(device).long())

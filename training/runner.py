@@ -22,6 +22,7 @@ from training.checkpoint import (CheckpointError, OutputWriteError, atomic_np_sa
                                  rng_state, set_rng_state)
 from training.config import config_to_json, fail, resolve_clip_path
 from training.data_checks import leave_out_bad_video_files
+from training.cpu import apply_cpu_settings, restore as restore_cpu_settings
 from training.engine import Precision, evaluate, log_eval, train_one_epoch, unwrap
 from training.logs import Board, close_logging, log_to_file_only, progress_bars_wanted, setup_logging, write_results
 from training.model_options import apply_model_options
@@ -110,6 +111,7 @@ def run(args, *, model=None, tokenizer=None, train_dataset=None, test_dataset=No
     except (BadVideoError, OutputWriteError) as exc:
         r.stop(exc)
     finally:
+        restore_cpu_settings()
         close_logging()
 
 
@@ -124,7 +126,7 @@ class Run:
         self.train_ds, self.test_ds, self.bank_ds = train_ds, test_ds, bank_ds
         self.t_start = t_start
         self.progress = info.is_main and progress_bars_wanted(args.no_progress)
-        self.precision = Precision(args.precision, self.device)
+        self.precision = Precision(args.precision, self.device, args.eval_precision)
         self.loader = self.sampler = self.optimizer = self.schedule = self.scaler = self.board = None
         self.micro_batch = args.batch_size // args.gradient_accumulation_steps
         self.batches_per_epoch = 1
@@ -148,6 +150,7 @@ class Run:
             log.info("single process on %s", self.device)
         if self.precision.note:
             log.warning(self.precision.note)
+        apply_cpu_settings(self.args, self.device, self.core, self.precision)  # threads, BLAS, attention, bf16
         if getattr(self.args, "clip_path", None):
             log.info("CLIP weights: %s", self.args.clip_path)
         n_train = sum(p.numel() for _, p in self.core.trainable_parameters() if p.requires_grad)

@@ -1,0 +1,213 @@
+"""CPU settings chosen at start-up: the cores split, exact fp32 products through oneDNN, the attention
+backend, bf16 storage of the frozen backbone, bf16 evaluation of videos."""
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+from training import cpu
+from training.engine import Precision
+from training.toy import ToyData, run_toy, tiny_dgl
+
+
+@pytest.fixture(autouse=True)
+def _restore_settings():
+    yield
+    cpu.restore()
+
+
+def _inputs(model, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.clip.config
+    video = torch.randn(batch, model.config.max_frames, 3, cfg.image_resolution, cfg.image_resolution, generator=g)
+    ids = torch.randint(1, cfg.vocab_size - 1, (batch, model.config.max_words), generator=g)
+    ids[:, -1] = cfg.vocab_size - 1  # EOT: the largest id
+    return ids, video, torch.ones(batch, model.config.max_frames, dtype=torch.long)
+
+
+def _features_and_grads(model, context=contextlib.nullcontext):
+    ids, video, mask = _inputs(model)
+    model.zero_grad(set_to_none=True)
+    with context():
+        out = model(ids, video, mask)
+    out["loss"].backward()
+    grads = torch.cat([p.grad.flatten() for _, p in model.trainable_parameters() if p.grad is not None])
+    return out["text_features"].detach().float(), out["video_features"].detach().float(), grads
+
+
+# ------------------------------------------------------------------------------------------ cores
+@pytest.mark.parametrize("cuda", [False, True])
+def test_default_split_never_exceeds_the_cores(cuda):
+    for cores in range(1, 65):
+        s = cpu.split_cores(cores, cuda=cuda)
+        assert s.threads >= 1 and s.workers >= 0 and s.threads + s.workers <= cores, (cores, s)
+        assert not s.oversubscribed
+    assert (cpu.split_cores(2).threads, cpu.split_cores(2).workers) == (2, 0)  # a 2-core CPU: no worker
+    assert (cpu.split_cores(8).threads, cpu.split_cores(8).workers) == (6, 2)
+    assert (cpu.split_cores(16, cuda=True).threads, cpu.split_cores(16, cuda=True).workers) == (8, 8)
+
+
+def test_given_values_are_kept_and_the_other_fitted():
+    s = cpu.split_cores(8, workers=3)
+    assert (s.threads, s.workers) == (5, 3)
+    s = cpu.split_cores(8, threads=7)
+    assert (s.threads, s.workers) == (7, 1)
+    s = cpu.split_cores(2, workers=8)  # the published scripts' --num_thread_reader 8 on 2 cores
+    assert (s.threads, s.workers) == (1, 8) and s.oversubscribed and "more than the cores" in s.note
+
+
+def test_torchrun_processes_share_the_machine(monkeypatch):
+    from training.config import parse_args
+
+    monkeypatch.setattr(cpu, "available_cores", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    a = parse_args(["--output_dir", "o", "--do_eval", "1", "--device", "cpu"])
+    assert a.threads + a.num_thread_reader <= 4 and a.threads >= 1
+    a = parse_args(["--output_dir", "o", "--do_eval", "1", "--device", "cpu", "--threads", "3"])
+    assert (a.threads, a.num_thread_reader) == (3, 1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("WORLD_SIZE", "8")  # another launcher: assume every process is on this machine
+    assert cpu.processes_on_this_machine() == 8
+    a = parse_args(["--output_dir", "o", "--do_eval", "1", "--device", "cpu"])
+    assert (a.threads, a.num_thread_reader) == (2, 0)
+
+
+# ------------------------------------------------------------------------------------------ fp32
+def test_onednn_fp32_check_rejects_a_path_computing_in_bf16(monkeypatch):
+    """Where oneDNN would compute fp32 products in bf16 (CPUs with AMX), the check keeps MKL."""
+    @contextlib.contextmanager
+    def bf16_products(enabled=True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            yield
+    monkeypatch.setattr(cpu, "onednn_fp32", bf16_products)
+    check = cpu.check_onednn_fp32()
+    assert not check.exact and not check.use_onednn
+    assert check.error_onednn > 100 * check.error_mkl
+    assert "MKL" in check.describe() and "reduced precision" in check.describe()
+
+
+def test_fp32_path_chosen_here_is_exact_for_the_whole_model():
+    """Features and prompt gradients of the chosen fp32 path equal the default path's to 1e-5."""
+    model = tiny_dgl(width=128, max_frames=3)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    reference = _features_and_grads(model)
+    check = cpu.choose_fp32_path()
+    assert check.error_mkl > 0
+    if not check.exact:
+        assert torch.backends.mkldnn.matmul.fp32_precision == before  # never a bf16 path
+    with cpu.onednn_fp32(check.exact):  # the oneDNN path itself wherever it is exact
+        chosen = _features_and_grads(model)
+    for r, c in zip(reference, chosen):
+        torch.testing.assert_close(c, r, atol=1e-5, rtol=1e-5)
+    cpu.restore()
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+@pytest.mark.parametrize("backends", [[cpu.MATH], [cpu.FLASH, cpu.MATH]])
+def test_attention_backends_give_the_same_results(backends):
+    model = tiny_dgl(width=128, max_frames=3)
+    reference = _features_and_grads(model)
+    got = _features_and_grads(model, lambda: cpu.backends_context(backends))
+    for r, c in zip(reference, got):
+        torch.testing.assert_close(c, r, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_choice_is_measured_per_direction():
+    model = tiny_dgl(width=128, max_frames=3)
+    shape = cpu.local_attention_shape(model)
+    assert shape == (3, 2, 1 + 2 + 16, 2 + 1 + 2 + 16, 64)  # frames, heads, L, G + L, head width
+    eval_b, train_b, times = cpu.choose_attention(shape, torch.float32)
+    assert set(times) == {(b, d) for b in ("math", "flash") for d in ("eval", "train")}
+    for direction, chosen in (("eval", eval_b), ("train", train_b)):
+        math_clearly_faster = times[("flash", direction)] >= cpu.MATH_MIN_SPEEDUP * times[("math", direction)]
+        assert cpu.backend_name(chosen) == ("math" if math_clearly_faster else "flash")
+
+
+# ------------------------------------------------------------------------------------------ bf16
+def test_bf16_storage_gives_the_autocast_results_and_keeps_fp32_outside():
+    model = tiny_dgl(width=128, max_frames=3)
+    fp32 = _features_and_grads(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    reference = _features_and_grads(model, autocast)
+    stored = cpu.store_backbone_in_bf16(model)
+    assert len(stored) > 0 and model.clip.visual.proj.dtype == torch.bfloat16
+    assert model.clip.dtype == torch.float32  # conv1 (and so the residual stream) stays fp32 as under autocast
+    assert all(p.dtype == torch.float32 for _, p in model.trainable_parameters())
+    got = _features_and_grads(model, autocast)
+    for r, g, f in zip(reference, got, fp32):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=0)  # what autocast computes, without the re-casts
+        assert float((g - f).abs().max()) < 0.05 * float(f.abs().max())  # bf16 tolerance of fp32
+    # the state dict (and so every checkpoint) holds the fp32 values, in the official layout
+    saved = model.state_dict()
+    assert set(saved) == set(state)
+    assert all(torch.equal(saved[k], state[k]) for k in state)
+    # AdamW's state of the prompts is fp32
+    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-3)
+    opt.step()
+    assert all(v.dtype == torch.float32 for s in opt.state.values() for v in s.values() if v.is_floating_point())
+    # loading weights (our layout or the official one) while stored in bf16 updates the kept fp32 values
+    other = tiny_dgl(seed=5, width=128, max_frames=3)
+    model.load_checkpoint({"state_dict": other.state_dict()})
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items())
+    stored.restore()
+    assert model.clip.visual.proj.dtype == torch.float32
+    assert torch.equal(model.clip.visual.proj, other.clip.visual.proj)
+
+
+def test_bf16_training_run_saves_fp32_checkpoints(tmp_path):
+    data_model = tiny_dgl()
+    clip_before = {k: v.clone() for k, v in data_model.clip.state_dict().items()}
+    s = run_toy(str(tmp_path / "r"), epochs=1, precision="bf16")
+    assert all(np.isfinite(loss) for _, loss in s["step_losses"])
+    log = (tmp_path / "r" / "log.txt").read_text()
+    assert "cores: " in log and "fp32 matrix products: " in log and "attention backend" in log
+    assert "frozen backbone tensors stored in bf16" in log
+    ckpt = torch.load(tmp_path / "r" / "ckpt.pth.tar", map_location="cpu", weights_only=True)
+    sd = ckpt["state_dict"]
+    assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
+    # the frozen CLIP weights are saved exactly as they were (not rounded to bf16)
+    w = "module.clip.visual.transformer.resblocks.0.attn.in_proj_weight"
+    assert torch.equal(sd[w], clip_before["visual.transformer.resblocks.0.attn.in_proj_weight"])
+    assert s["model"].clip.visual.proj.dtype == torch.float32  # the run restored the model
+
+
+@pytest.mark.parametrize("precision,eval_precision", [("bf16", "fp32"), ("amp", None), ("fp32", "bf16")])
+def test_backbone_stays_fp32_unless_every_use_is_bf16(tmp_path, precision, eval_precision):
+    flags = {"precision": precision} | ({"eval_precision": eval_precision} if eval_precision else {})
+    s = run_toy(str(tmp_path / "r"), epochs=1, **flags)  # evaluates in fp32 (videos in bf16 for the last)
+    assert all(np.isfinite(loss) for _, loss in s["step_losses"])
+    assert "stored in bf16" not in (tmp_path / "r" / "log.txt").read_text()
+
+
+def test_bf16_video_evaluation_matches_fp32(tmp_path):
+    """--eval_precision bf16: the same retrieval metrics within bf16 tolerance."""
+    from training.engine import evaluate
+
+    model = tiny_dgl(width=128)
+    data = ToyData(num_videos=16, frames=2)
+    cpu_dev = torch.device("cpu")
+    results = {}
+    for name in ("fp32", "bf16"):
+        precision = Precision("fp32", cpu_dev, eval_precision=name)
+        results[name] = evaluate(model, data, batch_size=8, workers=0, device=cpu_dev, precision=precision,
+                                 progress=False)
+    assert results["bf16"]["video_features"].dtype == torch.float32
+    f32, b16 = results["fp32"]["video_features"], results["bf16"]["video_features"]
+    assert 0 < float((f32 - b16).abs().max()) < 0.05 * float(f32.abs().max())  # bf16 was used, within tolerance
+    assert torch.equal(results["fp32"]["text_features"], results["bf16"]["text_features"])  # texts stay fp32
+    sim32, sim16 = results["fp32"]["sim"], results["bf16"]["sim"]
+    np.testing.assert_allclose(sim16, sim32, atol=0.05 * np.abs(sim32).max())
+
+
+def test_inference_settings_for_encoding_tools():
+    model = tiny_dgl(width=128, max_frames=3).eval()
+    ids, video, mask = _inputs(model)
+    with torch.no_grad():
+        reference = model.encode_video(video, mask)
+    precision = cpu.inference_settings(model, "cpu", threads=1)
+    assert torch.get_num_threads() == 1 and precision.eval_attention is not None
+    with torch.no_grad(), precision.eval_video_autocast():
+        got = model.encode_video(video, mask)
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)

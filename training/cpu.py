@@ -1,0 +1,461 @@
+"""CPU speed settings, each decided by a measurement or a numerical check when a run starts.
+
+* Cores: compute threads plus data-loader workers fit the cores given to this process (the cores
+  this process may run on, shared among the processes torchrun starts on the machine).
+* fp32 matrix products: PyTorch sends fp32 products to MKL unless oneDNN may compute them in a
+  reduced precision (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``). On CPUs without
+  AMX oneDNN then still computes in fp32, often much faster than MKL; on CPUs with AMX it computes
+  in bf16. So the setting is taken only when a check against float64 shows fp32 accuracy (an error
+  no larger than a few times MKL's own) and a timing shows it is faster.
+* Attention: the CPU's flash-attention kernel and the plain ("math") composition of matrix products
+  differ in speed by shape and precision; the faster one is measured on the model's own attention
+  shape, separately for the forward alone (evaluation) and forward + backward (training).
+* bf16: with --precision bf16 the frozen backbone's matrices are stored in bf16 once, instead of
+  autocast casting every frozen weight again at every call. Only the tensors that autocast would cast
+  to bf16 anyway are stored so, which gives the same numbers as plain bf16 autocast. The fp32 values
+  are kept: checkpoints still hold them, and loading a checkpoint updates them.
+
+Every setting here is process-global; ``restore()`` undoes them (``training.runner`` calls it when a
+run ends).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from training.logs import LOGGER_NAME
+
+log = logging.getLogger(LOGGER_NAME)
+
+MATH, FLASH = SDPBackend.MATH, SDPBackend.FLASH_ATTENTION
+# oneDNN's fp32 result may differ from MKL's by rounding only: its error against float64 must stay
+# within this factor of MKL's (a product computed in bf16 is ~1000x worse).
+EXACT_ERROR_FACTOR = 8.0
+# oneDNN must be this much faster than MKL to replace it (timings are noisy).
+MIN_SPEEDUP = 1.05
+
+# The math backend replaces PyTorch's own choice (flash) only when this much faster on the bare call: the
+# call alone misses costs around it (math writes the whole attention matrix). Measured on a 2-core Zen 5:
+# math 3.2x (fp32 forward), 6.7x (fp32 forward + backward), 4x (bf16 forward + backward) faster, and
+# 1.2x on the bare bf16 forward, where the model's forward was 10 % slower with math.
+MATH_MIN_SPEEDUP = 1.5
+
+_undo: list = []  # callables that restore what this module changed, newest last
+
+
+# ------------------------------------------------------------------------------------------ cores
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity; all of them where that cannot be read)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def processes_on_this_machine() -> int:
+    """Processes started on this machine: torchrun's LOCAL_WORLD_SIZE; without it (other launchers) all
+    WORLD_SIZE processes are assumed to share this machine; 1 outside a distributed run."""
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        try:
+            return max(1, int(os.environ[name]))
+        except (KeyError, ValueError):
+            continue
+    return 1
+
+
+@dataclass
+class CoreSplit:
+    threads: int  # torch compute threads of this process
+    workers: int  # DataLoader workers of this process
+    cores: int  # cores of this process (machine cores / processes on the machine)
+    note: str
+
+    @property
+    def oversubscribed(self) -> bool:
+        return self.threads + self.workers > self.cores
+
+
+def split_cores(cores: int, threads: int | None = None, workers: int | None = None,
+                cuda: bool = False) -> CoreSplit:
+    """Compute threads and loader workers for ``cores`` cores; None means choose.
+
+    On CPU the model needs the cores more than the loader does: one worker from 4 cores on, one more
+    per 4 cores (at most 8). With CUDA the loader is what keeps the GPU fed: every core but one goes
+    to workers (at most 8). Given values are kept; only the other one is fitted around them.
+    """
+    cores = max(1, cores)
+    auto_workers = min(8, cores - 1) if cuda else min(8, cores // 4)
+    if workers is None:
+        workers = auto_workers if threads is None else min(auto_workers, max(0, cores - threads))
+    if threads is None:
+        threads = max(1, cores - workers)
+    split = CoreSplit(threads=threads, workers=workers, cores=cores, note="")
+    split.note = (f"{threads} compute thread(s) + {workers} data-loader worker(s) on {cores} core(s)"
+                  + (" - more than the cores: compute and loading slow each other down "
+                     "(lower --threads or --num_thread_reader)" if split.oversubscribed else ""))
+    return split
+
+
+def resolve_core_split(args) -> CoreSplit:
+    """Fill in --threads and --num_thread_reader (None = choose) for this process; returns the split."""
+    cuda = args.device == "cuda" or args.gpu is not None or (args.device == "auto" and torch.cuda.is_available())
+    cores = max(1, available_cores() // processes_on_this_machine())
+    split = split_cores(cores, args.threads, args.num_thread_reader, cuda=cuda)
+    args.threads, args.num_thread_reader = split.threads, split.workers
+    return split
+
+
+def set_threads(threads: int) -> None:
+    before = torch.get_num_threads()
+    if threads != before:
+        torch.set_num_threads(threads)
+        _undo.append(lambda: torch.set_num_threads(before))
+
+
+# ------------------------------------------------------------------------------------------ timing
+def _best_time(fn, repeats: int = 3) -> float:
+    fn()  # warm-up (kernel selection, caches)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _compare(fns: dict, repeats: int = 3) -> dict:
+    """Best time of each callable, measured in alternation so that load drifts hit all alike."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+# ------------------------------------------------------------------------------------------ fp32 products
+@contextlib.contextmanager
+def onednn_fp32(enabled: bool = True):
+    """Within: fp32 matrix products go to oneDNN (which may compute them in bf16; check first)."""
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16" if enabled else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def _products(generator: torch.Generator) -> list:
+    """The product kinds the model uses (linear layers, 3-D matmul, attention bmm) at its sizes."""
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    x, w, b = rand(2, 200, 768), rand(3072, 768), rand(3072)
+    h, wt = rand(400, 3072), rand(768, 3072)
+    q, k = rand(24, 50, 64), rand(24, 54, 64)
+    return [
+        ("linear", lambda dt: F.linear(x.to(dt), w.to(dt), b.to(dt))),
+        ("mm", lambda dt: h.to(dt) @ wt.to(dt).t()),
+        ("bmm", lambda dt: torch.bmm(q.to(dt), k.to(dt).transpose(1, 2))),
+    ]
+
+
+def _relative_error(product) -> float:
+    exact = product(torch.float64)
+    return float((product(torch.float32).double() - exact).abs().max() / exact.abs().max())
+
+
+@dataclass
+class Fp32Check:
+    exact: bool  # oneDNN's fp32 products are as accurate as MKL's
+    error_mkl: float  # worst relative error against float64 over the checked products
+    error_onednn: float
+    speedup: float  # oneDNN's rate / MKL's on a model-sized linear layer (0 when not timed)
+
+    @property
+    def use_onednn(self) -> bool:
+        return self.exact and self.speedup >= MIN_SPEEDUP
+
+    def describe(self) -> str:
+        path = "oneDNN" if self.use_onednn else "MKL"
+        if self.error_onednn != self.error_onednn:  # nan: not checked
+            why = "this PyTorch cannot route fp32 products to oneDNN"
+        elif not self.exact:
+            why = (f"oneDNN computes them in reduced precision here (error {self.error_onednn:.1e} against "
+                   f"float64, MKL {self.error_mkl:.1e})")
+        else:
+            why = (f"oneDNN is exact here (error {self.error_onednn:.1e} against float64, MKL "
+                   f"{self.error_mkl:.1e}) and {self.speedup:.2f}x as fast")
+        return f"fp32 matrix products: {path} ({why})"
+
+
+def check_onednn_fp32() -> Fp32Check:
+    """Whether oneDNN's fp32 products keep fp32 accuracy (against float64) and are faster than MKL's."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if not torch.backends.mkldnn.is_available() or not hasattr(matmul, "fp32_precision"):
+        return Fp32Check(exact=False, error_mkl=float("nan"), error_onednn=float("nan"), speedup=0.0)
+    products = _products(torch.Generator().manual_seed(0))
+    error = {}
+    for on in (False, True):
+        with onednn_fp32(on):
+            error[on] = max(_relative_error(p) for _, p in products)
+    exact = error[True] <= EXACT_ERROR_FACTOR * max(error[False], 1e-9)
+    speedup = 0.0
+    if exact:
+        x, w = torch.randn(1024, 768), torch.randn(3072, 768)
+
+        def timed(on):
+            def run():
+                with onednn_fp32(on):
+                    F.linear(x, w)
+            return run
+        times = _compare({"mkl": timed(False), "onednn": timed(True)})
+        speedup = times["mkl"] / times["onednn"]
+    return Fp32Check(exact=exact, error_mkl=error[False], error_onednn=error[True], speedup=speedup)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_fp32_check(threads: int) -> Fp32Check:
+    return check_onednn_fp32()
+
+
+def choose_fp32_path() -> Fp32Check:
+    """Check oneDNN (once per process and thread count) and route fp32 products there if it pays."""
+    check = _cached_fp32_check(torch.get_num_threads())
+    if check.use_onednn:
+        matmul = torch.backends.mkldnn.matmul
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "bf16"
+        _undo.append(lambda: setattr(matmul, "fp32_precision", before))
+    return check
+
+
+# ------------------------------------------------------------------------------------------ attention
+def backends_context(backends: list | None):
+    """sdpa_kernel(backends), or nothing for None (PyTorch's own choice)."""
+    return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
+
+
+def _attention_timer(shape, dtype, backends, train: bool):
+    """A callable running the attention of ``shape`` = (N, H, Lq, Lk, d) under ``backends``."""
+    n, h, lq, lk, d = shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, h, length, d, generator=g).to(dtype) for length in (lq, lk, lk))
+    if train:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    grad = torch.randn(n, h, lq, d, generator=g).to(dtype)
+
+    def run():
+        with sdpa_kernel(backends):
+            out = F.scaled_dot_product_attention(q, k, v)
+            if train:
+                torch.autograd.grad(out, (q, k, v), grad)
+    return run
+
+
+def measure_attention(shape, dtype: torch.dtype) -> dict:
+    """Seconds of each backend on one attention ``shape``: {(backend name, "eval"|"train"): s}."""
+    timers = {}
+    for name, backends in (("math", [MATH]), ("flash", [FLASH, MATH])):
+        for direction in ("eval", "train"):
+            timers[(name, direction)] = _attention_timer(shape, dtype, backends, direction == "train")
+    return _compare(timers, repeats=5)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_attention_times(shape: tuple, dtype: torch.dtype, threads: int) -> dict:
+    return measure_attention(shape, dtype)
+
+
+def choose_attention(shape, dtype: torch.dtype) -> tuple[list, list, dict]:
+    """(eval backends, train backends, times) for the model's local attention ``shape`` (measured once
+    per process, shape, dtype and thread count)."""
+    times = _cached_attention_times(tuple(shape), dtype, torch.get_num_threads())
+
+    def pick(direction):
+        flash, math = times[("flash", direction)], times[("math", direction)]
+        return [MATH] if flash >= MATH_MIN_SPEEDUP * math else [FLASH, MATH]
+    return pick("eval"), pick("train"), times
+
+
+def local_attention_shape(model, frames_per_call: int | None = None) -> tuple:
+    """(N, H, Lq, Lk, d) of one video's local attention: every frame over [global tokens, its own]."""
+    cc, config = model.clip.config, model.config
+    tokens = 1 + config.local_each_frame_prompt_length + cc.num_patches
+    heads = cc.vision_heads
+    return (frames_per_call or config.max_frames, heads, tokens,
+            config.global_visual_prompt_length + tokens, cc.vision_width // heads)
+
+
+def backend_name(backends: list | None) -> str:
+    if backends is None:
+        return "PyTorch's choice"
+    return "math" if backends == [MATH] else "flash"
+
+
+# ------------------------------------------------------------------------------------------ bf16 storage
+def autocast_cast_tensors(clip: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of the frozen parameters that bf16 autocast casts at every use: weights and
+    biases of linear layers and attention projections, and the output projections (used by matmul).
+    conv1 stays fp32: its dtype sets the dtype of the residual stream, which autocast keeps in fp32."""
+    found = []
+    for module in clip.modules():
+        if isinstance(module, nn.Linear):
+            found += [(module, "weight")] + ([(module, "bias")] if module.bias is not None else [])
+        for name in ("in_proj_weight", "in_proj_bias", "proj", "text_projection"):
+            if isinstance(getattr(module, name, None), nn.Parameter) and not isinstance(module, nn.Linear):
+                found.append((module, name))
+    return found
+
+
+class Bf16Backbone:
+    """Stores a frozen backbone's autocast-cast tensors in bf16; checkpoints still see the fp32 values."""
+
+    def __init__(self, backbone: nn.Module):
+        self.backbone = backbone
+        names = {id(p): n for n, p in backbone.named_parameters()}
+        self.targets = {names[id(getattr(m, a))]: (m, a) for m, a in autocast_cast_tensors(backbone)
+                        if not getattr(m, a).requires_grad}
+        self.fp32 = {}  # name -> fp32 tensor, the values checkpoints hold
+        for name, (module, attr) in self.targets.items():
+            p = getattr(module, attr)
+            self.fp32[name] = p.detach().float().clone()
+            p.data = p.data.to(torch.bfloat16)
+        # functions, not bound methods: torch marks its hooks with an attribute
+        self._hooks = [backbone.register_state_dict_post_hook(lambda *a: self._fp32_in_state_dict(*a)),
+                       backbone.register_load_state_dict_pre_hook(lambda *a: self._keep_loaded_fp32(*a))]
+
+    def _fp32_in_state_dict(self, module, state_dict, prefix, local_metadata):
+        for name, value in self.fp32.items():
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = value.to(state_dict[prefix + name].device)
+
+    def _keep_loaded_fp32(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                          error_msgs):
+        for name in self.fp32:
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.shape == self.fp32[name].shape:
+                self.fp32[name] = value.detach().float().cpu().clone()
+
+    def restore(self) -> None:
+        """Back to fp32 parameters (the kept values)."""
+        for hook in self._hooks:
+            hook.remove()
+        for name, (module, attr) in self.targets.items():
+            p = getattr(module, attr)
+            p.data = self.fp32[name].to(p.device)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def store_backbone_in_bf16(model) -> Bf16Backbone:
+    """Store ``model.clip``'s frozen matrices in bf16 (until ``restore()``)."""
+    stored = Bf16Backbone(model.clip)
+    _undo.append(stored.restore)
+    return stored
+
+
+# ------------------------------------------------------------------------------------------ bf16 rate
+def bf16_speedup() -> float:
+    """Rate of a model-sized bf16 product over the fp32 one (on the fp32 path now set). Emulated bf16
+    (no AVX512-BF16, no AMX) runs at about a third of fp32; native bf16 at 1.5-2x (AVX512-BF16) or more."""
+    x, w = torch.randn(1024, 768), torch.randn(768, 3072)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    times = _compare({"fp32": lambda: x @ w, "bf16": lambda: xb @ wb})
+    return times["fp32"] / times["bf16"]
+
+
+# bf16 at under this fraction of the fp32 rate is emulated (timing noise stays well above it)
+EMULATED_BF16 = 0.7
+
+
+# ------------------------------------------------------------------------------------------ a run
+def apply_cpu_settings(args, device: torch.device, model, precision) -> None:
+    """Threads, fp32 product path, attention backends and bf16 storage for a run of main.py; logs each.
+
+    ``precision`` (training.engine.Precision) gets the attention backends to use.
+    """
+    split = resolve_core_split(args)
+    set_threads(split.threads)
+    (log.warning if split.oversubscribed else log.info)("cores: %s", split.note)
+    if device.type != "cpu":
+        return
+    if not getattr(args, "cpu_tuning", 1):
+        log.info("CPU tuning off (--cpu_tuning 0): MKL fp32 products, PyTorch's attention choice, "
+                 "bf16 by autocast alone")
+        return
+    log.info(choose_fp32_path().describe())
+    if hasattr(model, "clip") and hasattr(model, "config"):  # a DGL model
+        _set_attention_backends(model, precision)
+        _store_backbone_if_always_bf16(model, precision)
+    _warn_if_bf16_is_slow(precision)
+
+
+def _set_attention_backends(model, precision) -> None:
+    fp32, bf16 = torch.float32, torch.bfloat16
+    train_dtype = bf16 if precision.dtype == bf16 else fp32
+    eval_dtype = precision.eval_video_dtype or fp32
+    shape = local_attention_shape(model)
+    eval_b, train_b, _ = choose_attention(shape, eval_dtype)
+    if train_dtype != eval_dtype:
+        _, train_b, _ = choose_attention(shape, train_dtype)
+    precision.eval_attention, precision.train_attention = eval_b, train_b
+    log.info("attention backend (measured on %s): evaluation %s, training %s", "x".join(map(str, shape)),
+             backend_name(eval_b), backend_name(train_b))
+
+
+def _store_backbone_if_always_bf16(model, precision) -> None:
+    """Only when every use of the backbone runs under bf16 autocast (not with --eval_precision fp32,
+    nor with --precision amp, which evaluates in fp32)."""
+    bf16 = torch.bfloat16
+    if precision.dtype == bf16 and precision.eval_video_dtype == bf16 and precision.eval_text_dtype == bf16:
+        stored = store_backbone_in_bf16(model)
+        log.info("bf16: %d frozen backbone tensors stored in bf16 (checkpoints keep them in fp32)", len(stored))
+
+
+def _warn_if_bf16_is_slow(precision) -> None:
+    if torch.bfloat16 in (precision.dtype, precision.eval_video_dtype):
+        speedup = bf16_speedup()
+        if speedup < EMULATED_BF16:
+            log.warning("bf16 matrix products run at %.2fx the fp32 rate on this CPU (no native bf16): "
+                        "bf16 is slower than fp32 here", speedup)
+        else:
+            log.info("bf16 matrix products run at %.2fx the fp32 rate on this CPU", speedup)
+
+
+def inference_settings(model, device: torch.device | str = "cpu", threads: int | None = None,
+                       eval_precision: str | None = None):
+    """The same start-up choices for a tool that only encodes (e.g. indexing a folder of videos):
+    threads (all cores by default), fp32 product path, attention backend. Returns the
+    training.engine.Precision whose ``eval_autocast()`` / ``eval_video_autocast()`` to encode under.
+    ``restore()`` undoes the settings."""
+    import argparse
+
+    from training.engine import Precision
+
+    device = torch.device(device)
+    precision = Precision("fp32", device, eval_precision)
+    args = argparse.Namespace(threads=threads, num_thread_reader=0, device=device.type, gpu=None, cpu_tuning=1)
+    apply_cpu_settings(args, device, model, precision)
+    return precision
+
+
+def restore() -> None:
+    """Undo every process-global setting made here (newest first)."""
+    while _undo:
+        _undo.pop()()
