@@ -443,7 +443,13 @@ def test_tensorboard_purges_redone_steps_on_resume(tmp_path):
     run_toy(str(out), epochs=2, resume=str(out / "ckpt.pth.tar"))
 
     steps, purged = [], []
-    for f in sorted((out / "tensorboard").iterdir(), key=lambda p: float(p.name.split(".")[3])):
+    # events.out.tfevents.<seconds>.<host>.<pid>.<counter>: both runs may start within one second, and they
+    # share this process, so the per-process counter orders them
+    def written_order(p):
+        parts = p.name.split(".")
+        return int(parts[3]), int(parts[-1])
+
+    for f in sorted((out / "tensorboard").iterdir(), key=written_order):
         for ev in EventFileLoader(str(f)).Load():
             if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
                 purged.append(ev.step)
