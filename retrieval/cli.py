@@ -208,12 +208,13 @@ def cmd_visualize(args) -> int:
 
 def main(argv=None) -> int:
     from retrieval.model_io import SearchError
+    from training.checkpoint import OutputWriteError
 
     args = build_parser().parse_args(argv)
     commands = {"index": cmd_index, "query": cmd_query, "visualize": cmd_visualize}
     try:
         return commands[args.command](args)
-    except SearchError as err:
+    except (SearchError, OutputWriteError) as err:  # OutputWriteError: a file (shard, page) could not be written
         fail(str(err))
     except KeyboardInterrupt:
         fail("interrupted; the shards written so far are kept (run the same command to continue)")

@@ -65,7 +65,7 @@ def _result_html(hit, max_frames: int, size: int) -> str:
 
 def write_results_page(out_path: str, results: list[dict], index) -> None:
     """``results``: [{"query": text, "hits": [Hit, ...], "query_video": path (optional)}, ...]."""
-    from retrieval.index import _atomic_write
+    from training.checkpoint import atomic_write
 
     sampling = index.record.get("sampling", {})
     max_frames, size = sampling.get("max_frames", 12), sampling.get("image_resolution", 224)
@@ -85,4 +85,4 @@ def write_results_page(out_path: str, results: list[dict], index) -> None:
         parts += [_result_html(h, max_frames, size) for h in r["hits"]]
         parts.append("</ol></section>")
     parts.append("</body></html>\n")
-    _atomic_write(out_path, lambda f: f.write("\n".join(parts)), mode="w")
+    atomic_write(out_path, lambda f: f.write("\n".join(parts)), mode="w")

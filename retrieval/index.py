@@ -30,19 +30,14 @@ from retrieval.encode import (VIDEO_EXTENSIONS, autocast_dtype, encode_batch, fi
                               video_loader)
 from retrieval.model_io import SearchError, describe_model
 from retrieval.search import APPROXIMATE, BACKENDS, FaissSearcher, exact_topk, faiss_available, recall_at_k
+from training.checkpoint import atomic_write  # temp file + fsync + os.replace
 
 FORMAT = "dgl-video-index/1"
 SHARD_GLOB = "shard-*.npz"
 
 
-def _atomic_write(path: str, write_fn, mode: str = "wb") -> None:
-    from training.checkpoint import _atomic_write as write  # temp file + fsync + os.replace
-
-    write(path, write_fn, mode)
-
-
 def _write_json(path: str, data) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(data, indent=1) + "\n"), mode="w")
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=1) + "\n"), mode="w")
 
 
 @dataclass
@@ -64,7 +59,7 @@ def write_shard(path: str, features: torch.Tensor, entries: list[dict]) -> None:
         np.savez(buf, features=features.numpy().astype(np.float32), entries=np.array(json.dumps(entries)))
         f.write(buf.getvalue())
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def read_shard(path: str, entries_only: bool = False) -> tuple[torch.Tensor | None, list[dict]]:
@@ -442,7 +437,7 @@ class VideoIndex:
                 return searcher
         searcher = FaissSearcher.build(self.features().numpy(), kind)
         searcher.params["recall"] = self._measure_recall(searcher, recall_queries, k)
-        _atomic_write(base + ".faiss", lambda f: f.write(_faiss_bytes(searcher)))
+        atomic_write(base + ".faiss", lambda f: f.write(_faiss_bytes(searcher)))
         _write_json(base + ".json", {"content_id": cid, "params": searcher.params})
         if log:
             log(_recall_line(searcher))

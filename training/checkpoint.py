@@ -49,7 +49,7 @@ def _write_failure_reason(exc: BaseException, directory: str) -> str:
     return f"write failed ({type(exc).__name__}: {text[0] if text else ''})"
 
 
-def _atomic_write(path: str, write_fn, mode: str = "wb") -> None:
+def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
     """Write to a temporary file next to ``path``, then rename it: ``path`` is the old file or the new one,
     never a part. A failure removes the temporary file and raises :class:`OutputWriteError`."""
     d = os.path.dirname(os.path.abspath(path))
@@ -96,15 +96,15 @@ def remove_stale_temporary_files(directory: str) -> list[str]:
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text), mode="w")
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def atomic_np_save(path: str, array) -> None:
-    _atomic_write(path, lambda f: np.save(f, np.asarray(array)))
+    atomic_write(path, lambda f: np.save(f, np.asarray(array)))
 
 
 def rng_state() -> dict:
