@@ -371,6 +371,19 @@ def store_backbone_in_bf16(model) -> Bf16Backbone:
 
 
 # ------------------------------------------------------------------------------------------ bf16 rate
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16); None when it cannot be told.
+
+    Without either, bf16 autocast on CPU is emulated and slower than fp32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return None
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def bf16_speedup() -> float:
     """Rate of a model-sized bf16 product over the fp32 one (on the fp32 path now set). Emulated bf16
     (no AVX512-BF16, no AMX) runs at about a third of fp32; native bf16 at 1.5-2x (AVX512-BF16) or more."""

@@ -13,26 +13,13 @@ from torch.utils.data import DataLoader, Subset
 from modules.metrics import DSL_LABEL, dsl_metrics, format_metrics, metrics_from_ranks, retrieval_ranks
 from training import distributed as D
 from training.gradcache import gradcache_step
-from training.cpu import backends_context
+from training.cpu import backends_context, cpu_has_native_bf16
 from training.logs import LOGGER_NAME
 
 log = logging.getLogger(LOGGER_NAME)
 
 
 # ------------------------------------------------------------------------------------------ precision
-def cpu_has_native_bf16() -> bool | None:
-    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16); None when it cannot be told.
-
-    Without either, bf16 autocast on CPU is emulated and slower than fp32.
-    """
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return None
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 class Precision:
     """Autocast settings of --precision (and --eval_precision) on a device, plus the attention backends
     to use in training and evaluation (None: PyTorch's choice; training.cpu measures them on CPU)."""
