@@ -250,6 +250,12 @@ def test_bad_test_video_is_never_replaced(world, tmp_path):
     ev = json.loads((tmp_path / "e2" / "results.json").read_text())["evaluations"][0]
     assert ev["num_videos"] == NUM_TEST - 1 and ev["num_captions"] == NUM_TEST - 1
     assert ev["test_left_out"] == {"videos": 1, "captions": 1, "comparable_to_full_test_set": False}
+    # the per-query ranks file lists the evaluated rows only: captions and video ids line up with the ranks
+    ranks = json.loads((tmp_path / "e2" / ev["ranks_file"]).read_text())
+    t2v = ranks["t2v"]
+    assert len(t2v["rank"]) == len(t2v["video"]) == len(t2v["caption"]) == NUM_TEST - 1
+    assert sorted(set(t2v["video"])) == list(range(NUM_TEST - 1))
+    assert ranks["video_ids"] == [v for v in TEST_IDS if v != TEST_IDS[1]]
     assert "not comparable to those on the full test set" in r.stderr
     assert snapshot(run) == before
 

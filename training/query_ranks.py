@@ -28,18 +28,34 @@ def _one_based(ranks) -> list[int]:
     return (np.asarray(ranks, dtype=np.int64) + 1).tolist()
 
 
-def build_ranks_record(res: dict, test_dataset, tag: str, epoch: int, global_step: int) -> dict:
-    """The JSON content for an ``evaluate`` result (main process: it needs ``sim`` and ``ranks``)."""
+def _evaluated_rows(res: dict, test_dataset):
+    """(video ids, captions, video of each caption) of the rows ``res`` ranks: without the test videos that
+    failed to decode in this evaluation (``res["unreadable_videos"]``) and their captions."""
+    dropped = set(res.get("unreadable_videos") or [])
     videos = getattr(test_dataset, "videos", None)
     video_ids = [getattr(v, "video_id", None) for v in videos] if isinstance(videos, (list, tuple)) else None
+    if video_ids is not None:
+        video_ids = [vid for i, vid in enumerate(video_ids) if i not in dropped]
     captions = getattr(test_dataset, "captions", None)
+    if captions is not None:
+        full_index = np.asarray(test_dataset.caption_video_index).tolist()
+        captions = [c for c, v in zip(captions, full_index) if v not in dropped]
+    links = res.get("caption_video_index")
+    if links is None:
+        links = test_dataset.caption_video_index
+    return video_ids, captions, np.asarray(links).astype(np.int64).tolist()
+
+
+def build_ranks_record(res: dict, test_dataset, tag: str, epoch: int, global_step: int) -> dict:
+    """The JSON content for an ``evaluate`` result (main process: it needs ``sim`` and ``ranks``)."""
+    video_ids, captions, links = _evaluated_rows(res, test_dataset)
     record = {
         "format": FORMAT, "tag": tag, "epoch": epoch, "global_step": global_step, "rank_base": 1,
         "num_captions": int(res["num_captions"]), "num_videos": int(res["num_videos"]),
         "multi_sentence": bool(res.get("multi_sentence")),
         "video_ids": video_ids if video_ids and None not in video_ids else None,
         "t2v": {"rank": _one_based(res["ranks"]["t2v"]),
-                "video": np.asarray(test_dataset.caption_video_index).astype(np.int64).tolist(),
+                "video": links,
                 "top1": _top1(res["sim"]),
                 "caption": list(captions) if captions is not None else None},
         "v2t": {"rank": _one_based(res["ranks"]["v2t"])},
