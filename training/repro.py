@@ -202,12 +202,32 @@ def _batches(args, world_size: int) -> dict:
             "eval_per_process": int(getattr(args, "batch_size_val", 0) or 0)}
 
 
+def _dtype_name(dtype) -> str | None:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
 def _precision(args, precision) -> dict:
-    dtype = getattr(precision, "dtype", None)
+    """--precision / --eval_precision and what the start-up CPU settings chose (training.cpu): the
+    attention backends and the fp32 product path decide the last digits of the numbers."""
+    from training.cpu import backend_name
+
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
     return {"flag": getattr(args, "precision", None),
-            "autocast_dtype": None if dtype is None else str(dtype).replace("torch.", ""),
+            "autocast_dtype": _dtype_name(getattr(precision, "dtype", None)),
             "grad_scaler": bool(getattr(precision, "use_scaler", False)),
+            "eval_flag": getattr(args, "eval_precision", None),
+            "eval_text_dtype": _dtype_name(getattr(precision, "eval_text_dtype", None)),
+            "eval_video_dtype": _dtype_name(getattr(precision, "eval_video_dtype", None)),
+            "cpu_tuning": getattr(args, "cpu_tuning", None),
+            "attention": {"train": backend_name(getattr(precision, "train_attention", None)),
+                          "eval": backend_name(getattr(precision, "eval_attention", None))},
+            "fp32_matmul_precision_onednn": getattr(matmul, "fp32_precision", None),
             "note": getattr(precision, "note", None)}
+
+
+def _training_options(args) -> dict:
+    """Options that change memory and speed, not the loss (equal to float tolerance)."""
+    return {name: getattr(args, name, None) for name in ("contrastive_chunk_size", "grad_checkpointing", "compile")}
 
 
 def _splits(args) -> set:
@@ -227,6 +247,7 @@ def build_record(args, world_size: int, device: torch.device, precision=None, de
         "devices": devices if devices is not None else [device_description(device)],
         "batch": _batches(args, world_size),
         "precision": _precision(args, precision),
+        "training_options": _training_options(args),
         "seed": getattr(args, "seed", None),
         "determinism": _determinism(),
         "input": {name: getattr(args, name, None) for name in INPUT_FIELDS},
