@@ -6,7 +6,6 @@ flag; no traceback) and that the files of an earlier run are byte-identical afte
 from __future__ import annotations
 
 import ast
-import errno
 import hashlib
 import json
 import os
