@@ -186,6 +186,19 @@ def test_training_run_with_chunks_equals_plain_run(tmp_path, accumulation):
     assert "gradient caching" in (tmp_path / "chunked" / "log.txt").read_text()
 
 
+def test_bf16_run_with_chunks_and_bf16_backbone_storage_matches_plain_bf16_run(tmp_path):
+    """--precision bf16 on CPU stores the frozen backbone in bf16 (training/cpu.py); gradient caching runs
+    both encoder passes under the same bf16 autocast, so it trains like the plain bf16 step."""
+    flags = dict(epochs=1, batch_size=8, precision="bf16", data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3})
+    plain = run_toy_flags(tmp_path / "plain", **flags)
+    chunked = run_toy_flags(tmp_path / "chunked", contrastive_chunk_size=3, **flags)
+    assert [s for s, _ in plain["step_losses"]] == [s for s, _ in chunked["step_losses"]] == [1, 2]
+    for (_, a), (_, b) in zip(plain["step_losses"], chunked["step_losses"]):
+        assert a == pytest.approx(b, rel=2e-2)  # bf16 tolerance
+    for run in ("plain", "chunked"):
+        assert "frozen backbone tensors stored in bf16" in (tmp_path / run / "log.txt").read_text()
+
+
 def run_toy_flags(out, **flags):
     from training.toy import run_toy
 
