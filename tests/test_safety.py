@@ -165,11 +165,16 @@ def test_a_new_run_never_overwrites_a_run(world, tmp_path):
 def test_overwrite_output_dir_starts_over(world, tmp_path):
     run = earlier_run(world, tmp_path)
     (run / "log.txt").write_text("the earlier run's log\n")
+    # files of the earlier run that this run does not write again (a longer run, --save_sim_matrix)
+    for name in ("ranks_epoch7.json", "msrvtt_train_train_t2v.npy", "msrvtt_caption_video_index.npy"):
+        (run / name).write_text("earlier run\n")
     r = main(flags(world) + ["--do_train", "1", "--epochs", "1", "--output_dir", str(run), "--overwrite_output_dir",
                              "--no_tensorboard"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "the earlier run's log" not in (run / "log.txt").read_text()
     assert not (run / "tensorboard").exists()
+    assert not [p for p in ("ranks_epoch7.json", "msrvtt_train_train_t2v.npy", "msrvtt_caption_video_index.npy")
+                if (run / p).exists()]
     assert "--overwrite_output_dir: removed the earlier run's" in r.stderr
 
 

@@ -14,7 +14,10 @@ CKPT = "ckpt.pth.tar"
 CKPT_BEST = "ckpt.best.pth.tar"
 CHECKPOINTS = (CKPT, CKPT_BEST)
 # what a run writes (see the README, "What a run writes"); tensorboard/ and *.npy matrices too
-RUN_FILES = CHECKPOINTS + ("results.json", "config.json", "log.txt")
+RUN_FILES = CHECKPOINTS + ("results.json", "config.json", "log.txt", "reproducibility.json")
+# written per evaluation (ranks) and with --save_sim_matrix (similarity matrices and QB-norm banks)
+RUN_FILE_PATTERNS = ("ranks_*.json", "*_sim_matrix.npy", "*_caption_video_index.npy", "*_train_test_*.npy",
+                     "*_train_train_*.npy")
 # a folder holds a run once it holds results: a checkpoint or results.json (a start that failed before its
 # first evaluation leaves only a log, which the next start appends to)
 RESULT_FILES = CHECKPOINTS + ("results.json",)
@@ -27,8 +30,8 @@ def files_of_a_run(out_dir: str) -> list[str]:
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
     if os.path.isdir(os.path.join(out_dir, "tensorboard")):
         found.append("tensorboard/")
-    found += sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "*_sim_matrix.npy")))
-    found += sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "*_train_test_*.npy")))
+    for pattern in RUN_FILE_PATTERNS:
+        found += sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, pattern)))
     return found
 
 
