@@ -68,7 +68,7 @@ def _grad_worker(rank, world, port, out):
 
     import torch.distributed as dist
 
-    from training.toy import ToyData, tiny_dgl
+    from training.toy import ToyData, exit_spawned_worker, tiny_dgl
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -85,5 +85,6 @@ def _grad_worker(rank, world, port, out):
         # DDP's reducer and the autograd graph hold the process group: release them before destroying it
         del model, loss
         dist.barrier()
+        exit_spawned_worker()  # every rank is done: skip the teardown (os._exit does not run the finally)
     finally:
         dist.destroy_process_group()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from modules.dgl import DGL, contrastive_loss
 from training.gradcache import gradcache_step
-from training.toy import ToyData, tiny_dgl
+from training.toy import ToyData, exit_spawned_worker, tiny_dgl
 
 
 def _free_port() -> int:
@@ -166,6 +166,7 @@ def _chunked_worker(rank, world, port, out):
         torch.save({"loss": loss, "grads": _grads(model.module)}, os.path.join(out, f"rank{rank}.pt"))
         del model, loss  # DDP's reducer holds the process group: release it before destroying the group
         dist.barrier()
+        exit_spawned_worker()  # every rank is done: skip the teardown (os._exit does not run the finally)
     finally:
         dist.destroy_process_group()
 

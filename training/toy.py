@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 from torch.utils.data import Dataset
@@ -143,6 +144,15 @@ def run_toy(output_dir: str, data_kwargs: dict | None = None, model_kwargs: dict
     return run(args, model=model, train_dataset=data.train(augment), test_dataset=data)
 
 
+def exit_spawned_worker() -> None:
+    """End a spawned worker whose work is done and saved without the interpreter's teardown: destructors
+    of gloo's threads can abort the process there ('terminate called without an active exception'),
+    which torch.multiprocessing.spawn reports as a failure although every result was written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _dist_worker(rank: int, world: int, port: int, output_dir: str, flags: dict, result_dir: str):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -152,6 +162,7 @@ def _dist_worker(rank: int, world: int, port: int, output_dir: str, flags: dict,
         state = {k: v.detach().cpu() for k, v in summary["model"].state_dict().items()}
         torch.save({"state": state, "results": summary["results"], "step_losses": summary["step_losses"]},
                    os.path.join(result_dir, "rank0.pt"))
+    exit_spawned_worker()
 
 
 def run_toy_distributed(world: int, output_dir: str, result_dir: str, port: int, **flags) -> dict:
