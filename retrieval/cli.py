@@ -102,6 +102,11 @@ def _model_flags(args) -> dict:
     return flags
 
 
+
+def _progress_wanted(no_progress: bool) -> bool:
+    """A progress bar for a person watching: not with --no_progress, not when stderr goes to a file or pipe."""
+    return not no_progress and sys.stderr.isatty()
+
 def _load(args, index_record: dict | None = None):
     """The model of the command line, or (no --clip) the one recorded in the index."""
     from retrieval.model_io import load_model
@@ -139,7 +144,7 @@ def cmd_index(args) -> int:
         with backends_context(settings.eval_attention):
             index = VideoIndex.build(loaded.model, args.videos, index_dir=args.index, tokenizer=loaded.tokenizer,
                                      batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-                                     shard_size=args.shard_size, progress=not args.no_progress,
+                                     shard_size=args.shard_size, progress=_progress_wanted(args.no_progress),
                                      model_record=loaded.info, log=_log)
     finally:
         restore()
