@@ -23,27 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_model import peak_rss_mb, reset_peak_rss  # noqa: E402
 from retrieval.search import FaissSearcher, exact_topk, faiss_available, recall_at_k  # noqa: E402
-
-
-def rss_mib(field: str = "VmRSS") -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def unit_rows(rng: np.random.Generator, n: int, d: int, chunk: int = 100_000) -> np.ndarray:
@@ -79,8 +60,7 @@ def bench_size(n: int, args, rng) -> list[dict]:
         if backend.startswith("faiss") and not faiss_available():
             print(f"  {backend}: skipped (faiss not installed)")
             continue
-        base_rss = rss_mib()
-        reset_peak_rss()
+        base_rss = reset_peak_rss()
         t0 = time.perf_counter()
         if backend == "exact":
             searcher = None
@@ -102,7 +82,7 @@ def bench_size(n: int, args, rng) -> list[dict]:
         build_s = time.perf_counter() - t0
         single_s, _ = timed(lambda: search(queries[:1]), args.rounds)
         batch_s, result = timed(lambda: search(queries), args.rounds)
-        peak = rss_mib("VmHWM") - base_rss
+        peak = peak_rss_mb() - base_rss
         found = np.asarray(result[1])
         if backend == "exact":
             exact_rows = found
