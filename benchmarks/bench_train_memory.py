@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_model import build, inputs, peak_rss_mb, reset_peak_rss, time_it  # noqa: E402
-from training.gradcache import gradcache_step  # noqa: E402
+from training.engine import forward_backward  # noqa: E402
 from training.model_options import compile_encoders, compile_seconds  # noqa: E402
 
 
@@ -67,16 +67,12 @@ def run_worker(args) -> dict:
     def scale_loss(loss):
         return scaler.scale(loss) if scaler is not None else loss
 
-    def forward_backward():
-        if args.chunk:
-            gradcache_step(model, ids, video, mask, args.chunk, autocast=autocast, scale_loss=scale_loss)
-        else:
-            with autocast():
-                loss = model(ids, video, mask)["loss"]
-            scale_loss(loss).backward()
+    def step_backward():
+        forward_backward(model, ids, video, mask, autocast=autocast, scale_loss=scale_loss,
+                         contrastive_chunk_size=args.chunk)
 
     def train_step():
-        forward_backward()
+        step_backward()
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -89,7 +85,7 @@ def run_worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     before = reset_peak_rss()
     start = time.perf_counter()
-    forward_backward()  # the gradients of the first step, for the comparison
+    step_backward()  # the gradients of the first step, for the comparison
     first_step = time.perf_counter() - start
     if scaler is not None:
         scaler.unscale_(optimizer)

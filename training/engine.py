@@ -96,6 +96,24 @@ def _to(batch: dict, device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ training
+def forward_backward(model, input_ids, video, video_mask, *, autocast, scale_loss,
+                     contrastive_chunk_size: int = 0, sync_grads: bool = True) -> torch.Tensor:
+    """One micro-batch's loss and backward pass; returns the (unscaled) loss.
+
+    The plain step, or gradient caching (training/gradcache.py) when ``contrastive_chunk_size`` is
+    smaller than the micro-batch: the same loss and gradients with that many samples encoded at a time.
+    ``scale_loss`` maps the loss to what is back-propagated (accumulation share, AMP scaling).
+    """
+    if 0 < contrastive_chunk_size < input_ids.shape[0]:
+        return gradcache_step(model, input_ids, video, video_mask, contrastive_chunk_size, autocast=autocast,
+                              scale_loss=scale_loss, sync_grads=sync_grads)
+    with autocast():
+        out = model(input_ids, video, video_mask)
+        loss = out["loss"] if isinstance(out, dict) else out
+    scale_loss(loss).backward()
+    return loss
+
+
 def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, scaler, *, epoch: int,
                     global_step: int, accumulation: int, clip_grad_norm: float | None, n_display: int,
                     device, board=None, progress: bool = True, step_callback=None,
@@ -137,15 +155,9 @@ def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, sc
         update = (i + 1) % accumulation == 0
         sync = contextlib.nullcontext() if (update or not ddp) else model.no_sync()
         with sync:
-            if 0 < contrastive_chunk_size < batch["input_ids"].shape[0]:
-                loss = gradcache_step(model, batch["input_ids"], batch["video"], batch["video_mask"],
-                                      contrastive_chunk_size, autocast=precision.autocast,
-                                      scale_loss=scale_loss, sync_grads=update)
-            else:
-                with precision.autocast():
-                    out = model(batch["input_ids"], batch["video"], batch["video_mask"])
-                    loss = out["loss"] if isinstance(out, dict) else out
-                scale_loss(loss).backward()
+            loss = forward_backward(model, batch["input_ids"], batch["video"], batch["video_mask"],
+                                    autocast=precision.autocast, scale_loss=scale_loss,
+                                    contrastive_chunk_size=contrastive_chunk_size, sync_grads=update)
             loss_value = float(loss.detach().float())
             if not math.isfinite(loss_value):
                 if scaler is None:
