@@ -62,6 +62,14 @@ def write_shard(path: str, features: torch.Tensor, entries: list[dict]) -> None:
     atomic_write(path, write)
 
 
+def _is_zip(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
 def read_shard(path: str, entries_only: bool = False) -> tuple[torch.Tensor | None, list[dict]]:
     """(features, entries) of a shard; SearchError naming the file when it is unreadable."""
     try:
@@ -71,8 +79,12 @@ def read_shard(path: str, entries_only: bool = False) -> tuple[torch.Tensor | No
         if not isinstance(entries, list) or (features is not None and features.shape[0] != len(entries)):
             raise ValueError("features and entries disagree")
     except Exception as err:  # noqa: BLE001 - any damage is the same problem for the user
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise SearchError(f"corrupt index shard {path} ({type(err).__name__}: {detail}); "
+        if _is_zip(path):
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            reason = f"{type(err).__name__}: {detail}"
+        else:  # numpy's message here advises unpickling the file; say what the file is instead
+            reason = "not an .npz archive: damaged or truncated"
+        raise SearchError(f"corrupt index shard {path} ({reason}); "
                           "run `search_videos.py index` again to re-encode its videos") from err
     return features, entries
 

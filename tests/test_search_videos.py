@@ -321,6 +321,9 @@ def test_bad_inputs_one_line_each(world, tmp_path, capsys):
     good = as_dict(VideoIndex.open(str(idx)))
     shard.write_bytes(shard.read_bytes()[:100])
     one_line_error(["query", "a red square", *q], "corrupt index shard", shard.name)
+    shard.write_bytes(b"not a shard\n")  # numpy would suggest unpickling such a file: the line says what it is
+    line = one_line_error(["query", "a red square", *q], "corrupt index shard", shard.name, "not an .npz archive")
+    assert "pickle" not in line
     code, out, err = run_cli(["index", videos, "--index", idx, *common], capsys)
     assert code == 0, err
     repaired = as_dict(VideoIndex.open(str(idx)))
