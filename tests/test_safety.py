@@ -299,13 +299,15 @@ def test_annotation_errors_name_file_and_row(world, tmp_path, damage):
     assert snapshot(run, skip=("log.txt",)) == before
 
 
-@pytest.mark.parametrize("kind", ["truncated", "garbage"])
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "text"])
 def test_corrupt_checkpoint(world, tmp_path, kind):
     run = earlier_run(world, tmp_path)
     before = snapshot(run)
     bad = tmp_path / "bad.pth.tar"
     raw = (run / "ckpt.pth.tar").read_bytes()
-    bad.write_bytes(raw[: len(raw) // 2] if kind == "truncated" else b"\x80\x04" + os.urandom(512))
+    content = {"truncated": raw[: len(raw) // 2], "garbage": b"\x80\x04" + os.urandom(512),
+               "text": b"junk\n"}[kind]  # "junk": the unpickler fails with a KeyError
+    bad.write_bytes(content)
     r = main(flags(world) + ["--do_eval", "1", "--resume", str(bad), "--output_dir", str(tmp_path / "e")])
     last_error(r, f"--resume {bad} is not a readable checkpoint")
     assert "weights_only" not in r.stderr

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
 import random
 import tempfile
 import warnings
@@ -175,8 +174,9 @@ def load_checkpoint_file(path: str, map_location="cpu") -> dict:
         with warnings.catch_warnings():  # torch's notes on unusual pickles would precede the one-line error
             warnings.simplefilter("ignore", UserWarning)
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError,
-            UnicodeDecodeError, ImportError) as exc:
+    except OSError:
+        raise  # the file cannot be read at all: the caller says so
+    except Exception as exc:  # noqa: BLE001 - garbage bytes fail the unpickler in any of many ways (KeyError...)
         raise CheckpointError(f"{path} is not a readable checkpoint (damaged, truncated, or not a torch.save file "
                               f"of tensors and plain data; {type(exc).__name__})") from exc
     if not isinstance(ckpt, dict):
