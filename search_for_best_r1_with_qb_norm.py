@@ -29,7 +29,7 @@ import numpy as np
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.config import OneLineArgumentParser
+    from runtime.errors import OneLineArgumentParser
 
     p = OneLineArgumentParser(description="Search for the QB-norm beta with the best text-to-video R@1")
     p.add_argument("--dataset", default="msrvtt", type=str)

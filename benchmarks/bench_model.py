@@ -10,7 +10,7 @@ All three are checked to give the same features and prompt gradients before timi
 image forward over the same frames gives the cost of the prompt tokens themselves.
 
 Ours runs twice: with PyTorch's defaults ("default": MKL fp32 products, PyTorch's attention choice,
-bf16 by autocast alone) and with the CPU settings main.py chooses at start-up ("tuned", training/cpu.py:
+bf16 by autocast alone) and with the CPU settings main.py chooses at start-up ("tuned", runtime/cpu.py:
 oneDNN fp32 products where exact and faster, the measured attention backend, the frozen backbone stored
 in bf16). The tuned results are checked against the default ones first.
 
@@ -50,7 +50,7 @@ import modules.dgl as dgl_module  # noqa: E402
 from benchmarks import published_reference as published  # noqa: E402
 from modules.clip import CLIP, CLIPConfig  # noqa: E402
 from modules.dgl import DGL, DGLConfig, contrastive_loss  # noqa: E402
-from training import cpu  # noqa: E402
+from modules import backends as cpu  # noqa: E402
 
 IMPLS = ("ours", "published", "loop")
 SETUPS = ("default", "tuned")
@@ -171,7 +171,7 @@ def training_loss(model: DGL, impl: str, ids, video, mask) -> torch.Tensor:
 
 
 def tune(args, model: DGL, mode: str):
-    """The CPU settings main.py chooses (training/cpu.py); returns the attention context to time under."""
+    """The CPU settings main.py chooses (runtime/cpu.py); returns the attention context to time under."""
     if not args.device.startswith("cpu"):
         return contextlib.nullcontext(), "not on CPU: PyTorch's defaults"
     fp32 = cpu.choose_fp32_path()

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from training.config import OneLineArgumentParser
+from runtime.errors import OneLineArgumentParser
 
 PROG = "search_videos.py"
 
@@ -124,10 +124,10 @@ def _load(args, index_record: dict | None = None):
 
 
 def _encoding_settings(model, device, workers: int, precision: str):
-    """main.py's start-up choices for encoding videos (training.cpu): compute threads next to the decoding
+    """main.py's start-up choices for encoding videos (runtime.cpu): compute threads next to the decoding
     workers, and on CPU the fp32 product path and the attention backend (measured in about a second)."""
     from retrieval.encode import autocast_dtype
-    from training.cpu import available_cores, inference_settings
+    from runtime.cpu import available_cores, inference_settings
 
     bf16 = autocast_dtype(precision, device) is not None
     return inference_settings(model, device, threads=max(1, available_cores() - workers),
@@ -136,7 +136,7 @@ def _encoding_settings(model, device, workers: int, precision: str):
 
 def cmd_index(args) -> int:
     from retrieval.index import VideoIndex
-    from training.cpu import backends_context, restore
+    from modules.backends import backends_context, restore
 
     loaded = _load(args)
     settings = _encoding_settings(loaded.model, _device(args.device), args.workers, args.precision)
@@ -230,7 +230,7 @@ def cmd_visualize(args) -> int:
 
 def main(argv=None) -> int:
     from retrieval.model_io import SearchError
-    from training.checkpoint import OutputWriteError
+    from runtime.files import OutputWriteError
 
     args = build_parser().parse_args(argv)
     commands = {"index": cmd_index, "query": cmd_query, "visualize": cmd_visualize}

@@ -101,7 +101,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    from training.cpu import cpu_has_native_bf16
+    from modules.backends import cpu_has_native_bf16
 
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 

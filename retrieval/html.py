@@ -65,7 +65,7 @@ def _result_html(hit, max_frames: int, size: int) -> str:
 
 def write_results_page(out_path: str, results: list[dict], index) -> None:
     """``results``: [{"query": text, "hits": [Hit, ...], "query_video": path (optional)}, ...]."""
-    from training.checkpoint import atomic_write
+    from runtime.files import atomic_write
 
     sampling = index.record.get("sampling", {})
     max_frames, size = sampling.get("max_frames", 12), sampling.get("image_resolution", 224)

@@ -30,7 +30,7 @@ from retrieval.encode import (VIDEO_EXTENSIONS, autocast_dtype, encode_batch, fi
                               video_loader)
 from retrieval.model_io import SearchError, describe_model
 from retrieval.search import APPROXIMATE, BACKENDS, FaissSearcher, exact_topk, faiss_available, recall_at_k
-from training.checkpoint import atomic_write  # temp file + fsync + os.replace
+from runtime.files import atomic_write  # temp file + fsync + os.replace
 
 FORMAT = "dgl-video-index/1"
 SHARD_GLOB = "shard-*.npz"

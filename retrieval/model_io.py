@@ -74,7 +74,7 @@ def load_model(clip_path: str, checkpoint: str | None, bpe_path: str | None = No
     recorded configuration, then DGLConfig's defaults. Every failure is a one-line SearchError.
     """
     from modules.tokenizer import get_tokenizer
-    from training.checkpoint import load_checkpoint_file
+    from modules.checkpoints import load_checkpoint_file
 
     if not clip_path or not os.path.isfile(clip_path):
         raise SearchError(f"CLIP weights not found: {clip_path} (pass --clip <ViT-B-32.pt or a state dict>)")

@@ -13,7 +13,7 @@ from modules.dgl import DGL
 from modules.tokenizer import get_tokenizer, write_bpe_vocab
 from preprocess.ffmpeg_tools import write_video
 from preprocess.make_synthetic_dataset import make_specs, render_clip
-from training.checkpoint import FORMAT, with_module_prefix
+from modules.checkpoints import FORMAT, with_module_prefix
 
 CONFIG = dict(shared_latent_space="linear", max_words=16, max_frames=4, text_prompt_length=4,
               local_each_frame_prompt_length=2, global_visual_prompt_length=2, unified_transformer_layers=2)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from training import cpu
-from training.engine import Precision
-from training.toy import ToyData, run_toy, tiny_dgl
+from modules import backends as cpu
+from runtime import cpu as run_cpu
+from runtime.precision import Precision
+from tests.toy import ToyData, run_toy, tiny_dgl
 
 
 @pytest.fixture(autouse=True)
@@ -40,27 +41,27 @@ def _features_and_grads(model, context=contextlib.nullcontext):
 @pytest.mark.parametrize("cuda", [False, True])
 def test_default_split_never_exceeds_the_cores(cuda):
     for cores in range(1, 65):
-        s = cpu.split_cores(cores, cuda=cuda)
+        s = run_cpu.split_cores(cores, cuda=cuda)
         assert s.threads >= 1 and s.workers >= 0 and s.threads + s.workers <= cores, (cores, s)
         assert not s.oversubscribed
-    assert (cpu.split_cores(2).threads, cpu.split_cores(2).workers) == (2, 0)  # a 2-core CPU: no worker
-    assert (cpu.split_cores(8).threads, cpu.split_cores(8).workers) == (6, 2)
-    assert (cpu.split_cores(16, cuda=True).threads, cpu.split_cores(16, cuda=True).workers) == (8, 8)
+    assert (run_cpu.split_cores(2).threads, run_cpu.split_cores(2).workers) == (2, 0)  # a 2-core CPU: no worker
+    assert (run_cpu.split_cores(8).threads, run_cpu.split_cores(8).workers) == (6, 2)
+    assert (run_cpu.split_cores(16, cuda=True).threads, run_cpu.split_cores(16, cuda=True).workers) == (8, 8)
 
 
 def test_given_values_are_kept_and_the_other_fitted():
-    s = cpu.split_cores(8, workers=3)
+    s = run_cpu.split_cores(8, workers=3)
     assert (s.threads, s.workers) == (5, 3)
-    s = cpu.split_cores(8, threads=7)
+    s = run_cpu.split_cores(8, threads=7)
     assert (s.threads, s.workers) == (7, 1)
-    s = cpu.split_cores(2, workers=8)  # the published scripts' --num_thread_reader 8 on 2 cores
+    s = run_cpu.split_cores(2, workers=8)  # the published scripts' --num_thread_reader 8 on 2 cores
     assert (s.threads, s.workers) == (1, 8) and s.oversubscribed and "more than the cores" in s.note
 
 
 def test_torchrun_processes_share_the_machine(monkeypatch):
     from training.config import parse_args
 
-    monkeypatch.setattr(cpu, "available_cores", lambda: 16)
+    monkeypatch.setattr(run_cpu, "available_cores", lambda: 16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     a = parse_args(["--output_dir", "o", "--do_eval", "1", "--device", "cpu"])
     assert a.threads + a.num_thread_reader <= 4 and a.threads >= 1
@@ -68,7 +69,7 @@ def test_torchrun_processes_share_the_machine(monkeypatch):
     assert (a.threads, a.num_thread_reader) == (3, 1)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setenv("WORLD_SIZE", "8")  # another launcher: assume every process is on this machine
-    assert cpu.processes_on_this_machine() == 8
+    assert run_cpu.processes_on_this_machine() == 8
     a = parse_args(["--output_dir", "o", "--do_eval", "1", "--device", "cpu"])
     assert (a.threads, a.num_thread_reader) == (2, 0)
 
@@ -206,7 +207,7 @@ def test_inference_settings_for_encoding_tools():
     ids, video, mask = _inputs(model)
     with torch.no_grad():
         reference = model.encode_video(video, mask)
-    precision = cpu.inference_settings(model, "cpu", threads=1)
+    precision = run_cpu.inference_settings(model, "cpu", threads=1)
     assert torch.get_num_threads() == 1 and precision.eval_attention is not None
     with torch.no_grad(), precision.eval_video_autocast():
         got = model.encode_video(video, mask)

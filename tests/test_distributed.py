@@ -5,7 +5,7 @@ import socket
 import pytest
 import torch
 
-from training.toy import run_toy, run_toy_distributed
+from tests.toy import run_toy, run_toy_distributed
 
 
 def _free_port() -> int:
@@ -38,7 +38,7 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     for k in s1:
         torch.testing.assert_close(s2[k], s1[k], rtol=1e-4, atol=1e-6, msg=k)
     # and the prompts did move (the comparison is not vacuous)
-    from training.toy import tiny_dgl
+    from tests.toy import tiny_dgl
 
     init = tiny_dgl(seed=3).state_dict()
     assert any(not torch.allclose(init[k], s1[k]) for k in s1 if "prompt" in k)
@@ -50,7 +50,7 @@ def test_gradient_carrying_gather_matches_big_batch(tmp_path):
 
     port = _free_port()
     mp.spawn(_grad_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    from training.toy import ToyData, tiny_dgl
+    from tests.toy import ToyData, tiny_dgl
 
     data = ToyData(num_videos=8)
     model = tiny_dgl(seed=1)
@@ -68,7 +68,7 @@ def _grad_worker(rank, world, port, out):
 
     import torch.distributed as dist
 
-    from training.toy import ToyData, exit_spawned_worker, tiny_dgl
+    from tests.toy import ToyData, exit_spawned_worker, tiny_dgl
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

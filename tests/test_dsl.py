@@ -100,7 +100,7 @@ def test_evaluate_sim_matrix_cli(tmp_path):
     sim = (10 * rng.normal(size=(10, 5))).astype(np.float32)
     np.save(tmp_path / "vatex_sim_matrix.npy", sim)
     np.save(tmp_path / "vatex_caption_video_index.npy", cap_video)
-    cmd = [sys.executable, str(REPO / "evaluate_sim_matrix.py"), "--sim_matrix", str(tmp_path / "vatex_sim_matrix.npy"),
+    cmd = [sys.executable, "-m", "analysis.evaluate_sim_matrix", "--sim_matrix", str(tmp_path / "vatex_sim_matrix.npy"),
            "--dsl", "--json", str(tmp_path / "m.json")]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -111,7 +111,7 @@ def test_evaluate_sim_matrix_cli(tmp_path):
     assert out["dsl"]["t2v"] == pytest.approx(dsl_metrics(sim, cap_video, 5)["t2v"])
     # a non-square matrix without the caption index is refused with one line
     np.save(tmp_path / "x.npy", sim)
-    bad = subprocess.run([sys.executable, str(REPO / "evaluate_sim_matrix.py"),
+    bad = subprocess.run([sys.executable, "-m", "analysis.evaluate_sim_matrix",
                           "--sim_matrix", str(tmp_path / "x.npy")], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "caption_video_index" in bad.stderr

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from modules.dgl import DGL, contrastive_loss
 from training.gradcache import gradcache_step
-from training.toy import ToyData, exit_spawned_worker, tiny_dgl
+from tests.toy import ToyData, exit_spawned_worker, tiny_dgl
 
 
 def _free_port() -> int:
@@ -188,7 +188,7 @@ def test_training_run_with_chunks_equals_plain_run(tmp_path, accumulation):
 
 
 def test_bf16_run_with_chunks_and_bf16_backbone_storage_matches_plain_bf16_run(tmp_path):
-    """--precision bf16 on CPU stores the frozen backbone in bf16 (training/cpu.py); gradient caching runs
+    """--precision bf16 on CPU stores the frozen backbone in bf16 (runtime/cpu.py); gradient caching runs
     both encoder passes under the same bf16 autocast, so it trains like the plain bf16 step."""
     flags = dict(epochs=1, batch_size=8, precision="bf16", data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3})
     plain = run_toy_flags(tmp_path / "plain", **flags)
@@ -201,7 +201,7 @@ def test_bf16_run_with_chunks_and_bf16_backbone_storage_matches_plain_bf16_run(t
 
 
 def run_toy_flags(out, **flags):
-    from training.toy import run_toy
+    from tests.toy import run_toy
 
     return run_toy(str(out), **flags)
 
@@ -210,7 +210,7 @@ def run_toy_flags(out, **flags):
 def test_two_process_run_with_chunks_and_accumulation_equals_one_process_plain(tmp_path):
     """main.py under 2 gloo processes (batch 4 each as 2 micro-batches of 2, encoded 1 at a time) trains like
     1 process with batch 8 as 2 micro-batches of 4, plain: the same micro-batch losses and weights."""
-    from training.toy import run_toy_distributed
+    from tests.toy import run_toy_distributed
 
     flags = dict(epochs=2, gradient_accumulation_steps=2, data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3})
     one = run_toy_flags(tmp_path / "one", batch_size=8, **flags)

@@ -79,7 +79,7 @@ def test_main_train_eval_resume_and_qb_norm(synthetic, tmp_path):
         assert hashed[path.name] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert rec["batch"]["global"] == 4 and rec["input"]["max_frames"] == 3
     # per-query ranks: both runs rank the same test set; the comparison of the run with its checkpoint is empty
-    c = subprocess.run([sys.executable, "-m", "training.compare_runs", str(out), str(ev)], cwd=REPO,
+    c = subprocess.run([sys.executable, "-m", "analysis.compare_runs", str(out), str(ev)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert c.returncode == 0, c.stderr
     assert "rank: same 6, better in B 0, worse in B 0" in c.stdout

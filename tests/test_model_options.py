@@ -6,7 +6,7 @@ import torch
 
 from training.gradcache import gradcache_step
 from training.model_options import compile_encoders, compile_seconds
-from training.toy import ToyData, run_toy, tiny_dgl
+from tests.toy import ToyData, run_toy, tiny_dgl
 
 
 def _step(model, data):

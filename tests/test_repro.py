@@ -51,7 +51,7 @@ def test_annotation_files_and_hashes_of_the_real_files(annotations_dir):
 @pytest.fixture(scope="module")
 def two_toy_runs(tmp_path_factory):
     """Two multi-sentence toy runs that differ in their training (seed), evaluated with --dsl."""
-    from training.toy import run_toy
+    from tests.toy import run_toy
 
     root = tmp_path_factory.mktemp("runs")
     data = dict(num_videos=8, captions_per_video=2)
@@ -100,8 +100,8 @@ def test_every_evaluation_writes_per_query_ranks(two_toy_runs):
 
 
 def test_compare_runs_counts(two_toy_runs):
-    from training.compare_runs import compare
-    from training.query_ranks import load_query_ranks
+    from analysis.compare_runs import compare
+    from analysis.query_ranks import load_query_ranks
 
     run_a, run_b = two_toy_runs
     a, b = load_query_ranks(str(run_a)), load_query_ranks(str(run_b))
@@ -125,7 +125,7 @@ def test_compare_runs_counts(two_toy_runs):
 
 def test_compare_runs_cli(two_toy_runs, tmp_path):
     run_a, run_b = two_toy_runs
-    cmd = [sys.executable, "-m", "training.compare_runs"]
+    cmd = [sys.executable, "-m", "analysis.compare_runs"]
     r = subprocess.run(cmd + [str(run_a), str(run_b), "--json", str(tmp_path / "d.json")], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -430,7 +430,7 @@ def test_tensorboard_purges_redone_steps_on_resume(tmp_path):
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
     from dataloaders.base import BadVideoError
-    from training.toy import ToyData, run_toy, tiny_dgl, toy_args
+    from tests.toy import ToyData, run_toy, tiny_dgl, toy_args
     from training.runner import run
 
     class DiesInEpoch2:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modules.metrics import compute_ranks, metrics_from_ranks
-from training.toy import ToyData, run_toy, tiny_dgl
+from tests.toy import ToyData, run_toy, tiny_dgl
 
 
 def _load(path):

@@ -8,19 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+
+from runtime.errors import OneLineArgumentParser, fail
 
 DATATYPES = ("msrvtt", "vatex", "lsmdc", "activity", "msvd", "didemo")
 VISUAL_OUTPUT_TYPES = ("global_prompt0", "average_global_prompt", "average_frame_cls_token",
                        "average_global_prompt_and_frame_cls_token")
 PRECISIONS = ("amp", "fp32", "bf16")
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse that reports errors as one line (no usage dump) and exits with status 2."""
-
-    def error(self, message):  # noqa: D401 - argparse API
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _none_str(v):
@@ -288,7 +282,7 @@ def validate(args, parser) -> argparse.Namespace:
         args.pretrained_dir = os.environ.get("DGL_PRETRAINED_DIR")
     if args.do_train and args.datatype == "msrvtt" and args.train_csv is None:
         err("training on msrvtt needs --train_csv (e.g. MSRVTT_train.9k.csv)")
-    from training.cpu import resolve_core_split
+    from runtime.cpu import resolve_core_split
     resolve_core_split(args)  # --threads and --num_thread_reader fitted to this process's cores
     return args
 
@@ -297,13 +291,6 @@ def parse_args(argv=None, prog: str = "main.py") -> argparse.Namespace:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     return validate(args, parser)
-
-
-def fail(message: str, prog: str = "main.py") -> None:
-    """One-line fatal error after parsing (e.g. a CLIP file that does not exist)."""
-    sys.stderr.write(f"{prog}: error: {message}\n")
-    sys.stderr.flush()
-    raise SystemExit(2)
 
 
 def resolve_clip_path(args) -> str:
@@ -326,6 +313,6 @@ def resolve_clip_path(args) -> str:
 
 
 def config_to_json(args, path: str) -> None:
-    from training.checkpoint import atomic_write_text
+    from runtime.files import atomic_write_text
     data = {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_")}
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

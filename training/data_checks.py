@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from training.config import fail
+from runtime.errors import fail
 
 log = logging.getLogger("dgl")
 

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from training.logs import LOGGER_NAME
+from runtime.logs import LOGGER_NAME
 
 log = logging.getLogger(LOGGER_NAME)
 

@@ -1,14 +1,17 @@
-"""The output folder of a run: checked before anything is written, so that a run never writes over
+"""The output folder of a run (checked before anything is written, so that a run never writes over
 another run (or an evaluation over a training run), and a path that cannot be written is reported in
-one line."""
+one line), and what is written into it besides checkpoints: TensorBoard scalars and results.json."""
 from __future__ import annotations
 
 import glob
+import json
+import logging
 import os
 import shutil
 
-from training.checkpoint import remove_stale_temporary_files
-from training.config import fail
+from runtime.errors import fail
+from runtime.files import atomic_write_text, remove_stale_temporary_files
+from runtime.logs import LOGGER_NAME
 
 CKPT = "ckpt.pth.tar"
 CKPT_BEST = "ckpt.best.pth.tar"
@@ -97,3 +100,41 @@ def prepare_output_dir(args, is_main: bool) -> list[str]:
     if stale:
         notes.append(f"removed {len(stale)} temporary file(s) left by an interrupted write: {', '.join(stale)}")
     return notes
+
+
+class Board:
+    """TensorBoard writer on the main process only (a no-op elsewhere or when disabled).
+
+    ``purge_step``: a resumed run starts again at this step; TensorBoard discards the events an earlier
+    run logged at this step and later, so redone steps are not shown twice.
+    """
+
+    def __init__(self, log_dir: str | None, purge_step: int | None = None):
+        self.writer = None
+        if log_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(log_dir, purge_step=purge_step)
+            except Exception as e:  # noqa: BLE001 - tensorboard missing: keep training
+                logging.getLogger(LOGGER_NAME).warning("TensorBoard disabled: %s", e)
+
+    def scalars(self, values: dict, step: int, prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if v is None:
+                continue
+            self.writer.add_scalar(prefix + k, float(v), global_step=step)
+
+    def flush(self):
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def write_results(path: str, results: dict) -> None:
+    atomic_write_text(path, json.dumps(results, indent=2, sort_keys=False) + "\n")

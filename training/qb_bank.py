@@ -13,8 +13,8 @@ import logging
 
 import numpy as np
 
-from training.checkpoint import atomic_np_save
-from training.logs import LOGGER_NAME
+from runtime.files import atomic_np_save
+from runtime.logs import LOGGER_NAME
 
 log = logging.getLogger(LOGGER_NAME)
 

@@ -207,9 +207,9 @@ def _dtype_name(dtype) -> str | None:
 
 
 def _precision(args, precision) -> dict:
-    """--precision / --eval_precision and what the start-up CPU settings chose (training.cpu): the
+    """--precision / --eval_precision and what the start-up CPU settings chose (runtime.cpu): the
     attention backends and the fp32 product path decide the last digits of the numbers."""
-    from training.cpu import backend_name
+    from modules.backends import backend_name
 
     matmul = getattr(torch.backends.mkldnn, "matmul", None)
     return {"flag": getattr(args, "precision", None),
@@ -261,7 +261,7 @@ def build_record(args, world_size: int, device: torch.device, precision=None, de
 def write_run_record(args, info, precision, out_dir: str) -> dict | None:
     """Write ``<out_dir>/reproducibility.json`` (main process; every process must call it, since the
     device names of all processes are gathered). Returns the record on the main process."""
-    from training.checkpoint import atomic_write_text
+    from runtime.files import atomic_write_text
 
     devices = _all_process_devices(info.device)
     if not info.is_main:

@@ -15,22 +15,24 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from analysis.query_ranks import evaluation_extras, write_query_ranks
 from dataloaders.base import BadVideoError
+from modules.checkpoints import CheckpointError, checkpoint_latent_space, is_own_checkpoint, load_checkpoint_file
+from runtime.cpu import apply_cpu_settings, restore as restore_cpu_settings
+from runtime.errors import fail
+from runtime.files import OutputWriteError, atomic_np_save, atomic_torch_save
+from runtime.logs import close_logging, log_to_file_only, progress_bars_wanted, setup_logging
+from runtime.precision import Precision
 from training import distributed as D
-from training.checkpoint import (CheckpointError, OutputWriteError, atomic_np_save, atomic_torch_save,
-                                 checkpoint_latent_space, is_own_checkpoint, load_checkpoint_file, make_checkpoint,
-                                 rng_state, set_rng_state)
-from training.config import config_to_json, fail, resolve_clip_path
+from training.checkpoint import make_checkpoint, rng_state, set_rng_state
+from training.config import config_to_json, resolve_clip_path
 from training.data_checks import leave_out_bad_video_files
-from training.cpu import apply_cpu_settings, restore as restore_cpu_settings
-from training.engine import Precision, evaluate, log_eval, train_one_epoch, unwrap
-from training.logs import Board, close_logging, log_to_file_only, progress_bars_wanted, setup_logging, write_results
+from training.engine import evaluate, log_eval, train_one_epoch, unwrap
 from training.model_options import apply_model_options
 from training.optim import WarmupCosineSchedule, build_optimizer, total_optimization_steps
+from training.outputs import CKPT, CKPT_BEST, Board, check_output_dir, prepare_output_dir, write_results
 from training.qb_bank import save_caption_video_index, save_train_train
-from training.query_ranks import evaluation_extras, write_query_ranks
 from training.repro import write_run_record
-from training.outputs import CKPT, CKPT_BEST, check_output_dir, prepare_output_dir
 
 log = logging.getLogger("dgl")
 DGL_FIELDS = ("shared_latent_space", "max_words", "max_frames", "text_prompt_length",

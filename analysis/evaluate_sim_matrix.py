@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Metrics of a saved test similarity matrix, with the DSL re-scored metrics next to them.
 
-    python evaluate_sim_matrix.py --sim_matrix runs/eval/msrvtt_sim_matrix.npy --dsl
+    python -m analysis.evaluate_sim_matrix --sim_matrix runs/eval/msrvtt_sim_matrix.npy --dsl
 
 --sim_matrix: test captions x test videos (.npy, as written by ``main.py --save_sim_matrix``: logits,
 100 x cosine). Multi-sentence test sets (VATEX, MSVD): --caption_video_index names the video of every
@@ -20,9 +20,9 @@ import numpy as np
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.config import OneLineArgumentParser
+    from runtime.errors import OneLineArgumentParser
 
-    p = OneLineArgumentParser(description="Retrieval metrics of a saved similarity matrix (optionally with DSL)")
+    p = OneLineArgumentParser(prog="python -m analysis.evaluate_sim_matrix", description="Retrieval metrics of a saved similarity matrix (optionally with DSL)")
     p.add_argument("--sim_matrix", required=True, help="test captions x test videos (.npy)")
     p.add_argument("--caption_video_index", default=None,
                    help="video index of every caption (.npy); default: <name>_caption_video_index.npy next to "
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         print("DSL Text-to-Video: " + format_metrics(out["dsl"]["t2v"]))
         print("DSL Video-to-Text: " + format_metrics(out["dsl"]["v2t"], prefix="V2T "))
     if args.json:
-        from training.checkpoint import atomic_write_text
+        from runtime.files import atomic_write_text
         atomic_write_text(args.json, json.dumps(out, indent=2) + "\n")
     return 0
 

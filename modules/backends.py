@@ -1,7 +1,5 @@
-"""CPU speed settings, each decided by a measurement or a numerical check when a run starts.
+"""Which kernels compute the model on this machine, each chosen by a measurement or a numerical check.
 
-* Cores: compute threads plus data-loader workers fit the cores given to this process (the cores
-  this process may run on, shared among the processes torchrun starts on the machine).
 * fp32 matrix products: PyTorch sends fp32 products to MKL unless oneDNN may compute them in a
   reduced precision (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``). On CPUs without
   AMX oneDNN then still computes in fp32, often much faster than MKL; on CPUs with AMX it computes
@@ -10,20 +8,17 @@
 * Attention: the CPU's flash-attention kernel and the plain ("math") composition of matrix products
   differ in speed by shape and precision; the faster one is measured on the model's own attention
   shape, separately for the forward alone (evaluation) and forward + backward (training).
-* bf16: with --precision bf16 the frozen backbone's matrices are stored in bf16 once, instead of
-  autocast casting every frozen weight again at every call. Only the tensors that autocast would cast
-  to bf16 anyway are stored so, which gives the same numbers as plain bf16 autocast. The fp32 values
-  are kept: checkpoints still hold them, and loading a checkpoint updates them.
+* bf16: with bf16 autocast everywhere, the frozen backbone's matrices can be stored in bf16 once,
+  instead of autocast casting every frozen weight again at every call. Only the tensors that autocast
+  would cast to bf16 anyway are stored so, which gives the same numbers as plain bf16 autocast. The
+  fp32 values are kept: checkpoints still hold them, and loading a checkpoint updates them.
 
-Every setting here is process-global; ``restore()`` undoes them (``training.runner`` calls it when a
-run ends).
+Nothing here runs at import. Every setting is process-global; ``restore()`` undoes them.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -32,16 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from training.logs import LOGGER_NAME
-
-log = logging.getLogger(LOGGER_NAME)
-
 MATH, FLASH = SDPBackend.MATH, SDPBackend.FLASH_ATTENTION
+
+
 # oneDNN's fp32 result may differ from MKL's by rounding only: its error against float64 must stay
 # within this factor of MKL's (a product computed in bf16 is ~1000x worse).
 EXACT_ERROR_FACTOR = 8.0
+
+
 # oneDNN must be this much faster than MKL to replace it (timings are noisy).
 MIN_SPEEDUP = 1.05
+
 
 # The math backend replaces PyTorch's own choice (flash) only when this much faster on the bare call: the
 # call alone misses costs around it (math writes the whole attention matrix). Measured on a 2-core Zen 5:
@@ -49,69 +45,8 @@ MIN_SPEEDUP = 1.05
 # 1.2x on the bare bf16 forward, where the model's forward was 10 % slower with math.
 MATH_MIN_SPEEDUP = 1.5
 
+
 _undo: list = []  # callables that restore what this module changed, newest last
-
-
-# ------------------------------------------------------------------------------------------ cores
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity; all of them where that cannot be read)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def processes_on_this_machine() -> int:
-    """Processes started on this machine: torchrun's LOCAL_WORLD_SIZE; without it (other launchers) all
-    WORLD_SIZE processes are assumed to share this machine; 1 outside a distributed run."""
-    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
-        try:
-            return max(1, int(os.environ[name]))
-        except (KeyError, ValueError):
-            continue
-    return 1
-
-
-@dataclass
-class CoreSplit:
-    threads: int  # torch compute threads of this process
-    workers: int  # DataLoader workers of this process
-    cores: int  # cores of this process (machine cores / processes on the machine)
-    note: str
-
-    @property
-    def oversubscribed(self) -> bool:
-        return self.threads + self.workers > self.cores
-
-
-def split_cores(cores: int, threads: int | None = None, workers: int | None = None,
-                cuda: bool = False) -> CoreSplit:
-    """Compute threads and loader workers for ``cores`` cores; None means choose.
-
-    On CPU the model needs the cores more than the loader does: one worker from 4 cores on, one more
-    per 4 cores (at most 8). With CUDA the loader is what keeps the GPU fed: every core but one goes
-    to workers (at most 8). Given values are kept; only the other one is fitted around them.
-    """
-    cores = max(1, cores)
-    auto_workers = min(8, cores - 1) if cuda else min(8, cores // 4)
-    if workers is None:
-        workers = auto_workers if threads is None else min(auto_workers, max(0, cores - threads))
-    if threads is None:
-        threads = max(1, cores - workers)
-    split = CoreSplit(threads=threads, workers=workers, cores=cores, note="")
-    split.note = (f"{threads} compute thread(s) + {workers} data-loader worker(s) on {cores} core(s)"
-                  + (" - more than the cores: compute and loading slow each other down "
-                     "(lower --threads or --num_thread_reader)" if split.oversubscribed else ""))
-    return split
-
-
-def resolve_core_split(args) -> CoreSplit:
-    """Fill in --threads and --num_thread_reader (None = choose) for this process; returns the split."""
-    cuda = args.device == "cuda" or args.gpu is not None or (args.device == "auto" and torch.cuda.is_available())
-    cores = max(1, available_cores() // processes_on_this_machine())
-    split = split_cores(cores, args.threads, args.num_thread_reader, cuda=cuda)
-    args.threads, args.num_thread_reader = split.threads, split.workers
-    return split
 
 
 def set_threads(threads: int) -> None:
@@ -121,7 +56,6 @@ def set_threads(threads: int) -> None:
         _undo.append(lambda: torch.set_num_threads(before))
 
 
-# ------------------------------------------------------------------------------------------ timing
 def _best_time(fn, repeats: int = 3) -> float:
     fn()  # warm-up (kernel selection, caches)
     best = float("inf")
@@ -145,7 +79,6 @@ def _compare(fns: dict, repeats: int = 3) -> dict:
     return best
 
 
-# ------------------------------------------------------------------------------------------ fp32 products
 @contextlib.contextmanager
 def onednn_fp32(enabled: bool = True):
     """Within: fp32 matrix products go to oneDNN (which may compute them in bf16; check first)."""
@@ -243,7 +176,6 @@ def choose_fp32_path() -> Fp32Check:
     return check
 
 
-# ------------------------------------------------------------------------------------------ attention
 def backends_context(backends: list | None):
     """sdpa_kernel(backends), or nothing for None (PyTorch's own choice)."""
     return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
@@ -307,7 +239,6 @@ def backend_name(backends: list | None) -> str:
     return "math" if backends == [MATH] else "flash"
 
 
-# ------------------------------------------------------------------------------------------ bf16 storage
 def autocast_cast_tensors(clip: nn.Module) -> list[tuple[nn.Module, str]]:
     """(module, attribute) of the frozen parameters that bf16 autocast casts at every use: weights and
     biases of linear layers and attention projections, and the output projections (used by matmul).
@@ -370,7 +301,6 @@ def store_backbone_in_bf16(model) -> Bf16Backbone:
     return stored
 
 
-# ------------------------------------------------------------------------------------------ bf16 rate
 def cpu_has_native_bf16() -> bool | None:
     """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16); None when it cannot be told.
 
@@ -395,77 +325,6 @@ def bf16_speedup() -> float:
 
 # bf16 at under this fraction of the fp32 rate is emulated (timing noise stays well above it)
 EMULATED_BF16 = 0.7
-
-
-# ------------------------------------------------------------------------------------------ a run
-def apply_cpu_settings(args, device: torch.device, model, precision) -> None:
-    """Threads, fp32 product path, attention backends and bf16 storage for a run of main.py; logs each.
-
-    ``precision`` (training.engine.Precision) gets the attention backends to use.
-    """
-    split = resolve_core_split(args)
-    set_threads(split.threads)
-    (log.warning if split.oversubscribed else log.info)("cores: %s", split.note)
-    if device.type != "cpu":
-        return
-    if not getattr(args, "cpu_tuning", 1):
-        log.info("CPU tuning off (--cpu_tuning 0): MKL fp32 products, PyTorch's attention choice, "
-                 "bf16 by autocast alone")
-        return
-    log.info(choose_fp32_path().describe())
-    if hasattr(model, "clip") and hasattr(model, "config"):  # a DGL model
-        _set_attention_backends(model, precision)
-        _store_backbone_if_always_bf16(model, precision)
-    _warn_if_bf16_is_slow(precision)
-
-
-def _set_attention_backends(model, precision) -> None:
-    fp32, bf16 = torch.float32, torch.bfloat16
-    train_dtype = bf16 if precision.dtype == bf16 else fp32
-    eval_dtype = precision.eval_video_dtype or fp32
-    shape = local_attention_shape(model)
-    eval_b, train_b, _ = choose_attention(shape, eval_dtype)
-    if train_dtype != eval_dtype:
-        _, train_b, _ = choose_attention(shape, train_dtype)
-    precision.eval_attention, precision.train_attention = eval_b, train_b
-    log.info("attention backend (measured on %s): evaluation %s, training %s", "x".join(map(str, shape)),
-             backend_name(eval_b), backend_name(train_b))
-
-
-def _store_backbone_if_always_bf16(model, precision) -> None:
-    """Only when every use of the backbone runs under bf16 autocast (not with --eval_precision fp32,
-    nor with --precision amp, which evaluates in fp32)."""
-    bf16 = torch.bfloat16
-    if precision.dtype == bf16 and precision.eval_video_dtype == bf16 and precision.eval_text_dtype == bf16:
-        stored = store_backbone_in_bf16(model)
-        log.info("bf16: %d frozen backbone tensors stored in bf16 (checkpoints keep them in fp32)", len(stored))
-
-
-def _warn_if_bf16_is_slow(precision) -> None:
-    if torch.bfloat16 in (precision.dtype, precision.eval_video_dtype):
-        speedup = bf16_speedup()
-        if speedup < EMULATED_BF16:
-            log.warning("bf16 matrix products run at %.2fx the fp32 rate on this CPU (no native bf16): "
-                        "bf16 is slower than fp32 here", speedup)
-        else:
-            log.info("bf16 matrix products run at %.2fx the fp32 rate on this CPU", speedup)
-
-
-def inference_settings(model, device: torch.device | str = "cpu", threads: int | None = None,
-                       eval_precision: str | None = None):
-    """The same start-up choices for a tool that only encodes (e.g. indexing a folder of videos):
-    threads (all cores by default), fp32 product path, attention backend. Returns the
-    training.engine.Precision whose ``eval_autocast()`` / ``eval_video_autocast()`` to encode under.
-    ``restore()`` undoes the settings."""
-    import argparse
-
-    from training.engine import Precision
-
-    device = torch.device(device)
-    precision = Precision("fp32", device, eval_precision)
-    args = argparse.Namespace(threads=threads, num_thread_reader=0, device=device.type, gpu=None, cpu_tuning=1)
-    apply_cpu_settings(args, device, model, precision)
-    return precision
 
 
 def restore() -> None:

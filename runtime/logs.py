@@ -1,7 +1,7 @@
-"""Logging for runs: console + <output_dir>/log.txt (main process), TensorBoard scalars, results.json."""
+"""Logging setup for the programs: console (through tqdm, so progress bars stay whole) + <output_dir>/log.txt
+on the main process; progress bars only on a terminal."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -41,7 +41,7 @@ def setup_logging(output_dir: str | None, is_main: bool, rank: int = 0, debug: b
             os.makedirs(output_dir, exist_ok=True)
             fh = logging.FileHandler(path, mode="a")
         except OSError as exc:
-            from training.config import fail
+            from runtime.errors import fail
             fail(f"cannot write {path} ({os.strerror(exc.errno).lower() if exc.errno else exc})")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         fh.setLevel(level)
@@ -92,40 +92,3 @@ def log_to_file_only(level: int, message: str) -> None:
             h.handle(record)
 
 
-class Board:
-    """TensorBoard writer on the main process only (a no-op elsewhere or when disabled).
-
-    ``purge_step``: a resumed run starts again at this step; TensorBoard discards the events an earlier
-    run logged at this step and later, so redone steps are not shown twice.
-    """
-
-    def __init__(self, log_dir: str | None, purge_step: int | None = None):
-        self.writer = None
-        if log_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(log_dir, purge_step=purge_step)
-            except Exception as e:  # noqa: BLE001 - tensorboard missing: keep training
-                logging.getLogger(LOGGER_NAME).warning("TensorBoard disabled: %s", e)
-
-    def scalars(self, values: dict, step: int, prefix: str = "") -> None:
-        if self.writer is None:
-            return
-        for k, v in values.items():
-            if v is None:
-                continue
-            self.writer.add_scalar(prefix + k, float(v), global_step=step)
-
-    def flush(self):
-        if self.writer is not None:
-            self.writer.flush()
-
-    def close(self):
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
-def write_results(path: str, results: dict) -> None:
-    from training.checkpoint import atomic_write_text
-    atomic_write_text(path, json.dumps(results, indent=2, sort_keys=False) + "\n")

@@ -1,6 +1,6 @@
 """Compare two evaluations query by query.
 
-    python -m training.compare_runs RUN_A RUN_B [--top 10] [--dsl] [--json diff.json]
+    python -m analysis.compare_runs RUN_A RUN_B [--top 10] [--dsl] [--json diff.json]
 
 RUN_A / RUN_B: a run folder (its last evaluation's ``ranks_*.json``, as results.json names it) or a
 ranks file. Both must rank the same test set (same captions and videos, in the same order). Prints, per
@@ -52,7 +52,7 @@ def _check_same_test_set(a: dict, b: dict) -> None:
 
 
 def compare(a: dict, b: dict, top: int = 10, dsl: bool = False) -> dict:
-    """Differences between two loaded ranks records (see :func:`training.query_ranks.load_query_ranks`)."""
+    """Differences between two loaded ranks records (see :func:`analysis.query_ranks.load_query_ranks`)."""
     _check_same_test_set(a, b)
     if dsl:
         if "dsl" not in a or "dsl" not in b:
@@ -106,9 +106,9 @@ def format_report(diff: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.config import OneLineArgumentParser
+    from runtime.errors import OneLineArgumentParser
 
-    p = OneLineArgumentParser(prog="python -m training.compare_runs",
+    p = OneLineArgumentParser(prog="python -m analysis.compare_runs",
                               description="Compare two runs' per-query ranks (ranks_*.json)")
     p.add_argument("run_a", help="run folder or ranks_*.json")
     p.add_argument("run_b", help="run folder or ranks_*.json")
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from training.query_ranks import load_query_ranks
+    from analysis.query_ranks import load_query_ranks
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(format_report(diff))
     if args.json:
-        from training.checkpoint import atomic_write_text
+        from runtime.files import atomic_write_text
         atomic_write_text(args.json, json.dumps(diff, indent=2) + "\n")
     return 0
 

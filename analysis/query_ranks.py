@@ -3,7 +3,7 @@
 For every caption (text-to-video) the 1-based rank of its ground-truth video and the video ranked
 first; for every video (video-to-text) the rank of its best-ranked caption group (the protocol of
 modules/metrics.py). With ``--dsl`` the DSL ranks are stored too. Lists are stored column-wise
-(index i of every list is query i). ``python -m training.compare_runs`` compares two such files.
+(index i of every list is query i). ``python -m analysis.compare_runs`` compares two such files.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def build_ranks_record(res: dict, test_dataset, tag: str, epoch: int, global_ste
 
 def write_query_ranks(out_dir: str, res: dict, test_dataset, tag: str, epoch: int, global_step: int) -> str:
     """Write the per-query ranks of ``res`` atomically; returns the file name (relative to ``out_dir``)."""
-    from training.checkpoint import atomic_write_text
+    from runtime.files import atomic_write_text
 
     name = ranks_filename(tag, epoch)
     record = build_ranks_record(res, test_dataset, tag, epoch, global_step)

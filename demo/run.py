@@ -1,7 +1,7 @@
 """The embedded demo (scripts/demo.sh): synthetic data -> small random CLIP -> train DGL on CPU ->
 evaluate before and after -> QB-norm search.
 
-    python -m training.demo [--out demo_output] [--epochs 8] [--num_train 240] [--num_test 60]
+    python -m demo [--out demo_output] [--epochs 8] [--num_train 240] [--num_test 60]
 
 Everything it needs is made here: the synthetic MSR-VTT-layout dataset, a small random-initialised
 CLIP in the OpenAI state-dict format (real weights cannot be downloaded everywhere) and, when CLIP's
@@ -37,7 +37,7 @@ def _captions(data_json: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.config import OneLineArgumentParser
+    from runtime.errors import OneLineArgumentParser
 
     p = OneLineArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_output", help="everything goes here (default: demo_output)")

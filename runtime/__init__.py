@@ -1,0 +1,6 @@
+"""What the programs (main.py, search_videos.py, the demo, the analysis tools) share and the model library
+does not need: CPU/device settings (``runtime.cpu``), autocast settings (``runtime.precision``), atomic file
+writes (``runtime.files``), the one-line error convention (``runtime.errors``) and logging (``runtime.logs``).
+
+Imports only ``modules`` and ``dataloaders`` from this project.
+"""

@@ -1,0 +1,165 @@
+"""CPU settings of a program run, chosen when it starts and logged: how its cores are split between
+compute threads and data-loader workers, and which kernels compute the model (``modules.backends``
+measures and applies them: exact oneDNN fp32 products, the attention backend, bf16 storage of the frozen
+backbone).
+
+* Cores: compute threads plus data-loader workers fit the cores given to this process (the cores
+  this process may run on, shared among the processes torchrun starts on the machine).
+
+Every setting is process-global; ``restore()`` undoes them (``training.runner`` calls it when a run ends).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from modules.backends import (EMULATED_BF16, backend_name, bf16_speedup, choose_attention, choose_fp32_path,
+                              local_attention_shape, restore, set_threads, store_backbone_in_bf16)
+from runtime.logs import LOGGER_NAME
+from runtime.precision import Precision
+
+log = logging.getLogger(LOGGER_NAME)
+
+__all__ = ["available_cores", "processes_on_this_machine", "CoreSplit", "split_cores", "resolve_core_split",
+           "apply_cpu_settings", "inference_settings", "restore"]
+
+
+# ------------------------------------------------------------------------------------------ cores
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity; all of them where that cannot be read)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def processes_on_this_machine() -> int:
+    """Processes started on this machine: torchrun's LOCAL_WORLD_SIZE; without it (other launchers) all
+    WORLD_SIZE processes are assumed to share this machine; 1 outside a distributed run."""
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        try:
+            return max(1, int(os.environ[name]))
+        except (KeyError, ValueError):
+            continue
+    return 1
+
+
+@dataclass
+class CoreSplit:
+    threads: int  # torch compute threads of this process
+    workers: int  # DataLoader workers of this process
+    cores: int  # cores of this process (machine cores / processes on the machine)
+    note: str
+
+    @property
+    def oversubscribed(self) -> bool:
+        return self.threads + self.workers > self.cores
+
+
+def split_cores(cores: int, threads: int | None = None, workers: int | None = None,
+                cuda: bool = False) -> CoreSplit:
+    """Compute threads and loader workers for ``cores`` cores; None means choose.
+
+    On CPU the model needs the cores more than the loader does: one worker from 4 cores on, one more
+    per 4 cores (at most 8). With CUDA the loader is what keeps the GPU fed: every core but one goes
+    to workers (at most 8). Given values are kept; only the other one is fitted around them.
+    """
+    cores = max(1, cores)
+    auto_workers = min(8, cores - 1) if cuda else min(8, cores // 4)
+    if workers is None:
+        workers = auto_workers if threads is None else min(auto_workers, max(0, cores - threads))
+    if threads is None:
+        threads = max(1, cores - workers)
+    split = CoreSplit(threads=threads, workers=workers, cores=cores, note="")
+    split.note = (f"{threads} compute thread(s) + {workers} data-loader worker(s) on {cores} core(s)"
+                  + (" - more than the cores: compute and loading slow each other down "
+                     "(lower --threads or --num_thread_reader)" if split.oversubscribed else ""))
+    return split
+
+
+def resolve_core_split(args) -> CoreSplit:
+    """Fill in --threads and --num_thread_reader (None = choose) for this process; returns the split."""
+    cuda = args.device == "cuda" or args.gpu is not None or (args.device == "auto" and torch.cuda.is_available())
+    cores = max(1, available_cores() // processes_on_this_machine())
+    split = split_cores(cores, args.threads, args.num_thread_reader, cuda=cuda)
+    args.threads, args.num_thread_reader = split.threads, split.workers
+    return split
+
+
+# ------------------------------------------------------------------------------------------ timing
+# ------------------------------------------------------------------------------------------ fp32 products
+# ------------------------------------------------------------------------------------------ attention
+# ------------------------------------------------------------------------------------------ bf16 storage
+# ------------------------------------------------------------------------------------------ bf16 rate
+# ------------------------------------------------------------------------------------------ a run
+def apply_cpu_settings(args, device: torch.device, model, precision) -> None:
+    """Threads, fp32 product path, attention backends and bf16 storage for a run of main.py; logs each.
+
+    ``precision`` (runtime.precision.Precision) gets the attention backends to use.
+    """
+    split = resolve_core_split(args)
+    set_threads(split.threads)
+    (log.warning if split.oversubscribed else log.info)("cores: %s", split.note)
+    if device.type != "cpu":
+        return
+    if not getattr(args, "cpu_tuning", 1):
+        log.info("CPU tuning off (--cpu_tuning 0): MKL fp32 products, PyTorch's attention choice, "
+                 "bf16 by autocast alone")
+        return
+    log.info(choose_fp32_path().describe())
+    if hasattr(model, "clip") and hasattr(model, "config"):  # a DGL model
+        _set_attention_backends(model, precision)
+        _store_backbone_if_always_bf16(model, precision)
+    _warn_if_bf16_is_slow(precision)
+
+
+def _set_attention_backends(model, precision) -> None:
+    fp32, bf16 = torch.float32, torch.bfloat16
+    train_dtype = bf16 if precision.dtype == bf16 else fp32
+    eval_dtype = precision.eval_video_dtype or fp32
+    shape = local_attention_shape(model)
+    eval_b, train_b, _ = choose_attention(shape, eval_dtype)
+    if train_dtype != eval_dtype:
+        _, train_b, _ = choose_attention(shape, train_dtype)
+    precision.eval_attention, precision.train_attention = eval_b, train_b
+    log.info("attention backend (measured on %s): evaluation %s, training %s", "x".join(map(str, shape)),
+             backend_name(eval_b), backend_name(train_b))
+
+
+def _store_backbone_if_always_bf16(model, precision) -> None:
+    """Only when every use of the backbone runs under bf16 autocast (not with --eval_precision fp32,
+    nor with --precision amp, which evaluates in fp32)."""
+    bf16 = torch.bfloat16
+    if precision.dtype == bf16 and precision.eval_video_dtype == bf16 and precision.eval_text_dtype == bf16:
+        stored = store_backbone_in_bf16(model)
+        log.info("bf16: %d frozen backbone tensors stored in bf16 (checkpoints keep them in fp32)", len(stored))
+
+
+def _warn_if_bf16_is_slow(precision) -> None:
+    if torch.bfloat16 in (precision.dtype, precision.eval_video_dtype):
+        speedup = bf16_speedup()
+        if speedup < EMULATED_BF16:
+            log.warning("bf16 matrix products run at %.2fx the fp32 rate on this CPU (no native bf16): "
+                        "bf16 is slower than fp32 here", speedup)
+        else:
+            log.info("bf16 matrix products run at %.2fx the fp32 rate on this CPU", speedup)
+
+
+def inference_settings(model, device: torch.device | str = "cpu", threads: int | None = None,
+                       eval_precision: str | None = None):
+    """The same start-up choices for a tool that only encodes (e.g. indexing a folder of videos):
+    threads (all cores by default), fp32 product path, attention backend. Returns the
+    runtime.precision.Precision whose ``eval_autocast()`` / ``eval_video_autocast()`` to encode under.
+    ``restore()`` undoes the settings."""
+    import argparse
+
+    device = torch.device(device)
+    precision = Precision("fp32", device, eval_precision)
+    args = argparse.Namespace(threads=threads, num_thread_reader=0, device=device.type, gpu=None, cpu_tuning=1)
+    apply_cpu_settings(args, device, model, precision)
+    return precision
+
+

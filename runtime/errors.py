@@ -1,0 +1,20 @@
+"""The one-line error convention: a bad flag, file or row ends the program with ONE line on stderr
+(``<prog>: error: ...``) and exit status 2, and nothing already written is touched."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports errors as one line (no usage dump) and exits with status 2."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def fail(message: str, prog: str = "main.py") -> None:
+    """One-line fatal error after parsing (e.g. a CLIP file that does not exist)."""
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
