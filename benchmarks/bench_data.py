@@ -219,7 +219,7 @@ class ClipSet(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return load_video(self.paths[i], self.max_frames, SIZE, train=True, decoder=self.decoder)
+        return load_video(self.paths[i], self.max_frames, SIZE, train=True, decoder=self.decoder)[:2]
 
 
 def loader_videos_per_s(paths, max_frames, decoder, workers, batch, epochs) -> float:

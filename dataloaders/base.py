@@ -238,9 +238,10 @@ class VideoTextDataset(Dataset):
         """Decode one video; on failure raise :class:`BadVideoError` naming the file and the row."""
         entry = self.videos[video_index]
         try:
-            return load_video(entry.path, self.max_frames, self.image_resolution, train=self.random_sampling,
-                              start=entry.start, end=entry.end, frame_order=self.frame_order,
-                              **self.video_options)
+            video, mask, _ = load_video(entry.path, self.max_frames, self.image_resolution,
+                                        train=self.random_sampling, start=entry.start, end=entry.end,
+                                        frame_order=self.frame_order, **self.video_options)
+            return video, mask
         except VideoDecodeError as exc:
             raise BadVideoError(f"{self.name} {self.split} {row}: video '{entry.video_id}' "
                                 f"(listed in {entry.source}): {exc}") from exc

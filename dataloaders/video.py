@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +48,32 @@ class VideoDecodeError(RuntimeError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"cannot read video {self.path}: {reason}")
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the decoder learnt about a file while reading it, so that no caller opens it a second time."""
+    num_frames: int  # frames of the file (PyAV: the decoded count)
+    fps: float  # the stream's average rate; 0.0 when the file does not say
+    frame_indices: tuple  # file frame index of each of the max_frames outputs (padding repeats the last)
+
+    @property
+    def duration(self) -> Optional[float]:
+        """Seconds (frames / average rate); None when the rate is unknown."""
+        return self.num_frames / self.fps if self.fps > 0 else None
+
+
+class DecodedFrames(NamedTuple):
+    decoded: torch.Tensor  # uint8 (U, H, W, 3): the U distinct sampled frames, ascending
+    take: list  # max_frames positions into ``decoded`` giving the output order, padding included
+    mask: torch.Tensor  # int64 (max_frames,): 1 for real frames
+    info: VideoInfo
+
+
+class VideoClip(NamedTuple):
+    video: torch.Tensor  # float (T, 3, size, size): the model input
+    mask: torch.Tensor  # int64 (T,)
+    info: VideoInfo
 
 
 def _pad(indices: list[int], max_frames: int) -> list[int]:
@@ -203,7 +230,8 @@ def _plan_or_fail(path: str, plan: FramePlan, num_frames: int, fps: float, liste
         raise VideoDecodeError(path, str(exc)) from exc
 
 
-def _decode_decord(path: str, plan: FramePlan, num_threads: int) -> tuple[torch.Tensor, list[int], list[int], int]:
+def _decode_decord(path: str, plan: FramePlan, num_threads: int) -> tuple[torch.Tensor, list[int], list[int], int,
+                                                                         int, float]:
     """decord: only the planned frames are decoded forward from their keyframes and converted."""
     reader = open_video(path, num_threads=num_threads)
     try:
@@ -218,10 +246,10 @@ def _decode_decord(path: str, plan: FramePlan, num_threads: int) -> tuple[torch.
                                          f"(truncated or corrupt?): {type(exc).__name__}: {exc}") from exc
     finally:
         del reader
-    return _batch_to_tensor(batch), wanted, order, num_valid
+    return _batch_to_tensor(batch), wanted, order, num_valid, num_frames, fps
 
 
-def _decode_pyav(path: str, plan: FramePlan) -> tuple[torch.Tensor, list[int], list[int], int]:
+def _decode_pyav(path: str, plan: FramePlan) -> tuple[torch.Tensor, list[int], list[int], int, int, float]:
     """PyAV, as the published loader: every frame decoded in order, the planned ones converted to RGB
     (``to_rgb().to_ndarray()``); the container's frame count and average rate are used as published."""
     _check_file(path)
@@ -245,18 +273,18 @@ def _decode_pyav(path: str, plan: FramePlan) -> tuple[torch.Tensor, list[int], l
     order, num_valid = _plan_or_fail(path, plan, len(frames), fps, listed)
     wanted = sorted(set(order))
     decoded = torch.from_numpy(np.stack([frames[i].to_rgb().to_ndarray() for i in wanted]))
-    return decoded, wanted, order, num_valid
+    return decoded, wanted, order, num_valid, len(frames), fps
 
 
 def read_unique_frames(path: str, max_frames: int, train: bool, start: Optional[float] = None,
                        end: Optional[float] = None, frame_order: int = FRAME_ORDER_NORMAL,
                        generator: Optional[torch.Generator] = None, num_threads: int = 1,
-                       decoder: str = "decord") -> tuple[torch.Tensor, list[int], torch.Tensor]:
+                       decoder: str = "decord") -> DecodedFrames:
     """Decode each sampled frame once, in file order.
 
-    Returns ``decoded`` uint8 ``(U, H, W, 3)`` (the ``U`` distinct sampled frames, ascending),
-    ``take`` (``max_frames`` positions into ``decoded`` giving the output order, padding included) and
-    ``mask`` int64 ``(max_frames,)``. ``decoder``: ``"decord"`` (sparse: one ``get_batch`` of the
+    Returns :class:`DecodedFrames`: ``decoded`` uint8 ``(U, H, W, 3)`` (the ``U`` distinct sampled frames,
+    ascending), ``take`` (``max_frames`` positions into ``decoded`` giving the output order, padding
+    included), ``mask`` int64 ``(max_frames,)`` and the file's :class:`VideoInfo`. ``decoder``: ``"decord"`` (sparse: one ``get_batch`` of the
     sorted distinct indices) or ``"pyav"`` (decode everything, as published).
     """
     if decoder not in DECODERS:
@@ -264,15 +292,15 @@ def read_unique_frames(path: str, max_frames: int, train: bool, start: Optional[
     plan = functools.partial(_sampled_indices, max_frames=max_frames, train=train, start=start, end=end,
                              frame_order=frame_order, generator=generator)
     if decoder == "pyav":
-        decoded, wanted, order, num_valid = _decode_pyav(path, plan)
+        decoded, wanted, order, num_valid, num_frames, fps = _decode_pyav(path, plan)
     else:
-        decoded, wanted, order, num_valid = _decode_decord(path, plan, num_threads)
+        decoded, wanted, order, num_valid, num_frames, fps = _decode_decord(path, plan, num_threads)
     if decoded.ndim != 4 or decoded.shape[0] != len(wanted) or decoded.shape[-1] != 3:
         raise VideoDecodeError(path, f"decoder returned an array of shape {tuple(decoded.shape)}")
     pos = {idx: k for k, idx in enumerate(wanted)}
     mask = torch.zeros(max_frames, dtype=torch.long)
     mask[:num_valid] = 1
-    return decoded, [pos[i] for i in order], mask
+    return DecodedFrames(decoded, [pos[i] for i in order], mask, VideoInfo(num_frames, fps, tuple(order)))
 
 
 def _gather(x: torch.Tensor, take: list[int]) -> torch.Tensor:
@@ -288,8 +316,8 @@ def read_frames(path: str, max_frames: int, train: bool, start: Optional[float] 
     Returns ``frames`` uint8 ``(max_frames, H, W, 3)`` RGB and ``mask`` int64 ``(max_frames,)``.
     Raises :class:`VideoDecodeError` naming the file on any failure.
     """
-    decoded, take, mask = read_unique_frames(path, max_frames, train, start, end, frame_order, generator,
-                                             num_threads, decoder)
+    decoded, take, mask, _ = read_unique_frames(path, max_frames, train, start, end, frame_order, generator,
+                                                num_threads, decoder)
     return _gather(decoded, take), mask
 
 
@@ -368,12 +396,13 @@ def video_options(args) -> dict:
 def load_video(path: str, max_frames: int, size: int, train: bool, start: Optional[float] = None,
                end: Optional[float] = None, frame_order: int = FRAME_ORDER_NORMAL,
                generator: Optional[torch.Generator] = None, resize_short_side: bool = False,
-               decoder: str = "decord") -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled frames as the model input: ``video`` float ``(T, 3, size, size)``, ``mask`` ``(T,)``.
+               decoder: str = "decord") -> VideoClip:
+    """Sampled frames as the model input, with what the decoder learnt of the file: :class:`VideoClip`
+    ``(video float (T, 3, size, size), mask (T,), info)``.
 
     Each distinct sampled frame is decoded, cropped and normalised once; the output order (and the
     padding of short videos) is applied to the normalised frames.
     """
-    decoded, take, mask = read_unique_frames(path, max_frames, train, start, end, frame_order, generator,
-                                             decoder=decoder)
-    return _gather(normalize_frames(decoded, size, resize_short_side), take), mask
+    decoded, take, mask, info = read_unique_frames(path, max_frames, train, start, end, frame_order, generator,
+                                                   decoder=decoder)
+    return VideoClip(_gather(normalize_frames(decoded, size, resize_short_side), take), mask, info)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from dataloaders.video import load_video, open_video, sample_eval_indices
+from dataloaders.video import load_video
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp",
                     ".ts", ".ogv")
@@ -46,13 +46,10 @@ def read_for_model(path: str, max_frames: int, size: int) -> tuple[torch.Tensor,
 
     Raises dataloaders.video.VideoDecodeError naming the file when it cannot be read.
     """
-    reader = open_video(path)
-    num_frames, fps = len(reader), float(reader.get_avg_fps() or 0.0)
-    del reader
-    video, mask = load_video(path, max_frames, size, train=False)
-    used = sample_eval_indices(num_frames, max_frames)[: int(mask.sum())]
-    meta = {"num_frames": num_frames, "fps": round(fps, 4),
-            "duration": round(num_frames / fps, 3) if fps > 0 else None, "frames_used": used}
+    video, mask, info = load_video(path, max_frames, size, train=False)  # one read of the file
+    used = list(info.frame_indices[: int(mask.sum())])
+    meta = {"num_frames": info.num_frames, "fps": round(info.fps, 4),
+            "duration": round(info.duration, 3) if info.duration is not None else None, "frames_used": used}
     return video, mask, meta
 
 

@@ -185,7 +185,7 @@ def test_normalize_crop_first_matches_reference():
 @pytest.mark.parametrize("max_frames,frame_order,train", [(4, 0, False), (4, 1, False), (6, 2, True),
                                                           (24, 0, True), (24, 1, False)])
 def test_unique_frames_are_decoded_once(gray20, max_frames, frame_order, train):
-    decoded, take, mask = read_unique_frames(gray20, max_frames, train, frame_order=frame_order,
+    decoded, take, mask, _ = read_unique_frames(gray20, max_frames, train, frame_order=frame_order,
                                              generator=torch.Generator().manual_seed(1))
     assert decoded.shape[0] == len(set(take)) == min(20, max_frames) and len(take) == max_frames
     levels = green_levels(decoded)
@@ -193,7 +193,7 @@ def test_unique_frames_are_decoded_once(gray20, max_frames, frame_order, train):
     frames, mask2 = read_frames(gray20, max_frames, train, frame_order=frame_order,
                                 generator=torch.Generator().manual_seed(1))
     assert torch.equal(frames, decoded[take]) and torch.equal(mask, mask2)
-    video, mask3 = load_video(gray20, max_frames, 32, train, frame_order=frame_order,
+    video, mask3, _ = load_video(gray20, max_frames, 32, train, frame_order=frame_order,
                               generator=torch.Generator().manual_seed(1))
     assert torch.equal(video, normalize_frames(frames, 32)) and torch.equal(mask, mask3)
 
@@ -476,3 +476,27 @@ def test_skip_bad_videos_replaces_and_counts(broken_dataset, tokenizer, caplog):
 
     test_ds = build_test_dataset(msrvtt_args(broken_dataset, skip_bad_videos=True), tokenizer)
     assert test_ds.video_dataset()[0]["replaced"] is False
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_load_video_reports_what_it_read(gray20, decoder):
+    """load_video returns the file's frame count, rate and the frames it used, from its one read."""
+    video, mask, info = load_video(gray20, 6, 32, train=False, decoder=decoder)
+    assert info.num_frames == 20
+    assert info.fps == pytest.approx(3.0)
+    assert info.duration == pytest.approx(20 / 3)
+    assert list(info.frame_indices) == sample_eval_indices(20, 6)
+    assert video.shape == (6, 3, 32, 32) and int(mask.sum()) == 6
+
+
+def test_search_encoder_opens_each_file_once(gray20, monkeypatch):
+    import dataloaders.video as video_module
+    from retrieval.encode import read_for_model
+
+    opened = []
+    real_open = video_module.open_video
+    monkeypatch.setattr(video_module, "open_video", lambda path, **kw: opened.append(path) or real_open(path, **kw))
+    _, _, meta = read_for_model(str(gray20), 4, 32)
+    assert opened == [str(gray20)]
+    assert meta["num_frames"] == 20 and meta["duration"] == pytest.approx(20 / 3, abs=1e-3)
+    assert meta["frames_used"] == sample_eval_indices(20, 4)

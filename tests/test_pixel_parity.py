@@ -179,7 +179,7 @@ def test_padding_is_zero_before_normalisation():
 def test_eval_input_bit_exact(videos, key, decoder):
     path = videos[key]
     want, want_mask = ref_eval_input(path, 12, 224)
-    got, mask = load_video(path, 12, 224, train=False, decoder=decoder)
+    got, mask, _ = load_video(path, 12, 224, train=False, decoder=decoder)
     assert torch.equal(mask, want_mask)
     assert torch.equal(got, want)
 
@@ -191,7 +191,7 @@ def test_train_input_bit_exact(videos, decoder):
     path = videos[(225, 301)]  # 14 frames, 4 segments of 3
     offsets = torch.randint(3, (4,), generator=torch.Generator().manual_seed(5)).tolist()
     want, want_mask = ref_load(path, 4, 224, offsets=offsets)
-    got, mask = load_video(path, 4, 224, train=True, generator=torch.Generator().manual_seed(5), decoder=decoder)
+    got, mask, _ = load_video(path, 4, 224, train=True, generator=torch.Generator().manual_seed(5), decoder=decoder)
     assert torch.equal(got, want) and torch.equal(mask, want_mask)
 
 
@@ -202,7 +202,7 @@ def test_clip_times_bit_exact(videos, decoder, start, end):
     inclusive, capped by the frame count (the 15-frame video lasts 5 s at 3 fps)."""
     path = videos[(240, 200)]
     want, want_mask = ref_load(path, 4, 224, start=start, end=end)
-    got, mask = load_video(path, 4, 224, train=False, start=start, end=end, decoder=decoder)
+    got, mask, _ = load_video(path, 4, 224, train=False, start=start, end=end, decoder=decoder)
     assert torch.equal(got, want) and torch.equal(mask, want_mask)
 
 
@@ -216,7 +216,7 @@ def test_pyav_decoder_exact_on_an_open_gop_file(tmp_path):
            "-x264-params", "b-pyramid=normal:open-gop=1:keyint=24", "-an", str(path)]
     subprocess.run(cmd, input=frames.tobytes(), check=True, capture_output=True)
     want, want_mask = ref_load(path, 64, 64)
-    got, mask = load_video(path, 64, 64, train=False, decoder="pyav")
+    got, mask, _ = load_video(path, 64, 64, train=False, decoder="pyav")
     assert torch.equal(got, want) and torch.equal(mask, want_mask)
 
 
@@ -229,8 +229,8 @@ def test_clip_past_the_end_is_a_clear_error(videos):
 
 def test_resize_short_side_is_an_opt_in(videos):
     path = videos[(398, 224)]
-    published, _ = load_video(path, 12, 112, train=False)
-    resized, _ = load_video(path, 12, 112, train=False, resize_short_side=True)
+    published, _, _ = load_video(path, 12, 112, train=False)
+    resized, _, _ = load_video(path, 12, 112, train=False, resize_short_side=True)
     assert torch.equal(published, ref_eval_input(path, 12, 112)[0])
     assert not torch.equal(published, resized)
 

@@ -66,7 +66,7 @@ def test_index_query_round_trip(world, tmp_path, capsys):
     # Stored features are the model's evaluation features of each file.
     from dataloaders.video import load_video
     path = entry["path"]
-    video, mask = load_video(path, CONFIG["max_frames"], 32, train=False)
+    video, mask, _ = load_video(path, CONFIG["max_frames"], 32, train=False)
     model = world.model().model
     with torch.no_grad():
         expected = torch.nn.functional.normalize(model.encode_video(video[None], mask[None]), dim=-1)
