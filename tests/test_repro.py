@@ -143,6 +143,19 @@ def test_compare_runs_cli(two_toy_runs, tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "differently" in bad.stderr
 
 
+@pytest.mark.parametrize("version", ["2.13.0+cu130", "2.13.0+cpu", "2.13.0"])
+def test_record_keeps_the_exact_torch_build(monkeypatch, version):
+    """The record names the installed build with its tag, whichever build this machine has."""
+    import torch
+
+    from training import repro
+
+    monkeypatch.setattr(torch, "__version__", version)
+    assert repro.package_versions()["torch"] == version
+    args = argparse.Namespace(batch_size=4, datatype="msrvtt")
+    assert repro.build_record(args, 1, torch.device("cpu"))["software"]["packages"]["torch"] == version
+
+
 def test_cuda_device_description(monkeypatch):
     import types
 

@@ -214,6 +214,13 @@ def test_skip_bad_videos_leaves_them_out_and_counts_them(world, tmp_path):
 
     assert np.load(out / "msrvtt_sim_matrix.npy").shape == (NUM_TEST - 1, NUM_TEST - 1)
     assert np.load(out / "msrvtt_train_test_v2t.npy").shape == (NUM_TEST - 1, NUM_TRAIN - 1)   # bank without it
+    # the bank's labels follow the columns written: video1 (the 2nd of 4) has no column, so the captions of
+    # video0/video2/video3 are labelled 0/1/2 and those of video1 -1
+    sentences = json.loads(Path(data["data_path"]).read_text())["sentences"]
+    column = {"video0": 0, "video1": -1, "video2": 1, "video3": 2}
+    expected = [column[s["video_id"]] for s in sentences if s["video_id"] in TRAIN_IDS]
+    assert np.load(out / "msrvtt_train_train_t2v.npy").shape == (len(expected), NUM_TRAIN - 1)
+    assert np.load(out / "msrvtt_train_train_gt.npy").tolist() == expected
     log = (out / "log.txt").read_text()
     assert "NOT comparable to those on the full test set" in log
     assert f"1 of {NUM_TRAIN} videos are missing or empty and were left out with their 3 captions" in log

@@ -26,15 +26,27 @@ def save_caption_video_index(prefix: str, caption_video_index) -> None:
     atomic_np_save(prefix + "_caption_video_index.npy", np.asarray(caption_video_index, dtype=np.int64))
 
 
-def bank_ground_truth(caption_video_index, num_texts: int, num_videos: int) -> np.ndarray:
-    """Column of each of the first ``num_texts`` captions' video among the first ``num_videos`` videos, or -1."""
-    gt = np.asarray(caption_video_index, dtype=np.int64)[:num_texts].copy()
-    gt[gt >= num_videos] = -1
+def bank_ground_truth(caption_video_index, num_texts: int, num_videos: int, left_out=()) -> np.ndarray:
+    """Column of each of the first ``num_texts`` captions' video in the written matrix, or -1.
+
+    The matrix has one column per video among the first ``num_videos`` of the dataset, less the videos in
+    ``left_out`` (dataset indices, e.g. unreadable under --skip_bad_videos): a later video's column moves
+    left by one for every earlier video left out, and captions of a left-out video have no column."""
+    video = np.asarray(caption_video_index, dtype=np.int64)[:num_texts]
+    kept = np.ones(num_videos, dtype=bool)
+    kept[np.asarray(sorted(set(int(i) for i in left_out)), dtype=np.int64)] = False
+    column = np.full(num_videos, -1, dtype=np.int64)
+    column[kept] = np.arange(int(kept.sum()), dtype=np.int64)
+    gt = np.full(video.shape, -1, dtype=np.int64)
+    inside = (video >= 0) & (video < num_videos)
+    gt[inside] = column[video[inside]]
     return gt
 
 
-def save_train_train(prefix: str, core, bank_texts, bank_videos, bank_dataset, device) -> None:
-    """Write the train x train matrix and its ground truth (skipped, with a message, when too large)."""
+def save_train_train(prefix: str, core, bank_texts, bank_videos, bank_dataset, device, left_out=()) -> None:
+    """Write the train x train matrix and its ground truth (skipped, with a message, when too large).
+
+    ``bank_videos`` holds the encoded videos less ``left_out`` (their dataset indices)."""
     from training.engine import similarity_matrix
 
     n_t, n_v = int(bank_texts.shape[0]), int(bank_videos.shape[0])
@@ -47,7 +59,7 @@ def save_train_train(prefix: str, core, bank_texts, bank_videos, bank_dataset, d
         log.info("QB-norm train x train matrix not written: the bank dataset does not say which video each "
                  "caption describes")
         return
-    gt = bank_ground_truth(caption_video, n_t, n_v)
+    gt = bank_ground_truth(caption_video, n_t, n_v + len(set(left_out)), left_out)
     atomic_np_save(prefix + "_train_train_t2v.npy", similarity_matrix(core, bank_texts, bank_videos, device))
     atomic_np_save(prefix + "_train_train_gt.npy", gt)
     log.info("saved %s_train_train_t2v.npy (%d x %d, %d rows with their video among the columns) and "

@@ -121,8 +121,13 @@ def hash_annotation_files(paths) -> list[dict]:
 
 
 def package_versions(names=PACKAGES) -> dict:
+    """Installed versions; torch's is ``torch.__version__`` with its build tag (``+cpu``, ``+cu130``): the
+    same release number is a different build, and the installer's metadata often drops the tag."""
     versions = {}
     for name in names:
+        if name == "torch":
+            versions[name] = str(torch.__version__)
+            continue
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -493,4 +493,4 @@ def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, p
         atomic_np_save(prefix + "_train_test_v2t.npy", v2t)
         log.info("saved QB-norm query banks %s_train_test_t2v.npy %s and %s_train_test_v2t.npy %s",
                  prefix, t2v.shape, prefix, v2t.shape)
-        save_train_train(prefix, core, bank_t, bank_v, bank_ds, device)
+        save_train_train(prefix, core, bank_t, bank_v, bank_ds, device, left_out=unreadable)
