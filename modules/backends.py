@@ -181,6 +181,27 @@ def backends_context(backends: list | None):
     return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
 
 
+def current_attention_backends() -> list:
+    """The attention backends enabled now, in their priority order (as ``sdpa_kernel`` left them)."""
+    try:
+        from torch.nn.attention import _cur_sdpa_kernel_backends
+        return _cur_sdpa_kernel_backends(with_priority=True)
+    except (ImportError, TypeError):  # a PyTorch without the helper: the public per-backend switches
+        cuda = torch.backends.cuda
+        switches = ((SDPBackend.CUDNN_ATTENTION, "cudnn_sdp_enabled"), (FLASH, "flash_sdp_enabled"),
+                    (SDPBackend.EFFICIENT_ATTENTION, "mem_efficient_sdp_enabled"), (MATH, "math_sdp_enabled"))
+        return [b for b, name in switches if getattr(cuda, name, lambda: False)()]
+
+
+def same_attention_backends():
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint``: the recomputation in the backward pass runs
+    under the attention backends of the forward pass. The backward usually runs outside the forward's
+    ``sdpa_kernel`` block, where PyTorch's own choice may take another kernel, which saves other tensors
+    (checkpoint then stops with CheckpointError) or rounds differently."""
+    backends = current_attention_backends()
+    return contextlib.nullcontext(), sdpa_kernel(backends, set_priority=True)
+
+
 def _attention_timer(shape, dtype, backends, train: bool):
     """A callable running the attention of ``shape`` = (N, H, Lq, Lk, d) under ``backends``."""
     n, h, lq, lk, d = shape

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .backends import same_attention_backends
 from .clip import CLIP, QuickGELU, ResidualAttentionBlock, build_clip, load_clip_state_dict
 
 LATENT_SPACES = ("linear", "transformer")
@@ -350,7 +351,8 @@ class DGL(nn.Module):
                 x = torch.cat([x[:, :G], with_prompts(f, layer).flatten(1, 2)], dim=1)
             step = block_fn or global_local_block
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(step, block, x, G, T, key_mask, use_reentrant=False)
+                x = checkpoint(step, block, x, G, T, key_mask, use_reentrant=False,
+                               context_fn=same_attention_backends)
             else:
                 x = step(block, x, G, T, key_mask)
 

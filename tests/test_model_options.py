@@ -54,6 +54,27 @@ def test_grad_checkpointing_is_off_without_grad_and_composes_with_gradient_cachi
     _assert_same({n: p.grad for n, p in model.trainable_parameters() if p.grad is not None}, ref, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["math", "flash"])
+def test_grad_checkpointing_recomputes_under_the_forward_attention_backend(backend):
+    """The backward pass runs outside the forward's sdpa_kernel block: the recomputation must still use the
+    forward's kernel (another one saves other tensors: CheckpointError), plain and chunked, every time."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from training.engine import forward_backward
+
+    backends = [SDPBackend.MATH] if backend == "math" else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    data = ToyData(num_videos=6)
+    for chunk in (0, 3, 0, 3):
+        ref, other = tiny_dgl(seed=1).train(), tiny_dgl(seed=1).train()
+        other.set_grad_checkpointing(True)
+        got = {}
+        for model in (ref, other):
+            forward_backward(model, data.ids, data.videos, data.masks, autocast=lambda: sdpa_kernel(backends),
+                             scale_loss=lambda loss: loss, contrastive_chunk_size=chunk)
+            got[model is other] = {n: p.grad.clone() for n, p in model.trainable_parameters() if p.grad is not None}
+        _assert_same(got[True], got[False], rtol=1e-6)
+
+
 def test_training_run_with_grad_checkpointing_equals_plain_run(tmp_path):
     flags = dict(epochs=1, batch_size=8, data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3})
     plain = run_toy(str(tmp_path / "plain"), **flags)
