@@ -254,10 +254,22 @@ def local_attention_shape(model, frames_per_call: int | None = None) -> tuple:
             config.global_visual_prompt_length + tokens, cc.vision_width // heads)
 
 
+PYTORCH_CHOICE = "PyTorch's choice"
+
+
 def backend_name(backends: list | None) -> str:
     if backends is None:
-        return "PyTorch's choice"
+        return PYTORCH_CHOICE
     return "math" if backends == [MATH] else "flash"
+
+
+def backends_from_name(name: str) -> list | None:
+    """The inverse of :func:`backend_name`: "math", "flash" (flash, math where flash cannot run) or
+    PyTorch's choice (None)."""
+    table = {"math": [MATH], "flash": [FLASH, MATH], PYTORCH_CHOICE: None}
+    if name not in table:
+        raise ValueError(f"unknown attention backend {name!r} (expected math, flash or {PYTORCH_CHOICE!r})")
+    return table[name]
 
 
 def autocast_cast_tensors(clip: nn.Module) -> list[tuple[nn.Module, str]]:

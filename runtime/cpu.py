@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from modules.backends import (EMULATED_BF16, backend_name, bf16_speedup, choose_attention, choose_fp32_path,
-                              local_attention_shape, restore, set_threads, store_backbone_in_bf16)
+from modules.backends import (EMULATED_BF16, backend_name, backends_from_name, bf16_speedup, choose_attention,
+                              choose_fp32_path, local_attention_shape, restore, set_threads, store_backbone_in_bf16)
 from runtime.logs import LOGGER_NAME
 from runtime.precision import Precision
 
@@ -103,15 +103,20 @@ def apply_cpu_settings(args, device: torch.device, model, precision) -> None:
     split = resolve_core_split(args)
     set_threads(split.threads)
     (log.warning if split.oversubscribed else log.info)("cores: %s", split.note)
+    forced = getattr(args, "attention_backend", "auto") or "auto"
+    if forced != "auto":  # the same kernels on every run, whatever a timing would say
+        precision.eval_attention = precision.train_attention = backends_from_name(forced)
+        log.info("attention backend: %s for training and evaluation (--attention_backend)", forced)
     if device.type != "cpu":
         return
     if not getattr(args, "cpu_tuning", 1):
-        log.info("CPU tuning off (--cpu_tuning 0): MKL fp32 products, PyTorch's attention choice, "
-                 "bf16 by autocast alone")
+        log.info("CPU tuning off (--cpu_tuning 0): MKL fp32 products, %s, bf16 by autocast alone",
+                 "PyTorch's attention choice" if forced == "auto" else f"{forced} attention")
         return
     log.info(choose_fp32_path().describe())
     if hasattr(model, "clip") and hasattr(model, "config"):  # a DGL model
-        _set_attention_backends(model, precision)
+        if forced == "auto":
+            _set_attention_backends(model, precision)
         _store_backbone_if_always_bf16(model, precision)
     _warn_if_bf16_is_slow(precision)
 

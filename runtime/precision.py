@@ -40,6 +40,7 @@ class Precision:
         self.use_scaler = precision == "amp" and device.type == "cuda"
         self.train_attention = None  # list of torch.nn.attention.SDPBackend, or None
         self.eval_attention = None
+        self.attention_source = None  # where the backends came from, when not this process's own choice
 
     def _context(self, dtype, backends):
         stack = contextlib.ExitStack()

@@ -139,6 +139,11 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
                         "exact and faster, the faster attention backend, the frozen backbone stored in bf16 "
                         "with --precision bf16 (0: PyTorch's defaults)")
 
+    g.add_argument("--attention_backend", type=str, default="auto", choices=["auto", "math", "flash"],
+                   help="attention kernel for training and evaluation: auto = on CPU the faster one, measured at "
+                        "start-up (with --cpu_tuning 1), or the one recorded in the --resume checkpoint; math / "
+                        "flash = that kernel on every run (the two round differently in the last digits)")
+
     g = p.add_argument_group("model (DGL)")
     g.add_argument("--shared_latent_space", type=str, default="transformer", choices=["transformer", "linear"])
     g.add_argument("--text_prompt_length", type=int, default=8)

@@ -225,9 +225,22 @@ def _precision(args, precision) -> dict:
             "eval_video_dtype": _dtype_name(getattr(precision, "eval_video_dtype", None)),
             "cpu_tuning": getattr(args, "cpu_tuning", None),
             "attention": {"train": backend_name(getattr(precision, "train_attention", None)),
-                          "eval": backend_name(getattr(precision, "eval_attention", None))},
+                          "eval": backend_name(getattr(precision, "eval_attention", None)),
+                          "flag": getattr(args, "attention_backend", None),
+                          "source": _attention_source(args, precision)},
             "fp32_matmul_precision_onednn": getattr(matmul, "fp32_precision", None),
             "note": getattr(precision, "note", None)}
+
+
+def _attention_source(args, precision) -> str:
+    """Why the run computes attention with the recorded backends."""
+    if getattr(precision, "attention_source", None):
+        return precision.attention_source
+    if getattr(args, "attention_backend", "auto") not in (None, "auto"):
+        return "--attention_backend"
+    if getattr(precision, "train_attention", None) is None and getattr(precision, "eval_attention", None) is None:
+        return "PyTorch's choice"
+    return "measured at start-up"
 
 
 def _training_options(args) -> dict:

@@ -17,6 +17,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from analysis.query_ranks import evaluation_extras, write_query_ranks
 from dataloaders.base import BadVideoError
+from modules.backends import backend_name, backends_from_name
 from modules.checkpoints import CheckpointError, checkpoint_latent_space, is_own_checkpoint, load_checkpoint_file
 from runtime.cpu import apply_cpu_settings, restore as restore_cpu_settings
 from runtime.errors import fail
@@ -153,6 +154,8 @@ class Run:
         if self.precision.note:
             log.warning(self.precision.note)
         apply_cpu_settings(self.args, self.device, self.core, self.precision)  # threads, BLAS, attention, bf16
+        if info.distributed:  # one choice for all processes: each measured its own
+            self._use_attention_backends(rank0_attention_backends(self.precision), "rank 0's choice")
         if getattr(self.args, "clip_path", None):
             log.info("CLIP weights: %s", self.args.clip_path)
         n_train = sum(p.numel() for _, p in self.core.trainable_parameters() if p.requires_grad)
@@ -211,6 +214,26 @@ class Run:
         log.info("[resume] loaded weights from %s (%s checkpoint, epoch %s, step %s)", self.args.resume,
                  "our" if is_own_checkpoint(self.resume_ckpt) else "official", self.resume_ckpt.get("epoch"),
                  self.resume_ckpt.get("global_step"))
+        recorded = self.resume_ckpt.get("attention_backends")
+        if (self.args.attention_backend == "auto" and isinstance(recorded, dict)
+                and recorded.get("device") == self.device.type):
+            try:
+                self._use_attention_backends(recorded, f"recorded in {self.args.resume}")
+            except ValueError as e:
+                log.warning("[resume] attention backends of the checkpoint not used: %s", e)
+
+    def _use_attention_backends(self, names: dict, source: str) -> None:
+        """Train and evaluate under the attention backends ``names`` ({"train": .., "eval": ..}) instead of
+        this process's own choice, so that a rerun or a resumed run computes as the first one did."""
+        train, evaluation = backends_from_name(names["train"]), backends_from_name(names["eval"])
+        self.precision.train_attention, self.precision.eval_attention = train, evaluation
+        self.precision.attention_source = source
+        log.info("attention backend (%s): evaluation %s, training %s", source, names["eval"], names["train"])
+
+    def attention_record(self) -> dict:
+        """The attention backends this run computes with, as checkpoints record them."""
+        return {"train": backend_name(self.precision.train_attention),
+                "eval": backend_name(self.precision.eval_attention), "device": self.device.type}
 
     def restore_state(self) -> None:
         """--resume without --load_from_pretrained: the progress (epoch, step, best, optimiser, scaler, RNG,
@@ -386,7 +409,7 @@ class Run:
                                    self.best_r1, extra={
                                        "best_epoch": self.best_epoch, "rng": rng_state(),
                                        "schedule": self.schedule.state_dict(), "config": _plain_config(self.args),
-                                       "results": self.results})
+                                       "results": self.results, "attention_backends": self.attention_record()})
             atomic_torch_save(ckpt, os.path.join(self.out_dir, CKPT))
             self.epochs_saved = epochs_done
             if is_best:
@@ -438,6 +461,13 @@ def one_line(exc: BaseException) -> str:
         if text.startswith(prefix):
             text = text[len(prefix):]
     return text
+
+
+def rank0_attention_backends(precision) -> dict:
+    """Rank 0's attention backends, as names, on every process."""
+    names = [{"train": backend_name(precision.train_attention), "eval": backend_name(precision.eval_attention)}]
+    torch.distributed.broadcast_object_list(names, src=0)
+    return names[0]
 
 
 def _plain_config(args) -> dict:
