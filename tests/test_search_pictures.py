@@ -11,6 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from modules.attention_maps import attention_maps, global_local_mask
 from modules.dgl import VISUAL_OUTPUT_TYPES
@@ -69,13 +70,37 @@ def test_global_local_mask_pattern():
     assert bool(m[2:5, 2:5].all()) and not bool(m[2:5, 5:].any())   # a frame sees itself only
 
 
-def test_fused_path_unchanged_by_default():
-    # encode_video without block_fn is the fused global_local_block path.
-    model = make_model("transformer", frames=3)
-    video, mask = video_batch(b=1, t=3)
-    from modules.dgl import global_local_block
+def _dense_reference_block(block, x, num_global, num_frames, key_padding_mask=None):
+    """DGL's vision block written the plain way: one attention over all tokens with a dense mask (frame tokens
+    see the global tokens and their own frame; global tokens see every token not masked as padding)."""
+    B, n, W = x.shape
+    G, T = num_global, num_frames
+    frame = torch.cat([torch.full((G,), -1), torch.arange(T).repeat_interleave((n - G) // T)])
+    allowed = (frame[:, None] == frame[None, :]) | (frame[None, :] == -1) | (frame[:, None] == -1)
+    allowed = allowed.expand(B, n, n).clone()
+    if key_padding_mask is not None:
+        allowed[:, :G] &= key_padding_mask[:, None, :]
+    bias = torch.zeros(B, n, n).masked_fill(~allowed, float("-inf"))
+    a = block.attn
+    h = block.ln_1(x).transpose(0, 1)  # (n, B, W)
+    out, _ = F.multi_head_attention_forward(
+        h, h, h, W, a.heads, a.in_proj_weight, a.in_proj_bias, None, None, False, 0.0, a.out_proj.weight,
+        a.out_proj.bias, need_weights=False, attn_mask=bias.repeat_interleave(a.heads, dim=0))
+    x = x + out.transpose(0, 1)
+    return x + block.mlp(block.ln_2(x))
+
+
+@pytest.mark.parametrize("mask_padding", [False, True])
+def test_fused_path_unchanged_by_default(mask_padding):
+    """encode_video's default path (the fused global_local_block) computes DGL's global-local attention: the
+    same features as the plain dense-mask attention written independently here."""
+    model = make_model("transformer", frames=3, mask_padding_frames=mask_padding)
+    video, mask = video_batch(b=2, t=3)
+    mask[1, 2] = 0
     with torch.no_grad():
-        assert torch.equal(model.encode_video(video, mask), model.encode_video(video, mask, block_fn=global_local_block))
+        default = model.encode_video(video, mask)
+        reference = model.encode_video(video, mask, block_fn=_dense_reference_block)
+    torch.testing.assert_close(default, reference, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ picture
