@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -342,16 +343,55 @@ def test_output_dir_that_is_a_file(world, tmp_path):
     last_error(r, f"{target} is a file, not a folder")
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
+def _main_where_not_writable(locked: Path, args):
+    """main.py with ``locked`` not writable to it. A user other than root: the folder's permissions. Root
+    (CI) writes anywhere: a read-only mount over the folder, in a mount namespace of main.py's own; where
+    mounting is not allowed, main.py runs as the unprivileged user nobody, on inputs it can read."""
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+        locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        try:
+            return main(args)
+        finally:
+            locked.chmod(stat.S_IRWXU)
+    mount = 'mount -t tmpfs -o ro tmpfs "$0" || exit 97; exec "$@"'
+    unshare = shutil.which("unshare")
+    if unshare:
+        r = subprocess.run([unshare, "-m", "sh", "-c", mount, str(locked), sys.executable, str(REPO / "main.py"),
+                            *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        if r.returncode != 97:
+            return r
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        pytest.skip("running as root without unshare/mount or setpriv: no way to make a folder unwritable")
+    public = Path(tempfile.mkdtemp(prefix="dgl-unwritable-"))
+    try:
+        public.chmod(0o755)
+        copies = {}
+        for arg in args:  # the inputs, where the user nobody can read them
+            if os.path.exists(arg) and not arg.startswith(str(REPO)):
+                folder = public / f"in{len(copies)}"
+                folder.mkdir()
+                copies[arg] = str(folder / os.path.basename(arg))
+                (shutil.copytree if os.path.isdir(arg) else shutil.copy)(arg, copies[arg])
+        for p in public.rglob("*"):
+            p.chmod(0o755)
+        target = public / "locked"
+        target.mkdir(mode=0o555)
+        out_args = [copies.get(a, a).replace(str(locked), str(target)) for a in args]
+        r = subprocess.run([setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
+                            str(REPO / "main.py"), *out_args], cwd="/", capture_output=True, text=True, timeout=300)
+        r.stderr = r.stderr.replace(str(target), str(locked))
+        return r
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+
+
 def test_output_dir_not_writable(world, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    try:
-        r = main(flags(world) + ["--epochs", "1", "--output_dir", str(locked / "run")])
-        last_error(r, f"--output_dir {locked / 'run'} is not writable")
-    finally:
-        locked.chmod(stat.S_IRWXU)
+    r = _main_where_not_writable(locked, flags(world) + ["--epochs", "1", "--output_dir", str(locked / "run")])
+    last_error(r, f"--output_dir {locked / 'run'} is not writable")
+    assert os.listdir(locked) == []
 
 
 FULL_DISK = """
