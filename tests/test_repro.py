@@ -131,9 +131,22 @@ def test_compare_runs_cli(two_toy_runs, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Text-to-video (one query per caption): 16 queries" in r.stdout and "R@1:" in r.stdout
     assert json.loads((tmp_path / "d.json").read_text())["t2v"]["num_queries"] == 16
-    dsl = subprocess.run(cmd + [str(run_a), str(run_b), "--dsl"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+    dsl = subprocess.run(cmd + [str(run_a), str(run_b), "--dsl", "--json", str(tmp_path / "dsl.json")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
     assert dsl.returncode == 0 and "(DSL ranks)" in dsl.stdout
+    # --dsl compares the DSL ranks, which are not the plain ones here
+    from analysis.query_ranks import load_query_ranks
+
+    a, b = load_query_ranks(str(run_a)), load_query_ranks(str(run_b))
+    d = json.loads((tmp_path / "dsl.json").read_text())
+    assert d["dsl"] is True
+    assert any(a["dsl"][k]["rank"] != a[k]["rank"] or b["dsl"][k]["rank"] != b[k]["rank"] for k in ("t2v", "v2t"))
+    for direction in ("t2v", "v2t"):
+        ra, rb = np.array(a["dsl"][direction]["rank"]), np.array(b["dsl"][direction]["rank"])
+        assert d[direction]["metrics_a"] == metrics_from_ranks(ra - 1)
+        assert d[direction]["metrics_b"] == metrics_from_ranks(rb - 1)
+        assert (d[direction]["better_in_b"], d[direction]["worse_in_b"]) == (int(np.sum(rb < ra)), int(np.sum(rb > ra)))
+        assert d[direction]["r1_gained"] == int(np.sum((rb == 1) & (ra != 1)))
     # a different test set is refused with one line
     other = json.loads((run_b / "ranks_epoch1.json").read_text())
     other["t2v"]["video"] = other["t2v"]["video"][::-1]
