@@ -1,0 +1,135 @@
+"""An index folder survives a process killed in the middle of writing a file: the index opens, the next
+`search_videos.py index` removes the torn temporary files and ends with the same index, bit for bit, as one
+uninterrupted run."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrieval import VideoIndex
+from tests.search_fixtures import NUM_VIDEOS, make_world
+
+REPO = Path(__file__).resolve().parents[1]
+
+# search_videos.py in a process of its own. The attention backend is fixed (the CLI would time it, and
+# backends round differently), and so is the fp32 product path: the runs compared compute the same way. With KILL_AT set, the process sends
+# itself SIGKILL when half of the KILL_AT-th write of a file named KILL_NAME has reached the disk.
+INDEX_RUN = r"""
+import io, os, runpy, signal, sys
+import runtime.cpu
+from modules.backends import MATH, Fp32Check
+runtime.cpu.choose_attention = lambda shape, dtype: ([MATH], [MATH], {})
+runtime.cpu.choose_fp32_path = lambda: Fp32Check(exact=False, error_mkl=0.0, error_onednn=0.0, speedup=0.0)
+import retrieval.index as index_module
+kill_at, kill_name = int(os.environ.get("KILL_AT", "0")), os.environ.get("KILL_NAME", "")
+real_atomic_write, writes = index_module.atomic_write, [0]
+
+def atomic_write(path, write_fn, mode="wb"):
+    if kill_at and os.path.basename(path).endswith(kill_name):
+        writes[0] += 1
+        if writes[0] == kill_at:
+            def torn(f):
+                buf = io.BytesIO() if "b" in mode else io.StringIO()
+                write_fn(buf)
+                data = buf.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_atomic_write(path, torn, mode)
+    return real_atomic_write(path, write_fn, mode)
+
+index_module.atomic_write = atomic_write
+sys.argv = ["search_videos.py"] + sys.argv[1:]
+runpy.run_path(os.path.join(os.getcwd(), "search_videos.py"), run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(str(tmp_path_factory.mktemp("crash_world")))
+
+
+def index_run(world, index_dir, kill_at=0, kill_name=""):
+    env = dict(os.environ, KILL_AT=str(kill_at), KILL_NAME=kill_name)
+    cmd = [sys.executable, "-c", INDEX_RUN, "index", world.videos, "--index", str(index_dir), *world.model_args(),
+           "--workers", "0", "--precision", "fp32", "--shard_size", "2", "--batch_size", "2",
+           "--no_progress"]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def temporary_files(index_dir) -> list[str]:
+    return sorted(p.name for p in Path(index_dir).rglob("*.tmp"))
+
+
+def contents(index_dir) -> dict:
+    index = VideoIndex.open(str(index_dir))
+    feats = index.features()
+    return {e["path"]: (e, feats[i]) for i, e in enumerate(index.entries)}
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    """One uninterrupted run."""
+    ref = tmp_path_factory.mktemp("ref") / "idx"
+    r = index_run(world, ref)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return contents(ref)
+
+
+def same_as_reference(found: dict, reference: dict) -> None:
+    for path, (entry, feature) in found.items():
+        assert entry == reference[path][0] and torch.equal(feature, reference[path][1]), path
+
+
+def test_sigkill_during_writes_then_rerun(world, reference, tmp_path):
+    idx = tmp_path / "idx"
+    # 1. killed while writing the second shard: the first one (2 videos) survives, the torn file is a .tmp
+    killed = index_run(world, idx, kill_at=2, kill_name=".npz")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    torn = temporary_files(idx)
+    assert len(torn) == 1 and torn[0].startswith(".shard-") and (idx / "shards" / torn[0]).is_file()
+    partial = contents(idx)
+    assert len(partial) == 2
+    same_as_reference(partial, reference)
+
+    # 2. the rerun encodes the rest and is killed while writing the manifest: every shard is complete
+    killed = index_run(world, idx, kill_at=1, kill_name="index.json")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    torn = temporary_files(idx)
+    assert len(torn) == 1 and torn[0].startswith(".index.json.") and (idx / torn[0]).is_file()
+    complete = contents(idx)
+    assert sorted(complete) == sorted(reference)
+    same_as_reference(complete, reference)
+
+    # 3. a clean rerun: nothing torn is left, the index is the uninterrupted run's
+    done = index_run(world, idx)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert temporary_files(idx) == []
+    final = contents(idx)
+    assert sorted(final) == sorted(reference) and len(final) == NUM_VIDEOS
+    same_as_reference(final, reference)
+
+
+def test_stale_temporary_files_are_removed(world, tmp_path):
+    """Temporary files a killed run left (in the folder and in shards/) go on the next run; other files stay."""
+    loaded = world.model()
+    idx = tmp_path / "idx"
+    VideoIndex.build(loaded.model, [world.videos], index_dir=str(idx), precision="fp32", shard_size=4, log=None)
+    stale = [idx / ".index.json.k3j9x2.tmp", idx / ".failed.json.0a1b2c.tmp",
+             idx / "shards" / ".shard-000007.npz.a8b7c6.tmp"]
+    for p in stale:
+        p.write_bytes(b"PK\x03\x04 half a file")
+    keep = [idx / "notes.txt", idx / "shards" / "README"]
+    for p in keep:
+        p.write_text("mine\n")
+    VideoIndex.build(loaded.model, [world.videos], index_dir=str(idx), precision="fp32", shard_size=4, log=None)
+    assert [p.exists() for p in stale] == [False, False, False]
+    assert [p.read_text() for p in keep] == ["mine\n", "mine\n"]
+    assert len(VideoIndex.open(str(idx))) == NUM_VIDEOS
