@@ -15,7 +15,9 @@ def _free_port() -> int:
 
 
 def test_two_processes_equal_one_process_with_double_batch(tmp_path):
-    flags = dict(epochs=2, data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3})
+    """With gradient accumulation: batch 4 per process as 2 micro-batches of 2 (DDP's no_sync on the first)
+    against batch 8 as 2 micro-batches of 4 in one process."""
+    flags = dict(epochs=2, gradient_accumulation_steps=2, data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3})
     single = run_toy(str(tmp_path / "one"), batch_size=8, **flags)
     (tmp_path / "res").mkdir()
     two = run_toy_distributed(2, str(tmp_path / "two"), str(tmp_path / "res"), _free_port(), batch_size=4, **flags)
