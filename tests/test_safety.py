@@ -179,6 +179,23 @@ def test_overwrite_output_dir_starts_over(world, tmp_path):
     assert "--overwrite_output_dir: removed the earlier run's" in r.stderr
 
 
+def test_overwrite_output_dir_with_resume_inside_it_continues_the_run(world, tmp_path):
+    """--resume of the folder's own checkpoint continues that run: --overwrite_output_dir removes nothing."""
+    run = earlier_run(world, tmp_path)
+    (run / "log.txt").write_text("the earlier run's log\n")
+    ckpt_before = hashlib.sha256((run / "ckpt.pth.tar").read_bytes()).hexdigest()
+    r = main(flags(world) + ["--do_train", "1", "--epochs", "2", "--output_dir", str(run), "--overwrite_output_dir",
+                             "--resume", str(run / "ckpt.pth.tar"), "--no_tensorboard"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "removed the earlier run's" not in r.stderr
+    log = (run / "log.txt").read_text()
+    assert log.startswith("the earlier run's log\n") and "[resume] loaded weights" in log
+    ckpt = torch.load(run / "ckpt.pth.tar", weights_only=False)
+    assert ckpt["epoch"] == 2 and hashlib.sha256((run / "ckpt.pth.tar").read_bytes()).hexdigest() != ckpt_before
+    evaluations = json.loads((run / "results.json").read_text())["evaluations"]
+    assert [e["epoch"] for e in evaluations][-2:] == [1, 2]  # the first epoch's evaluation is kept
+
+
 # ---------------------------------------------------------------------------------------------- 3. bad data
 def test_missing_and_empty_videos_stop_before_training(world, tmp_path):
     run = earlier_run(world, tmp_path)
