@@ -189,3 +189,32 @@ def test_cli_both_selections_side_by_side(tmp_path):
     (tmp_path / "msrvtt_train_train_gt.npy").unlink()
     bad = subprocess.run(cmd + ["--beta_selection", "bank"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "train_train_gt" in bad.stderr
+
+
+def test_ties_keep_the_first_beta():
+    """Two betas with the same R@1: the first (smallest) is kept, in both the test-label search and the
+    cross-validation on the bank (a `>=` would keep the last)."""
+    from modules.qb_norm import cross_validate_beta
+
+    rng = np.random.default_rng(3)
+    betas = [1.0, 1.5, 2.0]
+    # every caption's video far ahead of the others: every beta ranks it first
+    sim = rng.normal(size=(10, 10)) + 20 * np.eye(10)
+    best, best_r1, hist = search_best_beta(rng.normal(size=(30, 10)), rng.normal(size=(10, 30)), sim, betas,
+                                           log=lambda *_: None)
+    assert [h["t2v"]["R1"] for h in hist] == [100.0] * 3 and (best, best_r1) == (1.0, 100.0)
+    caption_video = np.repeat(np.arange(12), 2)
+    train_train = rng.normal(size=(24, 12)) + 20 * np.eye(12)[caption_video]
+    best, best_r1, hist = cross_validate_beta(train_train, caption_video, betas, k=1, theta=1, num_folds=3,
+                                              log=lambda *_: None)
+    assert [h["R1"] for h in hist] == [100.0] * 3 and (best, best_r1) == (1.0, 100.0)
+
+
+def test_bank_labels_follow_the_written_columns():
+    """Videos 1 and 3 of 5 left out: the matrix has columns for videos 0, 2, 4; captions of a left-out video
+    and of a video past the bank's columns (--qb_norm_train_queries) have none."""
+    from training.qb_bank import bank_ground_truth
+
+    caption_video = [0, 0, 1, 2, 2, 3, 4, 4, 5]
+    assert bank_ground_truth(caption_video, 9, 5, left_out=[3, 1]).tolist() == [0, 0, -1, 1, 1, -1, 2, 2, -1]
+    assert bank_ground_truth(caption_video, 4, 5).tolist() == [0, 0, 1, 2]
