@@ -12,6 +12,7 @@ import re
 import runpy
 import shlex
 import sys
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -59,7 +60,9 @@ def program_flags(program: str) -> frozenset:
         if program.endswith(".py"):
             runpy.run_path(str(REPO / program), run_name="__main__")
         else:
-            runpy.run_module(program, run_name="__main__", alter_sys=False)
+            with warnings.catch_warnings():  # runpy's note when the module was imported by an earlier test
+                warnings.simplefilter("ignore", RuntimeWarning)
+                runpy.run_module(program, run_name="__main__", alter_sys=False)
     except _Captured as caught:
         return frozenset(_option_strings(caught.parser))
     finally:
