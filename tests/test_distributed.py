@@ -34,6 +34,9 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     assert [s for s, _ in steps1] == [s for s, _ in steps2] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(steps1, steps2):
         assert a == pytest.approx(b, rel=1e-5)
+    # every process computes attention with rank 0's backends (each would time its own)
+    record = json.loads((tmp_path / "two" / "reproducibility.json").read_text())["precision"]["attention"]
+    assert record["source"] == "rank 0's choice" and record["train"] in ("math", "flash")
     # the same final weights
     s1 = single["model"].state_dict()
     s2 = two["state"]
