@@ -301,7 +301,7 @@ def test_bad_inputs_one_line_each(world, tmp_path, capsys):
     one_line_error(["query", *q], "no query")
     one_line_error(["query", "a red square", "-k", 0, *q], "-k must be at least 1")
     code, out, err = run_cli(["query", "a red square", "-k", 50, *q], capsys)  # k > index: all, with a note
-    assert code == 0 and "k=50 is larger than the index (6 videos)" in err and out.count(".mp4") == NUM_VIDEOS
+    assert code == 0 and "k=50 is larger than the index (6 entries)" in err and out.count(".mp4") == NUM_VIDEOS
     one_line_error(["query", "a red square", "--index", empty, "--device", "cpu"], "not a video index")
 
     # Another model (other prompts) against this index: refused, for querying and for indexing.
