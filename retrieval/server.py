@@ -162,7 +162,7 @@ class SearchService:
         out = self.entry_json(hit.entry)
         shown = (0, hit.entry.get("duration")) if hit.start is None else (hit.start, hit.end)
         out.update(rank=hit.rank, score=round(hit.score, 6), start=hit.start, end=hit.end, range=format_range(*shown),
-                   segments=hit.segments)
+                   segments=hit.segments, best_range=out["range"])
         return out
 
     def status(self) -> dict:
@@ -355,6 +355,7 @@ function card(hit) {
   right.appendChild(meta);
   const img = el("img", "strip"); img.alt = "the frames the model saw"; img.src = withToken(hit.frames_url);
   right.appendChild(img);
+  if (hit.segments > 1) right.appendChild(el("div", "name", hit.segments + " ranges merged; frames of the best one, " + hit.best_range));
   const more = el("button", "more", "more like this");
   more.onclick = () => run(hit.similar_url, "like " + hit.name + " " + hit.range);
   right.appendChild(more);
