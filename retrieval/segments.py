@@ -190,7 +190,7 @@ def merge_ranked(candidates, k: int, per_video: int | None = None):
     """
     ranges: list[dict] = []
     by_video: dict[str, list[dict]] = {}
-    for n, (score, row, path, start, end) in enumerate(candidates):
+    for score, row, path, start, end in candidates:
         if len(ranges) >= k:
             return sorted(ranges, key=lambda r: -r["score"]), False
         own = by_video.setdefault(path, [])
