@@ -468,8 +468,9 @@ class VideoIndex:
         return index
 
     # ------------------------------------------------------------------------------- searching
-    def encode_texts(self, texts) -> torch.Tensor:
-        """L2-normalised text features (Q, D) of a list of strings."""
+    def encode_texts(self, texts, prompts=None) -> torch.Tensor:
+        """L2-normalised text features (Q, D) of a list of strings; ``prompts``: the model's prompts computed
+        once (``model.prompts()``) by a caller that encodes many times (they depend on the weights only)."""
         from modules.tokenizer import tokenize
 
         if self.model is None or self.tokenizer is None:
@@ -484,7 +485,7 @@ class VideoIndex:
         device = next(self.model.parameters()).device
         ids = tokenize(texts, max_words=self.model.config.max_words, tokenizer=self.tokenizer).to(device)
         with torch.no_grad():
-            return torch.nn.functional.normalize(self.model.encode_text(ids).float(), dim=-1).cpu()
+            return torch.nn.functional.normalize(self.model.encode_text(ids, prompts=prompts).float(), dim=-1).cpu()
 
     def search(self, texts, k: int = 10, backend: str = "auto", log=None, per_video: int | None = None) -> list[list[Hit]]:
         """Top-k videos (or time ranges) for each text (a string or a list)."""

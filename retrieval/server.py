@@ -62,6 +62,8 @@ class SearchService:
         self._texts: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache = text_cache
         self._strips: OrderedDict[str, bytes] = OrderedDict()
+        with torch.no_grad():  # the prompts depend on the weights only: computed once, not per query
+            self._prompts = model.prompts()
         self.snapshot = self._read()
 
     # ------------------------------------------------------------------------------- the index
@@ -107,7 +109,7 @@ class SearchService:
         if cached is not None:
             self._texts.move_to_end(text)
             return cached
-        feature = snap.index.encode_texts([text])
+        feature = snap.index.encode_texts([text], prompts=self._prompts)
         self._texts[text] = feature
         while len(self._texts) > self._text_cache:
             self._texts.popitem(last=False)

@@ -224,7 +224,14 @@ def test_bounded_load_on_loopback(world):
     assert len(statuses) >= 40 and set(statuses) == {200}, sorted(set(statuses))
 
 
-def test_serve_refuses_open_binding_without_token(world, capsys):
+def test_serve_refuses_open_binding_without_token(world, capsys, monkeypatch):
+    import uvicorn
+
+    def must_not_serve(*args, **kwargs):
+        raise AssertionError(f"serve started: {kwargs}")
+
+    monkeypatch.setattr(uvicorn, "run", must_not_serve)
+
     def one_line(argv, *needles):
         code, out, err = run_cli(argv, capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
