@@ -89,6 +89,7 @@ def main() -> int:
     p.add_argument("--stride", type=int, default=2)
     p.add_argument("--min_len", type=int, default=2)
     p.add_argument("--max_len", type=int, default=8)
+    p.add_argument("--shot_threshold", type=float, default=27.0, help="PySceneDetect ContentDetector threshold")
     p.add_argument("--k", type=int, nargs="+", default=[1, 5], help="top-1 of a search for k ranges (merging "
                                                                     "depends on k)")
     p.add_argument("--work", default=None, help="keep the long videos and indexes here (default: a temp folder)")
@@ -115,11 +116,11 @@ def main() -> int:
     r1 = results.get("best", results).get("t2v", {}).get("R1") if isinstance(results, dict) else None
     if r1 is not None:
         print(f"(the same model finds the right clip among the {len(clips)} separate test clips at text-to-video R@1 "
-              f"{r1})")
+              f"{float(r1):.1f}%)")
     loaded = load_model(clip_file, ckpt)
-    print(f"{'segments':>30} | {'ranges':>6} | " + " | ".join(f"top-1 tIoU>=.5 (k={k})" for k in args.k)
+    print(f"{'segments':>48} | {'ranges':>6} | " + " | ".join(f"top-1 tIoU>=.5 (k={k})" for k in args.k)
           + " | oracle | chance")
-    for mode, flags in (("shots", ["--min_len", args.min_len, "--max_len", args.max_len]),
+    for mode, flags in (("shots", ["--min_len", args.min_len, "--max_len", args.max_len, "--shot_threshold", args.shot_threshold]),
                         ("windows", ["--window", args.window, "--stride", args.stride])):
         idx = os.path.join(work, f"idx-{mode}")
         code = search_videos(["index", videos, "--index", idx, "--clip", clip_file, "--checkpoint", ckpt,
@@ -131,7 +132,7 @@ def main() -> int:
         scores = [evaluate(index, clips, k)["top1"] for k in args.k]
         oracle, chance = oracle_and_chance(index, clips)
         label = f"{mode} {' '.join(map(str, flags))}"
-        print(f"{label:>30} | {len(index):>6} | " + " | ".join(f"{s:>20.3f}" for s in scores)
+        print(f"{label:>48} | {len(index):>6} | " + " | ".join(f"{s:>20.3f}" for s in scores)
               + f" | {oracle:.3f}  | {chance:.3f}", flush=True)
     return 0
 
