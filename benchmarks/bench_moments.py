@@ -106,7 +106,7 @@ def main() -> int:
                      if f.endswith(".pt"))
     with open(os.path.join(args.demo_out, "run", "results.json"), encoding="utf-8") as f:
         results = json.load(f)
-    work = args.work or tempfile.mkdtemp(prefix="bench_moments_")
+    work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="bench_moments_"))
     videos = os.path.join(work, "long")
     os.makedirs(videos, exist_ok=True)
     clips = build_long_videos(data, videos, args.clips_per_video, args.limit)

@@ -319,7 +319,9 @@ def cmd_serve(args) -> int:
     record = VideoIndex._read_meta(args.index)
     loaded = _load(args, record)
     service = SearchService(args.index, loaded.model, loaded.tokenizer, loaded.info["fingerprint"], log=_log)
-    app = create_app(service, token=args.token)
+    # no token on loopback: only this machine's names in the Host header (a rebound domain cannot reach it)
+    hosts = ["127.0.0.1", "localhost", "[::1]", "::1", args.host] if loopback and not args.token else None
+    app = create_app(service, token=args.token, allowed_hosts=hosts)
     import uvicorn
 
     access = ("requests must carry the token" if args.token else

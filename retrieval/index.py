@@ -166,7 +166,8 @@ class VideoIndex:
 
     @property
     def entries(self) -> list[dict]:
-        return [e for s in self.shards for e in s.entries]
+        cached = getattr(self, "_entries", None)
+        return cached if cached is not None else [e for s in self.shards for e in s.entries]
 
     @property
     def fingerprint(self) -> str:
@@ -190,6 +191,7 @@ class VideoIndex:
         """Read every shard's features once (a server searches many times)."""
         for s in self.shards:
             s.features = s.load_features()
+        self._entries = [e for s in self.shards for e in s.entries]  # a snapshot that no longer changes
         return self
 
     def entry_rows(self) -> dict[str, int]:

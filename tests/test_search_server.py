@@ -240,6 +240,24 @@ def test_serve_refuses_open_binding_without_token(world, capsys, monkeypatch):
     one_line(["serve", "--index", world.index_dir, "--host", "0.0.0.0"], "--token", "--no_auth")
     one_line(["serve", "--index", world.index_dir, "--token", "a", "--no_auth"], "not both")
     one_line(["serve", "--index", world.index_dir, "--port", "0"], "--port")
+    # the command's application: loopback without a token accepts only this machine's Host names
+    started = {}
+
+    def capture(app, **kwargs):
+        started.update(app=app, **kwargs)
+
+    monkeypatch.setattr(uvicorn, "run", capture)
+    assert run_cli(["serve", "--index", world.index_dir, "--device", "cpu", "--port", "8123"], capsys)[0] == 0
+    assert (started["host"], started["port"]) == ("127.0.0.1", 8123)
+    with TestClient(started["app"], base_url="http://127.0.0.1:8123") as c:
+        assert c.get("/api/status").status_code == 200
+        assert c.get("/api/status", headers={"Host": "localhost:8123"}).status_code == 200
+        assert_json_error(c.get("/api/status", headers={"Host": "rebound.example:8123"}), 400, "Host")
+    assert run_cli(["serve", "--index", world.index_dir, "--device", "cpu", "--host", "0.0.0.0", "--token", "t"],
+                   capsys)[0] == 0
+    with TestClient(started["app"]) as c:
+        assert_json_error(c.get("/api/status"), 401)
+        assert c.get("/api/status", params={"token": "t"}).status_code == 200
 
 
 @pytest.mark.slow
