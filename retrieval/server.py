@@ -94,8 +94,7 @@ class SearchService:
         if changed and self._reload.acquire(blocking=False):
             try:
                 fresh = self._read()
-                self.snapshot = fresh
-                self._texts.clear()
+                self.snapshot = fresh  # cached text features stay valid: the model is the same (fingerprint)
                 self.log(f"index reloaded: {len(fresh.entries)} entries")
             except (SearchError, OSError, ValueError) as err:
                 self.log(f"index not reloaded (kept the previous one): {str(err).splitlines()[0]}")
