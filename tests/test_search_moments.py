@@ -129,8 +129,12 @@ def test_range_entries_are_the_evaluation_features(world, loaded, tmp_path, caps
     hits = json.loads(out)[0]["results"]
     assert len(hits) == 1 and (hits[0]["start"], hits[0]["end"], hits[0]["segments"]) == (0, 16, 4)
     assert hits[0]["range"] == "0:00-0:16" and hits[0]["score"] == pytest.approx(float(raw.max()), abs=1e-5)
-    code, out, err = run_cli(["query", "a red square", "--index", idx, "-k", 1, "--device", "cpu"], capsys)
+    code, out, err = run_cli(["query", "a red square", "--index", idx, "-k", 1, "--device", "cpu", "--html",
+                              tmp_path / "page.html"], capsys)
     assert code == 0 and format_range(e["start"], e["end"]) in out.splitlines()[2] and world.long_video in out
+    page = (tmp_path / "page.html").read_text()
+    assert f'<span class="range">{format_range(e["start"], e["end"])}</span>' in page
+    assert f'<video controls preload="metadata" src="file://{world.long_video}#t={e["start"]},{e["end"]}"' in page
 
 
 def test_mismatches_refused_in_one_line(world, tmp_path, capsys):
