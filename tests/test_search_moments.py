@@ -84,9 +84,14 @@ def test_merge_ranked_by_hand():
     assert format_range(751, 767) == "12:31-12:47" and format_range(3723, 3725) == "1:02:03-1:02:05"
 
 
-def test_scenedetect_finds_the_known_cuts(world):
+def test_scenedetect_finds_the_known_cuts(world, monkeypatch):
+    import retrieval.segments as segments
+
     found = detect_shot_boundaries(world.long_video)
     assert len(found) == len(CUTS) and all(abs(f - c) <= 0.2 for f, c in zip(found, CUTS)), found
+    monkeypatch.setattr(segments, "_scenedetect_backend", lambda: "pyav")  # where OpenCV is not installed
+    assert detect_shot_boundaries(world.long_video) == pytest.approx(found, abs=0.21)
+    monkeypatch.undo()
     seg = Segmentation(mode="shots", min_len=2, max_len=10)
     assert plan_ranges(seg, world.long_video, 16.0) == [(0, 4), (4, 9), (9, 13), (13, 16)]
     assert plan_ranges(Segmentation(mode="shots", min_len=5, max_len=10), world.long_video, 16.0) == [(0, 9), (9, 16)]
@@ -221,3 +226,9 @@ def test_failed_range_listed_then_encoded(world, loaded, tmp_path, monkeypatch):
                      on_shard=calls.append)
     assert sorted(e["start"] for e in VideoIndex.open(idx).entries) == [0, 4, 8, 12] and len(calls) == 1
     assert json.load(open(os.path.join(idx, "failed.json"))) == []
+    # a file that cannot be cut at all is listed without a range, the others are indexed
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video" * 100)
+    index = VideoIndex.build(loaded.model, [world.long_video, str(junk)], index_dir=str(tmp_path / "idx2"),
+                             precision="fp32", log=None, segmentation=seg)
+    assert len(index) == 4 and [(f["path"], f["start"]) for f in index.failed] == [(str(junk), None)]
