@@ -1,8 +1,9 @@
 """``search_videos.py``: index a folder of videos, query it by text or by video, draw attention pictures.
 
-    python search_videos.py index  VIDEOS... --index IDX --clip CLIP.pt --checkpoint CKPT [model flags]
-    python search_videos.py query  "a text" ... --index IDX [-k 10] [--json out.json] [--html page.html]
+    python search_videos.py index  VIDEOS... --index IDX --clip CLIP.pt --checkpoint CKPT [--segments shots]
+    python search_videos.py query  "a text" ... --index IDX [-k 10] [--per_video N] [--json out.json] [--html page.html]
     python search_videos.py query  --video clip.mp4 --index IDX
+    python search_videos.py serve  --index IDX [--host 127.0.0.1] [--port 8000] [--token T | --no_auth]
     python search_videos.py visualize VIDEO --clip CLIP.pt --checkpoint CKPT [--caption TEXT] --out pic.png
 
 Every bad input ends with one line ``search_videos.py: error: ...`` and exit status 2.
@@ -13,7 +14,10 @@ import json
 import os
 import sys
 
+from retrieval.segments import MODES, Segmentation, format_range
 from runtime.errors import OneLineArgumentParser
+
+DEFAULT = Segmentation()
 
 PROG = "search_videos.py"
 
@@ -45,8 +49,25 @@ def build_parser() -> OneLineArgumentParser:
     ix.add_argument("--workers", type=int, default=2, help="video decoding processes (0: in the main process)")
     ix.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto: bf16 where the GPU or CPU computes it natively (AMX / AVX512-BF16), else fp32")
-    ix.add_argument("--shard_size", type=int, default=256, help="videos per shard file (the resume granularity)")
+    ix.add_argument("--shard_size", type=int, default=256, help="entries per shard file (the resume granularity)")
     ix.add_argument("--no_progress", action="store_true")
+    sg = ix.add_argument_group("time ranges (recorded in the index; an update takes the recorded ones)")
+    sg.add_argument("--segments", choices=list(MODES), default=None,
+                    help="whole: one feature per file; shots: PySceneDetect shots merged/split to --min_len.."
+                         "--max_len seconds; windows: --window seconds every --stride; auto (default for a new "
+                         "index): whole up to --whole_up_to seconds, shots above")
+    sg.add_argument("--min_len", type=int, default=None, help=f"shots: shortest range, seconds (default {DEFAULT.min_len})")
+    sg.add_argument("--max_len", type=int, default=None, help=f"shots: longest range, seconds (default {DEFAULT.max_len})")
+    sg.add_argument("--window", type=int, default=None, help=f"windows: length, seconds (default {DEFAULT.window})")
+    sg.add_argument("--stride", type=int, default=None, help=f"windows: step, seconds (default {DEFAULT.stride})")
+    sg.add_argument("--whole_up_to", type=int, default=None,
+                    help=f"auto: files up to this many seconds are one range (default {DEFAULT.whole_up_to})")
+    sg.add_argument("--shot_threshold", type=float, default=None,
+                    help=f"shots: PySceneDetect ContentDetector threshold (default {DEFAULT.threshold:g})")
+    px = ix.add_argument_group("pixels (recorded in the index; as main.py's flags of the same names)")
+    px.add_argument("--resize_short_side", type=int, choices=[0, 1], default=None,
+                    help="1: scale the short side to the model's input size before the centre crop (default 0)")
+    px.add_argument("--video_decoder", choices=["decord", "pyav"], default=None, help="default decord")
     _add_model_flags(ix, required=True)
 
     q = sub.add_parser("query", help="top-k videos for texts or for a video")
@@ -54,7 +75,8 @@ def build_parser() -> OneLineArgumentParser:
     q.add_argument("--index", required=True)
     q.add_argument("--queries_file", default=None, help="a text file, one query per line")
     q.add_argument("--video", default=None, help="a video as the query: the most similar videos")
-    q.add_argument("-k", "--top_k", type=int, default=10)
+    q.add_argument("-k", "--top_k", type=int, default=10, help="results (time ranges) per query")
+    q.add_argument("--per_video", type=int, default=None, help="at most this many ranges of one video")
     q.add_argument("--backend", default="auto", choices=["auto", "exact", "faiss", "faiss-ivf", "faiss-hnsw"],
                    help="auto / exact: the built-in exact search (bounded memory); faiss: faiss's exact index; "
                         "faiss-ivf / faiss-hnsw: approximate, for millions of videos (recall against exact is "
@@ -62,6 +84,15 @@ def build_parser() -> OneLineArgumentParser:
     q.add_argument("--json", default=None, help="write the results as JSON to this file ('-': stdout, no table)")
     q.add_argument("--html", default=None, help="write a self-contained results page")
     _add_model_flags(q, required=False)
+
+    sv = sub.add_parser("serve", help="a local search page and JSON API over an index")
+    sv.add_argument("--index", required=True)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--token", default=None, help="every request must carry it (Authorization: Bearer T, "
+                                                  "or ?token=T in the page's address)")
+    sv.add_argument("--no_auth", action="store_true", help="allow binding off loopback without --token")
+    _add_model_flags(sv, required=False)
 
     v = sub.add_parser("visualize", help="a PNG of what the global prompts attend to in a video")
     v.add_argument("video")
@@ -134,10 +165,41 @@ def _encoding_settings(model, device, workers: int, precision: str):
                               eval_precision="bf16" if bf16 else "fp32")
 
 
+SEGMENT_FLAGS = {"segments": "mode", "min_len": "min_len", "max_len": "max_len", "window": "window",
+                 "stride": "stride", "whole_up_to": "whole_up_to", "shot_threshold": "threshold"}
+
+
+def _segmentation(args) -> Segmentation | None:
+    """The flags' segmentation; None when no flag is given (a new index: auto; an update: the recorded one).
+    Flags not given take the index's recorded values, else the defaults."""
+    given = {field: getattr(args, flag) for flag, field in SEGMENT_FLAGS.items() if getattr(args, flag) is not None}
+    if not given:
+        return None
+    base = DEFAULT.to_dict()
+    meta_path = os.path.join(args.index, "index.json")
+    if os.path.isfile(meta_path):
+        from retrieval.index import VideoIndex, recorded_segmentation
+
+        base = recorded_segmentation(VideoIndex._read_meta(args.index)).to_dict()
+    seg = Segmentation(**{**base, **given})
+    try:
+        seg.check()
+    except ValueError as err:
+        fail(str(err))
+    return seg
+
+
 def cmd_index(args) -> int:
     from retrieval.index import VideoIndex
     from modules.backends import backends_context, restore
 
+    if not args.checkpoint:
+        fail("index needs --checkpoint (the DGL checkpoint training wrote, e.g. OUTPUT_DIR/ckpt.best.pth.tar): "
+             "without trained prompts DGL draws them at random on every start, so its features mean nothing "
+             "and no later query could use the index")
+    segmentation = _segmentation(args)
+    if segmentation is None and not os.path.isfile(os.path.join(args.index, "index.json")):
+        segmentation = DEFAULT
     loaded = _load(args)
     settings = _encoding_settings(loaded.model, _device(args.device), args.workers, args.precision)
     try:
@@ -145,16 +207,20 @@ def cmd_index(args) -> int:
             index = VideoIndex.build(loaded.model, args.videos, index_dir=args.index, tokenizer=loaded.tokenizer,
                                      batch_size=args.batch_size, workers=args.workers, precision=args.precision,
                                      shard_size=args.shard_size, progress=_progress_wanted(args.no_progress),
-                                     model_record=loaded.info, log=_log)
+                                     model_record=loaded.info, log=_log, segmentation=segmentation,
+                                     resize_short_side=None if args.resize_short_side is None
+                                     else bool(args.resize_short_side), decoder=args.video_decoder)
     finally:
         restore()
-    print(f"index {args.index}: {len(index)} videos in {len(index.shards)} shard(s), "
-          f"{index.record.get('precision', 'fp32')} features")
+    videos = len({e["path"] for e in index.entries})
+    print(f"index {args.index}: {len(index)} entries of {videos} videos ({index.segmentation.describe()}) in "
+          f"{len(index.shards)} shard(s), {index.record.get('precision', 'fp32')} features")
     if index.failed:
-        print(f"{len(index.failed)} video(s) could not be read and were skipped "
+        print(f"{len(index.failed)} video(s) or range(s) could not be read and were skipped "
               f"(listed in {os.path.join(args.index, 'failed.json')}):")
         for f in index.failed:
-            print(f"  {f['path']}: {f['reason']}")
+            where = f" {format_range(f['start'], f['end'])}" if f.get("start") is not None else ""
+            print(f"  {f['path']}{where}: {f['reason']}")
     return 0
 
 
@@ -169,11 +235,17 @@ def _read_queries(args) -> list[str]:
     return texts
 
 
+def hit_range(hit) -> str:
+    """12:31-12:47; a whole file: 0:00-(its duration)."""
+    if hit.start is None:
+        return format_range(0, hit.entry.get("duration"))
+    return format_range(hit.start, hit.end)
+
+
 def format_table(query: str, hits) -> str:
-    lines = [f"query: {query}", f"{'rank':>4}  {'score':>7}  {'duration':>8}  path"]
+    lines = [f"query: {query}", f"{'rank':>4}  {'score':>7}  {'range':>13}  path"]
     for h in hits:
-        d = h.entry.get("duration")
-        lines.append(f"{h.rank:>4}  {h.score:7.4f}  {(f'{d:.1f}s' if d is not None else '?'):>8}  {h.path}")
+        lines.append(f"{h.rank:>4}  {h.score:7.4f}  {hit_range(h):>13}  {h.path}")
     return "\n".join(lines)
 
 
@@ -185,18 +257,23 @@ def cmd_query(args) -> int:
         fail("no query: give texts, --queries_file or --video")
     if args.top_k < 1:
         fail(f"-k must be at least 1, got {args.top_k}")
+    if args.per_video is not None and args.per_video < 1:
+        fail(f"--per_video must be at least 1, got {args.per_video}")
     record = VideoIndex._read_meta(args.index)
     loaded = _load(args, record)
     index = VideoIndex.open(args.index, model=loaded.model, tokenizer=loaded.tokenizer,
                             fingerprint=loaded.info["fingerprint"])
     results = []
     if texts:
-        for text, hits in zip(texts, index.search(texts, args.top_k, args.backend, log=_log)):
+        for text, hits in zip(texts, index.search(texts, args.top_k, args.backend, log=_log,
+                                                             per_video=args.per_video)):
             results.append({"query": text, "hits": hits})
     if args.video:
         results.append({"query": f"video: {os.path.abspath(args.video)}", "query_video": os.path.abspath(args.video),
-                        "hits": index.search_video(args.video, args.top_k, args.backend, log=_log)})
-    payload = [{"query": r["query"], "results": [h.to_dict() for h in r["hits"]]} for r in results]
+                        "hits": index.search_video(args.video, args.top_k, args.backend, log=_log,
+                                                  per_video=args.per_video)})
+    payload = [{"query": r["query"], "results": [{**h.to_dict(), "range": hit_range(h)} for h in r["hits"]]}
+               for r in results]
     if args.json == "-":
         print(json.dumps(payload, indent=1))
     else:
@@ -210,6 +287,50 @@ def cmd_query(args) -> int:
 
         write_results_page(args.html, results, index)
         _log(f"results page: {args.html}")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args) -> int:
+    from retrieval.index import VideoIndex
+
+    if not 0 < args.port < 65536:
+        fail(f"--port must be 1..65535, got {args.port}")
+    if args.token is not None and not args.token.strip():
+        fail("--token is empty")
+    if args.token and args.no_auth:
+        fail("give --token or --no_auth, not both")
+    loopback = _is_loopback(args.host)
+    if not loopback and not args.token and not args.no_auth:
+        fail(f"--host {args.host} is reachable from other machines: give --token T (requests must carry it) "
+             "or --no_auth (anyone who can reach the port can search and read the indexed videos)")
+    from retrieval.server import SearchService, create_app
+
+    record = VideoIndex._read_meta(args.index)
+    loaded = _load(args, record)
+    service = SearchService(args.index, loaded.model, loaded.tokenizer, loaded.info["fingerprint"], log=_log)
+    # no token on loopback: only this machine's names in the Host header (a rebound domain cannot reach it)
+    hosts = ["127.0.0.1", "localhost", "[::1]", "::1", args.host] if loopback and not args.token else None
+    app = create_app(service, token=args.token, allowed_hosts=hosts)
+    import uvicorn
+
+    access = ("requests must carry the token" if args.token else
+              "NO authentication: anyone who can reach this port can search and read the indexed videos"
+              if not loopback else "this machine only")
+    address = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/"
+    _log(f"serving {args.index} ({len(service.index)} entries) on {address} ({access})"
+         + (" - open " + address + "?token=<the token>" if args.token else ""))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -233,7 +354,7 @@ def main(argv=None) -> int:
     from runtime.files import OutputWriteError
 
     args = build_parser().parse_args(argv)
-    commands = {"index": cmd_index, "query": cmd_query, "visualize": cmd_visualize}
+    commands = {"index": cmd_index, "query": cmd_query, "serve": cmd_serve, "visualize": cmd_visualize}
     try:
         return commands[args.command](args)
     except (SearchError, OutputWriteError) as err:  # OutputWriteError: a file (shard, page) could not be written

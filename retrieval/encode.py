@@ -41,34 +41,104 @@ def file_identity(path: str) -> dict:
     return {"path": path, "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
-def read_for_model(path: str, max_frames: int, size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(video (T, 3, size, size), mask (T,), metadata): the evaluation input of one file.
+TRANSFORM_DEFAULTS = {"resize_short_side": False, "decoder": "decord"}
+
+
+def read_for_model(path: str, max_frames: int, size: int, start: int | None = None, end: int | None = None,
+                   resize_short_side: bool = False, decoder: str = "decord") -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(video (T, 3, size, size), mask (T,), metadata): the evaluation input of one file, or of its range
+    ``start``..``end`` seconds (the datasets' span rule, :func:`dataloaders.video.clip_frame_span`).
 
     Raises dataloaders.video.VideoDecodeError naming the file when it cannot be read.
     """
-    video, mask, info = load_video(path, max_frames, size, train=False)  # one read of the file
+    video, mask, info = load_video(path, max_frames, size, train=False, start=start, end=end,
+                                   resize_short_side=resize_short_side, decoder=decoder)  # one read of the file
     used = list(info.frame_indices[: int(mask.sum())])
     meta = {"num_frames": info.num_frames, "fps": round(info.fps, 4),
             "duration": round(info.duration, 3) if info.duration is not None else None, "frames_used": used}
     return video, mask, meta
 
 
-class VideoFiles(Dataset):
-    """Item i: the model input of ``paths[i]``, or the reason it could not be read."""
+def probe_duration(path: str, decoder: str = "decord") -> float | None:
+    """Seconds of ``path`` (frames / average rate) as the chosen decoder counts them; None when the rate is
+    unknown. Raises VideoDecodeError naming the file."""
+    from dataloaders.video import VideoDecodeError, open_video
 
-    def __init__(self, paths: list[str], max_frames: int, size: int):
-        self.paths, self.max_frames, self.size = paths, max_frames, size
+    if decoder == "pyav":
+        import av
+
+        try:
+            with av.open(path) as container:
+                if not container.streams.video:
+                    raise VideoDecodeError(path, "no video stream (zero frames)")
+                stream = container.streams.video[0]
+                fps = float(stream.average_rate) if stream.average_rate else 0.0
+                frames = int(stream.frames or 0) or sum(1 for _ in container.decode(stream))
+        except VideoDecodeError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise VideoDecodeError(path, f"undecodable ({type(err).__name__})") from err
+    else:
+        reader = open_video(path)
+        frames, fps = len(reader), float(reader.get_avg_fps() or 0.0)
+        del reader
+    return frames / fps if fps > 0 else None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+class FilePlans(Dataset):
+    """Item i: the ranges of ``paths[i]`` under ``segmentation`` (retrieval.segments), or the reason why not."""
+
+    def __init__(self, paths: list[str], segmentation, decoder: str):
+        self.paths, self.segmentation, self.decoder = paths, segmentation, decoder
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
+        from retrieval.segments import plan_ranges
+
         path = self.paths[i]
         try:
-            video, mask, meta = read_for_model(path, self.max_frames, self.size)
+            duration = None if self.segmentation.mode == "whole" else probe_duration(path, self.decoder)
+            return {"index": i, "ranges": plan_ranges(self.segmentation, path, duration)}
+        except Exception as err:  # noqa: BLE001 - an unreadable file is skipped and listed
+            return {"index": i, "error": _first_line(err)}
+
+
+def _only_item(items: list) -> dict:
+    return items[0]
+
+
+def plan_loader(paths: list[str], segmentation, decoder: str, workers: int) -> DataLoader:
+    return DataLoader(FilePlans(paths, segmentation, decoder), batch_size=1, shuffle=False, num_workers=workers,
+                      collate_fn=_only_item)
+
+
+class VideoFiles(Dataset):
+    """Item i: the model input of ``items[i]`` (a path, or (path, start, end) seconds), or the reason it
+    could not be read."""
+
+    def __init__(self, items: list, max_frames: int, size: int, resize_short_side: bool = False,
+                 decoder: str = "decord"):
+        self.items, self.max_frames, self.size = items, max_frames, size
+        self.resize_short_side, self.decoder = resize_short_side, decoder
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.items[i]
+        path, start, end = (item, None, None) if isinstance(item, str) else item[:3]
+        try:
+            video, mask, meta = read_for_model(path, self.max_frames, self.size, start, end,
+                                               self.resize_short_side, self.decoder)
         except Exception as err:  # noqa: BLE001 - any unreadable file is skipped and listed
-            text = str(err).strip().splitlines()
-            return {"index": i, "error": text[0] if text else type(err).__name__}
+            return {"index": i, "error": _first_line(err)}
         return {"index": i, "video": video, "mask": mask, "meta": meta}
 
 
@@ -83,9 +153,10 @@ def collate_videos(items: list[dict]) -> dict:
     }
 
 
-def video_loader(paths: list[str], max_frames: int, size: int, batch_size: int, workers: int) -> DataLoader:
-    return DataLoader(VideoFiles(paths, max_frames, size), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, collate_fn=collate_videos)
+def video_loader(items: list, max_frames: int, size: int, batch_size: int, workers: int,
+                 resize_short_side: bool = False, decoder: str = "decord") -> DataLoader:
+    return DataLoader(VideoFiles(items, max_frames, size, resize_short_side, decoder), batch_size=batch_size,
+                      shuffle=False, num_workers=workers, collate_fn=collate_videos)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

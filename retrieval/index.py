@@ -3,15 +3,20 @@
 Index folder::
 
     index.json              format, the model record (fingerprint, DGL/CLIP configuration, files),
-                            the sampling (max_frames, resolution), counts
+                            the video transform ("sampling": max_frames, resolution, resize_short_side,
+                            decoder), the segmentation (retrieval.segments), counts
     shards/shard-NNNNNN.npz features (n, D) float32, L2-normalised, and entries (JSON): path, size,
-                            mtime_ns, duration, num_frames, fps, frames_used
-    failed.json             the videos the last run could not read, with the reason
+                            mtime_ns, duration, num_frames, fps, frames_used, start and end (seconds of
+                            the range; None for a whole file), segment ([i, n]: range i of the file's n)
+    failed.json             the videos (or ranges) the last run could not read, with the reason
     ann-<kind>.faiss/.json  cached approximate faiss index (optional) and its measured recall
 
 Every file is written under a temporary name and renamed (``os.replace``), so a killed run leaves
-complete shards only and the next run continues after them. A file is identified by path, size
-and modification time: re-indexing drops deleted or changed files and encodes new or changed ones.
+complete shards only and the next run continues after them, range by range. A file is identified by
+path, size and modification time: re-indexing drops deleted or changed files and encodes new or
+changed ones, and the ranges of a file that a killed run did not reach. Whatever changes a feature
+(the model, the video transform, the segmentation) is recorded; an index is never extended with
+features made otherwise.
 """
 from __future__ import annotations
 
@@ -26,13 +31,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrieval.encode import (VIDEO_EXTENSIONS, autocast_dtype, encode_batch, file_identity, find_videos,
-                              video_loader)
+from retrieval.encode import (TRANSFORM_DEFAULTS, VIDEO_EXTENSIONS, autocast_dtype, encode_batch, file_identity,
+                              find_videos, plan_loader, video_loader)
 from retrieval.model_io import SearchError, describe_model
+from retrieval.segments import Segmentation, merge_ranked
 from retrieval.search import APPROXIMATE, BACKENDS, FaissSearcher, exact_topk, faiss_available, recall_at_k
 from runtime.files import atomic_write  # temp file + fsync + os.replace
 
-FORMAT = "dgl-video-index/1"
+FORMAT = "dgl-video-index/2"
+OLD_FORMATS = ("dgl-video-index/1",)  # whole files, decord, no resize: read as such
+WHOLE = Segmentation(mode="whole")
 SHARD_GLOB = "shard-*.npz"
 
 
@@ -89,23 +97,61 @@ def read_shard(path: str, entries_only: bool = False) -> tuple[torch.Tensor | No
     return features, entries
 
 
+def entry_id(entry: dict) -> str:
+    """A stable id of an entry: the same file (path, size, time) and range give the same id."""
+    key = f"{entry['path']}|{entry.get('size')}|{entry.get('mtime_ns')}|{entry.get('start')}|{entry.get('end')}"
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def transform_record(max_frames: int, image_resolution: int, resize_short_side: bool = False,
+                     decoder: str = "decord") -> dict:
+    """What turns a file into the model's input: recorded in the index, compared on every update."""
+    return {"max_frames": max_frames, "image_resolution": image_resolution, "resize_short_side": bool(resize_short_side),
+            "decoder": decoder, "frames": "evaluation sampling (segment centres)"}
+
+
+def recorded_transform(meta: dict) -> dict:
+    sampling = dict(meta.get("sampling") or {})
+    for key, value in TRANSFORM_DEFAULTS.items():
+        sampling.setdefault(key, value)  # indexes of format 1 were made with the defaults
+    return sampling
+
+
+def recorded_segmentation(meta: dict) -> Segmentation:
+    seg = meta.get("segmentation")
+    return Segmentation(**seg) if seg else WHOLE
+
+
+_TRANSFORM_FLAGS = {"max_frames": "--max_frames", "image_resolution": "the CLIP's input size",
+                    "resize_short_side": "--resize_short_side", "decoder": "--video_decoder"}
+
+
 @dataclass
 class Hit:
     rank: int
-    score: float  # cosine similarity
+    score: float  # cosine similarity (of the best segment of the range)
     path: str
-    entry: dict
+    entry: dict  # the best segment's entry
+    start: float | None = None  # the range (seconds); None for a whole file
+    end: float | None = None
+    segments: int = 1  # segments merged into the range
+
+    @property
+    def id(self) -> str:
+        return entry_id(self.entry)
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "score": round(self.score, 6), **self.entry}
+        return {**self.entry, "rank": self.rank, "score": round(self.score, 6), "path": self.path,
+                "start": self.start, "end": self.end, "id": self.id, "segments": self.segments}
 
 
 class VideoIndex:
-    """Video features + their manifest, searchable by text, by video or by feature.
+    """Video (or video range) features + their manifest, searchable by text, by video or by feature.
 
     ``VideoIndex.build(model, paths, index_dir=..., tokenizer=...)`` encodes (or updates) an index;
     ``VideoIndex.open(index_dir, model=...)`` opens one, refusing a model other than the one that
-    built it; ``index.search(texts, k)`` returns, per text, the top-k :class:`Hit` list.
+    built it; ``index.search(texts, k)`` returns, per text, the top-k :class:`Hit` list (time ranges of
+    one video that rank together are merged into one hit).
     """
 
     def __init__(self, root: str | None, record: dict, shards: list[Shard], failed: list[dict] | None = None,
@@ -120,11 +166,20 @@ class VideoIndex:
 
     @property
     def entries(self) -> list[dict]:
-        return [e for s in self.shards for e in s.entries]
+        cached = getattr(self, "_entries", None)
+        return cached if cached is not None else [e for s in self.shards for e in s.entries]
 
     @property
     def fingerprint(self) -> str:
         return self.record["model"]["fingerprint"]
+
+    @property
+    def transform(self) -> dict:
+        return recorded_transform(self.record)
+
+    @property
+    def segmentation(self) -> Segmentation:
+        return recorded_segmentation(self.record)
 
     def features(self) -> torch.Tensor:
         """All features (N, D) in row order (loads every shard)."""
@@ -132,21 +187,40 @@ class VideoIndex:
         dim = self.record.get("dim") or 0
         return torch.cat(loaded) if loaded else torch.zeros(0, dim)
 
+    def keep_in_memory(self) -> "VideoIndex":
+        """Read every shard's features once (a server searches many times)."""
+        for s in self.shards:
+            s.features = s.load_features()
+        self._entries = [e for s in self.shards for e in s.entries]  # a snapshot that no longer changes
+        return self
+
+    def entry_rows(self) -> dict[str, int]:
+        """{entry id: row}."""
+        return {entry_id(e): row for row, e in enumerate(self.entries)}
+
     # ------------------------------------------------------------------------------- building
     @classmethod
     def build(cls, model, paths, index_dir: str | None = None, tokenizer=None, batch_size: int = 8,
               workers: int = 0, precision: str = "auto", shard_size: int = 256, progress: bool = False,
-              model_record: dict | None = None, on_shard=None, log=print) -> "VideoIndex":
+              model_record: dict | None = None, on_shard=None, log=print, segmentation: Segmentation | None = None,
+              resize_short_side: bool | None = None, decoder: str | None = None) -> "VideoIndex":
         """Encode the videos under ``paths`` (files or folders, recursively) with ``model``.
 
-        With ``index_dir`` the index is written there in shards of ``shard_size`` videos and an
+        With ``index_dir`` the index is written there in shards of ``shard_size`` entries and an
         existing index is updated (new and changed files encoded, deleted ones dropped). Unreadable
-        videos are skipped and listed in ``index.failed``. ``on_shard(path)`` is called after each
-        shard is written.
+        videos (or ranges) are skipped and listed in ``index.failed``. ``on_shard(path)`` is called after
+        each shard is written. ``segmentation`` (retrieval.segments.Segmentation; default: whole files),
+        ``resize_short_side`` and ``decoder`` (load_video's options): None takes an existing index's
+        record; a value other than the record is refused.
         """
         if batch_size < 1 or shard_size < 1 or workers < 0:
             raise SearchError(f"batch_size and shard_size must be >= 1 and workers >= 0 "
                               f"(got {batch_size}, {shard_size}, {workers})")
+        if segmentation is not None:
+            try:
+                segmentation.check()
+            except ValueError as err:
+                raise SearchError(str(err)) from err
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
             raise SearchError(f"no such file or folder: {missing[0]}")
@@ -155,13 +229,17 @@ class VideoIndex:
             raise SearchError(f"no video files ({' '.join(VIDEO_EXTENSIONS[:5])} ...) found under "
                               f"{', '.join(map(str, paths))}")
         record = model_record or describe_model(model)
-        sampling = {"max_frames": model.config.max_frames, "image_resolution": model.image_resolution,
-                    "frames": "evaluation sampling (segment centres)"}
-        index = cls._open_for_update(index_dir, record, sampling, log) if index_dir else \
-            cls(None, {"format": FORMAT, "model": record, "sampling": sampling}, [])
+        wanted = {"max_frames": model.config.max_frames, "image_resolution": model.image_resolution,
+                  "resize_short_side": resize_short_side, "decoder": decoder}
+        if index_dir:
+            index = cls._open_for_update(index_dir, record, wanted, segmentation, log)
+        else:
+            sampling = transform_record(**{k: (TRANSFORM_DEFAULTS.get(k) if v is None else v) for k, v in wanted.items()})
+            index = cls(None, {"format": FORMAT, "model": record, "sampling": sampling,
+                               "segmentation": (segmentation or WHOLE).to_dict()}, [])
         index.model, index.tokenizer = model, tokenizer
-        todo = index._drop_stale(files, log)
-        index._encode(todo, batch_size, workers, precision, shard_size, progress, on_shard)
+        todo, have = index._drop_stale(files, log)
+        index._encode(todo, have, batch_size, workers, precision, shard_size, progress, on_shard)
         if index_dir:
             index._save_manifest()
         if len(index) == 0:
@@ -171,17 +249,33 @@ class VideoIndex:
         return index
 
     @classmethod
-    def _open_for_update(cls, index_dir: str, record: dict, sampling: dict, log) -> "VideoIndex":
+    def _open_for_update(cls, index_dir: str, record: dict, wanted: dict, segmentation: Segmentation | None,
+                         log) -> "VideoIndex":
         os.makedirs(os.path.join(index_dir, "shards"), exist_ok=True)
         meta_path = os.path.join(index_dir, "index.json")
         if os.path.exists(meta_path):
             meta = cls._read_meta(index_dir)
             if meta["model"]["fingerprint"] != record["fingerprint"]:
                 raise SearchError(_other_model_message(index_dir, meta["model"], record))
+            built = recorded_transform(meta)
+            for key, flag in _TRANSFORM_FLAGS.items():
+                if wanted[key] is not None and wanted[key] != built.get(key):
+                    raise SearchError(f"the index {index_dir} was built with {flag} {built.get(key)!r}, this run asks "
+                                      f"for {wanted[key]!r}: its features would not be comparable; use the same "
+                                      "setting or index into a new folder")
+            seg = recorded_segmentation(meta)
+            if segmentation is not None and segmentation != seg:
+                raise SearchError(f"the index {index_dir} was built with {seg.describe()}, this run asks for "
+                                  f"{segmentation.describe()}: use the same segmentation or index into a new folder")
+            if meta.get("format") != FORMAT:  # format 1: record what it was made with, in this format
+                meta.update(format=FORMAT, sampling=transform_record(**{k: built[k] for k in _TRANSFORM_FLAGS}),
+                            segmentation=seg.to_dict())
         else:
             if glob.glob(os.path.join(index_dir, "shards", SHARD_GLOB)):
                 raise SearchError(f"{index_dir} has shards but no index.json; use an empty folder")
-            meta = {"format": FORMAT, "model": record, "sampling": sampling, "created": time.time()}
+            sampling = transform_record(**{k: (TRANSFORM_DEFAULTS.get(k) if v is None else v) for k, v in wanted.items()})
+            meta = {"format": FORMAT, "model": record, "sampling": sampling,
+                    "segmentation": (segmentation or WHOLE).to_dict(), "created": time.time()}
             _write_json(meta_path, meta)
         for pattern in (".*.tmp", os.path.join("shards", ".*.tmp")):  # left by a killed run
             for tmp in glob.glob(os.path.join(index_dir, pattern)):
@@ -198,8 +292,9 @@ class VideoIndex:
             shards.append(Shard(path, entries))
         return cls(index_dir, meta, shards)
 
-    def _drop_stale(self, files: list[str], log) -> list[str]:
-        """Drop entries of deleted or changed files (rewriting their shards); return the files to encode.
+    def _drop_stale(self, files: list[str], log) -> tuple[list[str], dict[str, set]]:
+        """Drop entries of deleted or changed files (rewriting their shards); return the files to encode
+        and, for files a killed run left incomplete, the range numbers already indexed.
 
         Entries of files outside the folders given this time stay while their file is unchanged, so
         indexing another folder into the same index adds to it.
@@ -220,10 +315,14 @@ class VideoIndex:
                     return False
             return ident == {k: entry[k] for k in ("path", "size", "mtime_ns")}
 
-        kept_paths, dropped = set(), 0
+        seen, dropped = set(), 0
         for shard in list(self.shards):
-            keep = [i for i, e in enumerate(shard.entries) if unchanged(e) and e["path"] not in kept_paths]
-            kept_paths.update(shard.entries[i]["path"] for i in keep)
+            keep = []
+            for i, e in enumerate(shard.entries):
+                key = (e["path"], tuple(e.get("segment") or (0, 1)))
+                if unchanged(e) and key not in seen:
+                    seen.add(key)
+                    keep.append(i)
             if len(keep) == len(shard.entries):
                 continue
             dropped += len(shard.entries) - len(keep)
@@ -238,8 +337,14 @@ class VideoIndex:
             if not keep:
                 self.shards.remove(shard)
         if dropped and log:
-            log(f"dropped {dropped} deleted or changed video(s) from the index")
-        return [p for p in files if p in current and p not in kept_paths]
+            log(f"dropped {dropped} entries of deleted or changed video(s) from the index")
+        have: dict[str, set] = {}
+        total: dict[str, int] = {}
+        for path, (i, n) in seen:
+            have.setdefault(path, set()).add(i)
+            total[path] = n
+        todo = [p for p in files if p in current and len(have.get(p, ())) < total.get(p, 1)]
+        return todo, {p: have[p] for p in todo if p in have}
 
     def _next_shard_path(self) -> str:
         numbers = [int(os.path.basename(s.path)[6:12]) for s in self.shards if s.path]
@@ -255,8 +360,24 @@ class VideoIndex:
         if on_shard is not None:
             on_shard(path)
 
-    def _encode(self, files: list[str], batch_size: int, workers: int, precision: str, shard_size: int,
-                progress: bool, on_shard) -> None:
+    def _plan(self, files: list[str], have: dict[str, set], workers: int) -> list[tuple]:
+        """[(path, start, end, i, n)]: the ranges still to encode, file by file."""
+        seg = self.segmentation
+        items = []
+        if seg.mode == "whole":
+            return [(p, None, None, 0, 1) for p in files]
+        for plan in plan_loader(files, seg, self.transform["decoder"], workers):
+            path = files[plan["index"]]
+            if "error" in plan:
+                self.failed.append({"path": path, "start": None, "end": None, "reason": plan["error"]})
+                continue
+            ranges = plan["ranges"]
+            done = have.get(path, set())
+            items += [(path, a, b, i, len(ranges)) for i, (a, b) in enumerate(ranges) if i not in done]
+        return items
+
+    def _encode(self, files: list[str], have: dict[str, set], batch_size: int, workers: int, precision: str,
+                shard_size: int, progress: bool, on_shard) -> None:
         self.failed = []
         if not files:
             return
@@ -266,18 +387,27 @@ class VideoIndex:
         used = "bf16" if dtype == torch.bfloat16 else "fp32"
         earlier = self.record.get("precision")
         self.record["precision"] = used if earlier in (None, used) or not len(self) else "mixed"
-        loader = video_loader(files, model.config.max_frames, model.image_resolution, batch_size, workers)
+        items = self._plan(files, have, workers)
+        transform = self.transform
+        loader = video_loader(items, model.config.max_frames, model.image_resolution, batch_size, workers,
+                              transform["resize_short_side"], transform["decoder"])
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=len(files), desc="indexing", unit="video", dynamic_ncols=True)
+            bar = tqdm(total=len(items), desc="indexing", unit="segment", dynamic_ncols=True)
         feats, entries = [], []
+        identities = {}
         for batch in loader:
             for i, reason in batch["errors"]:
-                self.failed.append({"path": files[i], "reason": reason})
+                path, start, end = items[i][:3]
+                self.failed.append({"path": path, "start": start, "end": end, "reason": reason})
             if batch["video"] is not None:
                 feats.append(encode_batch(model, batch["video"], batch["mask"], dtype))
-                entries += [{**file_identity(files[i]), **meta} for i, meta in zip(batch["index"], batch["meta"])]
+                for i, meta in zip(batch["index"], batch["meta"]):
+                    path, start, end, seg_i, seg_n = items[i]
+                    if path not in identities:
+                        identities[path] = file_identity(path)
+                    entries.append({**identities[path], **meta, "start": start, "end": end, "segment": [seg_i, seg_n]})
             while len(entries) >= shard_size:
                 block = torch.cat(feats)
                 self._add_shard(block[:shard_size].clone(), entries[:shard_size], on_shard)
@@ -313,7 +443,7 @@ class VideoIndex:
         try:
             with open(path, encoding="utf-8") as f:
                 meta = json.load(f)
-            if meta.get("format") != FORMAT or "fingerprint" not in meta.get("model", {}):
+            if meta.get("format") not in (FORMAT, *OLD_FORMATS) or "fingerprint" not in meta.get("model", {}):
                 raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
         except (ValueError, OSError) as err:
             raise SearchError(f"{path} is unreadable ({str(err).splitlines()[0]})") from err
@@ -340,8 +470,9 @@ class VideoIndex:
         return index
 
     # ------------------------------------------------------------------------------- searching
-    def encode_texts(self, texts) -> torch.Tensor:
-        """L2-normalised text features (Q, D) of a list of strings."""
+    def encode_texts(self, texts, prompts=None) -> torch.Tensor:
+        """L2-normalised text features (Q, D) of a list of strings; ``prompts``: the model's prompts computed
+        once (``model.prompts()``) by a caller that encodes many times (they depend on the weights only)."""
         from modules.tokenizer import tokenize
 
         if self.model is None or self.tokenizer is None:
@@ -356,15 +487,16 @@ class VideoIndex:
         device = next(self.model.parameters()).device
         ids = tokenize(texts, max_words=self.model.config.max_words, tokenizer=self.tokenizer).to(device)
         with torch.no_grad():
-            return torch.nn.functional.normalize(self.model.encode_text(ids).float(), dim=-1).cpu()
+            return torch.nn.functional.normalize(self.model.encode_text(ids, prompts=prompts).float(), dim=-1).cpu()
 
-    def search(self, texts, k: int = 10, backend: str = "auto", log=None) -> list[list[Hit]]:
-        """Top-k videos for each text (a string or a list)."""
-        return self.search_features(self.encode_texts(texts), k, backend, log)
+    def search(self, texts, k: int = 10, backend: str = "auto", log=None, per_video: int | None = None) -> list[list[Hit]]:
+        """Top-k videos (or time ranges) for each text (a string or a list)."""
+        return self.search_features(self.encode_texts(texts), k, backend, log, per_video=per_video)
 
-    def search_video(self, path: str, k: int = 10, backend: str = "auto", log=None) -> list[Hit]:
+    def search_video(self, path: str, k: int = 10, backend: str = "auto", log=None,
+                     per_video: int | None = None) -> list[Hit]:
         """The videos most similar to ``path`` (its indexed feature when indexed and unchanged)."""
-        return self.search_features(self.video_feature(path), k, backend, log)[0]
+        return self.search_features(self.video_feature(path), k, backend, log, per_video=per_video)[0]
 
     def video_feature(self, path: str) -> torch.Tensor:
         from retrieval.encode import read_for_model
@@ -375,12 +507,16 @@ class VideoIndex:
         ident = file_identity(path)
         for shard in self.shards:
             for row, e in enumerate(shard.entries):
-                if e["path"] == path and e["size"] == ident["size"] and e["mtime_ns"] == ident["mtime_ns"]:
+                if e["path"] == path and e["size"] == ident["size"] and e["mtime_ns"] == ident["mtime_ns"] \
+                        and e.get("start") is None:
                     return shard.load_features()[row:row + 1]
         if self.model is None:
             raise SearchError(f"{path} is not in the index; encoding it needs the model")
-        try:
-            video, mask, _ = read_for_model(path, self.model.config.max_frames, self.model.image_resolution)
+        transform = self.transform
+        try:  # the whole file, through the transform the index was built with
+            video, mask, _ = read_for_model(path, self.model.config.max_frames, self.model.image_resolution,
+                                            resize_short_side=transform["resize_short_side"],
+                                            decoder=transform["decoder"])
         except Exception as err:  # noqa: BLE001
             raise SearchError(str(err).splitlines()[0]) from err
         precision = "bf16" if self.record.get("precision") == "bf16" else "fp32"
@@ -388,26 +524,43 @@ class VideoIndex:
         return encode_batch(self.model, video[None], mask[None], dtype)
 
     def search_features(self, queries: torch.Tensor, k: int = 10, backend: str = "auto",
-                        log=None) -> list[list[Hit]]:
-        """Top-k for each row of ``queries`` (Q, D), L2-normalised."""
+                        log=None, per_video: int | None = None, exclude_rows=()) -> list[list[Hit]]:
+        """Top-k for each row of ``queries`` (Q, D), L2-normalised.
+
+        Segments are taken best first; ranges of one video that overlap or touch are merged into one
+        hit (retrieval.segments.merge_ranked), at most ``per_video`` hits per video; ``exclude_rows``
+        are left out (a query segment itself).
+        """
         if backend not in BACKENDS:
             raise SearchError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise SearchError(f"k must be a positive integer, got {k!r}")
+        for name, value in (("k", k), ("per_video", per_video)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SearchError(f"{name} must be a positive integer, got {value!r}")
         n = len(self)
         if k > n and log:
-            log(f"note: k={k} is larger than the index ({n} videos); returning all {n}")
-        k = min(k, n)
+            log(f"note: k={k} is larger than the index ({n} entries); returning all")
         backend = self._choose_backend(backend, n)
-        if backend == "exact":
-            scores, rows = exact_topk(queries, (s.load_features() for s in self.shards), k)
-            scores, rows = scores.numpy(), rows.numpy()
-        else:
-            searcher = self.faiss_searcher(APPROXIMATE.get(backend, "flat"), log=log)
-            scores, rows = searcher.search(queries.numpy(), k)
         entries = self.entries
-        return [[Hit(r + 1, float(s), entries[i]["path"], entries[i]) for r, (s, i) in enumerate(zip(srow, irow))
-                 if i >= 0] for srow, irow in zip(scores, rows)]
+        exclude = set(int(r) for r in exclude_rows)
+        pool = min(n, max(4 * k, 32) + len(exclude))
+        while True:
+            if backend == "exact":
+                scores, rows = exact_topk(queries, (s.load_features() for s in self.shards), pool)
+                scores, rows = scores.numpy(), rows.numpy()
+            else:
+                searcher = self.faiss_searcher(APPROXIMATE.get(backend, "flat"), log=log)
+                scores, rows = searcher.search(queries.numpy(), pool)
+            results, short = [], False
+            for srow, irow in zip(scores, rows):
+                candidates = ((float(sc), int(i), entries[i]["path"], entries[i].get("start"), entries[i].get("end"))
+                              for sc, i in zip(srow, irow) if i >= 0 and int(i) not in exclude)
+                ranges, exhausted = merge_ranked(candidates, k, per_video)
+                short |= exhausted and len(ranges) < k
+                results.append([Hit(r + 1, m["score"], m["path"], entries[m["rows"][0]], m["start"], m["end"],
+                                    len(m["rows"])) for r, m in enumerate(ranges)])
+            if not short or pool >= n:
+                return results
+            pool = min(n, pool * 4)
 
     @staticmethod
     def _choose_backend(backend: str, n: int) -> str:

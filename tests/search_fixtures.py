@@ -67,3 +67,33 @@ def make_world(root: str) -> World:
             p.add_(0.05 * torch.randn_like(p))
     ckpt = save_checkpoint(model, os.path.join(root, "ckpt.pth.tar"), bpe, CONFIG)
     return World(root, videos, clip_path, ckpt, bpe, specs)
+
+
+SHOT_COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40), (200, 60, 220), (40, 220, 220)]
+
+
+def render_shots(lengths_s, fps: int = 5, size: int = 32, seed: int = 0):
+    """uint8 frames (T, size, size, 3) of shots ``lengths_s`` seconds long, each a flat colour of its own
+    with a small square moving on it, and the cut times (seconds) between them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    frames, cuts, t = [], [], 0
+    for i, length in enumerate(lengths_s):
+        n = int(round(length * fps))
+        colour = np.array(SHOT_COLOURS[i % len(SHOT_COLOURS)], np.uint8)
+        for j in range(n):
+            f = np.empty((size, size, 3), np.uint8)
+            f[:] = colour
+            x = (j * 2 + int(rng.integers(0, 3))) % (size - 6)
+            f[10:16, x:x + 6] = 255 - colour
+            frames.append(f)
+        t += n
+        cuts.append(t / fps)
+    return np.stack(frames), cuts[:-1]
+
+
+def write_shots_video(path: str, lengths_s, fps: int = 5, size: int = 32) -> tuple[str, list[float]]:
+    frames, cuts = render_shots(lengths_s, fps, size)
+    write_video(path, frames, fps=float(fps))
+    return path, cuts

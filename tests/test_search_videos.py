@@ -52,12 +52,13 @@ def test_index_query_round_trip(world, tmp_path, capsys):
     idx = str(tmp_path / "idx")
     code, out, err = index_cli(world, world.videos, idx, capsys, "--shard_size", 4, "--batch_size", 2)
     assert code == 0, err
-    assert f"{NUM_VIDEOS} videos in 2 shard(s)" in out
+    assert f"{NUM_VIDEOS} entries of {NUM_VIDEOS} videos (--segments auto" in out and "in 2 shard(s)" in out
     index = VideoIndex.open(idx)
     assert len(index) == NUM_VIDEOS
     entry = index.entries[0]
     assert {"path", "size", "mtime_ns", "duration", "num_frames", "fps", "frames_used"} <= set(entry)
     assert len(entry["frames_used"]) == CONFIG["max_frames"] and entry["fps"] == 3.0
+    assert entry["start"] is None and entry["end"] is None and entry["segment"] == [0, 1]  # short files: whole
     assert entry["duration"] == pytest.approx(entry["num_frames"] / 3.0, abs=1e-3)
     meta = json.load(open(os.path.join(idx, "index.json")))
     assert meta["model"]["dgl_config"]["shared_latent_space"] == "linear"   # read from the checkpoint
@@ -292,7 +293,7 @@ def test_bad_inputs_one_line_each(world, tmp_path, capsys):
     videos = world.copy_videos(str(tmp_path / "videos"))
     shutil.copy(bad / "junk.avi", os.path.join(videos, "junk.avi"))
     code, out, err = run_cli(["index", videos, "--index", idx, *common], capsys)
-    assert code == 0 and "1 video(s) could not be read" in out and "junk.avi" in out
+    assert code == 0 and "1 video(s) or range(s) could not be read" in out and "junk.avi" in out
     failed = json.load(open(idx / "failed.json"))
     assert [os.path.basename(f["path"]) for f in failed] == ["junk.avi"] and failed[0]["reason"]
 
@@ -301,7 +302,7 @@ def test_bad_inputs_one_line_each(world, tmp_path, capsys):
     one_line_error(["query", *q], "no query")
     one_line_error(["query", "a red square", "-k", 0, *q], "-k must be at least 1")
     code, out, err = run_cli(["query", "a red square", "-k", 50, *q], capsys)  # k > index: all, with a note
-    assert code == 0 and "k=50 is larger than the index (6 videos)" in err and out.count(".mp4") == NUM_VIDEOS
+    assert code == 0 and "k=50 is larger than the index (6 entries)" in err and out.count(".mp4") == NUM_VIDEOS
     one_line_error(["query", "a red square", "--index", empty, "--device", "cpu"], "not a video index")
 
     # Another model (other prompts) against this index: refused, for querying and for indexing.

@@ -1,0 +1,279 @@
+"""`search_videos.py serve` under load, and indexing time ranges against decoding them.
+
+Server: an index of N random unit 512-d features (ranges of 50-range videos) served by the server's
+application (retrieval.server, uvicorn, one process) on 127.0.0.1, with a DGL of CLIP ViT-B/32's shape
+(random weights: the text tower's cost is its shape's). Every request is a new text (the server caches
+text features; a repeated text would not be encoded). Reported per size: latency p50/p95 of
+``GET /api/search`` with 1 client and with 8 concurrent clients, requests/s with 8, and as the baseline
+measured in the same run, the text encoder alone (in this process).
+
+Indexing: a generated long video (shots of known length) indexed with ``--segments windows`` and
+``shots`` by a tiny DGL and by the ViT-B/32-shaped one, in ranges/s, against decoding the same ranges
+only (``load_video(start=, end=)``, no model): the ratio says how much of indexing is decoding.
+
+    python benchmarks/bench_server.py                          # 10k and 100k ranges, 8 clients
+    python benchmarks/bench_server.py --sizes 10000 --requests 80 --skip_indexing
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+WORDS = ("person", "dog", "car", "ball", "kitchen", "street", "guitar", "cat", "river", "bicycle", "child", "phone")
+VERBS = ("plays with", "walks past", "cooks", "throws", "looks at", "rides", "holds", "paints")
+
+
+def texts(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [f"a {WORDS[rng.integers(len(WORDS))]} {VERBS[rng.integers(len(VERBS))]} a {WORDS[rng.integers(len(WORDS))]}"
+            f" number {i}" for i in range(n)]
+
+
+def b32_model(bpe: str, seed: int = 0):
+    """DGL on a randomly initialised CLIP of ViT-B/32's shape (deterministic from ``seed``)."""
+    from modules.clip import CLIP, CLIPConfig
+    from modules.dgl import DGL, DGLConfig
+    from modules.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(bpe_path=bpe)
+    torch.manual_seed(seed)
+    clip = CLIP(CLIPConfig(vocab_size=max(tokenizer.vocab_size, 512)))
+    model = DGL(clip, DGLConfig(max_frames=12)).eval()
+    return model, tokenizer
+
+
+def tiny_model(bpe: str, seed: int = 0):
+    from modules.clip import CLIP, tiny_clip_config
+    from modules.dgl import DGL, DGLConfig
+    from modules.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(bpe_path=bpe)
+    torch.manual_seed(seed)
+    clip = CLIP(tiny_clip_config(vocab_size=tokenizer.vocab_size, image_resolution=224, vision_patch_size=32))
+    config = DGLConfig(max_frames=12, shared_latent_space="linear", unified_transformer_layers=2)
+    return DGL(clip, config).eval(), tokenizer
+
+
+def write_bpe(folder: str) -> str:
+    from modules.tokenizer import write_bpe_vocab
+
+    return write_bpe_vocab(texts(400, 1), os.path.join(folder, "bpe.txt.gz"), num_merges=400)
+
+
+def random_index(folder: str, n: int, model, shard: int = 8192, seed: int = 0) -> str:
+    """An index folder of ``n`` random ranges, recorded as made by ``model``."""
+    from retrieval.index import FORMAT, _write_json, transform_record, write_shard
+    from retrieval.model_io import describe_model
+    from retrieval.segments import Segmentation
+
+    os.makedirs(os.path.join(folder, "shards"), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    dim = model.clip.config.embed_dim
+    for s in range(0, n, shard):
+        m = min(shard, n - s)
+        x = rng.standard_normal((m, dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        entries = [{"path": f"/bench/video{(s + i) // 50:06d}.mp4", "size": 1, "mtime_ns": 1, "duration": 400.0,
+                    "num_frames": 10000, "fps": 25.0, "frames_used": [], "start": ((s + i) % 50) * 8,
+                    "end": ((s + i) % 50) * 8 + 8, "segment": [(s + i) % 50, 50]} for i in range(m)]
+        write_shard(os.path.join(folder, "shards", f"shard-{s // shard:06d}.npz"), torch.from_numpy(x), entries)
+    record = describe_model(model)
+    _write_json(os.path.join(folder, "index.json"), {
+        "format": FORMAT, "model": record, "sampling": transform_record(12, 224),
+        "segmentation": Segmentation(mode="windows", window=8, stride=8).to_dict(), "num_videos": n, "dim": dim})
+    return folder
+
+
+def serve_worker(index_dir: str, bpe: str, port: int, threads: int) -> None:
+    """The server process: the same seeded model, the index, uvicorn on 127.0.0.1:port."""
+    import uvicorn
+
+    from retrieval.server import SearchService, create_app
+
+    torch.set_num_threads(threads)
+    model, tokenizer = b32_model(bpe)
+    from retrieval.model_io import model_fingerprint
+
+    service = SearchService(index_dir, model, tokenizer, model_fingerprint(model))
+    uvicorn.run(create_app(service, allowed_hosts=["127.0.0.1"]), host="127.0.0.1", port=port, log_level="error")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drive(base: str, queries: list[str], clients: int, time_limit: float) -> tuple[list[float], float, int]:
+    """``clients`` threads share ``queries`` (each sent once); latencies (s), wall time, errors."""
+    import httpx
+
+    lock = threading.Lock()
+    todo = list(queries)
+    latencies, errors = [], [0]
+    deadline = time.time() + time_limit
+
+    def client():
+        with httpx.Client(base_url=base, timeout=60) as h:
+            while time.time() < deadline:
+                with lock:
+                    if not todo:
+                        return
+                    q = todo.pop()
+                t = time.perf_counter()
+                r = h.get("/api/search", params={"q": q, "k": 10})
+                dt = time.perf_counter() - t
+                with lock:
+                    if r.status_code == 200:
+                        latencies.append(dt)
+                    else:
+                        errors[0] += 1
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, time.perf_counter() - start, errors[0]
+
+
+def pct(xs: list[float], p: float) -> float:
+    return float(np.percentile(np.array(xs) * 1000, p)) if xs else float("nan")
+
+
+def bench_server(args, tmp: str, bpe: str) -> None:
+    import httpx
+
+    from modules.tokenizer import tokenize
+
+    model, tokenizer = b32_model(bpe)
+    torch.set_num_threads(args.threads)
+    ids = [tokenize([t], max_words=model.config.max_words, tokenizer=tokenizer) for t in texts(30, 7)]
+    with torch.no_grad():
+        prompts = model.prompts()  # as the server: computed once
+        model.encode_text(ids[0], prompts=prompts)
+        times = []
+        for x in ids[1:]:
+            t = time.perf_counter()
+            model.encode_text(x, prompts=prompts)
+            times.append(time.perf_counter() - t)
+    encode_ms = statistics.median(times) * 1000
+    print(f"baseline: text encoder alone (ViT-B/32 text tower shape, {args.threads} threads), median "
+          f"{encode_ms:.1f} ms")
+    print(f"{'ranges':>8} | {'1 client p50':>12} {'p95':>7} | {'8 clients p50':>13} {'p95':>7} {'req/s':>6} | "
+          f"{'p95 / encoder':>13} | errors")
+    for n in args.sizes:
+        folder = random_index(os.path.join(tmp, f"idx{n}"), n, model)
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve_worker", folder, "--bpe_path", bpe,
+                                 "--port", str(port), "--threads", str(args.threads)], cwd=REPO)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                try:
+                    if httpx.get(base + "/api/status", timeout=5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            drive(base, texts(8, 99 + n), 1, 60)  # warm-up
+            single, _, e1 = drive(base, texts(args.requests // 4, 11 + n), 1, args.time_limit)
+            many, wall, e8 = drive(base, texts(args.requests, 12 + n), args.clients, args.time_limit)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        print(f"{n:>8} | {pct(single, 50):>9.1f} ms {pct(single, 95):>4.1f} ms | {pct(many, 50):>10.1f} ms "
+              f"{pct(many, 95):>4.1f} ms {len(many) / wall:>6.1f} | {pct(many, 95) / encode_ms:>13.1f} | {e1 + e8}",
+              flush=True)
+
+
+def bench_indexing(args, tmp: str, bpe: str) -> None:
+    from preprocess.ffmpeg_tools import write_video
+    from retrieval.encode import read_for_model
+    from retrieval.index import VideoIndex
+    from retrieval.segments import Segmentation, plan_ranges
+
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(3, 12, size=args.shots)]
+    fps, size = 25, 256
+    frames = []
+    for length in lengths:
+        colour = rng.integers(0, 255, size=3).astype(np.uint8)
+        base = np.empty((size, size, 3), np.uint8)
+        base[:] = colour
+        for j in range(length * fps):
+            f = base.copy()
+            x = (j * 3) % (size - 40)
+            f[100:140, x:x + 40] = 255 - colour
+            frames.append(f)
+    video = write_video(os.path.join(tmp, "long", "long.mp4"), np.stack(frames), fps=float(fps), crf=23)
+    del frames
+    duration = sum(lengths)
+    print(f"\nindexing one {duration} s video ({size}x{size}, {fps} fps, {len(lengths)} shots), workers "
+          f"{args.workers}, {args.threads} threads")
+    print(f"{'segments':>8} {'model':>6} {'ranges':>6} | {'decode only':>11} | {'index':>9} | {'index / decode':>14}")
+    for mode in ("windows", "shots"):
+        seg = Segmentation(mode=mode, window=8, stride=4, min_len=2, max_len=20)
+        t = time.perf_counter()
+        ranges = plan_ranges(seg, video, float(duration))
+        plan_s = time.perf_counter() - t
+        t = time.perf_counter()
+        for a, b in ranges:
+            read_for_model(video, 12, 224, a, b)
+        decode_rate = len(ranges) / (time.perf_counter() - t)
+        for name, make in (("tiny", tiny_model), ("B/32", b32_model)):
+            model, tokenizer = make(bpe)
+            t = time.perf_counter()
+            index = VideoIndex.build(model, [video], index_dir=os.path.join(tmp, f"ix-{mode}-{name}"), precision="fp32",
+                                     workers=args.workers, batch_size=4, log=None, segmentation=seg)
+            rate = len(index) / (time.perf_counter() - t)
+            print(f"{mode:>8} {name:>6} {len(index):>6} | {decode_rate:>7.2f} r/s | {rate:>5.2f} r/s | "
+                  f"{rate / decode_rate:>14.2f}" + (f"   (shot detection alone: {plan_s:.1f} s)" if mode == "shots"
+                                                    else ""), flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=160, help="requests with --clients clients (a quarter with 1)")
+    p.add_argument("--time_limit", type=float, default=120.0, help="seconds at most per load run")
+    p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
+    p.add_argument("--workers", type=int, default=1, help="decoding processes while indexing")
+    p.add_argument("--shots", type=int, default=12, help="shots in the indexing video")
+    p.add_argument("--skip_indexing", action="store_true")
+    p.add_argument("--skip_server", action="store_true")
+    p.add_argument("--bpe_path", default=None)
+    p.add_argument("--serve_worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.serve_worker:
+        serve_worker(args.serve_worker, args.bpe_path, args.port, args.threads)
+        return 0
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; cpu flags: "
+          + " ".join(sorted({f for f in ("avx512_bf16", "amx_bf16") if f in open("/proc/cpuinfo").read()})))
+    with tempfile.TemporaryDirectory(prefix="bench_server_") as tmp:
+        bpe = args.bpe_path or write_bpe(tmp)
+        if not args.skip_server:
+            bench_server(args, tmp, bpe)
+        if not args.skip_indexing:
+            bench_indexing(args, tmp, bpe)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
