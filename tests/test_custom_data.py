@@ -16,7 +16,6 @@ import torch
 
 from dataloaders import build_test_dataset, build_train_dataset
 from dataloaders.base import AnnotationError
-from dataloaders.custom import CustomDataset
 from dataloaders.video import clip_frame_span, load_video
 from preprocess.ffmpeg_tools import write_video
 from preprocess.split_annotations import main as split_main, read_rows

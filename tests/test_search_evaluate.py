@@ -167,8 +167,8 @@ def test_bad_queries_one_line_and_the_earlier_json_untouched(world, index, label
     out_json.write_text('{"earlier": 1}\n')
     queries = tmp_path / "q.csv"
     queries.write_text(text.format(video=labelled[0][1]), encoding="utf-8")
-    code, out, err = run_cli(["evaluate", "--index", index.root, "--queries", queries, "--video_root", world.videos,
-                              "--json", out_json, *world.model_args()], capsys)
+    code, _, err = run_cli(["evaluate", "--index", index.root, "--queries", queries, "--video_root", world.videos,
+                            "--json", out_json, *world.model_args()], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert out_json.read_text() == '{"earlier": 1}\n'
 

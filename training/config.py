@@ -308,8 +308,8 @@ def validate(args, parser) -> argparse.Namespace:
             err("training on --datatype custom needs --train_csv <annotation file (.csv, .tsv or .jsonl)>")
         if args.features_path is None:
             err("--datatype custom needs --features_path <the folder the 'video' paths are relative to>")
-        from dataloaders.custom import annotation_format
         from dataloaders.base import AnnotationError
+        from dataloaders.custom import annotation_format
         for flag, path in (("--train_csv", args.train_csv), ("--val_csv", args.val_csv)):
             try:
                 if path is not None:
