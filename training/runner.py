@@ -100,7 +100,6 @@ def run(args, *, model=None, tokenizer=None, train_dataset=None, test_dataset=No
     try:
         r.describe_setup()
         r.load_resume_weights()
-        r.load_init_weights()
         r.validate_data()
         r.build_training()
         r.restore_state()
@@ -214,7 +213,9 @@ class Run:
 
     def load_resume_weights(self) -> None:
         """--resume: read the checkpoint and load its weights (before the data, so that a wrong file is found
-        at once); its progress is restored by restore_state once the optimiser exists."""
+        at once); its progress is restored by restore_state once the optimiser exists. --init_checkpoint: the
+        weights only (load_init_weights)."""
+        self.load_init_weights()
         if not self.args.resume:
             return
         self.resume_ckpt = self._load_resume_checkpoint()
