@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .activitynet import ActivityNetDataset
 from .base import (AnnotationError, BadVideoError, ReplacementCounter, VideoTextDataset)
+from .custom import CustomDataset
 from .didemo import DiDeMoDataset
 from .lsmdc import LSMDCDataset
 from .msrvtt import MSRVTTDataset
@@ -26,6 +27,7 @@ DATASETS = {
     "activity": ActivityNetDataset,
     "msvd": MSVDDataset,
     "didemo": DiDeMoDataset,
+    "custom": CustomDataset,
 }
 
 

@@ -5,6 +5,7 @@
     python search_videos.py query  --video clip.mp4 --index IDX
     python search_videos.py serve  --index IDX [--host 127.0.0.1] [--port 8000] [--token T | --no_auth]
     python search_videos.py visualize VIDEO --clip CLIP.pt --checkpoint CKPT [--caption TEXT] --out pic.png
+    python search_videos.py evaluate --index IDX --queries FILE [--qb_norm BANK] [--json ranks.json]
 
 Every bad input ends with one line ``search_videos.py: error: ...`` and exit status 2.
 """
@@ -102,6 +103,9 @@ def build_parser() -> OneLineArgumentParser:
     v.add_argument("--prompt", type=int, default=None, help="one global prompt (default: their mean)")
     v.add_argument("--index", default=None, help="take the model (CLIP, checkpoint, flags) from this index")
     _add_model_flags(v, required=False)
+
+    from retrieval.evaluate import add_evaluate_parser
+    add_evaluate_parser(sub, _add_model_flags)
     return p
 
 
@@ -349,12 +353,19 @@ def cmd_visualize(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from retrieval.evaluate import cmd_evaluate as evaluate
+
+    return evaluate(args, _load)
+
+
 def main(argv=None) -> int:
     from retrieval.model_io import SearchError
     from runtime.files import OutputWriteError
 
     args = build_parser().parse_args(argv)
-    commands = {"index": cmd_index, "query": cmd_query, "serve": cmd_serve, "visualize": cmd_visualize}
+    commands = {"index": cmd_index, "query": cmd_query, "serve": cmd_serve, "visualize": cmd_visualize,
+                "evaluate": cmd_evaluate}
     try:
         return commands[args.command](args)
     except (SearchError, OutputWriteError) as err:  # OutputWriteError: a file (shard, page) could not be written

@@ -383,7 +383,7 @@ def test_vatex_and_didemo_formats(tmp_path):
     ds = build_test_dataset(Namespace(datatype="didemo", data_path=str(d), features_path=str(d)), None)
     assert ds.captions == ["one three", "two"] and ds.ids_without_annotation == ["z.mp4"]
     assert ds.videos[1].path == str(d / "y.mp4") and (ds.videos[0].start, ds.videos[0].end) == (0.0, 31.0)
-    assert set(DATASETS) == {"msrvtt", "vatex", "lsmdc", "activity", "msvd", "didemo"}
+    assert set(DATASETS) == {"msrvtt", "vatex", "lsmdc", "activity", "msvd", "didemo", "custom"}
 
 
 def test_annotation_errors_at_startup(tmp_path, synthetic):

@@ -110,7 +110,7 @@ def test_published_script_flags_are_accepted():
     assert a.do_train == 0  # --do_eval 1 alone evaluates only
 
 
-@pytest.mark.parametrize("script", ["msrvtt.sh", "vatex.sh", "lsmdc.sh", "activitynet.sh"])
+@pytest.mark.parametrize("script", ["msrvtt.sh", "vatex.sh", "lsmdc.sh", "activitynet.sh", "custom.sh"])
 def test_scripts_need_paths(script, tmp_path):
     import os
 

@@ -11,7 +11,7 @@ import os
 
 from runtime.errors import OneLineArgumentParser, fail
 
-DATATYPES = ("msrvtt", "vatex", "lsmdc", "activity", "msvd", "didemo")
+DATATYPES = ("msrvtt", "vatex", "lsmdc", "activity", "msvd", "didemo", "custom")
 VISUAL_OUTPUT_TYPES = ("global_prompt0", "average_global_prompt", "average_frame_cls_token",
                        "average_global_prompt_and_frame_cls_token")
 PRECISIONS = ("amp", "fp32", "bf16")
@@ -42,6 +42,10 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
                    help="checkpoint to continue from (ours or an official DGL checkpoint)")
     g.add_argument("--load_from_pretrained", type=int, default=0, choices=[0, 1],
                    help="with --resume: load the weights only (not optimiser, epoch, step)")
+    g.add_argument("--init_checkpoint", type=_none_str, default=None,
+                   help="start a NEW run from the prompts of this DGL checkpoint (ours or an official one): "
+                        "weights only, with a new optimiser, schedule and epoch count (fine-tuning); the model "
+                        "flags must match the checkpoint. --resume continues a run instead")
     g.add_argument("--max_epochs_this_run", type=int, default=None,
                    help="stop after this many epochs in this invocation (continue later with --resume)")
     g.add_argument("--save_sim_matrix", action="store_true",
@@ -79,7 +83,12 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     g.add_argument("--data_path", type=_none_str, default=None)
     g.add_argument("--features_path", type=_none_str, default=None)
     g.add_argument("--train_csv", type=_none_str, default=None)
-    g.add_argument("--val_csv", type=_none_str, default=None)
+    g.add_argument("--val_csv", type=_none_str, default=None,
+                   help="the test annotations (--datatype custom: a .csv, .tsv or .jsonl file of video, caption "
+                        "[, start, end, video_id]; --train_csv is the training file of the same format)")
+    g.add_argument("--clip_spans_to_video", type=int, nargs="?", const=1, default=0, choices=[0, 1],
+                   help="--datatype custom: cut a start/end span that ends past the end of its video at the end "
+                        "of the video (default: such a span is an error naming the file and row)")
     g.add_argument("--max_words", type=int, default=32)
     g.add_argument("--max_frames", type=int, default=12)
     g.add_argument("--feature_framerate", type=int, default=1)
@@ -202,6 +211,18 @@ def validate(args, parser) -> argparse.Namespace:
         err("--do_pretrain is not supported (DGL only fine-tunes prompts for retrieval)")
     if args.resume is not None and not os.path.isfile(args.resume):
         err(f"--resume checkpoint not found: {args.resume}")
+    if args.init_checkpoint is not None:
+        if args.resume is not None:
+            err("--init_checkpoint starts a new run from a checkpoint's weights, --resume continues a run: "
+                "give one of them")
+        if not os.path.isfile(args.init_checkpoint):
+            err(f"--init_checkpoint checkpoint not found: {args.init_checkpoint}")
+        if not args.do_train:
+            err("--init_checkpoint is for training (fine-tuning); to evaluate a checkpoint use --resume")
+        inside = os.path.abspath(args.init_checkpoint).startswith(os.path.abspath(args.output_dir) + os.sep)
+        if inside and args.overwrite_output_dir:
+            err(f"--init_checkpoint {args.init_checkpoint} lies in --output_dir {args.output_dir}, which "
+                "--overwrite_output_dir empties first: copy the checkpoint elsewhere or pass another --output_dir")
     if args.load_from_pretrained and args.resume is None:
         err("--load_from_pretrained 1 needs --resume <checkpoint>")
     if args.max_epochs_this_run is not None and args.max_epochs_this_run < 1:
@@ -285,6 +306,21 @@ def validate(args, parser) -> argparse.Namespace:
     # paths
     if args.pretrained_dir is None:
         args.pretrained_dir = os.environ.get("DGL_PRETRAINED_DIR")
+    if args.datatype == "custom":
+        if args.val_csv is None:
+            err("--datatype custom needs --val_csv <test annotation file (.csv, .tsv or .jsonl)>")
+        if args.do_train and args.train_csv is None:
+            err("training on --datatype custom needs --train_csv <annotation file (.csv, .tsv or .jsonl)>")
+        if args.features_path is None:
+            err("--datatype custom needs --features_path <the folder the 'video' paths are relative to>")
+        from dataloaders.base import AnnotationError
+        from dataloaders.custom import annotation_format
+        for flag, path in (("--train_csv", args.train_csv), ("--val_csv", args.val_csv)):
+            try:
+                if path is not None:
+                    annotation_format(path, flag)
+            except AnnotationError as e:
+                err(str(e))
     if args.do_train and args.datatype == "msrvtt" and args.train_csv is None:
         err("training on msrvtt needs --train_csv (e.g. MSRVTT_train.9k.csv)")
     from runtime.cpu import resolve_core_split

@@ -26,7 +26,7 @@ _HASH_BLOCK = 1 << 20
 # flags that decide which frames and pixels reach the model; missing ones are recorded as None
 INPUT_FIELDS = ("image_resolution", "max_frames", "max_words", "feature_framerate", "slice_framepos",
                 "train_frame_order", "eval_frame_order", "resize_short_side", "video_decoder",
-                "mask_padding_frames", "expand_msrvtt_sentences", "skip_bad_videos")
+                "mask_padding_frames", "expand_msrvtt_sentences", "skip_bad_videos", "clip_spans_to_video")
 PACKAGES = ("torch", "numpy", "decord", "av", "pillow", "faiss-cpu", "faiss-gpu")
 
 
@@ -82,6 +82,13 @@ def _dataset_table_files(datatype, attribute, extra=()):
     return _per_split_files(table)
 
 
+def _custom_files(args, splits):
+    files = [getattr(args, "train_csv", None)] if "train" in splits else []
+    if splits - {"train"}:
+        files.append(getattr(args, "val_csv", None))
+    return files
+
+
 ANNOTATION_FILES = {
     "msrvtt": _msrvtt_files,
     "vatex": _dataset_table_files("vatex", "list_files", ["ref_captions.json"]),
@@ -89,6 +96,7 @@ ANNOTATION_FILES = {
     "activity": _dataset_table_files("activity", "files"),
     "msvd": _msvd_files,
     "didemo": _per_split_files(lambda s: [f"{s}_list.txt", f"{s}_data.json"]),
+    "custom": _custom_files,
 }
 
 
@@ -273,7 +281,18 @@ def build_record(args, world_size: int, device: torch.device, precision=None, de
         "annotation_files": hash_annotation_files(annotation_files(args, _splits(args))),
         "clip_weights": getattr(args, "clip_path", None),
         "resume": getattr(args, "resume", None),
+        "init_checkpoint": _init_checkpoint(args),
     }
+
+
+def _init_checkpoint(args) -> dict | None:
+    """--init_checkpoint: the file the run's prompts started from (path, size, sha256) and what it was."""
+    path = getattr(args, "init_checkpoint", None)
+    if not path:
+        return None
+    entry = hash_annotation_files([path])[0]
+    entry.update(getattr(args, "_init_checkpoint_info", None) or {})
+    return entry
 
 
 def write_run_record(args, info, precision, out_dir: str) -> dict | None:

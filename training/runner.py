@@ -27,7 +27,7 @@ from runtime.precision import Precision
 from training import distributed as D
 from training.checkpoint import make_checkpoint, rng_state, set_rng_state
 from training.config import config_to_json, resolve_clip_path
-from training.data_checks import leave_out_bad_video_files
+from training.data_checks import check_spans, leave_out_bad_video_files, warn_test_videos_in_training
 from training.engine import evaluate, log_eval, train_one_epoch, unwrap
 from training.model_options import apply_model_options
 from training.optim import WarmupCosineSchedule, build_optimizer, total_optimization_steps
@@ -178,6 +178,15 @@ class Run:
             record = leave_out_bad_video_files(dataset, split, bool(args.skip_bad_videos), self.progress)
             if record:
                 self.left_out[split] = record
+            if args.datatype == "custom":
+                record = check_spans(dataset, split, bool(args.skip_bad_videos),
+                                     bool(getattr(args, "clip_spans_to_video", 0)))
+                if record:
+                    self.left_out[split] = _merge_left_out(self.left_out.get(split), record)
+        if args.datatype == "custom":
+            shared = warn_test_videos_in_training(args, self.train_ds, self.test_ds)
+            if shared:
+                self.results["test_videos_in_training"] = shared
 
     def build_training(self) -> None:
         """Model on its device (DDP-wrapped when distributed), training loader, optimiser, schedule, scaler."""
@@ -207,7 +216,9 @@ class Run:
 
     def load_resume_weights(self) -> None:
         """--resume: read the checkpoint and load its weights (before the data, so that a wrong file is found
-        at once); its progress is restored by restore_state once the optimiser exists."""
+        at once); its progress is restored by restore_state once the optimiser exists. --init_checkpoint: the
+        weights only (load_init_weights)."""
+        self.load_init_weights()
         if not self.args.resume:
             return
         self.resume_ckpt = self._load_resume_checkpoint()
@@ -235,6 +246,25 @@ class Run:
         return {"train": backend_name(self.precision.train_attention),
                 "eval": backend_name(self.precision.eval_attention), "device": self.device.type}
 
+    def load_init_weights(self) -> None:
+        """--init_checkpoint: a new run from a checkpoint's prompts. Only the weights are taken (epoch 0, a
+        new optimiser and schedule); the checkpoint's model flags must be this run's."""
+        path = self.args.init_checkpoint if getattr(self.args, "init_checkpoint", None) else None
+        if path is None:
+            return
+        ckpt = self._read_checkpoint(path, "--init_checkpoint")
+        own = is_own_checkpoint(ckpt)
+        mismatch = checkpoint_flag_mismatch(ckpt, self.args)
+        if mismatch:
+            fail(f"--init_checkpoint {path} was trained with {mismatch[0]} {mismatch[1]}; this run has "
+                 f"{mismatch[0]} {mismatch[2]} (the model flags must match the checkpoint: pass {mismatch[0]} "
+                 f"{mismatch[1]})")
+        self._load_weights(ckpt, path, "--init_checkpoint")
+        self.args._init_checkpoint_info = {"kind": "ours" if own else "official", "epoch": ckpt.get("epoch"),
+                                           "global_step": ckpt.get("global_step")}
+        log.info("[init] a new run from the weights of %s (%s checkpoint, trained %s epochs); optimiser, "
+                 "schedule and epochs start afresh", path, "our" if own else "official", ckpt.get("epoch"))
+
     def restore_state(self) -> None:
         """--resume without --load_from_pretrained: the progress (epoch, step, best, optimiser, scaler, RNG,
         results) of the checkpoint."""
@@ -243,21 +273,28 @@ class Run:
 
     def _load_resume_checkpoint(self) -> dict:
         path = self.args.resume
+        ckpt = self._read_checkpoint(path, "--resume")
+        self._load_weights(ckpt, path, "--resume")
+        return ckpt
+
+    @staticmethod
+    def _read_checkpoint(path: str, flag: str) -> dict:
         try:
-            ckpt = load_checkpoint_file(path)
+            return load_checkpoint_file(path)
         except CheckpointError as e:
-            fail(f"--resume {e}")
+            fail(f"{flag} {e}")
         except OSError as e:
-            fail(f"cannot read --resume {path}: {os.strerror(e.errno).lower() if e.errno else e}")
+            fail(f"cannot read {flag} {path}: {os.strerror(e.errno).lower() if e.errno else e}")
+
+    def _load_weights(self, ckpt: dict, path: str, flag: str) -> None:
         space, wanted = checkpoint_latent_space(ckpt), self.core.config.shared_latent_space
         if space is not None and space != wanted:
-            fail(f"--resume {path}: this checkpoint is a {space}-latent-space DGL; pass --shared_latent_space "
+            fail(f"{flag} {path}: this checkpoint is a {space}-latent-space DGL; pass --shared_latent_space "
                  f"{space} (the model was built with --shared_latent_space {wanted})")
         try:
             self.core.load_checkpoint(ckpt)
         except (ValueError, KeyError, RuntimeError) as e:
-            fail(f"cannot load --resume {path}: {str(e).splitlines()[0][:400]}")
-        return ckpt
+            fail(f"cannot load {flag} {path}: {str(e).splitlines()[0][:400]}")
 
     def _restore_progress(self, ckpt: dict, own: bool) -> None:
         args = self.args
@@ -447,6 +484,43 @@ class Run:
                    "step_losses": self.step_losses}
         D.cleanup()
         return summary
+
+
+MATCHING_FLAGS = DGL_FIELDS + ("mask_padding_frames",)
+
+
+def checkpoint_flag_mismatch(ckpt: dict, args) -> tuple[str, object, object] | None:
+    """``(--flag, checkpoint's value, this run's value)`` of the first model flag that our checkpoint's
+    recorded configuration (``ckpt["config"]``) gives differently from ``args``; None when all agree or
+    nothing is recorded (official checkpoints: their latent space and shapes are checked on loading)."""
+    config = ckpt.get("config")
+    if not isinstance(config, dict):
+        return None
+    for name in MATCHING_FLAGS:
+        if config.get(name) is None or getattr(args, name, None) is None:
+            continue
+        recorded, wanted = config[name], getattr(args, name)
+        if isinstance(wanted, bool) or name == "mask_padding_frames":
+            recorded, wanted = int(bool(recorded)), int(bool(wanted))
+        elif isinstance(wanted, int):
+            try:
+                recorded = int(recorded)
+            except (TypeError, ValueError):
+                pass
+        if recorded != wanted:
+            return f"--{name}", recorded, wanted
+    return None
+
+
+def _merge_left_out(first: dict | None, second: dict) -> dict:
+    """Two records of videos left out of one split (missing files, then unreadable ones)."""
+    if not first:
+        return second
+    merged = dict(first)
+    merged["videos"] = first["videos"] + second["videos"]
+    merged["captions"] = first["captions"] + second["captions"]
+    merged["files"] = (first.get("files", []) + second.get("files", []))[:100]
+    return merged
 
 
 def one_line(exc: BaseException) -> str:

@@ -1,0 +1,214 @@
+"""Your own captioned videos (``--datatype custom``): one annotation file per split.
+
+``--train_csv FILE`` / ``--val_csv FILE`` (the test split; FILE ``.csv``, ``.tsv`` or ``.jsonl``, told
+apart by the extension, UTF-8) with the columns (keys, for JSON lines):
+
+* ``video``: the video file, relative to ``--features_path`` or absolute;
+* ``caption``: one caption (a video with several captions has several rows);
+* ``start``, ``end`` (optional, seconds): the clip is this span of the file, cut with the frame rule of
+  ActivityNet / DiDeMo (:func:`dataloaders.video.published_clip_seconds`); empty in a row = the whole file;
+* ``video_id`` (optional): rows with the same id are one video; default: the ``video`` path, plus
+  ``@start-end`` for a span.
+
+Training samples: with ``--expand_msrvtt_sentences`` every caption is a sample; without it a sample
+is a video with one of its captions drawn at random at every access (once per epoch), as for MSR-VTT.
+Test: every caption is a query, each video (or span) is encoded once; a video with several captions is
+scored as VATEX / MSVD are (see :mod:`modules.metrics`).
+
+Rows that repeat an earlier row (same video, span and caption) are dropped, with a warning that counts
+them. Every error names the file, the line and the column.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from .base import AnnotationError, Annotations, VideoEntry, VideoTextDataset, get_option, read_text
+
+logger = logging.getLogger(__name__)
+
+EXTENSIONS = (".csv", ".tsv", ".jsonl")
+REQUIRED = ("video", "caption")
+
+
+@dataclass(frozen=True)
+class AnnotationRow:
+    where: str  # "train.csv line 7"
+    video: str  # as written in the file
+    path: str  # resolved file path
+    caption: str
+    start: Optional[float]
+    end: Optional[float]
+    video_id: str
+
+
+def annotation_format(path: str, flag: str = "") -> str:
+    """'csv', 'tsv' or 'jsonl' by the file's extension; anything else is an :class:`AnnotationError`."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in EXTENSIONS:
+        named = f"{flag} {path}" if flag else path
+        raise AnnotationError(f"{named}: unknown annotation file extension {ext or '(none)'!r} "
+                              f"(use .csv, .tsv or .jsonl)")
+    return ext[1:]
+
+
+def read_table(path: str, required=REQUIRED, flag: str = "") -> list[tuple[str, dict]]:
+    """``(where, row)`` for every row of a .csv / .tsv / .jsonl file, values as stripped strings (None when
+    absent); checks that the ``required`` columns exist and are non-empty in every row."""
+    kind = annotation_format(path, flag)
+    text = read_text(path)
+    name = os.path.basename(path)
+    rows: list[tuple[str, dict]] = []
+    if kind == "jsonl":
+        header: set = set()
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise AnnotationError(f"{path} line {number}: not a JSON object ({exc.msg})") from exc
+            if not isinstance(item, dict):
+                raise AnnotationError(f"{path} line {number}: not a JSON object (a {type(item).__name__})")
+            for key in required:
+                if key not in item:
+                    raise AnnotationError(f"{path} line {number}: missing key '{key}'")
+            header.update(item)
+            rows.append((f"{name} line {number}", {k: _as_text(v) for k, v in item.items()}))
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if kind == "csv" else "\t")
+        lines = list(reader)
+        if not lines:
+            raise AnnotationError(f"{path}: the file is empty (no header)")
+        header_row = [h.strip() for h in lines[0]]
+        missing = [c for c in required if c not in header_row]
+        if missing:
+            raise AnnotationError(f"{path} line 1: missing column '{missing[0]}' (columns found: "
+                                  f"{', '.join(header_row) or 'none'})")
+        for number, values in enumerate(lines[1:], start=2):
+            if not any(v.strip() for v in values):
+                continue
+            if len(values) > len(header_row):
+                raise AnnotationError(f"{path} line {number}: {len(values)} values for {len(header_row)} columns "
+                                      f"(quote a {'comma' if kind == 'csv' else 'tab'} inside a value)")
+            row = {h: (values[i].strip() if i < len(values) else None) for i, h in enumerate(header_row)}
+            rows.append((f"{name} line {number}", row))
+    if not rows:
+        raise AnnotationError(f"{path}: no rows (the file lists no videos)")
+    for where, row in rows:
+        for column in required:
+            if not row.get(column):
+                raise AnnotationError(f"{path} {where.split(' ', 1)[1]} column '{column}': empty value")
+    return rows
+
+
+def _as_text(value) -> Optional[str]:
+    if value is None:
+        return None
+    return value.strip() if isinstance(value, str) else str(value)
+
+
+def _seconds(path: str, where: str, column: str, value: Optional[str]) -> Optional[float]:
+    if value is None or value == "":
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise AnnotationError(f"{path} {where} column '{column}': {value!r} is not a number (seconds)") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise AnnotationError(f"{path} {where} column '{column}': {value!r} is not a time in seconds >= 0")
+    return seconds
+
+
+def _span_text(start: float, end: float) -> str:
+    return f"{start:g}-{end:g}"
+
+
+def read_annotation_rows(path: str, features_path: str, flag: str = "") -> list[AnnotationRow]:
+    """The rows of one custom annotation file, checked (times are numbers, start before end) and with the
+    video paths resolved against ``features_path``; exact repeats of a row are dropped with a warning."""
+    rows = []
+    seen: dict = {}
+    repeats = []
+    for where, row in read_table(path, REQUIRED, flag):
+        line = where.split(" ", 1)[1]
+        start = _seconds(path, line, "start", row.get("start"))
+        end = _seconds(path, line, "end", row.get("end"))
+        if (start is None) != (end is None):
+            given, other = ("start", "end") if start is not None else ("end", "start")
+            raise AnnotationError(f"{path} {line} column '{other}': empty, but '{given}' is given (give both "
+                                  "for a span, neither for the whole video)")
+        if start is not None and not start < end:
+            raise AnnotationError(f"{path} {line} column 'start': {start:g} is not before end {end:g}")
+        video = row["video"]
+        resolved = video if os.path.isabs(video) else os.path.join(features_path or "", video)
+        default_id = video if start is None else f"{video}@{_span_text(start, end)}"
+        video_id = row.get("video_id") or default_id
+        key = (video_id, row["caption"])
+        if key in seen:
+            repeats.append(where)
+            continue
+        seen[key] = where
+        rows.append(AnnotationRow(where, video, os.path.normpath(resolved), row["caption"], start, end, video_id))
+    if repeats:
+        logger.warning("%s: %d duplicate row(s) (same video and caption as an earlier row) dropped, e.g. %s",
+                       path, len(repeats), repeats[0])
+    return rows
+
+
+def group_videos(path: str, rows: list[AnnotationRow]) -> Annotations:
+    """One :class:`VideoEntry` per ``video_id`` (in order of first appearance), every caption linked to it.
+    Rows that give one id to different files or spans are an error."""
+    index: dict[str, int] = {}
+    videos, captions, links, sources = [], [], [], []
+    for r in rows:
+        if r.video_id not in index:
+            index[r.video_id] = len(videos)
+            videos.append(VideoEntry(r.video_id, r.path, r.where, r.start, r.end))
+        else:
+            first = videos[index[r.video_id]]
+            if (first.path, first.start, first.end) != (r.path, r.start, r.end):
+                column = "video" if first.path != r.path else "start"
+                raise AnnotationError(f"{path} {r.where.split(' ', 1)[1]} column '{column}': video_id "
+                                      f"{r.video_id!r} is already another video or span ({first.source})")
+        captions.append(r.caption)
+        links.append(index[r.video_id])
+        sources.append(r.where)
+    return Annotations(videos, captions, links, sources)
+
+
+def files_in_both(train_rows: list[AnnotationRow], test_rows: list[AnnotationRow]) -> list[str]:
+    """Video files of the test rows that training rows also use (any span of them), in test order."""
+    train_files = {r.path for r in train_rows}
+    return list(dict.fromkeys(r.path for r in test_rows if r.path in train_files))
+
+
+class CustomDataset(VideoTextDataset):
+    name = "custom"
+    flags = {"train": "--train_csv", "val": "--val_csv", "test": "--val_csv"}
+
+    def __init__(self, args, tokenizer, split: str, eval_sampling: bool = False):
+        self.expand_sentences = bool(get_option(args, "expand_msrvtt_sentences", False))
+        super().__init__(args, tokenizer, split, eval_sampling)
+
+    def annotation_file(self) -> str:
+        flag = self.flags[self.split]
+        path = get_option(self.args, flag[2:], "")
+        if not path:
+            raise AnnotationError(f"--datatype custom needs {flag} <annotation file> for the {self.split} split")
+        return path
+
+    def load_annotations(self) -> Annotations:
+        path = self.annotation_file()
+        self.rows = read_annotation_rows(path, self.features_path, self.flags[self.split])
+        return group_videos(path, self.rows)
+
+    @property
+    def sample_per_video(self) -> bool:  # type: ignore[override]
+        return self.train and not self.expand_sentences

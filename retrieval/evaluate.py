@@ -1,0 +1,286 @@
+"""``search_videos.py evaluate``: retrieval metrics of an index on the user's own labelled queries.
+
+    python search_videos.py evaluate --index IDX --queries FILE [--video_root DIR] [--qb_norm BANK]
+                                     [--json ranks.json]
+
+FILE (``.csv``, ``.tsv`` or ``.jsonl``, UTF-8): a ``query`` column (or ``caption``, so that a test
+annotation file of ``--datatype custom`` is a queries file) and the relevant ``video``; with ``start`` and
+``end`` (seconds) when the index holds time-range segments. A relative ``video`` is taken relative to
+``--video_root`` (default: the current folder, as ``index`` takes its arguments) and matched to the
+index entry of that absolute path (and, with start/end, to the entry of that segment).
+
+Every query is ranked against every entry of the index by cosine similarity (exact); its rank is the
+1-based position of its video in that order, ties placed as :func:`modules.metrics.compute_ranks` places
+them. Printed: R@1/5/10 (percent of queries with rank <= k), median and mean rank. ``--json`` writes the
+metrics and the per-query ranks (atomically).
+
+``--qb_norm BANK``: query-bank normalisation (:mod:`modules.qb_norm`) with a bank of OTHER queries the
+user supplies: a text file (one query per line), a .csv/.tsv/.jsonl with a ``query`` or ``caption``
+column, or precomputed text features (``.npy``, (n, D)). A bank equal to the evaluated queries is refused.
+Scores are on main.py's scale (the model's logit scale times the cosine), so ``--qb_beta`` means what it
+means for ``search_for_best_r1_with_qb_norm.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+QUERY_COLUMNS = ("query", "caption")
+TIME_TOLERANCE = 1e-3  # seconds: a query's start/end equal an entry's up to this
+
+
+def add_evaluate_parser(sub, add_model_flags) -> None:
+    """The ``evaluate`` subcommand of search_videos.py (``add_model_flags``: the CLI's model flag group)."""
+    e = sub.add_parser("evaluate", help="R@1/5/10 and ranks of labelled queries (query, video[, start, end])")
+    e.add_argument("--index", required=True)
+    e.add_argument("--queries", required=True, help=".csv, .tsv or .jsonl: query (or caption), video[, start, end]")
+    e.add_argument("--video_root", default=None,
+                   help="folder that relative 'video' paths are relative to (default: the current folder)")
+    e.add_argument("--qb_norm", default=None,
+                   help="query bank for QB-norm: other queries (.txt one per line, .csv/.tsv/.jsonl) or their "
+                        "text features (.npy); never the evaluated queries")
+    e.add_argument("--qb_k", type=int, default=1, help="QB-norm: top-k of the bank that activates an entry")
+    e.add_argument("--qb_theta", type=float, default=3, help="QB-norm: bank queries needed to activate an entry")
+    e.add_argument("--qb_beta", type=float, default=0.87, help="QB-norm: exp(beta * score)")
+    e.add_argument("--json", default=None, help="write the metrics and per-query ranks to this JSON file")
+    add_model_flags(e, required=False)
+
+
+def _search_error(message: str):
+    from retrieval.model_io import SearchError
+
+    return SearchError(message)
+
+
+# ------------------------------------------------------------------------------------------ queries
+def read_queries(path: str, video_root: str | None = None) -> list[dict]:
+    """Rows of the queries file: dict(where, query, video, path (absolute), start, end)."""
+    from dataloaders.base import AnnotationError
+    from dataloaders.custom import read_table
+
+    try:
+        header_probe = read_table(path, required=("video",))
+    except AnnotationError as exc:
+        raise _search_error(str(exc)) from None
+    column = next((c for c in QUERY_COLUMNS if any(c in row for _, row in header_probe)), None)
+    if column is None:
+        raise _search_error(f"{path} line 1: missing column 'query' (or 'caption')")
+    root = os.path.abspath(video_root) if video_root else os.getcwd()
+    queries = []
+    for where, row in header_probe:
+        line = where.split(" ", 1)[1]
+        text = row.get(column)
+        if not text:
+            raise _search_error(f"{path} {line} column '{column}': empty value")
+        start, end = (_seconds(path, line, name, row.get(name)) for name in ("start", "end"))
+        if (start is None) != (end is None):
+            other = "end" if start is not None else "start"
+            raise _search_error(f"{path} {line} column '{other}': empty, but the other of start/end is given")
+        if start is not None and not start < end:
+            raise _search_error(f"{path} {line} column 'start': {start:g} is not before end {end:g}")
+        video = row["video"]
+        full = os.path.normpath(video if os.path.isabs(video) else os.path.join(root, video))
+        queries.append({"where": where, "line": line, "query": text, "video": video, "path": full,
+                        "start": start, "end": end})
+    return queries
+
+
+def _seconds(path, line, column, value):
+    if value is None or value == "":
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise _search_error(f"{path} {line} column '{column}': {value!r} is not a number (seconds)") from None
+    if not np.isfinite(seconds) or seconds < 0:
+        raise _search_error(f"{path} {line} column '{column}': {value!r} is not a time in seconds >= 0")
+    return seconds
+
+
+def _same_time(a, b) -> bool:
+    return a is not None and b is not None and abs(float(a) - float(b)) <= TIME_TOLERANCE
+
+
+def match_entries(queries: list[dict], entries: list[dict], queries_path: str, index_dir: str) -> list[int]:
+    """The index row of each query's relevant video: the entry of that path (whole-file entries carry no
+    start/end) or, for a query with start/end, the segment entry of that path and span."""
+    by_path: dict[str, list[int]] = {}
+    for row, e in enumerate(entries):
+        by_path.setdefault(os.path.normpath(e["path"]), []).append(row)
+    rows = []
+    for q in queries:
+        candidates = by_path.get(q["path"], [])
+        if not candidates:
+            raise _search_error(f"{queries_path} {q['line']} column 'video': {q['path']} is not in the index "
+                                f"{index_dir} (index it, or fix the path / --video_root)")
+        if q["start"] is None:
+            whole = [r for r in candidates if entries[r].get("start") is None]
+            if not whole:
+                raise _search_error(f"{queries_path} {q['line']} column 'video': the index holds {q['video']} only "
+                                    "as time-range segments; give the query's start and end")
+            rows.append(whole[0])
+            continue
+        span = [r for r in candidates if _same_time(entries[r].get("start"), q["start"])
+                and _same_time(entries[r].get("end"), q["end"])]
+        if not span:
+            held = [f"{entries[r]['start']:g}-{entries[r]['end']:g}" for r in candidates
+                    if entries[r].get("start") is not None]
+            what = f"its segments are {', '.join(held[:5])} s" if held else "it is indexed as a whole file only"
+            raise _search_error(f"{queries_path} {q['line']} column 'start': the span {q['start']:g}-{q['end']:g} s "
+                                f"of {q['video']} is not in the index ({what})")
+        rows.append(span[0])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ query bank
+def read_bank(path: str):
+    """The QB-norm bank: a list of texts, or an (n, D) float array of text features."""
+    if not os.path.isfile(path):
+        raise _search_error(f"--qb_norm query bank not found: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npy":
+        try:
+            feats = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise _search_error(f"--qb_norm {path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
+        if feats.ndim != 2 or feats.shape[0] == 0 or not np.issubdtype(feats.dtype, np.floating):
+            raise _search_error(f"--qb_norm {path}: expected float text features (n, D), got {feats.dtype} "
+                                f"{feats.shape}")
+        return feats.astype(np.float32)
+    if ext in (".csv", ".tsv", ".jsonl"):
+        from dataloaders.base import AnnotationError
+        from dataloaders.custom import read_table
+
+        try:
+            rows = read_table(path, required=())
+        except AnnotationError as exc:
+            raise _search_error(f"--qb_norm {exc}") from None
+        column = next((c for c in QUERY_COLUMNS if any(c in row for _, row in rows)), None)
+        if column is None:
+            raise _search_error(f"--qb_norm {path} line 1: missing column 'query' (or 'caption')")
+        texts = [row.get(column) for _, row in rows if row.get(column)]
+    else:
+        from dataloaders.base import AnnotationError, read_text
+
+        try:
+            texts = [t.strip() for t in read_text(path, "query bank").split("\n") if t.strip()]
+        except AnnotationError as exc:
+            raise _search_error(f"--qb_norm {exc}") from None
+    if not texts:
+        raise _search_error(f"--qb_norm {path}: the query bank is empty")
+    return texts
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def query_ranks(query_features: np.ndarray, index_features: np.ndarray, relevant: list[int]) -> np.ndarray:
+    """1-based rank of each query's relevant entry among all entries (cosine; ties as compute_ranks)."""
+    from modules.metrics import compute_ranks
+
+    sims = _normalised(query_features) @ _normalised(index_features).T
+    return compute_ranks(sims, np.asarray(relevant)) + 1
+
+
+def metrics(ranks: np.ndarray) -> dict:
+    from modules.metrics import metrics_from_ranks
+
+    m = metrics_from_ranks(np.asarray(ranks) - 1)
+    return {"R1": m["R1"], "R5": m["R5"], "R10": m["R10"], "median_rank": m["MR"], "mean_rank": m["MeanR"],
+            "queries": m["num_queries"]}
+
+
+def format_metrics(m: dict, label: str) -> str:
+    return (f"{label}: R@1 {m['R1']:.1f}  R@5 {m['R5']:.1f}  R@10 {m['R10']:.1f}  median rank "
+            f"{m['median_rank']:g}  mean rank {m['mean_rank']:.2f}  ({m['queries']} queries)")
+
+
+def qb_normalised_ranks(query_features, bank_features, index_features, relevant, scale: float, k: int,
+                        theta: float, beta: float) -> np.ndarray:
+    """1-based ranks after QB-norm of the (queries x entries) scores with the (bank x entries) scores, both
+    ``scale`` x cosine (main.py's similarity)."""
+    from modules.metrics import compute_ranks
+    from modules.qb_norm import qb_norm
+
+    gallery = _normalised(index_features).T
+    test = (scale * (_normalised(query_features) @ gallery)).astype(np.float32)
+    bank = (scale * (_normalised(bank_features) @ gallery)).astype(np.float32)
+    return compute_ranks(qb_norm(bank, test, k, beta, theta), np.asarray(relevant)) + 1
+
+
+def evaluate_index(index, queries: list[dict], relevant: list[int], bank=None, qb_k: int = 1,
+                   qb_theta: float = 3, qb_beta: float = 0.87, queries_path: str = "") -> dict:
+    """Ranks and metrics of ``queries`` on an opened :class:`~retrieval.index.VideoIndex` (with its model),
+    plus QB-norm ones with ``bank`` (texts or features)."""
+    texts = [q["query"] for q in queries]
+    query_feats = index.encode_texts(texts).numpy()
+    index_feats = index.features().float().numpy()
+    ranks = query_ranks(query_feats, index_feats, relevant)
+    result = {"metrics": metrics(ranks), "ranks": ranks, "qb_norm": None}
+    if bank is not None:
+        if isinstance(bank, np.ndarray):
+            if bank.shape[1] != query_feats.shape[1]:
+                raise _search_error(f"--qb_norm: the bank's features have {bank.shape[1]} dimensions, the model's "
+                                    f"{query_feats.shape[1]}")
+            if bank.shape == query_feats.shape and np.allclose(_normalised(bank), query_feats, atol=1e-4):
+                raise _search_error("--qb_norm: the bank holds the features of the evaluated queries; QB-norm needs "
+                                    "a bank of other queries")
+            bank_feats, size = bank, bank.shape[0]
+        else:
+            if set(bank) == set(texts):
+                raise _search_error(f"--qb_norm: the bank holds exactly the evaluated queries of {queries_path}; "
+                                    "QB-norm needs a bank of other queries")
+            bank_feats, size = index.encode_texts(bank).numpy(), len(bank)
+        scale = float(index.model.clip.logit_scale.exp()) if index.model is not None else 100.0
+        qb_ranks = qb_normalised_ranks(query_feats, bank_feats, index_feats, relevant, scale, qb_k, qb_theta,
+                                       qb_beta)
+        shared = len(set(bank) & set(texts)) if not isinstance(bank, np.ndarray) else 0
+        result["qb_norm"] = {"metrics": metrics(qb_ranks), "ranks": qb_ranks, "bank_size": size,
+                             "bank_queries_also_evaluated": shared, "k": qb_k, "theta": qb_theta, "beta": qb_beta}
+    return result
+
+
+def cmd_evaluate(args, load) -> int:
+    """The subcommand (``load(args, record)``: the CLI's model loader)."""
+    from retrieval.index import VideoIndex
+    from runtime.files import atomic_write_text
+
+    record = VideoIndex._read_meta(args.index)
+    queries = read_queries(args.queries, args.video_root)
+    bank = read_bank(args.qb_norm) if args.qb_norm else None
+    if args.qb_k < 1 or args.qb_theta <= 0:
+        raise _search_error("--qb_k must be >= 1 and --qb_theta > 0")
+    loaded = load(args, record)
+    index = VideoIndex.open(args.index, model=loaded.model, tokenizer=loaded.tokenizer,
+                            fingerprint=loaded.info["fingerprint"])
+    entries = index.entries
+    relevant = match_entries(queries, entries, args.queries, args.index)
+    result = evaluate_index(index, queries, relevant, bank, args.qb_k, args.qb_theta, args.qb_beta, args.queries)
+    print(format_metrics(result["metrics"], f"{args.queries} on {args.index} ({len(entries)} entries)"))
+    qb = result["qb_norm"]
+    if qb is not None:
+        if qb["bank_queries_also_evaluated"]:
+            print(f"note: {qb['bank_queries_also_evaluated']} query bank texts are also evaluated queries")
+        print(format_metrics(qb["metrics"], f"with QB-norm (bank of {qb['bank_size']}, beta {args.qb_beta:g})"))
+    if args.json:
+        per_query = []
+        for i, (q, row) in enumerate(zip(queries, relevant)):
+            item = {"row": q["where"], "query": q["query"], "video": q["video"], "path": entries[row]["path"],
+                    "rank": int(result["ranks"][i])}
+            if q["start"] is not None:
+                item.update(start=q["start"], end=q["end"])
+            if qb is not None:
+                item["rank_qb_norm"] = int(qb["ranks"][i])
+            per_query.append(item)
+        payload = {"index": os.path.abspath(args.index), "queries": os.path.abspath(args.queries),
+                   "entries": len(entries), "ranks": "1-based position of the query's video among all entries",
+                   "metrics": result["metrics"],
+                   "qb_norm": None if qb is None else {k: v for k, v in qb.items() if k != "ranks"},
+                   "per_query": per_query}
+        atomic_write_text(args.json, json.dumps(payload, indent=1) + "\n")
+        print(f"per-query ranks: {args.json}")
+    return 0

@@ -1,0 +1,183 @@
+"""search_videos.py evaluate: ranks of labelled queries against ranks computed by hand on a small index,
+QB-norm with a user's bank, time-range segment matching, and bad input (one line, exit 2, nothing touched)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from modules.qb_norm import qb_norm
+from retrieval import VideoIndex
+from retrieval.cli import main
+from retrieval.evaluate import match_entries
+from retrieval.model_io import SearchError
+from tests.search_fixtures import make_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(str(tmp_path_factory.mktemp("evaluate_world")))
+
+
+@pytest.fixture(scope="module")
+def index(world, tmp_path_factory):
+    loaded = world.model()
+    root = str(tmp_path_factory.mktemp("evaluate_index") / "idx")
+    VideoIndex.build(loaded.model, [world.videos], index_dir=root, tokenizer=loaded.tokenizer, precision="fp32",
+                     model_record=loaded.info, log=lambda *_: None)
+    return VideoIndex.open(root, model=loaded.model, tokenizer=loaded.tokenizer)
+
+
+def relative_video(world, entry) -> str:
+    return os.path.relpath(entry["path"], world.videos)
+
+
+def run_cli(argv, capsys):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def write_queries(path, rows, header=("query", "video")):
+    if str(path).endswith(".jsonl"):
+        path.write_text("".join(json.dumps(dict(zip(header, r))) + "\n" for r in rows), encoding="utf-8")
+    else:
+        path.write_text(",".join(header) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows),
+                        encoding="utf-8")
+    return path
+
+
+def hand_ranks(index, texts, relevant_paths):
+    """1-based rank of each query's video: 1 + entries scoring higher, + tied entries listed before it."""
+    q = index.encode_texts(texts).numpy().astype(np.float64)
+    feats = index.features().numpy().astype(np.float64)
+    paths = [e["path"] for e in index.entries]
+    ranks = []
+    for qi, path in enumerate(relevant_paths):
+        g = paths.index(path)
+        scores = [float(np.dot(q[qi], feats[j]) / np.linalg.norm(q[qi]) / np.linalg.norm(feats[j]))
+                  for j in range(len(paths))]
+        ranks.append(1 + sum(1 for j, s in enumerate(scores) if s > scores[g] or (s == scores[g] and j < g)))
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def labelled(world, index):
+    """Two queries per indexed video (a caption of its clip and of the next clip's, so some miss)."""
+    entries = index.entries
+    by_id = {s.video_id: s for s in world.specs}
+    rows = []
+    for k, e in enumerate(entries):
+        spec = by_id[os.path.splitext(os.path.basename(e["path"]))[0]]
+        other = by_id[os.path.splitext(os.path.basename(entries[(k + 1) % len(entries)]["path"]))[0]]
+        rows.append((spec.caption(0), relative_video(world, e)))
+        rows.append((other.caption(1), relative_video(world, e)))
+    return rows
+
+
+@pytest.mark.parametrize("ext", [".csv", ".jsonl"])
+def test_ranks_match_a_hand_computation(world, index, labelled, tmp_path, capsys, ext):
+    queries = write_queries(tmp_path / f"q{ext}", labelled)
+    out_json = tmp_path / "ranks.json"
+    code, out, err = run_cli(["evaluate", "--index", index.root, "--queries", queries, "--video_root", world.videos,
+                              "--json", out_json, *world.model_args()], capsys)
+    assert code == 0, err
+    expected = hand_ranks(index, [r[0] for r in labelled], [os.path.join(world.videos, r[1]) for r in labelled])
+    data = json.loads(out_json.read_text())
+    assert [q["rank"] for q in data["per_query"]] == expected
+    assert data["per_query"][3]["row"] == f"q{ext} line {5 if ext == '.csv' else 4}"
+    e = np.array(expected)
+    m = data["metrics"]
+    assert m["R1"] == pytest.approx(100 * np.mean(e <= 1)) and m["R5"] == pytest.approx(100 * np.mean(e <= 5))
+    assert m["median_rank"] == pytest.approx(np.median(e)) and m["mean_rank"] == pytest.approx(e.mean())
+    assert f"R@1 {100 * np.mean(e <= 1):.1f}" in out and f"median rank {np.median(e):g}" in out
+    assert 1 < max(expected)  # not a trivial case: some queries miss
+
+
+def test_qb_norm_with_a_user_bank(world, index, labelled, tmp_path, capsys):
+    queries = write_queries(tmp_path / "q.csv", labelled)
+    bank_texts = [s.caption(2) for s in world.specs] + [s.caption(0) + " again" for s in world.specs]
+    bank = tmp_path / "bank.txt"
+    bank.write_text("\n".join(bank_texts) + "\n", encoding="utf-8")
+    out_json = tmp_path / "qb.json"
+    args = ["evaluate", "--index", index.root, "--queries", queries, "--video_root", world.videos,
+            *world.model_args()]
+    code, out, err = run_cli([*args, "--qb_norm", bank, "--qb_theta", 1, "--qb_beta", 20, "--json", out_json],
+                             capsys)
+    assert code == 0, err
+    # by hand: QB-norm of the (queries x entries) scores with the (bank x entries) scores, 100 x cosine
+    scale = float(index.model.clip.logit_scale.exp())
+    feats = index.features().numpy()
+    q = index.encode_texts([r[0] for r in labelled]).numpy()
+    b = index.encode_texts(bank_texts).numpy()
+    normed = qb_norm((scale * b @ feats.T).astype(np.float32), (scale * q @ feats.T).astype(np.float32), 1, 20.0, 1)
+    paths = [e["path"] for e in index.entries]
+    gt = [paths.index(os.path.join(world.videos, r[1])) for r in labelled]
+    expected = [1 + int(np.sum(row > row[g]) + np.sum(row[:g] == row[g])) for row, g in zip(normed, gt)]
+    data = json.loads(out_json.read_text())
+    assert [p["rank_qb_norm"] for p in data["per_query"]] == expected
+    assert data["qb_norm"]["bank_size"] == len(bank_texts) and "with QB-norm (bank of 12" in out
+    assert expected != [p["rank"] for p in data["per_query"]]  # the normalisation changed something
+
+    # the evaluated queries as the bank: refused, as texts and as their features
+    same = tmp_path / "same.txt"
+    same.write_text("\n".join(r[0] for r in labelled) + "\n", encoding="utf-8")
+    code, _, err = run_cli([*args, "--qb_norm", same], capsys)
+    assert code == 2 and "the bank holds exactly the evaluated queries" in err
+    np.save(tmp_path / "same.npy", q)
+    code, _, err = run_cli([*args, "--qb_norm", tmp_path / "same.npy"], capsys)
+    assert code == 2 and "the bank holds the features of the evaluated queries" in err
+
+
+def test_segments_are_matched_by_path_and_span():
+    entries = [{"path": "/v/long.mp4", "start": 0.0, "end": 4.0}, {"path": "/v/long.mp4", "start": 4.0, "end": 8.0},
+               {"path": "/v/short.mp4"}]
+    queries = [{"line": "line 2", "video": "long.mp4", "path": "/v/long.mp4", "start": 4.0, "end": 8.0},
+               {"line": "line 3", "video": "short.mp4", "path": "/v/short.mp4", "start": None, "end": None},
+               {"line": "line 4", "video": "long.mp4", "path": "/v/long.mp4", "start": 0.0, "end": 4.0004}]
+    assert match_entries(queries, entries, "q.csv", "idx") == [1, 2, 0]
+    with pytest.raises(SearchError, match=r"q.csv line 5 column 'start': the span 2-6 s of long.mp4 is not in the "
+                                          r"index \(its segments are 0-4, 4-8 s\)"):
+        match_entries([{"line": "line 5", "video": "long.mp4", "path": "/v/long.mp4", "start": 2.0, "end": 6.0}],
+                      entries, "q.csv", "idx")
+    with pytest.raises(SearchError, match=r"q.csv line 6 column 'video': the index holds long.mp4 only as "
+                                          r"time-range segments"):
+        match_entries([{"line": "line 6", "video": "long.mp4", "path": "/v/long.mp4", "start": None, "end": None}],
+                      entries, "q.csv", "idx")
+
+
+BAD_QUERIES = [
+    ("missing column", "text,video\nhello,a.mp4\n", "q.csv line 1: missing column 'query' (or 'caption')"),
+    ("empty query", "query,video\n,{video}\n", "q.csv line 2 column 'query': empty value"),
+    ("unknown video", "query,video\nhello,nothere.mp4\n", "q.csv line 2 column 'video':"),
+    ("bad start", "query,video,start,end\nhello,{video},soon,4\n", "q.csv line 2 column 'start': 'soon' is not a number"),
+    ("start after end", "query,video,start,end\nhello,{video},5,4\n", "q.csv line 2 column 'start': 5 is not before"),
+]
+
+
+@pytest.mark.parametrize("name,text,message", BAD_QUERIES, ids=[b[0] for b in BAD_QUERIES])
+def test_bad_queries_one_line_and_the_earlier_json_untouched(world, index, labelled, tmp_path, capsys, name, text,
+                                                             message):
+    out_json = tmp_path / "ranks.json"
+    out_json.write_text('{"earlier": 1}\n')
+    queries = tmp_path / "q.csv"
+    queries.write_text(text.format(video=labelled[0][1]), encoding="utf-8")
+    code, _, err = run_cli(["evaluate", "--index", index.root, "--queries", queries, "--video_root", world.videos,
+                            "--json", out_json, *world.model_args()], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert out_json.read_text() == '{"earlier": 1}\n'
+
+
+def test_queries_file_extension_and_encoding(world, index, tmp_path, capsys):
+    args = ["--index", index.root, "--video_root", world.videos, *world.model_args()]
+    (tmp_path / "q.xlsx").write_text("query,video\n")
+    code, _, err = run_cli(["evaluate", "--queries", tmp_path / "q.xlsx", *args], capsys)
+    assert code == 2 and "unknown annotation file extension '.xlsx'" in err
+    (tmp_path / "l.csv").write_bytes("query,video\ncaf\u00e9,a.mp4\n".encode("latin-1"))
+    code, _, err = run_cli(["evaluate", "--queries", tmp_path / "l.csv", *args], capsys)
+    assert code == 2 and "l.csv line 2: not UTF-8" in err
