@@ -157,7 +157,7 @@ class FrameCache:
                                   f"with --resize_short_side 1")
         if size != self.size:
             raise FrameCacheError(f"{where}: built for {self.size} px frames but the model takes {size} px "
-                                  f"(--image_resolution)")
+                                  f"(the CLIP's input resolution); build it with --size {size}")
         if decoder != self.decoder:
             raise FrameCacheError(f"{where}: built from {self.decoder} decoding but this run decodes with "
                                   f"{decoder} (--video_decoder); their pixels may differ")
@@ -231,6 +231,11 @@ def open_frame_cache(directory: Optional[str], size: int, decoder: str,
     (a ValueError with one line) when it cannot serve this run."""
     if not directory:
         return None
-    cache = FrameCache(directory)
+    try:
+        cache = FrameCache(directory)
+    except FrameCacheError as exc:
+        raise FrameCacheError(f"--frame_cache: {exc}") from None
     cache.check_run(size, decoder, resize_short_side)
+    logger.info("frame cache %s: %d video(s), %s, %d px (%s decoding)", directory, len(cache), cache.encoding,
+                cache.size, cache.decoder)
     return cache

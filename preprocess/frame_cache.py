@@ -276,7 +276,7 @@ def parse_args(argv=None):
     p.add_argument("--frames", choices=FRAME_SETS, default="all",
                    help="all: every frame (training samples random frames); eval: the evaluation frames only")
     p.add_argument("--max_frames", type=int, default=12, help="frames per clip of the run (--frames eval)")
-    p.add_argument("--size", type=int, default=224, help="the model's input size (main.py --image_resolution)")
+    p.add_argument("--size", type=int, default=224, help="the model's input size: the CLIP's input resolution (224 for ViT-B/32 and B/16)")
     p.add_argument("--decoder", choices=DECODERS, default="decord", help="as main.py --video_decoder")
     p.add_argument("--encoding", choices=ENCODINGS, default="raw",
                    help="raw: uint8 pixels, bit-identical model input; jpeg: smaller, within the JPEG error")
