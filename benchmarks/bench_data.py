@@ -3,13 +3,17 @@
     python benchmarks/bench_data.py [--video_dir DIR] [--num_videos 24] [--seconds 10] [--keyint 3]
                                     [--rounds 7] [--pyav_threads 1]
     python benchmarks/bench_data.py --mode loader [--workers 0 1 2 4] [--frames 12 64] [--device cuda]
+                                    [--frame_cache 1]
     python benchmarks/bench_data.py --mode decoders
 
 ``--mode sampling`` (default) is described below. ``--mode loader`` measures what a training run gets
 from its DataLoader: videos/s with N workers, for 12 frames of 10 s clips and 64 frames of two-minute
 ActivityNet-like videos, for both decoders (``--video_decoder decord|pyav``), next to the videos/s of
 the model's evaluation forward (ViT-B/32 shape, random weights, on ``--device``) measured in the same
-run, so a reader sees whether the loader keeps the model fed. ``--mode decoders`` encodes B-frame-heavy
+run, so a reader sees whether the loader keeps the model fed; with ``--frame_cache 1`` (default) it also
+builds raw and JPEG frame caches of the 12-frame clips (``python -m preprocess.frame_cache``), reports
+their size per 1,000 clips and build speed, times the loader reading them, and prints how many cores of
+loading a GPU needs at the training and evaluation rates measured on an H100 (README.md). ``--mode decoders`` encodes B-frame-heavy
 (open and closed GOP) and variable-frame-rate files with ffmpeg and compares decord's frames with
 PyAV's: frame counts, frame rates, a sequential decode, and the sparse reads the loader makes.
 
@@ -212,19 +216,20 @@ def report(name, paths, methods, wall, cpu, max_frames):
 class ClipSet(torch.utils.data.Dataset):
     """Training-sampled model inputs of a list of files, as a DataLoader worker produces them."""
 
-    def __init__(self, paths, max_frames, decoder):
-        self.paths, self.max_frames, self.decoder = paths, max_frames, decoder
+    def __init__(self, paths, max_frames, decoder, frame_cache=None):
+        self.paths, self.max_frames, self.decoder, self.frame_cache = paths, max_frames, decoder, frame_cache
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return load_video(self.paths[i], self.max_frames, SIZE, train=True, decoder=self.decoder)[:2]
+        return load_video(self.paths[i], self.max_frames, SIZE, train=True, decoder=self.decoder,
+                          frame_cache=self.frame_cache)[:2]
 
 
-def loader_videos_per_s(paths, max_frames, decoder, workers, batch, epochs) -> float:
+def loader_videos_per_s(paths, max_frames, decoder, workers, batch, epochs, frame_cache=None) -> float:
     """Videos/s over ``epochs`` passes after a warm-up pass (worker start-up excluded)."""
-    loader = torch.utils.data.DataLoader(ClipSet(paths, max_frames, decoder), batch_size=batch,
+    loader = torch.utils.data.DataLoader(ClipSet(paths, max_frames, decoder, frame_cache), batch_size=batch,
                                          num_workers=workers, persistent_workers=workers > 0, shuffle=True)
     for _ in loader:  # warm-up: workers start, files enter the page cache
         pass
@@ -233,6 +238,48 @@ def loader_videos_per_s(paths, max_frames, decoder, workers, batch, epochs) -> f
         for _ in loader:
             pass
     return epochs * len(paths) / (time.perf_counter() - t0)
+
+
+def clips_per_cpu_second(paths, max_frames, decoder, frame_cache=None, rounds=3) -> float:
+    """Training-sampled clips per second of CPU time of this process (one compute thread; decord's
+    decoder thread counted): what one fully busy core yields, whatever else shares the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = float("inf")
+        for r in range(rounds + 1):
+            t0 = time.process_time()
+            for p in paths:
+                load_video(p, max_frames, SIZE, train=True, decoder=decoder, frame_cache=frame_cache)
+            if r:  # the first pass warms the page cache
+                best = min(best, time.process_time() - t0)
+        return len(paths) / best
+    finally:
+        torch.set_num_threads(threads)
+
+
+# The model's clips/s on a GPU, from the measurements in README.md (H100, ViT-B/32, 12 frames, batch 128):
+# the training step (AMP) takes 0.251 s; evaluation encodes 335 videos/s in fp32 and 1403 in bf16.
+GPU_REFERENCE = {"H100 B/32 AMP training step, batch 128": 128 / 0.251,
+                 "H100 B/32 evaluation, fp32": 335.0, "H100 B/32 evaluation, bf16": 1403.0}
+
+
+def build_caches(tmp, paths, max_frames):
+    """Raw and JPEG frame caches of ``paths`` (every frame, as training needs): {name: (FrameCache, build
+    s, bytes)}; built in this process on one core (one decoder thread)."""
+    from dataloaders.frame_cache import FrameCache
+    from preprocess.frame_cache import build_frame_cache
+
+    caches = {}
+    for name, encoding in (("cache-raw", "raw"), ("cache-jpeg", "jpeg")):
+        out = os.path.join(tmp, name)
+        t0 = time.process_time()
+        build_frame_cache(out, paths, frames="all", max_frames=max_frames, size=SIZE, encoding=encoding,
+                          quality=90, log=None)
+        cpu_s = time.process_time() - t0
+        size = sum(os.path.getsize(os.path.join(out, "shards", f)) for f in os.listdir(os.path.join(out, "shards")))
+        caches[name] = (FrameCache(out), cpu_s, size)
+    return caches
 
 
 def model_videos_per_s(max_frames, device, batch, layers, reps=3) -> float:
@@ -275,22 +322,43 @@ def run_loader(a) -> int:
                   f"{f', keyframe every {keyint} frames' if keyint else ', x264 default GOP'}")
         print(f"encoded in {time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs; DataLoader batch {a.batch}, "
               f"{a.epochs} timed passes after a warm-up pass")
+        caches = {}
+        if a.frame_cache:
+            frames = min(a.frames)
+            caches = build_caches(tmp, files[frames], frames)
+            print(f"\nframe cache of the {a.num_videos} {frames}-frame clips (every frame, {SIZE} px; size per "
+                  f"1,000 clips extrapolated from these {a.num_videos}):")
+            for name, (_, cpu_s, size) in caches.items():
+                print(f"  {name:>10s}: {size / a.num_videos / 2**20:6.2f} MiB/clip = "
+                      f"{size / a.num_videos * 1000 / 2**30:6.2f} GiB per 1,000 clips; built at "
+                      f"{a.num_videos / cpu_s:5.1f} clips/s per core (CPU time)")
+        frames = min(a.frames)
+        sources = [(d, d, None) for d in decoders] + [(name, "decord", c) for name, (c, _, _) in caches.items()]
+        per_core = {label: clips_per_cpu_second(files[frames], frames, decoder, cache, a.rounds_cpu)
+                    for label, decoder, cache in sources}
+        print(f"\nclips/s per core at {frames} frames (training sampling, one process, one thread, in CPU time, "
+              f"best of {a.rounds_cpu} passes): " + ", ".join(f"{k} {v:.1f}" for k, v in per_core.items()))
         model = {}
         if a.model_layers:
-            for frames in a.frames:
-                model[frames] = model_videos_per_s(frames, a.device, a.model_batch, a.model_layers)
-        print(f"\n  {'frames':>6s} {'decoder':>7s} {'workers':>7s} {'videos/s':>9s} {'model videos/s':>15s} "
-              f"{'loader/model':>12s}")
-        for frames in a.frames:
-            for decoder in decoders:
+            for f in a.frames:
+                model[f] = model_videos_per_s(f, a.device, a.model_batch, a.model_layers)
+        print(f"\n  {'frames':>6s} {'source':>10s} {'workers':>7s} {'clips/s':>8s} "
+              f"{'model clips/s':>13s} {'loader/model':>12s}")
+        for f in a.frames:
+            for label, decoder, cache in (sources if f == frames else sources[:len(decoders)]):
                 for workers in a.workers:
-                    v = loader_videos_per_s(files[frames], frames, decoder, workers, a.batch, a.epochs)
-                    m = model.get(frames)
-                    print(f"  {frames:6d} {decoder:>7s} {workers:7d} {v:9.1f} "
-                          f"{(f'{m:.1f}' if m else '-'):>15s} {(f'{v / m:.2f}x' if m else '-'):>12s}", flush=True)
+                    v = loader_videos_per_s(files[f], f, decoder, workers, a.batch, a.epochs, cache)
+                    m = model.get(f)
+                    print(f"  {f:6d} {label:>10s} {workers:7d} {v:8.1f} "
+                          f"{(f'{m:.1f}' if m else '-'):>13s} {(f'{v / m:.2f}x' if m else '-'):>12s}", flush=True)
     if a.model_layers:
-        print(f"\nmodel: DGL evaluation forward, ViT-B/32 shape with {a.model_layers} layers, 224 px, batch "
+        print(f"\nmodel here: DGL evaluation forward, ViT-B/32 shape with {a.model_layers} layers, 224 px, batch "
               f"{a.model_batch}, fp32, on {a.device}; loader/model >= 1 means the loader keeps up")
+    print(f"\ncores of loading one GPU needs at {frames} frames (GPU clips/s from README.md's H100 figures / "
+          f"clips/s per core above):")
+    print(f"  {'GPU workload':>40s} {'clips/s':>8s} " + " ".join(f"{label:>10s}" for label in per_core))
+    for name, rate in GPU_REFERENCE.items():
+        print(f"  {name:>40s} {rate:8.0f} " + " ".join(f"{rate / v:10.1f}" for v in per_core.values()))
     return 0
 
 
@@ -472,6 +540,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model_batch", type=int, default=2, help="loader: model batch")
     ap.add_argument("--device", default="cpu", help="loader: device of the model forward")
     ap.add_argument("--trials", type=int, default=10, help="decoders: random sparse reads per file")
+    ap.add_argument("--rounds_cpu", type=int, default=3, help="loader: timed passes of the per-core measurement")
+    ap.add_argument("--frame_cache", type=int, default=1, choices=[0, 1],
+                    help="loader: also build raw and JPEG frame caches of the shortest clips and time them")
     a = ap.parse_args(argv)
     if a.mode == "sampling":
         torch.set_num_threads(1)

@@ -9,10 +9,12 @@
 All three are checked to give the same features and prompt gradients before timing. A plain CLIP
 image forward over the same frames gives the cost of the prompt tokens themselves.
 
-Ours runs twice: with PyTorch's defaults ("default": MKL fp32 products, PyTorch's attention choice,
-bf16 by autocast alone) and with the CPU settings main.py chooses at start-up ("tuned", runtime/cpu.py:
+Ours runs three times: with PyTorch's defaults ("default": MKL fp32 products, PyTorch's attention choice,
+bf16 by autocast alone), with the CPU settings main.py applies at start-up ("tuned", runtime/cpu.py:
 oneDNN fp32 products where exact and faster, the measured attention backend, the frozen backbone stored
-in bf16). The tuned results are checked against the default ones first.
+in bf16), and through the library call a Python API user makes ("api": ``modules.backends.tune(model,
+device, precision)`` and its ``autocast()`` / ``inference()`` context). The tuned results are checked
+against the default ones first.
 
 The limit: this machine's best matrix-product rate per precision is measured first (fp32 through MKL
 and through oneDNN - the latter only where it is exact - and bf16), the FLOPs of a training step and
@@ -53,7 +55,7 @@ from modules.dgl import DGL, DGLConfig, contrastive_loss  # noqa: E402
 from modules import backends as cpu  # noqa: E402
 
 IMPLS = ("ours", "published", "loop")
-SETUPS = ("default", "tuned")
+SETUPS = ("default", "tuned", "api")
 
 
 def per_frame_loop_block(block, x, num_global, num_frames, key_padding_mask=None):
@@ -171,16 +173,25 @@ def training_loss(model: DGL, impl: str, ids, video, mask) -> torch.Tensor:
 
 
 def tune(args, model: DGL, mode: str):
-    """The CPU settings main.py chooses (runtime/cpu.py); returns the attention context to time under."""
+    """The CPU settings main.py applies at start-up (runtime.cpu.apply_cpu_settings, for --precision);
+    returns the attention context to time under."""
     if not args.device.startswith("cpu"):
         return contextlib.nullcontext(), "not on CPU: PyTorch's defaults"
-    fp32 = cpu.choose_fp32_path()
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    eval_b, train_b, _ = cpu.choose_attention(cpu.local_attention_shape(model, args.frames), dtype)
-    backends = train_b if mode == "train" else eval_b
-    if args.precision == "bf16":
-        cpu.store_backbone_in_bf16(model)
-    return cpu.backends_context(backends), f"{fp32.describe()}; attention {cpu.backend_name(backends)}"
+    from runtime.cpu import apply_cpu_settings
+    from runtime.precision import Precision
+
+    precision = Precision(args.precision, torch.device(args.device))
+    flags = argparse.Namespace(threads=args.threads, num_thread_reader=0, device="cpu", gpu=None, cpu_tuning=1)
+    apply_cpu_settings(flags, torch.device(args.device), model, precision)
+    backends = precision.train_attention if mode == "train" else precision.eval_attention
+    return cpu.backends_context(backends), f"{cpu.choose_fp32_path().describe()}; attention {cpu.backend_name(backends)}"
+
+
+def tune_api(args, model: DGL, mode: str):
+    """The library call: modules.backends.tune(model, device, precision) and its context."""
+    tuning = cpu.tune(model, args.device, args.precision)
+    context = tuning.autocast() if mode == "train" else tuning.inference()
+    return context, "; ".join(tuning.describe()) or "PyTorch's defaults"
 
 
 def run_worker(args) -> dict:
@@ -192,6 +203,8 @@ def run_worker(args) -> dict:
     _, encode_video = encoders(model, args.impl)
     if args.setup == "tuned":
         attention, note = tune(args, model, args.mode)
+    elif args.setup == "api":
+        attention, note = tune_api(args, model, args.mode)
     else:
         attention, note = contextlib.nullcontext(), "PyTorch's defaults"
         if args.device.startswith("cpu"):  # the same start-up measurements, not applied (same allocator history)
@@ -398,8 +411,8 @@ def main():
     results = {config: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for config, rs in runs.items()}
     print(f"(medians over {args.rounds} round(s) of {args.repeats} timed repeats each)")
     for config, note in notes.items():
-        if config[3] == "tuned" and config[1] != "clip":
-            print(f"tuned {config[0]} {config[1]}: {note}")
+        if config[3] in ("tuned", "api") and config[1] != "clip":
+            print(f"{config[3]} {config[0]} {config[1]}: {note}")
 
     header = (f"{'precision':9} {'measure':36} {'seconds':>8} {'frames/s':>9} {'GFLOP/s':>8} "
               f"{'of limit':>8} {'peak MB':>8}")
@@ -420,13 +433,16 @@ def main():
     def ratio(slow, fast):
         return results[slow]["seconds"] / results[fast]["seconds"]
 
-    best = setups[-1]
+    best = "tuned" if "tuned" in setups else setups[-1]
     for precision in precisions:
         if len(setups) > 1:
             print(f"{precision}: ours tuned vs ours default: train step "
                   f"{ratio((precision, 'train', 'ours', 'default'), (precision, 'train', 'ours', 'tuned')):.2f}x "
                   f"faster, eval forward "
                   f"{ratio((precision, 'eval', 'ours', 'default'), (precision, 'eval', 'ours', 'tuned')):.2f}x faster")
+            print(f"{precision}: ours api (modules.backends.tune) / ours tuned (main.py) time: train step "
+                  f"{ratio((precision, 'train', 'ours', 'api'), (precision, 'train', 'ours', 'tuned')):.3f}, eval "
+                  f"forward {ratio((precision, 'eval', 'ours', 'api'), (precision, 'eval', 'ours', 'tuned')):.3f}")
         for impl in impls[1:]:
             print(f"{precision}: ours ({best}) vs {impl}: train step "
                   f"{ratio((precision, 'train', impl, 'default'), (precision, 'train', 'ours', best)):.2f}x "

@@ -14,6 +14,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from .frame_cache import open_frame_cache
 from .video import FRAME_ORDERS, VideoDecodeError, load_video, video_options
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,10 @@ class VideoTextDataset(Dataset):
         self.image_resolution = int(get_option(args, "image_resolution", 224))
         self.skip_bad_videos = bool(get_option(args, "skip_bad_videos", False))
         self.video_options = video_options(args)  # --resize_short_side, --video_decoder
+        # --frame_cache: decoded, cropped frames read from memory-mapped shards where the cache holds them
+        self.video_options["frame_cache"] = open_frame_cache(
+            get_option(args, "frame_cache", None), self.image_resolution, self.video_options["decoder"],
+            self.video_options["resize_short_side"])
         # accepted for compatibility: the published DGL decoder samples segments of the whole clip and
         # ignores both (videos are pre-encoded at 3 fps).
         self.feature_framerate = float(get_option(args, "feature_framerate", 1.0))

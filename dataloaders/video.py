@@ -276,27 +276,61 @@ def _decode_pyav(path: str, plan: FramePlan) -> tuple[torch.Tensor, list[int], l
     return decoded, wanted, order, num_valid, len(frames), fps
 
 
+class _RememberedPlan:
+    """A frame plan drawn at most once per (num_frames, fps, listed_frames): the frame cache and, when it
+    cannot serve a clip, the decoder then ask for the same plan without drawing the random offsets again
+    (the run's random stream is the same with and without a cache)."""
+
+    def __init__(self, plan: FramePlan):
+        self.plan = plan
+        self.made: dict = {}
+
+    def __call__(self, num_frames: int, fps: float, listed_frames: int = 0) -> tuple:
+        key = (num_frames, fps, listed_frames)
+        if key not in self.made:
+            self.made[key] = self.plan(num_frames, fps, listed_frames=listed_frames)
+        return self.made[key]
+
+
+def decode_planned(path: str, plan: FramePlan, decoder: str = "decord",
+                   num_threads: int = 1) -> tuple[torch.Tensor, list[int], list[int], int, int, float]:
+    """Decode the frames a plan asks for: ``(decoded uint8 (U, H, W, 3), wanted (the U sorted distinct
+    indices), order, num_valid, num_frames, fps)``. ``plan(num_frames, fps, listed_frames=)`` returns the
+    absolute indices in output order and the number of real frames (see :func:`read_unique_frames`)."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder == "pyav":
+        out = _decode_pyav(path, plan)
+    else:
+        out = _decode_decord(path, plan, num_threads)
+    decoded, wanted = out[0], out[1]
+    if decoded.ndim != 4 or decoded.shape[0] != len(wanted) or decoded.shape[-1] != 3:
+        raise VideoDecodeError(path, f"decoder returned an array of shape {tuple(decoded.shape)}")
+    return out
+
+
 def read_unique_frames(path: str, max_frames: int, train: bool, start: Optional[float] = None,
                        end: Optional[float] = None, frame_order: int = FRAME_ORDER_NORMAL,
                        generator: Optional[torch.Generator] = None, num_threads: int = 1,
-                       decoder: str = "decord") -> DecodedFrames:
+                       decoder: str = "decord", frame_cache=None) -> DecodedFrames:
     """Decode each sampled frame once, in file order.
 
     Returns :class:`DecodedFrames`: ``decoded`` uint8 ``(U, H, W, 3)`` (the ``U`` distinct sampled frames,
     ascending), ``take`` (``max_frames`` positions into ``decoded`` giving the output order, padding
     included), ``mask`` int64 ``(max_frames,)`` and the file's :class:`VideoInfo`. ``decoder``: ``"decord"`` (sparse: one ``get_batch`` of the
     sorted distinct indices) or ``"pyav"`` (decode everything, as published).
+    ``frame_cache`` (a :class:`dataloaders.frame_cache.FrameCache`): the frames come from it when it holds
+    them for this unchanged file (already cropped to the model's input size), else from the file.
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     plan = functools.partial(_sampled_indices, max_frames=max_frames, train=train, start=start, end=end,
                              frame_order=frame_order, generator=generator)
-    if decoder == "pyav":
-        decoded, wanted, order, num_valid, num_frames, fps = _decode_pyav(path, plan)
-    else:
-        decoded, wanted, order, num_valid, num_frames, fps = _decode_decord(path, plan, num_threads)
-    if decoded.ndim != 4 or decoded.shape[0] != len(wanted) or decoded.shape[-1] != 3:
-        raise VideoDecodeError(path, f"decoder returned an array of shape {tuple(decoded.shape)}")
+    found = None
+    if frame_cache is not None:
+        plan = _RememberedPlan(plan)
+        found = frame_cache.read(path, plan)
+    decoded, wanted, order, num_valid, num_frames, fps = found or decode_planned(path, plan, decoder, num_threads)
     pos = {idx: k for k, idx in enumerate(wanted)}
     mask = torch.zeros(max_frames, dtype=torch.long)
     mask[:num_valid] = 1
@@ -396,13 +430,16 @@ def video_options(args) -> dict:
 def load_video(path: str, max_frames: int, size: int, train: bool, start: Optional[float] = None,
                end: Optional[float] = None, frame_order: int = FRAME_ORDER_NORMAL,
                generator: Optional[torch.Generator] = None, resize_short_side: bool = False,
-               decoder: str = "decord") -> VideoClip:
+               decoder: str = "decord", frame_cache=None) -> VideoClip:
     """Sampled frames as the model input, with what the decoder learnt of the file: :class:`VideoClip`
     ``(video float (T, 3, size, size), mask (T,), info)``.
 
     Each distinct sampled frame is decoded, cropped and normalised once; the output order (and the
-    padding of short videos) is applied to the normalised frames.
+    padding of short videos) is applied to the normalised frames. ``frame_cache``: see
+    :func:`read_unique_frames`; its frames are already cropped, so the model input is the same bit for bit.
     """
+    if frame_cache is not None and resize_short_side:
+        raise ValueError("a frame cache holds frames cropped without resizing: it cannot serve resize_short_side")
     decoded, take, mask, info = read_unique_frames(path, max_frames, train, start, end, frame_order, generator,
-                                                   decoder=decoder)
+                                                   decoder=decoder, frame_cache=frame_cache)
     return VideoClip(_gather(normalize_frames(decoded, size, resize_short_side), take), mask, info)

@@ -13,6 +13,15 @@
   would cast to bf16 anyway are stored so, which gives the same numbers as plain bf16 autocast. The
   fp32 values are kept: checkpoints still hold them, and loading a checkpoint updates them.
 
+For a user of the Python API, :func:`tune` makes the same choices ``main.py`` makes at start-up, for a
+model, a device and a precision, and returns a :class:`Tuning` whose contexts compute under them and
+whose ``restore()`` undoes them (``runtime.cpu`` calls it for ``main.py`` and ``search_videos.py``)::
+
+    tuning = modules.backends.tune(model, device="cpu", precision="bf16")
+    with torch.no_grad(), tuning.inference():
+        video_features = model.encode_video(video, mask)
+    tuning.restore()  # or: with modules.backends.tune(model) as tuning: ...
+
 Nothing here runs at import. Every setting is process-global; ``restore()`` undoes them.
 """
 from __future__ import annotations
@@ -49,11 +58,11 @@ MATH_MIN_SPEEDUP = 1.5
 _undo: list = []  # callables that restore what this module changed, newest last
 
 
-def set_threads(threads: int) -> None:
+def set_threads(threads: int, undo: list | None = None) -> None:
     before = torch.get_num_threads()
     if threads != before:
         torch.set_num_threads(threads)
-        _undo.append(lambda: torch.set_num_threads(before))
+        (_undo if undo is None else undo).append(lambda: torch.set_num_threads(before))
 
 
 def _best_time(fn, repeats: int = 3) -> float:
@@ -165,14 +174,14 @@ def _cached_fp32_check(threads: int) -> Fp32Check:
     return check_onednn_fp32()
 
 
-def choose_fp32_path() -> Fp32Check:
+def choose_fp32_path(undo: list | None = None) -> Fp32Check:
     """Check oneDNN (once per process and thread count) and route fp32 products there if it pays."""
     check = _cached_fp32_check(torch.get_num_threads())
     if check.use_onednn:
         matmul = torch.backends.mkldnn.matmul
         before = matmul.fp32_precision
         matmul.fp32_precision = "bf16"
-        _undo.append(lambda: setattr(matmul, "fp32_precision", before))
+        (_undo if undo is None else undo).append(lambda: setattr(matmul, "fp32_precision", before))
     return check
 
 
@@ -327,10 +336,10 @@ class Bf16Backbone:
         return len(self.targets)
 
 
-def store_backbone_in_bf16(model) -> Bf16Backbone:
+def store_backbone_in_bf16(model, undo: list | None = None) -> Bf16Backbone:
     """Store ``model.clip``'s frozen matrices in bf16 (until ``restore()``)."""
     stored = Bf16Backbone(model.clip)
-    _undo.append(stored.restore)
+    (_undo if undo is None else undo).append(stored.restore)
     return stored
 
 
@@ -364,3 +373,109 @@ def restore() -> None:
     """Undo every process-global setting made here (newest first)."""
     while _undo:
         _undo.pop()()
+
+
+# ------------------------------------------------------------------------------------------ the library call
+PRECISIONS = {"fp32": (None, None), "bf16": (torch.bfloat16, torch.bfloat16)}
+
+
+class Tuning:
+    """The kernel choices made for one model on one device (see :func:`tune`).
+
+    ``autocast()``: the training forward (and the backward it records) under the training dtype and
+    attention backend; ``inference()``: encoding under the evaluation ones. ``restore()`` undoes every
+    setting made (threads, fp32 product path, bf16 storage), newest first; also on leaving ``with``.
+    """
+
+    def __init__(self, device: torch.device, train_dtype, eval_dtype, eval_text_dtype=None):
+        self.device = device
+        self.train_dtype, self.eval_dtype = train_dtype, eval_dtype
+        self.eval_text_dtype = eval_dtype if eval_text_dtype is None else eval_text_dtype
+        self.fp32: Fp32Check | None = None
+        self.train_attention: list | None = None  # None: PyTorch's choice
+        self.eval_attention: list | None = None
+        self.attention_shape: tuple | None = None
+        self.bf16_backbone: Bf16Backbone | None = None
+        self._undo: list = []
+
+    def _context(self, dtype, backends):
+        stack = contextlib.ExitStack()
+        if dtype is not None:
+            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=dtype))
+        stack.enter_context(backends_context(backends))
+        return stack
+
+    def autocast(self):
+        """Training forward and backward."""
+        return self._context(self.train_dtype, self.train_attention)
+
+    def inference(self):
+        """Encoding videos (and texts) for retrieval."""
+        return self._context(self.eval_dtype, self.eval_attention)
+
+    def describe(self) -> list[str]:
+        lines = []
+        if self.fp32 is not None:
+            lines.append(self.fp32.describe())
+        if self.attention_shape is not None:
+            lines.append(f"attention backend (measured on {'x'.join(map(str, self.attention_shape))}): "
+                         f"evaluation {backend_name(self.eval_attention)}, training {backend_name(self.train_attention)}")
+        if self.bf16_backbone is not None:
+            lines.append(f"bf16: {len(self.bf16_backbone)} frozen backbone tensors stored in bf16 "
+                         f"(checkpoints keep them in fp32)")
+        return lines
+
+    def restore(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def __enter__(self) -> "Tuning":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def tune_dtypes(model, device, train_dtype=None, eval_dtype=None, eval_text_dtype=None,
+                threads: int | None = None, until_restore: bool = False, pick_attention: bool = True) -> Tuning:
+    """:func:`tune` for given autocast dtypes (None: fp32) of training, video and text encoding; what
+    ``runtime.cpu`` calls with the dtypes of ``--precision`` / ``--eval_precision``. ``until_restore``:
+    the module's ``restore()`` also undoes this tuning. ``pick_attention=False``: leave the attention
+    backend to the caller (``--attention_backend math|flash``)."""
+    device = torch.device(device)
+    tuning = Tuning(device, train_dtype, eval_dtype, eval_text_dtype)
+    if until_restore:
+        _undo.append(tuning.restore)
+    if threads is not None:
+        set_threads(threads, tuning._undo)
+    if device.type != "cpu":
+        return tuning
+    tuning.fp32 = choose_fp32_path(tuning._undo)
+    if hasattr(model, "clip") and hasattr(model, "config"):  # a DGL model
+        if pick_attention:
+            fp32 = torch.float32
+            shape = local_attention_shape(model)
+            eval_b, train_b, _ = choose_attention(shape, eval_dtype or fp32)
+            if (train_dtype or fp32) != (eval_dtype or fp32):
+                _, train_b, _ = choose_attention(shape, train_dtype or fp32)
+            tuning.attention_shape, tuning.eval_attention, tuning.train_attention = shape, eval_b, train_b
+        # only when every use of the backbone runs under bf16 autocast: same numbers as autocast alone
+        if train_dtype == eval_dtype == tuning.eval_text_dtype == torch.bfloat16:
+            tuning.bf16_backbone = store_backbone_in_bf16(model, tuning._undo)
+    return tuning
+
+
+def tune(model, device: torch.device | str = "cpu", precision: str = "fp32", threads: int | None = None) -> Tuning:
+    """Apply ``main.py``'s kernel choices for ``model`` on ``device`` in ``precision`` ("fp32" or "bf16").
+
+    On CPU: fp32 products through oneDNN where a check against float64 shows them exact and a timing
+    faster; the attention backend measured on the model's attention shape for training and evaluation;
+    with "bf16", the frozen backbone's matrices stored in bf16 (the results of bf16 autocast alone).
+    fp32 results are unchanged (to rounding, 1e-5). On other devices only the autocast dtype is set.
+    ``threads``: torch compute threads (default: unchanged). Takes about a second (measurements, cached
+    per process). Compute under ``tuning.inference()`` / ``tuning.autocast()``; ``tuning.restore()`` undoes.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    train_dtype, eval_dtype = PRECISIONS[precision]
+    return tune_dtypes(model, device, train_dtype, eval_dtype, threads=threads)

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modules.backends import (EMULATED_BF16, backend_name, backends_from_name, bf16_speedup, choose_attention,
-                              choose_fp32_path, local_attention_shape, restore, set_threads, store_backbone_in_bf16)
+from modules.backends import EMULATED_BF16, backends_from_name, bf16_speedup, restore, set_threads, tune_dtypes
 from runtime.logs import LOGGER_NAME
 from runtime.precision import Precision
 
@@ -89,14 +88,10 @@ def resolve_core_split(args) -> CoreSplit:
     return split
 
 
-# ------------------------------------------------------------------------------------------ timing
-# ------------------------------------------------------------------------------------------ fp32 products
-# ------------------------------------------------------------------------------------------ attention
-# ------------------------------------------------------------------------------------------ bf16 storage
-# ------------------------------------------------------------------------------------------ bf16 rate
 # ------------------------------------------------------------------------------------------ a run
 def apply_cpu_settings(args, device: torch.device, model, precision) -> None:
-    """Threads, fp32 product path, attention backends and bf16 storage for a run of main.py; logs each.
+    """Threads, then on CPU ``modules.backends.tune_dtypes`` (fp32 product path, attention backends, bf16
+    storage) for the dtypes of ``precision``, for a run of main.py; logs each.
 
     ``precision`` (runtime.precision.Precision) gets the attention backends to use.
     """
@@ -113,34 +108,14 @@ def apply_cpu_settings(args, device: torch.device, model, precision) -> None:
         log.info("CPU tuning off (--cpu_tuning 0): MKL fp32 products, %s, bf16 by autocast alone",
                  "PyTorch's attention choice" if forced == "auto" else f"{forced} attention")
         return
-    log.info(choose_fp32_path().describe())
-    if hasattr(model, "clip") and hasattr(model, "config"):  # a DGL model
-        if forced == "auto":
-            _set_attention_backends(model, precision)
-        _store_backbone_if_always_bf16(model, precision)
-    _warn_if_bf16_is_slow(precision)
-
-
-def _set_attention_backends(model, precision) -> None:
-    fp32, bf16 = torch.float32, torch.bfloat16
-    train_dtype = bf16 if precision.dtype == bf16 else fp32
-    eval_dtype = precision.eval_video_dtype or fp32
-    shape = local_attention_shape(model)
-    eval_b, train_b, _ = choose_attention(shape, eval_dtype)
-    if train_dtype != eval_dtype:
-        _, train_b, _ = choose_attention(shape, train_dtype)
-    precision.eval_attention, precision.train_attention = eval_b, train_b
-    log.info("attention backend (measured on %s): evaluation %s, training %s", "x".join(map(str, shape)),
-             backend_name(eval_b), backend_name(train_b))
-
-
-def _store_backbone_if_always_bf16(model, precision) -> None:
-    """Only when every use of the backbone runs under bf16 autocast (not with --eval_precision fp32,
-    nor with --precision amp, which evaluates in fp32)."""
     bf16 = torch.bfloat16
-    if precision.dtype == bf16 and precision.eval_video_dtype == bf16 and precision.eval_text_dtype == bf16:
-        stored = store_backbone_in_bf16(model)
-        log.info("bf16: %d frozen backbone tensors stored in bf16 (checkpoints keep them in fp32)", len(stored))
+    tuning = tune_dtypes(model, device, bf16 if precision.dtype == bf16 else None, precision.eval_video_dtype,
+                         precision.eval_text_dtype, until_restore=True, pick_attention=forced == "auto")
+    for line in tuning.describe():
+        log.info("%s", line)
+    if tuning.attention_shape is not None:
+        precision.eval_attention, precision.train_attention = tuning.eval_attention, tuning.train_attention
+    _warn_if_bf16_is_slow(precision)
 
 
 def _warn_if_bf16_is_slow(precision) -> None:

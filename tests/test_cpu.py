@@ -239,3 +239,87 @@ def test_inference_settings_for_encoding_tools():
     with torch.no_grad(), precision.eval_video_autocast():
         got = model.encode_video(video, mask)
     torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ the library call
+GLOBALS_SNAPSHOT = """
+import json, torch
+def snapshot():
+    m = torch.backends.mkldnn
+    return {"threads": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
+            "mkldnn_matmul": m.matmul.fp32_precision, "mkldnn": m.enabled,
+            "matmul_precision": torch.get_float32_matmul_precision(), "grad": torch.is_grad_enabled(),
+            "dtype": str(torch.get_default_dtype()), "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "autocast": torch.is_autocast_enabled("cpu"), "flash": torch.backends.cuda.flash_sdp_enabled(),
+            "math": torch.backends.cuda.math_sdp_enabled(), "mem": torch.backends.cuda.mem_efficient_sdp_enabled(),
+            "cudnn": torch.backends.cudnn.enabled}
+"""
+
+
+def test_importing_modules_changes_no_torch_setting():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    names = sorted(p.stem for p in (repo / "modules").glob("*.py") if p.stem != "__init__")
+    code = GLOBALS_SNAPSHOT + (
+        "before = snapshot()\nimport modules\n" + "".join(f"import modules.{n}\n" for n in names)
+        + "after = snapshot()\nprint(json.dumps([before, after]))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    before, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert before == after and len(names) >= 8
+
+
+def test_tune_keeps_fp32_results_and_restores_every_setting():
+    torch.manual_seed(0)
+    model = tiny_dgl(width=128, max_frames=3)
+    before = (torch.get_num_threads(), torch.backends.mkldnn.matmul.fp32_precision)
+    t_ref, v_ref, g_ref = _features_and_grads(model)
+    model.eval()
+    ids, video, mask = _inputs(model)
+    with torch.no_grad():
+        e_ref = (model.encode_video(video, mask), model.encode_text(ids))
+    with cpu.tune(model, "cpu", "fp32", threads=1) as tuning:
+        assert torch.get_num_threads() == 1 and tuning.eval_attention is not None and tuning.bf16_backbone is None
+        assert tuning.train_dtype is None and tuning.eval_dtype is None
+        with torch.no_grad(), tuning.inference():
+            got = (model.encode_video(video, mask), model.encode_text(ids))
+        model.train()
+        t, v, g = _features_and_grads(model, tuning.autocast)
+    for a, b in zip(got + (t, v, g), e_ref + (t_ref, v_ref, g_ref)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (torch.get_num_threads(), torch.backends.mkldnn.matmul.fp32_precision) == before
+
+
+def test_tune_bf16_stores_the_backbone_like_main_and_restores_it():
+    torch.manual_seed(0)
+    model = tiny_dgl(width=128, max_frames=3).eval()
+    ids, video, mask = _inputs(model)
+    weights = {n: p.detach().clone() for n, p in model.clip.named_parameters()}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model.encode_video(video, mask)
+    tuning = cpu.tune(model, "cpu", "bf16")
+    assert tuning.bf16_backbone is not None and len(tuning.bf16_backbone) > 0
+    assert any(p.dtype == torch.bfloat16 for p in model.clip.parameters())
+    with torch.no_grad(), tuning.inference():
+        got = model.encode_video(video, mask)
+    torch.testing.assert_close(got, reference, atol=2e-2, rtol=2e-2)
+    assert all(torch.equal(weights[n], v) for n, v in model.clip.state_dict().items() if n in weights)
+    tuning.restore()
+    assert all(p.dtype == torch.float32 and torch.equal(weights[n], p) for n, p in model.clip.named_parameters())
+    with pytest.raises(ValueError, match="precision"):
+        cpu.tune(model, "cpu", "fp16")
+
+
+def test_main_and_search_settings_come_from_tune(monkeypatch):
+    calls = []
+    real = run_cpu.tune_dtypes
+    monkeypatch.setattr(run_cpu, "tune_dtypes", lambda *a, **k: calls.append((a[2:], k)) or real(*a, **k))
+    model = tiny_dgl(width=128, max_frames=3).eval()
+    precision = run_cpu.inference_settings(model, "cpu", threads=1, eval_precision="bf16")
+    assert len(calls) == 1 and calls[0][0] == (None, torch.bfloat16, None)
+    assert precision.eval_attention is not None

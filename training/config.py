@@ -110,6 +110,10 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     g.add_argument("--video_decoder", type=str, default="decord", choices=["decord", "pyav"],
                    help="decord (default: decodes only the sampled frames) or pyav (decodes every frame, as "
                         "the published code; the reference for exact reproduction)")
+    g.add_argument("--frame_cache", type=str, default=None,
+                   help="folder of decoded, cropped frames (python -m preprocess.frame_cache): videos it holds "
+                        "unchanged are read from it instead of being decoded; same model input bit for bit "
+                        "(raw cache) or within the JPEG tolerance (docs/data-loading.md)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-4)

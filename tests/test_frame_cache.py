@@ -1,0 +1,232 @@
+"""The decoded-frame cache (preprocess/frame_cache.py, dataloaders/frame_cache.py): the same model input as
+decoding the file (raw: bit for bit; JPEG: within a stated tolerance), changed videos read from the file,
+an interrupted build that opens and completes, and the datasets' --frame_cache."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+
+from dataloaders import build_test_dataset, build_train_dataset
+from dataloaders.frame_cache import FrameCache, FrameCacheError, complete_shards, shard_paths
+from dataloaders.video import CLIP_STD, FRAME_ORDER_RANDOM, load_video
+from preprocess.ffmpeg_tools import write_video
+from preprocess.frame_cache import build_frame_cache, main as cache_main
+from preprocess.make_synthetic_dataset import make_synthetic_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE, T = 48, 6
+# JPEG at quality 90 against raw, in pixel levels (0..255) of the model input, on these clips of coloured
+# noise blocks (JPEG's worst case; docs/data-loading.md gives the figures on smoother content)
+JPEG_MEAN_LEVELS, JPEG_MAX_LEVELS = 6.0, 48.0
+
+
+def textured(num_frames, height, width, seed):
+    """Moving noise blocks: a lossy encode of it exercises real decoding (not flat colour)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(height // 4 + 2, width // 4 + 2, 3)).repeat(4, 0).repeat(4, 1)
+    return np.stack([np.roll(base, 3 * k, axis=1)[:height, :width] for k in range(num_frames)]).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """(path, start, end) clips: a large frame (cropped), a small one (zero-padded), a span of a
+    longer video, a video shorter than T (last frame repeated)."""
+    d = tmp_path_factory.mktemp("clips")
+    big = write_video(str(d / "big.mp4"), textured(30, 64, 96, 1), fps=3.0, crf=23)
+    small = write_video(str(d / "small.mp4"), textured(20, 32, 40, 2), fps=3.0, crf=23)
+    long = write_video(str(d / "long.mp4"), textured(60, 56, 80, 3), fps=3.0, crf=23, keyint=4)
+    short = write_video(str(d / "short.mp4"), textured(4, 48, 64, 4), fps=3.0, crf=23)
+    return [(big, None, None), (small, None, None), (long, 3.0, 9.0), (long, None, None), (short, None, None)]
+
+
+def loads(path, start, end, train, cache=None, seed=0, frame_order=0):
+    g = torch.Generator().manual_seed(seed)
+    clip = load_video(path, T, SIZE, train=train, start=start, end=end, frame_order=frame_order, generator=g,
+                      frame_cache=cache)
+    return clip, g.get_state()
+
+
+def assert_same(a, b):
+    (ca, ga), (cb, gb) = a, b
+    assert torch.equal(ca.video, cb.video) and torch.equal(ca.mask, cb.mask) and ca.info == cb.info
+    assert torch.equal(ga, gb)  # the same random draws were made
+
+
+@pytest.fixture(scope="module")
+def raw_cache(clips, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cache") / "raw")
+    summary = build_frame_cache(out, clips, frames="all", max_frames=T, size=SIZE, shard_mb=0.05, log=None)
+    assert summary["cached"] == len(clips) and not summary["failed"] and len(summary["shards"]) > 1
+    return out
+
+
+def test_raw_cache_equals_the_video_path_for_training_and_evaluation(clips, raw_cache):
+    cache = FrameCache(raw_cache)
+    for path, start, end in clips:
+        for train, seed, order in ((True, 0, 0), (True, 1, 0), (True, 2, FRAME_ORDER_RANDOM), (False, 0, 0)):
+            assert_same(loads(path, start, end, train, None, seed, order),
+                        loads(path, start, end, train, cache, seed, order))
+    assert cache.misses == 0 and cache.hits == 4 * len(clips)  # every clip came from the cache
+    small = load_video(clips[1][0], T, SIZE, train=False, frame_cache=cache).video
+    assert (small[:, :, 0, :] == small[0, :, 0, 0].view(3, 1, 1).expand(-1, T, SIZE).transpose(0, 1)).all()
+
+
+def test_eval_cache_serves_evaluation_and_falls_back_for_training(clips, tmp_path):
+    out = str(tmp_path / "eval")
+    build_frame_cache(out, clips, frames="eval", max_frames=T, size=SIZE, log=None)
+    cache = FrameCache(out)
+    raw_frames = sum(len(v[0].frames) for v in cache.videos.values())
+    assert raw_frames < 30 + 20 + 60  # only evaluation frames were stored
+    for path, start, end in clips:
+        assert_same(loads(path, start, end, False), loads(path, start, end, False, cache))
+    hits = cache.hits
+    assert hits == len(clips)
+    # training asks for frames the cache lacks: read from the file, with one draw of the random offsets
+    assert_same(loads(*clips[0], True, None, 5), loads(*clips[0], True, cache, 5))
+    assert cache.misses == 1 and cache.hits == hits
+
+
+def test_jpeg_cache_within_tolerance(clips, tmp_path):
+    out = str(tmp_path / "jpeg")
+    build_frame_cache(out, clips, frames="all", max_frames=T, size=SIZE, encoding="jpeg", quality=90, log=None)
+    jpeg_bytes = sum(os.path.getsize(shard_paths(out, n)[0]) for n in complete_shards(out))
+    rows = 30 + 20 + (9 * 3 - 3 * 3 + 1) + 60 + 4
+    assert jpeg_bytes < 0.6 * rows * SIZE * SIZE * 3  # smaller than raw (noise: the hardest case for JPEG)
+    cache = FrameCache(out)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    for path, start, end in clips:
+        (ref, _), (got, _) = loads(path, start, end, True, None, 3), loads(path, start, end, True, cache, 3)
+        levels = ((got.video - ref.video) * std * 255).abs()
+        assert torch.equal(ref.mask, got.mask) and ref.info == got.info
+        assert levels.mean() <= JPEG_MEAN_LEVELS and levels.max() <= JPEG_MAX_LEVELS, (path, levels.mean(),
+                                                                                       levels.max())
+    assert cache.hits == len(clips)
+
+
+def test_changed_video_is_read_from_the_file_and_recached(tmp_path):
+    videos = tmp_path / "v"
+    a = write_video(str(videos / "a.mp4"), textured(12, 48, 64, 7), crf=23)
+    b = write_video(str(videos / "b.mp4"), textured(12, 48, 64, 8), crf=23)
+    out = str(tmp_path / "cache")
+    build_frame_cache(out, [a, b], max_frames=T, size=SIZE, log=None)
+    write_video(a, textured(15, 48, 64, 9), crf=23)  # new content, same name
+    st = os.stat(b)
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, touched
+    cache = FrameCache(out)
+    for path in (a, b):
+        assert_same(loads(path, None, None, False), loads(path, None, None, False, cache))
+    assert cache.hits == 0 and cache.misses == 2
+    summary = build_frame_cache(out, [a, b], max_frames=T, size=SIZE, log=None)
+    assert summary["cached"] == 2 and summary["skipped"] == 0
+    assert build_frame_cache(out, [a, b], max_frames=T, size=SIZE, log=None)["skipped"] == 2  # incremental
+    cache = FrameCache(out)
+    for path in (a, b):
+        assert_same(loads(path, None, None, True, None, 4), loads(path, None, None, True, cache, 4))
+    assert cache.hits == 2 and cache.videos[os.path.realpath(a)][0].num_frames == 15
+
+
+def test_interrupted_build_opens_and_completes(clips, raw_cache, tmp_path):
+    out = str(tmp_path / "cut")
+
+    class Killed(Exception):
+        pass
+
+    def stop(number):
+        raise Killed(number)
+
+    with pytest.raises(Killed):
+        build_frame_cache(out, clips, max_frames=T, size=SIZE, shard_mb=0.05, on_shard=stop, log=None)
+    # what a kill while writing the next shard leaves: its frames without entries, a temporary file
+    npy, _ = shard_paths(out, 1)
+    with open(npy, "wb") as f:
+        f.write(b"\x93NUMPY partial")
+    with open(os.path.join(out, "shards", ".shard-000002.npy.x1y2z3.tmp"), "wb") as f:
+        f.write(b"partial")
+    partial = FrameCache(out)
+    assert 1 <= len(partial) < len(clips) - 1
+    summary = build_frame_cache(out, clips, max_frames=T, size=SIZE, shard_mb=0.05, log=None)
+    assert summary["skipped"] >= 1 and not summary["failed"]
+    assert sorted(os.listdir(os.path.join(out, "shards"))) == sorted(
+        name for n in complete_shards(out) for name in map(os.path.basename, shard_paths(out, n)))
+    done, ref = FrameCache(out), FrameCache(raw_cache)
+    assert sorted(done.videos) == sorted(ref.videos)
+    for key in ref.videos:
+        a, b = done.videos[key][0], ref.videos[key][0]
+        assert np.array_equal(a.frames, b.frames)
+        assert torch.equal(done.frames(a, list(a.frames)), ref.frames(b, list(b.frames)))
+
+
+def test_sigkill_during_build_leaves_a_cache_that_opens_and_completes(tmp_path):
+    videos = tmp_path / "v"
+    for k in range(8):
+        write_video(str(videos / f"c{k}.mp4"), textured(24, 48, 64, 20 + k), crf=23)
+    out = str(tmp_path / "cache")
+    cmd = [sys.executable, "-m", "preprocess.frame_cache", "--out", out, "--videos", str(videos), "--size",
+           str(SIZE), "--shard_mb", "0.2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(os.path.join(out, "shards")) and complete_shards(out):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()  # killed mid-build
+    assert 1 <= len(FrameCache(out)) < 8
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    cache = FrameCache(out)
+    assert len(cache) == 8
+    for k in range(8):
+        path = str(videos / f"c{k}.mp4")
+        assert_same(loads(path, None, None, True, None, k), loads(path, None, None, True, cache, k))
+    assert cache.hits == 8
+
+
+def test_datasets_read_the_cache(tmp_path):
+    paths = make_synthetic_dataset(str(tmp_path / "ds"), num_train=4, num_test=3, seed=1, size=32, workers=1)
+    out = str(tmp_path / "cache")
+    assert cache_main(["--out", out, "--videos", paths["features_path"], "--size", "32"]) == 0
+    args = dict(datatype="msrvtt", max_words=16, max_frames=4, image_resolution=32, **{
+        k: paths[k] for k in ("train_csv", "val_csv", "data_path", "features_path")})
+    from modules.tokenizer import SimpleTokenizer, write_bpe_vocab
+
+    tok = SimpleTokenizer(write_bpe_vocab(["a red square moves left then up"], str(tmp_path / "b.txt.gz"), 20))
+    for build in (build_train_dataset, build_test_dataset):
+        plain, cached = build(Namespace(**args), tok), build(Namespace(**args, frame_cache=out), tok)
+        view_p, view_c = (plain, cached) if build is build_train_dataset else (plain.video_dataset(),
+                                                                               cached.video_dataset())
+        for i in range(len(view_p)):
+            torch.manual_seed(i)
+            p = view_p[i]
+            torch.manual_seed(i)
+            c = view_c[i]
+            assert torch.equal(p["video"], c["video"]) and torch.equal(p["video_mask"], c["video_mask"])
+        assert cached.video_options["frame_cache"].hits == len(view_p)
+    with pytest.raises(FrameCacheError, match="224 px"):
+        build_test_dataset(Namespace(**dict(args, image_resolution=224), frame_cache=out), tok)
+    with pytest.raises(FrameCacheError, match="--video_decoder"):
+        build_test_dataset(Namespace(**args, frame_cache=out, video_decoder="pyav"), tok)
+    with pytest.raises(FrameCacheError, match="no frame_cache.json"):
+        build_test_dataset(Namespace(**args, frame_cache=str(tmp_path)), tok)
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cache_main(["--out", str(tmp_path / "c"), "--videos", str(tmp_path / "missing")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing" in err
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.mp4 1\n")
+    with pytest.raises(SystemExit):
+        cache_main(["--out", str(tmp_path / "c"), "--video_list", str(listing)])
+    assert "list.txt line 1" in capsys.readouterr().err
