@@ -61,9 +61,9 @@ def build_parser():
                    help="also train DGL-Linear with the same settings and add it to the table")
     p.add_argument("--eval_on", default="test", choices=["test", "val"],
                    help="evaluate (and print the table) on the test clips or on the validation clips")
-    p.add_argument("--pretrain_steps", type=int, default=100,
+    p.add_argument("--pretrain_steps", type=int, default=200,
                    help="image-text pre-training steps of the tiny CLIP on single frames (0: random CLIP)")
-    p.add_argument("--pretrain_lr", type=float, default=2e-3)
+    p.add_argument("--pretrain_lr", type=float, default=1e-3)
     p.add_argument("--own_vocab", action="store_true", help="always learn the small BPE vocabulary")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--threads", type=int, default=None,

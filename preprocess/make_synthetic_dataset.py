@@ -60,6 +60,8 @@ TEMPLATES = (
     "a {shape} in {colour} moving {first} first and {second} after",
 )
 FRAME_TEMPLATE = "a {colour} {shape} shifted {side}"
+CENTRE_TEMPLATE = "a {colour} {shape} at the centre"
+CENTRE_RADIUS = 0.1  # of the frame size: a shape nearer the centre than this is "at the centre"
 MOTION_KINDS = ("continuous", "from_centre")
 FPS = 3.0
 
@@ -91,8 +93,10 @@ def swapped_caption(spec: ClipSpec, template: int = 0) -> str:
 
 def frame_caption(spec: ClipSpec, t: int) -> str:
     """What frame ``t`` alone shows: colour, shape and on which side of the frame's centre the shape
-    is (the larger of the two offsets decides; "up" is towards the top row)."""
+    is (the larger of the two offsets decides; "up" is towards the top row), or that it is at the centre."""
     cx, cy = positions(spec)[t] - spec.size / 2.0
+    if max(abs(cx), abs(cy)) < CENTRE_RADIUS * spec.size:
+        return CENTRE_TEMPLATE.format(colour=spec.colour, shape=spec.shape)
     side = ("right" if cx > 0 else "left") if abs(cx) >= abs(cy) else ("down" if cy > 0 else "up")
     return FRAME_TEMPLATE.format(colour=spec.colour, shape=spec.shape, side=side)
 

@@ -58,7 +58,8 @@ def test_from_centre_twins_show_the_same_frames_in_the_other_order():
         a, b = render_clip(spec), render_clip(twin)
         assert np.array_equal(a, np.concatenate([b[4:], b[:4]]))
         assert not np.array_equal(a, b)
-        assert frame_caption(spec, 0).endswith("shifted " + first)
+        assert frame_caption(spec, 0).endswith("at the centre")   # 2.4 px out of 32
+        assert frame_caption(spec, 1).endswith("shifted " + first)
         assert frame_caption(spec, 7).endswith("shifted " + second)
 
 
@@ -111,7 +112,7 @@ def _normalised(frames: np.ndarray) -> torch.Tensor:
 
 
 def test_pretraining_on_single_frames_improves_frame_caption_retrieval(tmp_path):
-    specs = make_specs(40, 0, seed=2, min_frames=4, max_frames=4, motion="from_centre")
+    specs = make_specs(16, 0, seed=2, min_frames=4, max_frames=4, motion="from_centre")
     images = torch.cat([_normalised(render_clip(s)) for s in specs])
     captions = [frame_caption(s, t) for s in specs for t in range(s.num_frames)]
     vocab = write_bpe_vocab(captions, str(tmp_path / "bpe.txt.gz"), num_merges=40)
@@ -119,12 +120,16 @@ def test_pretraining_on_single_frames_improves_frame_caption_retrieval(tmp_path)
     torch.manual_seed(0)
     clip = CLIP(tiny_clip_config(vocab_size=tok.vocab_size, vision_width=64, transformer_width=64,
                                  transformer_heads=1, embed_dim=32, vision_layers=1, transformer_layers=1))
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    before = frame_caption_accuracy(clip, tok, images, captions)
-    embedding_before = clip.token_embedding.weight.clone()
-    losses = pretrain_clip(clip, tok, images, captions, steps=60, batch_size=64, lr=3e-3, seed=0)
-    after = frame_caption_accuracy(clip, tok, images, captions)
-    assert after > max(0.5, 3 * before), (before, after)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        before = frame_caption_accuracy(clip, tok, images, captions)
+        embedding_before = clip.token_embedding.weight.clone()
+        losses = pretrain_clip(clip, tok, images, captions, steps=100, batch_size=32, lr=1e-3, seed=0)
+        after = frame_caption_accuracy(clip, tok, images, captions)
+    finally:
+        torch.set_num_threads(threads)
+    assert after > max(0.2, 4 * before), (before, after)   # 27 frame captions: chance is 3.7 %
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     # the rows the captions use were trained and written back; the full vocabulary is kept
     assert clip.token_embedding.weight.shape == embedding_before.shape
