@@ -100,9 +100,9 @@ def trained_dgl(model, tokenizer, split: EvalSplit) -> dict:
     return scores(text(split.captions), text(split.swapped), feats)
 
 
-def format_table(rows: list[tuple[str, dict]], num_videos: int) -> str:
+def format_table(rows: list[tuple[str, dict]], num_videos: int, split: str = "test") -> str:
     """The comparison table (markdown, so that it can be pasted as printed)."""
-    lines = [f"| model ({num_videos} test videos) | t2v R@1 | t2v R@5 | order probe |",
+    lines = [f"| model ({num_videos} {split} videos) | t2v R@1 | t2v R@5 | order probe |",
              "|---|---|---|---|",
              f"| chance | {100.0 / num_videos:.1f} | {min(100.0, 500.0 / num_videos):.1f} | 50.0 |"]
     lines += [f"| {name} | {r['R1']:.1f} | {r['R5']:.1f} | {r['order']:.1f} |" for name, r in rows]

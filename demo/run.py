@@ -40,6 +40,14 @@ def _default_bpe_candidates(pretrained_dir: str | None) -> list[str]:
     return c
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (main.py, QB-norm)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def build_parser():
     from runtime.errors import OneLineArgumentParser
 
@@ -57,10 +65,14 @@ def build_parser():
                    help="frames per clip, all of them seen by the model (even: two moves of equal length)")
     p.add_argument("--shared_latent_space", default="transformer", choices=["transformer", "linear"],
                    help="the latent space of the default run (--compare trains the other one too)")
+    p.add_argument("--frame_prompts", type=int, default=4,
+                   help="local prompts per frame (P); the text gets 2P prompts (default 4)")
     p.add_argument("--compare", action="store_true",
                    help="also train DGL-Linear with the same settings and add it to the table")
     p.add_argument("--eval_on", default="test", choices=["test", "val"],
                    help="evaluate (and print the table) on the test clips or on the validation clips")
+    p.add_argument("--run_name", default=None,
+                   help="name the run folders <run_name>_<latent space> (default: run, run_linear)")
     p.add_argument("--pretrain_steps", type=int, default=200,
                    help="image-text pre-training steps of the tiny CLIP on single frames (0: random CLIP)")
     p.add_argument("--pretrain_lr", type=float, default=1e-3)
@@ -176,7 +188,13 @@ def clip_file_name(vocab_size: int, cfg: dict, args) -> str:
 def prepare_clip(clip_path: str, tokenizer, paths: dict, args) -> None:
     import torch
 
-    from demo.pretrain import frame_caption_accuracy, load_frames, pretrain_clip, read_specs, save_clip
+    from demo.pretrain import (
+        frame_caption_accuracy,
+        load_frames,
+        pretrain_clip,
+        read_specs,
+        save_clip,
+    )
     from modules.clip import CLIP, tiny_clip_config
 
     torch.manual_seed(args.seed)
@@ -198,8 +216,8 @@ def prepare_clip(clip_path: str, tokenizer, paths: dict, args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def run_folder(out: str, cfg: dict, latent: str, eval_on: str) -> str:
-    name = "run" if latent == "transformer" else "run_linear"
+def run_folder(out: str, cfg: dict, latent: str, eval_on: str, name: str | None = None) -> str:
+    name = name or ("run" if latent == "transformer" else "run_linear")
     if os.path.basename(data_folder(out, cfg)) != "data":
         name += "-" + data_tag(cfg)
     if eval_on != "test":
@@ -215,8 +233,8 @@ def train_dgl(args, latent: str, paths: dict, eval_csv: str, pre_dir: str, clip_
            "--expand_msrvtt_sentences", "--feature_framerate", "3", "--slice_framepos", "2",
            "--max_words", str(MAX_WORDS), "--max_frames", str(args.max_frames),
            "--pretrained_dir", pre_dir, "--pretrained_clip_name", clip_name, "--bpe_path", bpe,
-           "--shared_latent_space", latent, "--text_prompt_length", "8",
-           "--local_each_frame_prompt_length", "4", "--global_visual_prompt_length", "4",
+           "--shared_latent_space", latent, "--text_prompt_length", str(2 * args.frame_prompts),
+           "--local_each_frame_prompt_length", str(args.frame_prompts), "--global_visual_prompt_length", "4",
            "--unified_transformer_layers", "2", "--freeze_clip", "1",
            "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--batch_size_val", "32",
            "--lr", str(args.lr), "--wd", "0.2", "--warmup_proportion", "0.1", "--clip_grad_norm", "1.0",
@@ -228,7 +246,7 @@ def train_dgl(args, latent: str, paths: dict, eval_csv: str, pre_dir: str, clip_
     if args.eval_precision:
         cmd += ["--eval_precision", args.eval_precision]
     print("[demo] " + " ".join(cmd[1:]), flush=True)
-    r = subprocess.run(cmd, cwd=REPO)
+    r = subprocess.run(cmd, cwd=REPO, check=False)
     if r.returncode != 0:
         print(f"[demo] main.py failed with exit status {r.returncode}", file=sys.stderr)
     return r.returncode
@@ -242,11 +260,13 @@ def main(argv=None) -> int:
     for name in ("num_train", "num_test", "epochs", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.frame_prompts < 1:
+        parser.error(f"--frame_prompts must be at least 1, got {args.frame_prompts}")
     if args.num_val < 0 or args.pretrain_steps < 0:
         parser.error("--num_val and --pretrain_steps must not be negative")
     if args.eval_on == "val" and not args.num_val:
         parser.error("--eval_on val needs validation clips (--num_val > 0)")
-    t0, c0 = time.time(), time.process_time()
+    t0, c0 = time.time(), _cpu_seconds()
     out = os.path.abspath(args.out)
     pre_dir = os.path.join(out, "pretrained")
     os.makedirs(pre_dir, exist_ok=True)
@@ -295,7 +315,8 @@ def main(argv=None) -> int:
         latents.append("linear" if args.shared_latent_space == "transformer" else "transformer")
     runs = {}
     for latent in latents:
-        runs[latent] = run_folder(out, cfg, latent, args.eval_on)
+        runs[latent] = run_folder(out, cfg, latent, args.eval_on,
+                                  None if args.run_name is None else f"{args.run_name}_{latent}")
         rc = train_dgl(args, latent, paths, eval_csv, pre_dir, clip_name, bpe, runs[latent])
         if rc:
             return rc
@@ -308,7 +329,7 @@ def main(argv=None) -> int:
           "--train_test_v2t", os.path.join(run_dir, "msrvtt_train_test_v2t.npy"),
           "--t2v_theta", "2", "--v2t_theta", "2", "--beta_step", "0.05"]
     print("[demo] " + " ".join(qb[1:]), flush=True)
-    q = subprocess.run(qb, cwd=REPO, capture_output=True, text=True)
+    q = subprocess.run(qb, cwd=REPO, capture_output=True, text=True, check=False)
     qb_line = (q.stdout.strip().splitlines() or ["(no output)"])[-1]
     if q.returncode != 0:
         print(q.stdout + q.stderr, file=sys.stderr)
@@ -326,7 +347,7 @@ def main(argv=None) -> int:
         if latent in runs:
             loaded = load_model(clip_path, os.path.join(runs[latent], "ckpt.pth.tar"), bpe_path=bpe)
             rows.append((f"DGL-{latent.capitalize()}, {args.epochs} epochs", trained_dgl(loaded.model, tok, split)))
-    table = format_table(rows, len(split.video_ids))
+    table = format_table(rows, len(split.video_ids), args.eval_on)
     with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as f:
         results = json.load(f)
     before = results["evaluations"][0]
@@ -334,21 +355,21 @@ def main(argv=None) -> int:
     lines = [
         "",
         "=" * 78,
-        f"DGL demo finished in {time.time() - t0:.0f}s (this process's CPU time {time.process_time() - c0:.0f}s; "
-        f"{torch.get_num_threads()} threads)",
-        f"{args.eval_on} set: {len(split.video_ids)} videos, one caption each. Order probe: the share of videos "
-        "whose caption",
+        (f"DGL demo finished in {time.time() - t0:.0f}s ({_cpu_seconds() - c0:.0f}s of CPU time with main.py; "
+         f"{torch.get_num_threads()} threads)"),
+        (f"{args.eval_on} set: {len(split.video_ids)} videos, one caption each. Order probe: the share of videos "
+        "whose caption"),
         "scores above the same caption with its two moves swapped (\"left then up\" vs \"up then left\").",
         "",
         table,
         "",
-        f"DGL-{args.shared_latent_space} before prompt training: t2v R@1 {before['t2v']['R1']:.1f}%; "
-        f"QB-norm on it after training: {qb_line}",
+        (f"DGL-{args.shared_latent_space} before prompt training: t2v R@1 {before['t2v']['R1']:.1f}%; "
+        f"QB-norm on it after training: {qb_line}"),
         f"checkpoint:   {os.path.join(run_dir, 'ckpt.pth.tar')}   (results.json, log.txt, tensorboard/ beside it)",
         f"tiny CLIP:    {clip_path}",
         "search the demo's videos with it:",
-        f"  python search_videos.py index {paths['features_path']} --index {idx} --clip {clip_path} "
-        f"--checkpoint {os.path.join(run_dir, 'ckpt.pth.tar')}",
+        (f"  python search_videos.py index {paths['features_path']} --index {idx} --clip {clip_path} "
+        f"--checkpoint {os.path.join(run_dir, 'ckpt.pth.tar')}"),
         f"  python search_videos.py query \"a purple square moves up then right\" --index {idx} -k 5",
         "=" * 78,
     ]
