@@ -65,8 +65,8 @@ def build_parser():
                    help="frames per clip, all of them seen by the model (even: two moves of equal length)")
     p.add_argument("--shared_latent_space", default="transformer", choices=["transformer", "linear"],
                    help="the latent space of the default run (--compare trains the other one too)")
-    p.add_argument("--frame_prompts", type=int, default=4,
-                   help="local prompts per frame (P); the text gets 2P prompts (default 4)")
+    p.add_argument("--frame_prompts", type=int, default=8,
+                   help="local prompts per frame (P); the text gets 2P prompts (default 8)")
     p.add_argument("--compare", action="store_true",
                    help="also train DGL-Linear with the same settings and add it to the table")
     p.add_argument("--eval_on", default="test", choices=["test", "val"],
