@@ -1,23 +1,32 @@
-"""The embedded demo (scripts/demo.sh): synthetic data -> small random CLIP -> train DGL on CPU ->
-evaluate before and after -> QB-norm search.
+"""The embedded demo (scripts/demo.sh): synthetic videos -> a tiny CLIP pre-trained on single frames,
+then frozen -> DGL's prompts trained on CPU -> a table of what each model learnt: text-to-video R@1/R@5
+and an order probe, for the frozen CLIP alone (zero-shot), DGL-Transformer and (--compare) DGL-Linear.
 
-    python -m demo [--out demo_output] [--epochs 8] [--num_train 240] [--num_test 60]
+    python -m demo [--out demo_output] [--epochs 10] [--num_train 240] [--num_test 60] [--compare]
 
-Everything it needs is made here: the synthetic MSR-VTT-layout dataset, a small random-initialised
-CLIP in the OpenAI state-dict format (real weights cannot be downloaded everywhere) and, when CLIP's
-BPE file is not found, a small BPE vocabulary learnt from the dataset's captions.
+Everything it needs is made here: the synthetic MSR-VTT-layout dataset (captions about motion and
+order: "a red square moves left then up"), a tiny CLIP in the OpenAI state-dict format given a short
+image-text pre-training on single frames (real weights cannot be downloaded everywhere) and, when
+CLIP's BPE file is not found, a small BPE vocabulary learnt from the captions. Data and pre-trained
+CLIP are kept per configuration and reused on reruns.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+# What the generator writes for the demo; a data folder written by another version is regenerated.
+DATA_VERSION = 2
+DATA_MANIFEST = "demo_data.json"
+DEFAULTS = {"num_train": 240, "num_test": 60, "num_val": 60, "seed": 0, "max_frames": 8}
+IMAGE_SIZE = 32
+MAX_WORDS = 16
 
 
 def _default_bpe_candidates(pretrained_dir: str | None) -> list[str]:
@@ -31,104 +40,201 @@ def _default_bpe_candidates(pretrained_dir: str | None) -> list[str]:
     return c
 
 
-def _captions(data_json: str) -> list[str]:
-    with open(data_json, encoding="utf-8") as f:
-        return [s["caption"] for s in json.load(f)["sentences"]]
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (main.py, QB-norm)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
     from runtime.errors import OneLineArgumentParser
 
     p = OneLineArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_output", help="everything goes here (default: demo_output)")
     p.add_argument("--pretrained_dir", default=None, help="use CLIP's BPE file from here when present")
-    p.add_argument("--num_train", type=int, default=240)
-    p.add_argument("--num_test", type=int, default=60)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch_size", type=int, default=24)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--max_frames", type=int, default=6)
-    p.add_argument("--shared_latent_space", default="transformer", choices=["transformer", "linear"])
+    p.add_argument("--num_train", type=int, default=DEFAULTS["num_train"])
+    p.add_argument("--num_test", type=int, default=DEFAULTS["num_test"])
+    p.add_argument("--num_val", type=int, default=DEFAULTS["num_val"],
+                   help="validation clips, for choosing settings with --eval_on val (default 60)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch_size", type=int, default=48)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--max_frames", type=int, default=DEFAULTS["max_frames"],
+                   help="frames per clip, all of them seen by the model (even: two moves of equal length)")
+    p.add_argument("--shared_latent_space", default="transformer", choices=["transformer", "linear"],
+                   help="the latent space of the default run (--compare trains the other one too)")
+    p.add_argument("--frame_prompts", type=int, default=8,
+                   help="local prompts per frame (P); the text gets 2P prompts (default 8)")
+    p.add_argument("--compare", action="store_true",
+                   help="also train DGL-Linear with the same settings and add it to the table")
+    p.add_argument("--eval_on", default="test", choices=["test", "val"],
+                   help="evaluate (and print the table) on the test clips or on the validation clips")
+    p.add_argument("--run_name", default=None,
+                   help="name the run folders <run_name>_<latent space> (default: run, run_linear)")
+    p.add_argument("--pretrain_steps", type=int, default=200,
+                   help="image-text pre-training steps of the tiny CLIP on single frames (0: random CLIP)")
+    p.add_argument("--pretrain_lr", type=float, default=1e-3)
     p.add_argument("--own_vocab", action="store_true", help="always learn the small BPE vocabulary")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads, passed on to main.py (default: the cores minus the data-loader workers)")
     p.add_argument("--eval_precision", default=None, choices=["fp32", "bf16"],
                    help="passed on to main.py: bf16 encodes the test videos with bf16 autocast")
     p.add_argument("--prepare_only", action="store_true",
-                   help="only write the dataset, the vocabulary and the small CLIP (e.g. to smoke-test "
-                        "scripts/msrvtt.sh on CPU), then print the environment to use them")
+                   help="only write the dataset, the vocabulary and the pre-trained tiny CLIP (e.g. to "
+                        "smoke-test scripts/msrvtt.sh on CPU), then print the environment to use them")
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    t0 = time.time()
-    out = os.path.abspath(args.out)
-    data_dir, pre_dir, run_dir = (os.path.join(out, d) for d in ("data", "pretrained", "run"))
-    os.makedirs(pre_dir, exist_ok=True)
+# ------------------------------------------------------------------------------------------------ data
+def data_config(args) -> dict:
+    return {"version": DATA_VERSION, "num_train": args.num_train, "num_test": args.num_test,
+            "num_val": args.num_val, "seed": args.seed, "frames": args.max_frames, "size": IMAGE_SIZE,
+            "motion": "from_centre"}
 
+
+def data_tag(cfg: dict) -> str:
+    return f"{cfg['num_train']}-{cfg['num_test']}-{cfg['num_val']}-s{cfg['seed']}-f{cfg['frames']}"
+
+
+def data_folder(out: str, cfg: dict) -> str:
+    """``data`` for the default configuration, ``data-<train>-<test>-<val>-s<seed>-f<frames>`` for any
+    other: two configurations never share a folder, so a smaller smoke-test dataset cannot replace the
+    one a demo run and its search index were built on."""
+    default = (cfg["frames"] == DEFAULTS["max_frames"]
+               and all(cfg[k] == DEFAULTS[k] for k in ("num_train", "num_test", "num_val", "seed")))
+    return os.path.join(out, "data" if default else "data-" + data_tag(cfg))
+
+
+def dataset_paths(root: str) -> dict:
+    return {"root": root,
+            "train_csv": os.path.join(root, "MSRVTT_train.9k.csv"),
+            "val_csv": os.path.join(root, "MSRVTT_JSFUSION_test.csv"),
+            "heldout_csv": os.path.join(root, "MSRVTT_val.csv"),
+            "data_path": os.path.join(root, "MSRVTT_data.json"),
+            "probe_csv": os.path.join(root, "order_probe.csv"),
+            "features_path": os.path.join(root, "videos")}
+
+
+def _count_rows(path: str) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip()) - 1
+
+
+def dataset_matches(root: str, cfg: dict) -> bool:
+    """True when ``root`` holds exactly the dataset ``cfg`` asks for: the manifest written after the
+    last file, the annotation files' row counts and one video file per clip, no more."""
+    paths = dataset_paths(root)
+    try:
+        with open(os.path.join(root, DATA_MANIFEST), encoding="utf-8") as f:
+            if json.load(f) != cfg:
+                return False
+        counts = {"train_csv": cfg["num_train"], "val_csv": cfg["num_test"]}
+        if cfg["num_val"]:
+            counts["heldout_csv"] = cfg["num_val"]
+        if any(_count_rows(paths[k]) != n for k, n in counts.items()):
+            return False
+        if _count_rows(paths["probe_csv"]) != cfg["num_test"] + cfg["num_val"]:
+            return False
+        with open(paths["data_path"], encoding="utf-8") as f:
+            videos = json.load(f)["videos"]
+        expected = {v["video_id"] + ".mp4" for v in videos}
+        total = cfg["num_train"] + cfg["num_test"] + cfg["num_val"]
+        return len(videos) == total and set(os.listdir(paths["features_path"])) == expected
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def prepare_data(out: str, cfg: dict) -> dict:
+    """The dataset ``cfg`` asks for, in its own folder; regenerated whenever the files do not match."""
+    from preprocess.make_synthetic_dataset import make_synthetic_dataset
+    from runtime.files import atomic_write_text
+
+    root = data_folder(out, cfg)
+    if dataset_matches(root, cfg):
+        print(f"[demo] using the synthetic dataset in {root}", flush=True)
+        return dataset_paths(root)
+    print(f"[demo] writing the synthetic dataset to {root} ...", flush=True)
+    if os.path.isdir(root):  # another version's or an interrupted folder: start it over
+        shutil.rmtree(root)
+    make_synthetic_dataset(root, num_train=cfg["num_train"], num_test=cfg["num_test"], num_val=cfg["num_val"],
+                           seed=cfg["seed"], size=cfg["size"], min_frames=cfg["frames"], max_frames=cfg["frames"],
+                           motion=cfg["motion"])
+    atomic_write_text(os.path.join(root, DATA_MANIFEST), json.dumps(cfg, indent=1))
+    return dataset_paths(root)
+
+
+def _all_captions(data_json: str) -> list[str]:
+    from demo.pretrain import read_specs
+    from preprocess.make_synthetic_dataset import frame_caption
+
+    with open(data_json, encoding="utf-8") as f:
+        captions = [s["caption"] for s in json.load(f)["sentences"]]
+    frames = sorted({frame_caption(s, t) for s in read_specs(data_json, "train") for t in range(s.num_frames)})
+    return captions + frames
+
+
+# ------------------------------------------------------------------------------------------------ CLIP
+def clip_file_name(vocab_size: int, cfg: dict, args) -> str:
+    """The pre-trained CLIP's name says what it was made from: vocabulary size, data, steps, lr, seed."""
+    if args.pretrain_steps == 0:
+        return f"tiny-clip-v{vocab_size}-random-s{args.seed}.pt"
+    return (f"tiny-clip-v{vocab_size}-frames{data_tag(cfg)}-pt{args.pretrain_steps}"
+            f"-lr{args.pretrain_lr:g}-s{args.seed}.pt")
+
+
+def prepare_clip(clip_path: str, tokenizer, paths: dict, args) -> None:
     import torch
 
+    from demo.pretrain import (
+        frame_caption_accuracy,
+        load_frames,
+        pretrain_clip,
+        read_specs,
+        save_clip,
+    )
     from modules.clip import CLIP, tiny_clip_config
-    from modules.tokenizer import get_tokenizer, write_bpe_vocab
-    from preprocess.make_synthetic_dataset import make_synthetic_dataset
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    clip = CLIP(tiny_clip_config(vocab_size=tokenizer.vocab_size, image_resolution=IMAGE_SIZE,
+                                 context_length=77))
+    if args.pretrain_steps:
+        t = time.time()
+        specs = read_specs(paths["data_path"], "train")
+        images, captions = load_frames(specs, paths["features_path"], IMAGE_SIZE)
+        print(f"[demo] pre-training the tiny CLIP on {len(captions)} single frames of the {len(specs)} training "
+              f"clips ({args.pretrain_steps} steps) ...", flush=True)
+        before = frame_caption_accuracy(clip, tokenizer, images, captions)
+        pretrain_clip(clip, tokenizer, images, captions, steps=args.pretrain_steps, lr=args.pretrain_lr,
+                      seed=args.seed, log=lambda m: print("[demo] " + m, flush=True))
+        after = frame_caption_accuracy(clip, tokenizer, images, captions)
+        print(f"[demo] frame-caption retrieval (training frames): {100 * before:.1f}% at random init, "
+              f"{100 * after:.1f}% after pre-training ({time.time() - t:.0f}s)", flush=True)
+    save_clip(clip, clip_path)
 
-    # 1. data
-    marker = os.path.join(data_dir, ".complete-{}-{}-{}".format(args.num_train, args.num_test, args.seed))
-    if not os.path.isfile(marker):
-        print(f"[demo] writing the synthetic dataset to {data_dir} ...", flush=True)
-        paths = make_synthetic_dataset(data_dir, num_train=args.num_train, num_test=args.num_test, seed=args.seed)
-        open(marker, "w").close()
-    else:
-        paths = {"train_csv": os.path.join(data_dir, "MSRVTT_train.9k.csv"),
-                 "val_csv": os.path.join(data_dir, "MSRVTT_JSFUSION_test.csv"),
-                 "data_path": os.path.join(data_dir, "MSRVTT_data.json"),
-                 "features_path": os.path.join(data_dir, "videos")}
-        print(f"[demo] using the synthetic dataset in {data_dir}", flush=True)
 
-    # 2. BPE vocabulary
-    bpe = None if args.own_vocab else next((c for c in _default_bpe_candidates(args.pretrained_dir)
-                                            if os.path.isfile(c)), None)
-    if bpe is None:
-        bpe = os.path.join(pre_dir, BPE_NAME)
-        if not os.path.isfile(bpe):
-            print("[demo] CLIP's BPE file not found: learning a small BPE vocabulary from the captions", flush=True)
-            write_bpe_vocab(_captions(paths["data_path"]), bpe, num_merges=300)
-        vocab_note = "a small BPE vocabulary learnt from the captions"
-    else:
-        vocab_note = "CLIP's BPE vocabulary"
-    tok = get_tokenizer(bpe_path=bpe)
-    print(f"[demo] tokenizer: {bpe} ({tok.vocab_size} tokens, {vocab_note})", flush=True)
+# ------------------------------------------------------------------------------------------------ runs
+def run_folder(out: str, cfg: dict, latent: str, eval_on: str, name: str | None = None) -> str:
+    name = name or ("run" if latent == "transformer" else "run_linear")
+    if os.path.basename(data_folder(out, cfg)) != "data":
+        name += "-" + data_tag(cfg)
+    if eval_on != "test":
+        name += "-" + eval_on
+    return os.path.join(out, name)
 
-    # 3. a small random CLIP in the OpenAI state-dict format
-    clip_name = f"tiny-clip-v{tok.vocab_size}.pt"
-    clip_path = os.path.join(pre_dir, clip_name)
-    if not os.path.isfile(clip_path):
-        torch.manual_seed(args.seed)
-        cfg = tiny_clip_config(vocab_size=tok.vocab_size, image_resolution=32, vision_patch_size=8,
-                               vision_layers=2, transformer_layers=2, vision_width=128, transformer_width=128,
-                               transformer_heads=2, embed_dim=64, context_length=77)
-        tmp = clip_path + ".tmp"
-        torch.save(CLIP(cfg).state_dict(), tmp)
-        os.replace(tmp, clip_path)
-    print(f"[demo] random-initialised CLIP: {clip_path}", flush=True)
-    if args.prepare_only:
-        print(f"DATA_PATH={data_dir} PRETRAINED_DIR={pre_dir} CLIP_NAME={clip_name} DGL_BPE_PATH={bpe}", flush=True)
-        return 0
 
-    # 4. train + evaluate (before and after) with main.py
+def train_dgl(args, latent: str, paths: dict, eval_csv: str, pre_dir: str, clip_name: str, bpe: str,
+              run_dir: str) -> int:
     cmd = [sys.executable, os.path.join(REPO, "main.py"), "--do_train", "1", "--do_eval", "1",
-           "--datatype", "msrvtt", "--train_csv", paths["train_csv"], "--val_csv", paths["val_csv"],
+           "--datatype", "msrvtt", "--train_csv", paths["train_csv"], "--val_csv", eval_csv,
            "--data_path", paths["data_path"], "--features_path", paths["features_path"],
            "--expand_msrvtt_sentences", "--feature_framerate", "3", "--slice_framepos", "2",
-           "--max_words", "16", "--max_frames", str(args.max_frames),
+           "--max_words", str(MAX_WORDS), "--max_frames", str(args.max_frames),
            "--pretrained_dir", pre_dir, "--pretrained_clip_name", clip_name, "--bpe_path", bpe,
-           "--shared_latent_space", args.shared_latent_space, "--text_prompt_length", "8",
-           "--local_each_frame_prompt_length", "4", "--global_visual_prompt_length", "4",
+           "--shared_latent_space", latent, "--text_prompt_length", str(2 * args.frame_prompts),
+           "--local_each_frame_prompt_length", str(args.frame_prompts), "--global_visual_prompt_length", "4",
            "--unified_transformer_layers", "2", "--freeze_clip", "1",
            "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--batch_size_val", "32",
            "--lr", str(args.lr), "--wd", "0.2", "--warmup_proportion", "0.1", "--clip_grad_norm", "1.0",
@@ -140,48 +246,132 @@ def main(argv=None) -> int:
     if args.eval_precision:
         cmd += ["--eval_precision", args.eval_precision]
     print("[demo] " + " ".join(cmd[1:]), flush=True)
-    r = subprocess.run(cmd, cwd=REPO)
+    r = subprocess.run(cmd, cwd=REPO, check=False)
     if r.returncode != 0:
         print(f"[demo] main.py failed with exit status {r.returncode}", file=sys.stderr)
-        return r.returncode
+    return r.returncode
 
-    # 5. QB-norm
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_frames < 2 or args.max_frames % 2:
+        parser.error(f"--max_frames must be even and at least 2 (two moves of equal length), got {args.max_frames}")
+    for name in ("num_train", "num_test", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.frame_prompts < 1:
+        parser.error(f"--frame_prompts must be at least 1, got {args.frame_prompts}")
+    if args.num_val < 0 or args.pretrain_steps < 0:
+        parser.error("--num_val and --pretrain_steps must not be negative")
+    if args.eval_on == "val" and not args.num_val:
+        parser.error("--eval_on val needs validation clips (--num_val > 0)")
+    t0, c0 = time.time(), _cpu_seconds()
+    out = os.path.abspath(args.out)
+    pre_dir = os.path.join(out, "pretrained")
+    os.makedirs(pre_dir, exist_ok=True)
+
+    import torch
+
+    from modules.tokenizer import get_tokenizer, write_bpe_vocab
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    # 1. data: a folder per configuration
+    cfg = data_config(args)
+    paths = prepare_data(out, cfg)
+
+    # 2. BPE vocabulary
+    bpe = None if args.own_vocab else next((c for c in _default_bpe_candidates(args.pretrained_dir)
+                                            if os.path.isfile(c)), None)
+    if bpe is None:
+        bpe = os.path.join(pre_dir, BPE_NAME)
+        if not os.path.isfile(bpe):
+            print("[demo] CLIP's BPE file not found: learning a small BPE vocabulary from the captions", flush=True)
+            write_bpe_vocab(_all_captions(paths["data_path"]), bpe, num_merges=300)
+        vocab_note = "a small BPE vocabulary learnt from the captions"
+    else:
+        vocab_note = "CLIP's BPE vocabulary"
+    tok = get_tokenizer(bpe_path=bpe)
+    print(f"[demo] tokenizer: {bpe} ({tok.vocab_size} tokens, {vocab_note})", flush=True)
+
+    # 3. the tiny CLIP, pre-trained on single frames, in the OpenAI state-dict format; reused on reruns
+    clip_name = clip_file_name(tok.vocab_size, cfg, args)
+    clip_path = os.path.join(pre_dir, clip_name)
+    if not os.path.isfile(clip_path):
+        prepare_clip(clip_path, tok, paths, args)
+    print(f"[demo] tiny CLIP ({'random' if args.pretrain_steps == 0 else 'pre-trained on single frames'}, "
+          f"frozen from here on): {clip_path}", flush=True)
+    if args.prepare_only:
+        print(f"DATA_PATH={paths['root']} PRETRAINED_DIR={pre_dir} CLIP_NAME={clip_name} DGL_BPE_PATH={bpe}",
+              flush=True)
+        return 0
+
+    # 4. train + evaluate DGL with main.py (the default latent space; --compare: the other one too)
+    eval_csv = paths["val_csv"] if args.eval_on == "test" else paths["heldout_csv"]
+    latents = [args.shared_latent_space]
+    if args.compare:
+        latents.append("linear" if args.shared_latent_space == "transformer" else "transformer")
+    runs = {}
+    for latent in latents:
+        runs[latent] = run_folder(out, cfg, latent, args.eval_on,
+                                  None if args.run_name is None else f"{args.run_name}_{latent}")
+        rc = train_dgl(args, latent, paths, eval_csv, pre_dir, clip_name, bpe, runs[latent])
+        if rc:
+            return rc
+    run_dir = runs[args.shared_latent_space]
+
+    # 5. QB-norm on the default run
     qb = [sys.executable, os.path.join(REPO, "search_for_best_r1_with_qb_norm.py"), "--dataset", "msrvtt",
           "--sim_matrix", os.path.join(run_dir, "msrvtt_sim_matrix.npy"),
           "--train_test_t2v", os.path.join(run_dir, "msrvtt_train_test_t2v.npy"),
           "--train_test_v2t", os.path.join(run_dir, "msrvtt_train_test_v2t.npy"),
           "--t2v_theta", "2", "--v2t_theta", "2", "--beta_step", "0.05"]
     print("[demo] " + " ".join(qb[1:]), flush=True)
-    q = subprocess.run(qb, cwd=REPO, capture_output=True, text=True)
+    q = subprocess.run(qb, cwd=REPO, capture_output=True, text=True, check=False)
     qb_line = (q.stdout.strip().splitlines() or ["(no output)"])[-1]
     if q.returncode != 0:
         print(q.stdout + q.stderr, file=sys.stderr)
         return q.returncode
 
-    # 6. summary
+    # 6. the comparison table, from the final checkpoints (the epochs were chosen on validation clips)
+    from demo.compare import format_table, read_split, trained_dgl, zero_shot
+    from modules.clip import build_clip, load_clip_state_dict
+    from retrieval.model_io import load_model
+
+    split = read_split(eval_csv, paths["probe_csv"], paths["features_path"], args.eval_on)
+    rows = [("zero-shot: frozen CLIP, frames mean-pooled",
+             zero_shot(build_clip(load_clip_state_dict(clip_path)), tok, split, args.max_frames, MAX_WORDS))]
+    for latent in ("transformer", "linear"):
+        if latent in runs:
+            loaded = load_model(clip_path, os.path.join(runs[latent], "ckpt.pth.tar"), bpe_path=bpe)
+            rows.append((f"DGL-{latent.capitalize()}, {args.epochs} epochs", trained_dgl(loaded.model, tok, split)))
+    table = format_table(rows, len(split.video_ids), args.eval_on)
     with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as f:
         results = json.load(f)
-    evals = results["evaluations"]
-    before, after = evals[0], evals[-1]
-    n = after["num_videos"]
-    chance = 100.0 / n
+    before = results["evaluations"][0]
+    idx = os.path.join(out, "index")
     lines = [
         "",
-        "=" * 72,
-        f"DGL demo finished in {time.time() - t0:.0f}s (CPU, {torch.get_num_threads()} threads)",
-        f"test set: {n} videos, one caption each; chance text-to-video R@1 = {chance:.1f}%",
-        f"text-to-video R@1 before training: {before['t2v']['R1']:.1f}%   after {after['epoch']} epochs: "
-        f"{after['t2v']['R1']:.1f}% ({after['t2v']['R1'] / chance:.1f}x chance), "
-        f"R@5 {after['t2v']['R5']:.1f}%, R@10 {after['t2v']['R10']:.1f}%",
-        f"best epoch: {results['best']['epoch']} with text-to-video R@1 {results['best']['t2v']['R1']:.1f}% "
-        f"(saved as ckpt.best.pth.tar)" if results.get("best") else "best epoch: n/a",
-        f"video-to-text R@1 before: {before['v2t']['R1']:.1f}%   after: {after['v2t']['R1']:.1f}%",
-        f"QB-norm: {qb_line}",
-        f"checkpoints:  {os.path.join(run_dir, 'ckpt.pth.tar')} , {os.path.join(run_dir, 'ckpt.best.pth.tar')}",
-        f"results:      {os.path.join(run_dir, 'results.json')}",
-        f"log:          {os.path.join(run_dir, 'log.txt')}",
-        f"TensorBoard:  tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}",
-        "=" * 72,
+        "=" * 78,
+        (f"DGL demo finished in {time.time() - t0:.0f}s ({_cpu_seconds() - c0:.0f}s of CPU time with main.py; "
+         f"{torch.get_num_threads()} threads)"),
+        (f"{args.eval_on} set: {len(split.video_ids)} videos, one caption each. Order probe: the share of videos "
+        "whose caption"),
+        "scores above the same caption with its two moves swapped (\"left then up\" vs \"up then left\").",
+        "",
+        table,
+        "",
+        (f"DGL-{args.shared_latent_space} before prompt training: t2v R@1 {before['t2v']['R1']:.1f}%; "
+        f"QB-norm on it after training: {qb_line}"),
+        f"checkpoint:   {os.path.join(run_dir, 'ckpt.pth.tar')}   (results.json, log.txt, tensorboard/ beside it)",
+        f"tiny CLIP:    {clip_path}",
+        "search the demo's videos with it:",
+        (f"  python search_videos.py index {paths['features_path']} --index {idx} --clip {clip_path} "
+        f"--checkpoint {os.path.join(run_dir, 'ckpt.pth.tar')}"),
+        f"  python search_videos.py query \"a purple square moves up then right\" --index {idx} -k 5",
+        "=" * 78,
     ]
     print("\n".join(lines), flush=True)
     return 0

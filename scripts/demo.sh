@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The embedded demo: synthetic moving-shapes dataset, a small random-initialised CLIP (OpenAI state-dict
-# format), a small BPE vocabulary when CLIP's is absent; trains DGL on CPU, evaluates before and after
-# training, runs the QB-norm search and says where the checkpoint, TensorBoard logs and results.json are.
-# Usage: scripts/demo.sh [--out demo_output] [--epochs N] ...   (python -m demo --help)
+# The embedded demo: synthetic moving-shapes clips whose captions need the whole video ("moves left then
+# up"), a tiny CLIP pre-trained on single frames and frozen (OpenAI state-dict format), DGL's prompts
+# trained on CPU with main.py, then a table: text-to-video R@1/R@5 and an order probe for the frozen CLIP
+# alone, DGL-Transformer and (--compare) DGL-Linear. Data and CLIP are kept per configuration and reused.
+# Usage: scripts/demo.sh [--out demo_output] [--epochs N] [--compare] ...   (python -m demo --help)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 exec python -m demo "$@"

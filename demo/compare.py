@@ -1,0 +1,109 @@
+"""The demo's comparison: text-to-video R@1 / R@5 and the order probe, for the frozen CLIP with frames
+mean-pooled (zero-shot) and for trained DGL models, on one split of the synthetic dataset.
+
+The order probe is a minimal-pair test: for each video, its true caption ("moves left then up") and
+the same caption with the two moves swapped ("moves up then left") are scored against the video; the
+probe is the share of videos whose true caption scores higher (a tie counts one half, so a model
+blind to order is at 50 %).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dataloaders.video import load_video
+from modules.metrics import compute_metrics
+from modules.tokenizer import tokenize
+
+
+@dataclass
+class EvalSplit:
+    video_ids: list[str]
+    captions: list[str]      # caption i describes video i
+    swapped: list[str]       # caption i with its two moves exchanged
+    paths: list[str]
+
+
+def read_split(retrieval_csv: str, probe_csv: str, videos_dir: str, split: str) -> EvalSplit:
+    """Videos and captions of a retrieval file (test layout) and each caption's swapped twin."""
+    with open(retrieval_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    with open(probe_csv, newline="", encoding="utf-8") as f:
+        twin = {(r["split"], r["video_id"]): r for r in csv.DictReader(f)}
+    swapped = []
+    for r in rows:
+        t = twin.get((split, r["video_id"]))
+        if t is None or t["caption"] != r["sentence"]:
+            raise ValueError(f"{probe_csv}: no swapped caption for {split} video {r['video_id']} "
+                             f"({r['sentence']!r})")
+        swapped.append(t["swapped"])
+    return EvalSplit([r["video_id"] for r in rows], [r["sentence"] for r in rows], swapped,
+                     [os.path.join(videos_dir, r["video_id"] + ".mp4") for r in rows])
+
+
+def order_probe(true_scores: torch.Tensor, swapped_scores: torch.Tensor) -> float:
+    """% of videos whose true caption scores above its swapped twin; a tie counts one half."""
+    true_scores, swapped_scores = torch.as_tensor(true_scores), torch.as_tensor(swapped_scores)
+    if true_scores.shape != swapped_scores.shape or true_scores.ndim != 1:
+        raise ValueError("need one true and one swapped score per video")
+    wins = (true_scores > swapped_scores).double() + 0.5 * (true_scores == swapped_scores).double()
+    return 100.0 * wins.mean().item()
+
+
+def scores(text_true: torch.Tensor, text_swapped: torch.Tensor, videos: torch.Tensor) -> dict:
+    """R@1, R@5 (text to video, caption i <-> video i) and the order probe from features."""
+    t, s, v = (F.normalize(x.float(), dim=-1) for x in (text_true, text_swapped, videos))
+    sim = t @ v.t()
+    m = compute_metrics(sim)
+    return {"R1": m["R1"], "R5": m["R5"], "order": order_probe((t * v).sum(-1), (s * v).sum(-1)),
+            "sim": sim}
+
+
+def _videos(split: EvalSplit, max_frames: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    clips = [load_video(p, max_frames, size, train=False) for p in split.paths]
+    return torch.stack([c.video for c in clips]), torch.stack([c.mask for c in clips])
+
+
+@torch.no_grad()
+def zero_shot(clip, tokenizer, split: EvalSplit, max_frames: int, max_words: int) -> dict:
+    """The frozen CLIP alone: each frame encoded as an image, the video the mean of its frames."""
+    clip.eval()
+    video, mask = _videos(split, max_frames, clip.config.image_resolution)
+    B, T = video.shape[:2]
+    frames = F.normalize(clip.encode_image(video.flatten(0, 1)), dim=-1).view(B, T, -1)
+    w = mask.float().unsqueeze(-1)
+    pooled = (frames * w).sum(1) / w.sum(1).clamp_min(1)
+
+    def text(captions):
+        return clip.encode_text(tokenize(captions, max_words=max_words, tokenizer=tokenizer))
+
+    return scores(text(split.captions), text(split.swapped), pooled)
+
+
+@torch.no_grad()
+def trained_dgl(model, tokenizer, split: EvalSplit) -> dict:
+    """A DGL model (prompts trained): its text and video features."""
+    model.eval()
+    cfg = model.config
+    video, mask = _videos(split, cfg.max_frames, model.image_resolution)
+    prompts = model.prompts()
+    feats = torch.cat([model.encode_video(video[i:i + 32], mask[i:i + 32], prompts)
+                       for i in range(0, len(video), 32)])
+
+    def text(captions):
+        return model.encode_text(tokenize(captions, max_words=cfg.max_words, tokenizer=tokenizer), prompts)
+
+    return scores(text(split.captions), text(split.swapped), feats)
+
+
+def format_table(rows: list[tuple[str, dict]], num_videos: int, split: str = "test") -> str:
+    """The comparison table (markdown, so that it can be pasted as printed)."""
+    lines = [f"| model ({num_videos} {split} videos) | t2v R@1 | t2v R@5 | order probe |",
+             "|---|---|---|---|",
+             f"| chance | {100.0 / num_videos:.1f} | {min(100.0, 500.0 / num_videos):.1f} | 50.0 |"]
+    lines += [f"| {name} | {r['R1']:.1f} | {r['R5']:.1f} | {r['order']:.1f} |" for name, r in rows]
+    return "\n".join(lines)
