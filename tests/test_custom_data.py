@@ -306,7 +306,7 @@ def main_py(args, cwd):
 def test_main_py_bad_inputs_one_line_exit_2(media, tmp_path):
     """Through main.py: an unknown extension and a missing video end in one line naming the flag or the file
     and its row, status 2; the earlier run in --output_dir is refused, untouched."""
-    from modules.tiny_clip import write_tiny_clip
+    from preprocess.make_tiny_clip import write_tiny_clip
 
     clip = write_tiny_clip([r[1] for r in ROWS], str(tmp_path / "clip"), num_merges=20)
     rows = [("a.mp4", "fine", "", ""), ("gone.mp4", "missing file", "", "")]

@@ -103,8 +103,10 @@ def program_of(tokens: list[str]) -> tuple[str | None, int]:
         name = tok.split("/")[-1]
         if tok in ("main.py", "search_videos.py", "search_for_best_r1_with_qb_norm.py"):
             return tok, i
+        if tok == "scripts/demo.sh":
+            return "demo", i  # the demo script runs python -m demo with its flags
         if re.fullmatch(r"scripts/\w+\.sh", tok):
-            return "main.py", i  # the scripts pass their extra flags on to main.py
+            return "main.py", i  # the other scripts pass their extra flags on to main.py
         if re.fullmatch(r"benchmarks/\w+\.py", tok) and name != "__init__.py":
             return tok, i
     return None, -1
@@ -143,7 +145,8 @@ def _inline_flags(text: str) -> set[str]:
 
 def test_every_flag_named_in_prose_exists_somewhere():
     programs = ({p for _, _, p, _ in doc_commands()} | {"main.py", "search_videos.py"}
-                | {f"benchmarks/{p.name}" for p in (REPO / "benchmarks").glob("*.py") if "def main" in p.read_text()})
+                | {f"benchmarks/{p.name}" for p in (REPO / "benchmarks").glob("*.py") if "def main" in p.read_text()}
+                | {f"preprocess.{p.stem}" for p in (REPO / "preprocess").glob("*.py") if "add_argument(" in p.read_text()})
     known = set(FOREIGN_FLAGS)
     for program in programs:
         known |= program_flags(program)

@@ -1,6 +1,6 @@
 """A tiny random CLIP and a small BPE vocabulary, for worked examples and smoke runs without CLIP's weights.
 
-    python -m modules.tiny_clip --texts vocabulary.txt --out DIR [--seed 0]
+    python -m preprocess.make_tiny_clip --texts vocabulary.txt --out DIR [--seed 0]
 
 writes ``DIR/tiny-clip.pt`` (a state dict in OpenAI's layout: main.py's ``--pretrained_dir DIR
 --pretrained_clip_name tiny-clip.pt``, search_videos.py's ``--clip``) and ``DIR/bpe.txt.gz`` (a BPE
