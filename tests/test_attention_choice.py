@@ -13,14 +13,14 @@ FLAGS = dict(batch_size=4, data_kwargs={"num_videos": 4}, model_kwargs={"seed": 
 
 def _timing_picks(monkeypatch, train, evaluation):
     """Make the start-up measurement answer (eval, train) backends as if timed so."""
-    import runtime.cpu
+    import modules.backends
 
     calls = []
 
     def choose(shape, dtype):
         calls.append(shape)
         return evaluation, train, {}
-    monkeypatch.setattr(runtime.cpu, "choose_attention", choose)
+    monkeypatch.setattr(modules.backends, "choose_attention", choose)
     return calls
 
 
