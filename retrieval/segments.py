@@ -20,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass
 
 MODES = ("auto", "whole", "shots", "windows")
+MIN_SHOT_SECONDS = 0.5  # the shot detector's shortest shot
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,10 @@ def merge_and_split(boundaries: list[float], duration: float, min_len: int, max_
 def detect_shot_boundaries(path: str, threshold: float = 27.0) -> list[float]:
     """Cut times (seconds) of ``path`` found by PySceneDetect's ContentDetector.
 
-    Raises RuntimeError naming the file when it cannot be read or scenedetect is missing."""
+    The detector's shortest shot is half a second (its default, 15 frames, is half a second at 30 fps,
+    but five seconds of a 3 fps video, whose cuts it would hide); shots shorter than ``--min_len`` are
+    merged afterwards anyway. Raises RuntimeError naming the file when it cannot be read or scenedetect
+    is missing."""
     try:
         from scenedetect import ContentDetector, SceneManager, open_video
     except ImportError as err:  # pragma: no cover - scenedetect is in requirements.txt
@@ -130,8 +134,9 @@ def detect_shot_boundaries(path: str, threshold: float = 27.0) -> list[float]:
             from err
     try:
         video = open_video(path, backend=_scenedetect_backend())
+        min_frames = max(1, round(MIN_SHOT_SECONDS * float(video.frame_rate or 30)))
         manager = SceneManager()
-        manager.add_detector(ContentDetector(threshold=threshold))
+        manager.add_detector(ContentDetector(threshold=threshold, min_scene_len=min_frames))
         manager.detect_scenes(video, show_progress=False)
         scenes = manager.get_scene_list(start_in_scene=True)
     except Exception as err:  # noqa: BLE001 - any failure is this file's failure
@@ -181,9 +186,11 @@ def merge_ranked(candidates, k: int, per_video: int | None = None):
     """Merge ranked segments into at most ``k`` ranges.
 
     ``candidates``: (score, row, path, start, end) best first; start/end None for a whole file. The
-    segments are taken in rank order; one that overlaps or touches a range of the same video already
-    made joins it (ranges it bridges join too; the range keeps its best score), else it starts a new
-    range unless its video has ``per_video`` ranges already. Taking stops once ``k`` ranges exist.
+    segments are taken in rank order; one that overlaps a range of the same video already made joins it
+    (ranges it bridges join too; the range keeps its best score), else it starts a new range unless its
+    video has ``per_video`` ranges already. Taking stops once ``k`` ranges exist. Only overlapping
+    segments (windows with a stride shorter than the window) join: shots, which touch without
+    overlapping, stay one range each, so a large ``-k`` never grows a hit into the whole file.
 
     Returns (ranges, exhausted): ranges as dicts {score, path, start, end, rows (best first)}, best
     first; exhausted is False when taking stopped before the candidates ran out.
@@ -197,7 +204,7 @@ def merge_ranked(candidates, k: int, per_video: int | None = None):
         if start is None or end is None:  # a whole file: one range per file
             touching = list(own)
         else:
-            touching = [r for r in own if r["start"] is not None and start <= r["end"] and end >= r["start"]]
+            touching = [r for r in own if r["start"] is not None and start < r["end"] and end > r["start"]]
         if touching:
             keep = touching[0]
             for other in touching[1:]:
