@@ -527,9 +527,9 @@ class VideoIndex:
                         log=None, per_video: int | None = None, exclude_rows=()) -> list[list[Hit]]:
         """Top-k for each row of ``queries`` (Q, D), L2-normalised.
 
-        Segments are taken best first; ranges of one video that overlap or touch are merged into one
-        hit (retrieval.segments.merge_ranked), at most ``per_video`` hits per video; ``exclude_rows``
-        are left out (a query segment itself).
+        The best ``k`` segments are taken; those of one video that overlap or touch are merged into one
+        hit (retrieval.segments.merge_ranked), so at most ``k`` hits; at most ``per_video`` hits per
+        video; ``exclude_rows`` are left out (a query segment itself).
         """
         if backend not in BACKENDS:
             raise SearchError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -555,7 +555,7 @@ class VideoIndex:
                 candidates = ((float(sc), int(i), entries[i]["path"], entries[i].get("start"), entries[i].get("end"))
                               for sc, i in zip(srow, irow) if i >= 0 and int(i) not in exclude)
                 ranges, exhausted = merge_ranked(candidates, k, per_video)
-                short |= exhausted and len(ranges) < k
+                short |= exhausted
                 results.append([Hit(r + 1, m["score"], m["path"], entries[m["rows"][0]], m["start"], m["end"],
                                     len(m["rows"])) for r, m in enumerate(ranges)])
             if not short or pool >= n:

@@ -183,28 +183,32 @@ def format_range(start: float | None, end: float | None) -> str:
 
 
 def merge_ranked(candidates, k: int, per_video: int | None = None):
-    """Merge ranked segments into at most ``k`` ranges.
+    """The best ``k`` segments, with neighbouring or overlapping ones of one video merged into one range.
 
     ``candidates``: (score, row, path, start, end) best first; start/end None for a whole file. The
-    segments are taken in rank order; one that overlaps a range of the same video already made joins it
-    (ranges it bridges join too; the range keeps its best score), else it starts a new range unless its
-    video has ``per_video`` ranges already. Taking stops once ``k`` ranges exist. Only overlapping
-    segments (windows with a stride shorter than the window) join: shots, which touch without
-    overlapping, stay one range each, so a large ``-k`` never grows a hit into the whole file.
+    segments are taken in rank order until ``k`` are taken; one that overlaps or touches a range of the
+    same video already made joins it (ranges it bridges join too; the range keeps its best score), else
+    it starts a new range, unless its video has ``per_video`` ranges already (then it is skipped and not
+    counted). So at most ``k`` ranges come back, and only segments that both rank in the top ``k`` are
+    merged: a larger ``k`` never grows a hit with segments ranked below it.
 
     Returns (ranges, exhausted): ranges as dicts {score, path, start, end, rows (best first)}, best
-    first; exhausted is False when taking stopped before the candidates ran out.
+    first; exhausted is True when the candidates ran out before ``k`` segments were taken.
     """
     ranges: list[dict] = []
     by_video: dict[str, list[dict]] = {}
+    taken = 0
     for score, row, path, start, end in candidates:
-        if len(ranges) >= k:
+        if taken >= k:
             return sorted(ranges, key=lambda r: -r["score"]), False
         own = by_video.setdefault(path, [])
         if start is None or end is None:  # a whole file: one range per file
             touching = list(own)
         else:
-            touching = [r for r in own if r["start"] is not None and start < r["end"] and end > r["start"]]
+            touching = [r for r in own if r["start"] is not None and start <= r["end"] and end >= r["start"]]
+        if not touching and per_video is not None and len(own) >= per_video:
+            continue
+        taken += 1
         if touching:
             keep = touching[0]
             for other in touching[1:]:
@@ -218,9 +222,7 @@ def merge_ranked(candidates, k: int, per_video: int | None = None):
             keep["rows"].append(row)
             keep["score"] = max(keep["score"], score)
             continue
-        if per_video is not None and len(own) >= per_video:
-            continue
         new = {"score": score, "path": path, "start": start, "end": end, "rows": [row]}
         own.append(new)
         ranges.append(new)
-    return sorted(ranges, key=lambda r: -r["score"]), True
+    return sorted(ranges, key=lambda r: -r["score"]), taken < k

@@ -65,24 +65,29 @@ def test_shots_merged_and_split_by_hand():
 
 
 def test_merge_ranked_by_hand():
-    # overlapping windows of "a" (10-18, 14-22, 18-26) join; ranges that only touch do not
-    cands = [(0.9, 0, "a", 10, 18), (0.8, 1, "b", 0, 8), (0.7, 2, "a", 14, 22), (0.65, 3, "a", 18, 26),
-             (0.6, 4, "a", 26, 30), (0.5, 5, "b", 8, 16), (0.4, 6, "a", 40, 48)]
+    cands = [(0.9, 0, "a", 10, 18), (0.8, 1, "b", 0, 8), (0.7, 2, "a", 18, 26), (0.6, 3, "a", 40, 48),
+             (0.5, 4, "b", 30, 38), (0.4, 5, "a", 26, 30)]
+    # the best 3 segments; a 18-26 touches a 10-18 (both rank): one range with the best score
     ranges, exhausted = merge_ranked(iter(cands), k=3)
     assert [(r["path"], r["start"], r["end"], r["score"], r["rows"]) for r in ranges] == [
-        ("a", 10, 26, 0.9, [0, 2, 3]), ("b", 0, 8, 0.8, [1]), ("a", 26, 30, 0.6, [4])]
+        ("a", 10, 26, 0.9, [0, 2]), ("b", 0, 8, 0.8, [1])]
     assert not exhausted
-    # at most one range per video: overlapping segments still join, new ones of a full video are skipped
-    ranges, exhausted = merge_ranked(iter(cands), k=3, per_video=1)
-    assert [(r["path"], r["start"], r["end"], r["rows"]) for r in ranges] == [("a", 10, 26, [0, 2, 3]),
+    # k = 4 takes a 40-48 as well; a 26-30 (ranked 6th) does not grow the first range
+    ranges, exhausted = merge_ranked(iter(cands), k=4)
+    assert [(r["path"], r["start"], r["end"], r["rows"]) for r in ranges] == [
+        ("a", 10, 26, [0, 2]), ("b", 0, 8, [1]), ("a", 40, 48, [3])]
+    # at most one range per video: neighbours still merge, new ranges of a full video are skipped, uncounted
+    ranges, exhausted = merge_ranked(iter(cands), k=4, per_video=1)
+    assert [(r["path"], r["start"], r["end"], r["rows"]) for r in ranges] == [("a", 10, 30, [0, 2, 5]),
                                                                               ("b", 0, 8, [1])]
-    assert exhausted
-    # a segment overlapping two ranked ranges joins all three, with the best score
-    ranges, _ = merge_ranked(iter([(0.5, 0, "a", 0, 6), (0.9, 1, "a", 8, 12), (0.7, 2, "a", 4, 10)]), k=5)
-    assert [(r["start"], r["end"], r["score"]) for r in ranges] == [(0, 12, 0.9)]
-    # shots (touching, not overlapping) stay apart, however large k
+    assert not exhausted                      # 4 segments were taken
+    assert merge_ranked(iter(cands), k=5, per_video=1)[1]  # the candidates ran out first
+    # a segment between two ranked ones joins all three, with the best score
     ranges, _ = merge_ranked(iter([(0.5, 0, "a", 0, 4), (0.9, 1, "a", 8, 12), (0.7, 2, "a", 4, 8)]), k=5)
-    assert [(r["start"], r["end"], r["score"]) for r in ranges] == [(8, 12, 0.9), (4, 8, 0.7), (0, 4, 0.5)]
+    assert [(r["start"], r["end"], r["score"]) for r in ranges] == [(0, 12, 0.9)]
+    # k = 1 is the best segment alone, even with ranked neighbours
+    ranges, _ = merge_ranked(iter([(0.9, 1, "a", 8, 12), (0.7, 2, "a", 4, 8)]), k=1)
+    assert [(r["start"], r["end"], r["rows"]) for r in ranges] == [(8, 12, [1])]
     # whole files: one range each
     ranges, _ = merge_ranked(iter([(0.5, 0, "a", None, None), (0.4, 1, "b", None, None)]), k=1)
     assert [(r["path"], r["start"]) for r in ranges] == [("a", None)]
@@ -130,7 +135,7 @@ def test_range_entries_are_the_evaluation_features(world, loaded, tmp_path, caps
         with torch.no_grad():
             expected = torch.nn.functional.normalize(model.encode_video(clip.video[None], clip.mask[None]), dim=-1)
         torch.testing.assert_close(feature[None], expected, atol=1e-5, rtol=1e-5)
-    # query: k = 1 is the best range alone; with k above the 4 shots each is a hit of its own (touching, not merged)
+    # query: k = 1 is the best range alone; with k above the 4 ranges all rank and, touching, merge
     text = VideoIndex.open(idx, model=model, tokenizer=loaded.tokenizer).encode_texts(["a red square"])[0]
     raw = index.features() @ text
     best = int(raw.argmax())
@@ -144,11 +149,8 @@ def test_range_entries_are_the_evaluation_features(world, loaded, tmp_path, caps
     code, out, err = run_cli(["query", "a red square", "--index", idx, "-k", 10, "--json", "-", "--device", "cpu"],
                              capsys)
     hits = json.loads(out)[0]["results"]
-    order = sorted(range(4), key=lambda i: -float(raw[i]))  # the four shots, best first, one hit each
-    assert [(h["start"], h["end"], h["segments"]) for h in hits] == [
-        (index.entries[i]["start"], index.entries[i]["end"], 1) for i in order]
-    assert hits[0]["range"] == format_range(e["start"], e["end"])
-    assert hits[0]["score"] == pytest.approx(float(raw.max()), abs=1e-5)
+    assert len(hits) == 1 and (hits[0]["start"], hits[0]["end"], hits[0]["segments"]) == (0, 16, 4)
+    assert hits[0]["range"] == "0:00-0:16" and hits[0]["score"] == pytest.approx(float(raw.max()), abs=1e-5)
     code, out, err = run_cli(["query", "a red square", "--index", idx, "-k", 1, "--device", "cpu", "--html",
                               tmp_path / "page.html"], capsys)
     assert code == 0 and format_range(e["start"], e["end"]) in out.splitlines()[2] and world.long_video in out
