@@ -12,7 +12,8 @@ index entry of that absolute path (and, with start/end, to the entry of that seg
 Every query is ranked against every entry of the index by cosine similarity (exact); its rank is the
 1-based position of its video in that order, ties placed as :func:`modules.metrics.compute_ranks` places
 them. Printed: R@1/5/10 (percent of queries with rank <= k), median and mean rank. ``--json`` writes the
-metrics and the per-query ranks (atomically).
+metrics and, per query, its rank and its score with its video (cosine; after QB-norm, main.py's scale)
+(atomically).
 
 ``--qb_norm BANK``: query-bank normalisation (:mod:`modules.qb_norm`) with a bank of OTHER queries the
 user supplies: a text file (one query per line), a .csv/.tsv/.jsonl with a ``query`` or ``caption``
@@ -178,12 +179,14 @@ def _normalised(x: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def query_ranks(query_features: np.ndarray, index_features: np.ndarray, relevant: list[int]) -> np.ndarray:
-    """1-based rank of each query's relevant entry among all entries (cosine; ties as compute_ranks)."""
+def query_ranks(query_features: np.ndarray, index_features: np.ndarray, relevant: list[int]):
+    """(ranks, scores): the 1-based rank of each query's relevant entry among all entries (cosine; ties as
+    compute_ranks) and the query's cosine score with that entry."""
     from modules.metrics import compute_ranks
 
     sims = _normalised(query_features) @ _normalised(index_features).T
-    return compute_ranks(sims, np.asarray(relevant)) + 1
+    rel = np.asarray(relevant)
+    return compute_ranks(sims, rel) + 1, sims[np.arange(len(rel)), rel]
 
 
 def metrics(ranks: np.ndarray) -> dict:
@@ -200,16 +203,18 @@ def format_metrics(m: dict, label: str) -> str:
 
 
 def qb_normalised_ranks(query_features, bank_features, index_features, relevant, scale: float, k: int,
-                        theta: float, beta: float) -> np.ndarray:
-    """1-based ranks after QB-norm of the (queries x entries) scores with the (bank x entries) scores, both
-    ``scale`` x cosine (main.py's similarity)."""
+                        theta: float, beta: float):
+    """(ranks, scores) after QB-norm of the (queries x entries) scores with the (bank x entries) scores, both
+    ``scale`` x cosine (main.py's similarity); scores: each query's normalised score of its relevant entry."""
     from modules.metrics import compute_ranks
     from modules.qb_norm import qb_norm
 
     gallery = _normalised(index_features).T
     test = (scale * (_normalised(query_features) @ gallery)).astype(np.float32)
     bank = (scale * (_normalised(bank_features) @ gallery)).astype(np.float32)
-    return compute_ranks(qb_norm(bank, test, k, beta, theta), np.asarray(relevant)) + 1
+    normed = qb_norm(bank, test, k, beta, theta)
+    rel = np.asarray(relevant)
+    return compute_ranks(normed, rel) + 1, normed[np.arange(len(rel)), rel]
 
 
 def evaluate_index(index, queries: list[dict], relevant: list[int], bank=None, qb_k: int = 1,
@@ -219,8 +224,8 @@ def evaluate_index(index, queries: list[dict], relevant: list[int], bank=None, q
     texts = [q["query"] for q in queries]
     query_feats = index.encode_texts(texts).numpy()
     index_feats = index.features().float().numpy()
-    ranks = query_ranks(query_feats, index_feats, relevant)
-    result = {"metrics": metrics(ranks), "ranks": ranks, "qb_norm": None}
+    ranks, scores = query_ranks(query_feats, index_feats, relevant)
+    result = {"metrics": metrics(ranks), "ranks": ranks, "scores": scores, "qb_norm": None}
     if bank is not None:
         if isinstance(bank, np.ndarray):
             if bank.shape[1] != query_feats.shape[1]:
@@ -236,10 +241,10 @@ def evaluate_index(index, queries: list[dict], relevant: list[int], bank=None, q
                                     "QB-norm needs a bank of other queries")
             bank_feats, size = index.encode_texts(bank).numpy(), len(bank)
         scale = float(index.model.clip.logit_scale.exp()) if index.model is not None else 100.0
-        qb_ranks = qb_normalised_ranks(query_feats, bank_feats, index_feats, relevant, scale, qb_k, qb_theta,
-                                       qb_beta)
+        qb_ranks, qb_scores = qb_normalised_ranks(query_feats, bank_feats, index_feats, relevant, scale, qb_k,
+                                                  qb_theta, qb_beta)
         shared = len(set(bank) & set(texts)) if not isinstance(bank, np.ndarray) else 0
-        result["qb_norm"] = {"metrics": metrics(qb_ranks), "ranks": qb_ranks, "bank_size": size,
+        result["qb_norm"] = {"metrics": metrics(qb_ranks), "ranks": qb_ranks, "scores": qb_scores, "bank_size": size,
                              "bank_queries_also_evaluated": shared, "k": qb_k, "theta": qb_theta, "beta": qb_beta}
     return result
 
@@ -270,16 +275,17 @@ def cmd_evaluate(args, load) -> int:
         per_query = []
         for i, (q, row) in enumerate(zip(queries, relevant)):
             item = {"row": q["where"], "query": q["query"], "video": q["video"], "path": entries[row]["path"],
-                    "rank": int(result["ranks"][i])}
+                    "rank": int(result["ranks"][i]), "score": round(float(result["scores"][i]), 6)}
             if q["start"] is not None:
                 item.update(start=q["start"], end=q["end"])
             if qb is not None:
                 item["rank_qb_norm"] = int(qb["ranks"][i])
+                item["score_qb_norm"] = round(float(qb["scores"][i]), 6)
             per_query.append(item)
         payload = {"index": os.path.abspath(args.index), "queries": os.path.abspath(args.queries),
                    "entries": len(entries), "ranks": "1-based position of the query's video among all entries",
                    "metrics": result["metrics"],
-                   "qb_norm": None if qb is None else {k: v for k, v in qb.items() if k != "ranks"},
+                   "qb_norm": None if qb is None else {k: v for k, v in qb.items() if k not in ("ranks", "scores")},
                    "per_query": per_query}
         atomic_write_text(args.json, json.dumps(payload, indent=1) + "\n")
         print(f"per-query ranks: {args.json}")

@@ -121,6 +121,11 @@ def test_qb_norm_with_a_user_bank(world, index, labelled, tmp_path, capsys):
     expected = [1 + int(np.sum(row > row[g]) + np.sum(row[:g] == row[g])) for row, g in zip(normed, gt)]
     data = json.loads(out_json.read_text())
     assert [p["rank_qb_norm"] for p in data["per_query"]] == expected
+    # and the normalised score of each query's video (a wrong beta or theta that keeps the ranks shows here)
+    np.testing.assert_allclose([p["score_qb_norm"] for p in data["per_query"]],
+                               [row[g] for row, g in zip(normed, gt)], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose([p["score"] for p in data["per_query"]],
+                               [float(q[i] @ feats[g]) for i, g in enumerate(gt)], atol=1e-5)
     assert data["qb_norm"]["bank_size"] == len(bank_texts) and "with QB-norm (bank of 12" in out
     assert expected != [p["rank"] for p in data["per_query"]]  # the normalisation changed something
 
