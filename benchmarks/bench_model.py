@@ -25,7 +25,7 @@ printed with its rate and its fraction of the best rate of its precision.
     python benchmarks/bench_model.py --layers 4         # the shape of the published-code reference timing
     python benchmarks/bench_model.py --precision fp32   # fp32 only (default: fp32 and bf16)
     python benchmarks/bench_model.py --rounds 3         # medians over 3 interleaved sweeps
-    python benchmarks/bench_model.py --impls ours        # default vs tuned only
+    python benchmarks/bench_model.py --impls ours        # ours only: default, tuned and api
 
 Each configuration runs in its own process. Memory on CPU is the peak resident set during the timed
 loop above the resident set before it (activations and temporaries, not weights; Linux's VmHWM,
