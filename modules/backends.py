@@ -27,6 +27,7 @@ Nothing here runs at import. Every setting is process-global; ``restore()`` undo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -126,13 +127,22 @@ class Fp32Check:
     error_mkl: float  # worst relative error against float64 over the checked products
     error_onednn: float
     speedup: float  # oneDNN's rate / MKL's on a model-sized linear layer (0 when not timed)
+    given: str | None = None  # "onednn" / "mkl" asked for by the caller (a recorded choice), else None
 
     @property
     def use_onednn(self) -> bool:
+        if self.given is not None:  # a recorded choice replaces the timing, never the accuracy check
+            return self.exact and self.given == "onednn"
         return self.exact and self.speedup >= MIN_SPEEDUP
+
+    @property
+    def path(self) -> str:
+        return "onednn" if self.use_onednn else "mkl"
 
     def describe(self) -> str:
         path = "oneDNN" if self.use_onednn else "MKL"
+        if self.given is not None:
+            return f"fp32 matrix products: {path} (recorded: {self.given}; oneDNN exact here: {self.exact})"
         if self.error_onednn != self.error_onednn:  # nan: not checked
             why = "this PyTorch cannot route fp32 products to oneDNN"
         elif not self.exact:
@@ -174,9 +184,14 @@ def _cached_fp32_check(threads: int) -> Fp32Check:
     return check_onednn_fp32()
 
 
-def choose_fp32_path(undo: list | None = None) -> Fp32Check:
-    """Check oneDNN (once per process and thread count) and route fp32 products there if it pays."""
+def choose_fp32_path(undo: list | None = None, given: str | None = None) -> Fp32Check:
+    """Check oneDNN (once per process and thread count) and route fp32 products there if it pays, or,
+    with ``given`` ("onednn" / "mkl": an earlier run's choice), as given where oneDNN is exact."""
     check = _cached_fp32_check(torch.get_num_threads())
+    if given is not None:
+        if given not in ("onednn", "mkl"):
+            raise ValueError(f"fp32 path must be 'onednn' or 'mkl', got {given!r}")
+        check = dataclasses.replace(check, given=given)
     if check.use_onednn:
         matmul = torch.backends.mkldnn.matmul
         before = matmul.fp32_precision
@@ -437,11 +452,13 @@ class Tuning:
 
 
 def tune_dtypes(model, device, train_dtype=None, eval_dtype=None, eval_text_dtype=None,
-                threads: int | None = None, until_restore: bool = False, pick_attention: bool = True) -> Tuning:
+                threads: int | None = None, until_restore: bool = False, pick_attention: bool = True,
+                fp32_path: str | None = None) -> Tuning:
     """:func:`tune` for given autocast dtypes (None: fp32) of training, video and text encoding; what
     ``runtime.cpu`` calls with the dtypes of ``--precision`` / ``--eval_precision``. ``until_restore``:
     the module's ``restore()`` also undoes this tuning. ``pick_attention=False``: leave the attention
-    backend to the caller (``--attention_backend math|flash``)."""
+    backend to the caller (``--attention_backend math|flash``). ``fp32_path`` ("onednn" / "mkl"): an earlier
+    run's product path instead of a timing (oneDNN only where exact)."""
     device = torch.device(device)
     tuning = Tuning(device, train_dtype, eval_dtype, eval_text_dtype)
     if until_restore:
@@ -450,7 +467,7 @@ def tune_dtypes(model, device, train_dtype=None, eval_dtype=None, eval_text_dtyp
         set_threads(threads, tuning._undo)
     if device.type != "cpu":
         return tuning
-    tuning.fp32 = choose_fp32_path(tuning._undo)
+    tuning.fp32 = choose_fp32_path(tuning._undo, fp32_path)
     if hasattr(model, "clip") and hasattr(model, "config"):  # a DGL model
         if pick_attention:
             fp32 = torch.float32

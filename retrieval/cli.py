@@ -158,15 +158,29 @@ def _load(args, index_record: dict | None = None):
     return load_model(clip, ckpt, bpe, flags, _device(args.device))
 
 
-def _encoding_settings(model, device, workers: int, precision: str):
+def _encoding_settings(model, device, workers: int, precision: str, kernels: dict | None = None):
     """main.py's start-up choices for encoding videos (runtime.cpu): compute threads next to the decoding
-    workers, and on CPU the fp32 product path and the attention backend (measured in about a second)."""
+    workers, and on CPU the fp32 product path and the attention backend (measured in about a second), or
+    ``kernels``, the choices recorded in the index, so that every entry is computed the same way."""
     from retrieval.encode import autocast_dtype
     from runtime.cpu import available_cores, inference_settings
 
     bf16 = autocast_dtype(precision, device) is not None
+    kernels = kernels if kernels and kernels.get("device") == device.type else {}
     return inference_settings(model, device, threads=max(1, available_cores() - workers),
-                              eval_precision="bf16" if bf16 else "fp32")
+                              eval_precision="bf16" if bf16 else "fp32",
+                              attention_backend=kernels.get("attention", "auto"), fp32_path=kernels.get("fp32_products"))
+
+
+def _recorded_kernels(index_dir: str) -> dict | None:
+    if not os.path.isfile(os.path.join(index_dir, "index.json")):
+        return None
+    from retrieval.index import VideoIndex
+
+    try:
+        return VideoIndex._read_meta(index_dir).get("kernels")
+    except Exception:  # noqa: BLE001 - a damaged index.json is reported by the build itself
+        return None
 
 
 SEGMENT_FLAGS = {"segments": "mode", "min_len": "min_len", "max_len": "max_len", "window": "window",
@@ -205,7 +219,12 @@ def cmd_index(args) -> int:
     if segmentation is None and not os.path.isfile(os.path.join(args.index, "index.json")):
         segmentation = DEFAULT
     loaded = _load(args)
-    settings = _encoding_settings(loaded.model, _device(args.device), args.workers, args.precision)
+    device = _device(args.device)
+    recorded = _recorded_kernels(args.index)
+    settings = _encoding_settings(loaded.model, device, args.workers, args.precision, recorded)
+    from modules.backends import backend_name
+    kernels = {"device": device.type, "attention": backend_name(settings.eval_attention),
+               "fp32_products": settings.fp32_path}
     try:
         with backends_context(settings.eval_attention):
             index = VideoIndex.build(loaded.model, args.videos, index_dir=args.index, tokenizer=loaded.tokenizer,
@@ -213,12 +232,16 @@ def cmd_index(args) -> int:
                                      shard_size=args.shard_size, progress=_progress_wanted(args.no_progress),
                                      model_record=loaded.info, log=_log, segmentation=segmentation,
                                      resize_short_side=None if args.resize_short_side is None
-                                     else bool(args.resize_short_side), decoder=args.video_decoder)
+                                     else bool(args.resize_short_side), decoder=args.video_decoder,
+                                     kernels=kernels)
     finally:
         restore()
     videos = len({e["path"] for e in index.entries})
     print(f"index {args.index}: {len(index)} entries of {videos} videos ({index.segmentation.describe()}) in "
           f"{len(index.shards)} shard(s), {index.record.get('precision', 'fp32')} features")
+    reused = bool(recorded) and recorded.get("device") == device.type
+    print(f"kernels: attention {kernels['attention']}, fp32 products {kernels['fp32_products'] or 'default'} "
+          f"({'as recorded in the index' if reused else 'chosen by timing, recorded in the index'})")
     if index.failed:
         print(f"{len(index.failed)} video(s) or range(s) could not be read and were skipped "
               f"(listed in {os.path.join(args.index, 'failed.json')}):")

@@ -203,7 +203,8 @@ class VideoIndex:
     def build(cls, model, paths, index_dir: str | None = None, tokenizer=None, batch_size: int = 8,
               workers: int = 0, precision: str = "auto", shard_size: int = 256, progress: bool = False,
               model_record: dict | None = None, on_shard=None, log=print, segmentation: Segmentation | None = None,
-              resize_short_side: bool | None = None, decoder: str | None = None) -> "VideoIndex":
+              resize_short_side: bool | None = None, decoder: str | None = None,
+              kernels: dict | None = None) -> "VideoIndex":
         """Encode the videos under ``paths`` (files or folders, recursively) with ``model``.
 
         With ``index_dir`` the index is written there in shards of ``shard_size`` entries and an
@@ -211,7 +212,9 @@ class VideoIndex:
         videos (or ranges) are skipped and listed in ``index.failed``. ``on_shard(path)`` is called after
         each shard is written. ``segmentation`` (retrieval.segments.Segmentation; default: whole files),
         ``resize_short_side`` and ``decoder`` (load_video's options): None takes an existing index's
-        record; a value other than the record is refused.
+        record; a value other than the record is refused. ``kernels``: the attention backend and fp32
+        product path the entries are computed with, recorded by the first run (later runs read them back,
+        so that a resumed or grown index equals one uninterrupted run).
         """
         if batch_size < 1 or shard_size < 1 or workers < 0:
             raise SearchError(f"batch_size and shard_size must be >= 1 and workers >= 0 "
@@ -232,12 +235,14 @@ class VideoIndex:
         wanted = {"max_frames": model.config.max_frames, "image_resolution": model.image_resolution,
                   "resize_short_side": resize_short_side, "decoder": decoder}
         if index_dir:
-            index = cls._open_for_update(index_dir, record, wanted, segmentation, log)
+            index = cls._open_for_update(index_dir, record, wanted, segmentation, log, kernels)
         else:
             sampling = transform_record(**{k: (TRANSFORM_DEFAULTS.get(k) if v is None else v) for k, v in wanted.items()})
             index = cls(None, {"format": FORMAT, "model": record, "sampling": sampling,
                                "segmentation": (segmentation or WHOLE).to_dict()}, [])
         index.model, index.tokenizer = model, tokenizer
+        if kernels is not None and index.record.get("kernels", {}).get("device") != kernels.get("device"):
+            index.record["kernels"] = dict(kernels)  # an index from before kernels were recorded: saved at the end
         todo, have = index._drop_stale(files, log)
         index._encode(todo, have, batch_size, workers, precision, shard_size, progress, on_shard)
         if index_dir:
@@ -250,7 +255,7 @@ class VideoIndex:
 
     @classmethod
     def _open_for_update(cls, index_dir: str, record: dict, wanted: dict, segmentation: Segmentation | None,
-                         log) -> "VideoIndex":
+                         log, kernels: dict | None = None) -> "VideoIndex":
         os.makedirs(os.path.join(index_dir, "shards"), exist_ok=True)
         meta_path = os.path.join(index_dir, "index.json")
         if os.path.exists(meta_path):
@@ -276,6 +281,8 @@ class VideoIndex:
             sampling = transform_record(**{k: (TRANSFORM_DEFAULTS.get(k) if v is None else v) for k, v in wanted.items()})
             meta = {"format": FORMAT, "model": record, "sampling": sampling,
                     "segmentation": (segmentation or WHOLE).to_dict(), "created": time.time()}
+            if kernels is not None:  # recorded before the first shard, so a killed first run keeps them too
+                meta["kernels"] = dict(kernels)
             _write_json(meta_path, meta)
         for pattern in (".*.tmp", os.path.join("shards", ".*.tmp")):  # left by a killed run
             for tmp in glob.glob(os.path.join(index_dir, pattern)):

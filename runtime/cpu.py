@@ -110,11 +110,14 @@ def apply_cpu_settings(args, device: torch.device, model, precision) -> None:
         return
     bf16 = torch.bfloat16
     tuning = tune_dtypes(model, device, bf16 if precision.dtype == bf16 else None, precision.eval_video_dtype,
-                         precision.eval_text_dtype, until_restore=True, pick_attention=forced == "auto")
+                         precision.eval_text_dtype, until_restore=True, pick_attention=forced == "auto",
+                         fp32_path=getattr(args, "fp32_path", None))
     for line in tuning.describe():
         log.info("%s", line)
     if tuning.attention_shape is not None:
         precision.eval_attention, precision.train_attention = tuning.eval_attention, tuning.train_attention
+    if tuning.fp32 is not None:
+        precision.fp32_path = tuning.fp32.path
     _warn_if_bf16_is_slow(precision)
 
 
@@ -129,16 +132,19 @@ def _warn_if_bf16_is_slow(precision) -> None:
 
 
 def inference_settings(model, device: torch.device | str = "cpu", threads: int | None = None,
-                       eval_precision: str | None = None):
+                       eval_precision: str | None = None, attention_backend: str = "auto",
+                       fp32_path: str | None = None):
     """The same start-up choices for a tool that only encodes (e.g. indexing a folder of videos):
     threads (all cores by default), fp32 product path, attention backend. Returns the
     runtime.precision.Precision whose ``eval_autocast()`` / ``eval_video_autocast()`` to encode under.
-    ``restore()`` undoes the settings."""
+    ``restore()`` undoes the settings. ``attention_backend`` ("math", "flash", PyTorch's choice) and
+    ``fp32_path`` ("onednn", "mkl") repeat an earlier run's choices instead of timing them."""
     import argparse
 
     device = torch.device(device)
     precision = Precision("fp32", device, eval_precision)
-    args = argparse.Namespace(threads=threads, num_thread_reader=0, device=device.type, gpu=None, cpu_tuning=1)
+    args = argparse.Namespace(threads=threads, num_thread_reader=0, device=device.type, gpu=None, cpu_tuning=1,
+                              attention_backend=attention_backend, fp32_path=fp32_path)
     apply_cpu_settings(args, device, model, precision)
     return precision
 

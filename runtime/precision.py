@@ -41,6 +41,7 @@ class Precision:
         self.train_attention = None  # list of torch.nn.attention.SDPBackend, or None
         self.eval_attention = None
         self.attention_source = None  # where the backends came from, when not this process's own choice
+        self.fp32_path = None  # "onednn" / "mkl" where runtime.cpu chose the CPU's fp32 product path
 
     def _context(self, dtype, backends):
         stack = contextlib.ExitStack()

@@ -134,3 +134,59 @@ def test_stale_temporary_files_are_removed(world, tmp_path):
     assert [p.exists() for p in stale] == [False, False, False]
     assert [p.read_text() for p in keep] == ["mine\n", "mine\n"]
     assert len(VideoIndex.open(str(idx))) == NUM_VIDEOS
+
+
+def test_an_update_computes_with_the_kernels_the_index_recorded(world, tmp_path, capsys, monkeypatch):
+    """The first `index` run times the attention backend and the fp32 product path and records them; a
+    later run into the same index uses the recorded ones, whatever its own timing would say, so the
+    entries of a grown or resumed index are computed as one run computes them."""
+    import json
+
+    import modules.backends as backends
+    import retrieval.index as index_module
+    from modules.backends import FLASH, MATH, Fp32Check, current_attention_backends
+    from tests.test_search_videos import index_cli
+
+    timed, seen = [], []
+
+    def timing_says(attention, onednn_speedup):
+        def choose(shape, dtype):
+            timed.append(shape)
+            return attention, attention, {}
+        monkeypatch.setattr(backends, "choose_attention", choose)
+        monkeypatch.setattr(backends, "_cached_fp32_check",
+                            lambda threads: Fp32Check(exact=True, error_mkl=0.0, error_onednn=0.0, speedup=onednn_speedup))
+
+    real_encode = index_module.encode_batch
+
+    def encode(model, video, mask, dtype):  # the settings the entries are computed under
+        seen.append((current_attention_backends()[0], torch.backends.mkldnn.matmul.fp32_precision))
+        return real_encode(model, video, mask, dtype)
+    monkeypatch.setattr(index_module, "encode_batch", encode)
+
+    idx = tmp_path / "idx"
+    timing_says([MATH], onednn_speedup=2.0)  # math attention, oneDNN products
+    code, out, err = index_cli(world, os.path.join(world.videos, "more"), str(idx), capsys)
+    assert code == 0, err
+    assert "kernels: attention math, fp32 products onednn (chosen by timing" in out
+    kernels = json.loads((idx / "index.json").read_text())["kernels"]
+    assert kernels == {"device": "cpu", "attention": "math", "fp32_products": "onednn"}
+    first = set(seen)
+    assert first == {(MATH, "bf16")}  # oneDNN's route for fp32 products
+
+    # the timing now says flash and MKL: the update keeps the recorded kernels
+    seen.clear()
+    timed.clear()
+    timing_says([FLASH, MATH], onednn_speedup=0.5)
+    code, out, err = index_cli(world, world.videos, str(idx), capsys)
+    assert code == 0, err
+    assert "kernels: attention math, fp32 products onednn (as recorded in the index)" in out
+    assert timed == [] and seen and set(seen) == first
+    assert json.loads((idx / "index.json").read_text())["kernels"] == kernels
+
+    # a new index times them afresh
+    seen.clear()
+    code, out, err = index_cli(world, world.videos, str(tmp_path / "other"), capsys)
+    assert code == 0, err
+    assert "kernels: attention flash, fp32 products mkl (chosen by timing" in out
+    assert timed and set(seen) == {(FLASH, "none")}

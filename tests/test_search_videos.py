@@ -221,8 +221,11 @@ def test_sigkill_during_indexing_then_resume(world, tmp_path):
     ref = subprocess.run([*cmd[:5], str(tmp_path / "ref"), *cmd[6:]], cwd=repo, capture_output=True, text=True,
                          timeout=300)
     assert ref.returncode == 0, ref.stderr
+    # the reference index times its own kernels (attention backend, fp32 product path), which may round
+    # differently from the killed run's recorded ones: equal to rounding here; bit for bit with the kernels
+    # fixed in tests/test_index_crash.py
     a, b = as_dict(VideoIndex.open(idx)), as_dict(VideoIndex.open(str(tmp_path / "ref")))
-    assert sorted(a) == sorted(b) and all(torch.equal(a[p][1], b[p][1]) for p in a)
+    assert sorted(a) == sorted(b) and all(torch.allclose(a[p][1], b[p][1], atol=1e-5, rtol=0) for p in a)
 
 
 # ------------------------------------------------------------------------------------ search backends
