@@ -231,6 +231,8 @@ BAD = [
      "bad.csv line 2 column 'start': 'zero' is not a number"),
     ("start not before end", "video,caption,start,end\na.mp4,hi,5,4\n",
      "bad.csv line 2 column 'start': 5 is not before end 4"),
+    ("start equal to end", "video,caption,start,end\na.mp4,hi,4,4.0\n",   # an empty span
+     "bad.csv line 2 column 'start': 4 is not before end 4"),
     ("only one of start/end", "video,caption,start,end\na.mp4,hi,1,\n", "bad.csv line 2 column 'end': empty"),
     ("one id, two files", "video,caption,video_id\na.mp4,hi,x\nb.mp4,ho,x\n",
      "bad.csv line 3 column 'video': video_id 'x' is already another video"),

@@ -133,6 +133,25 @@ def test_changed_video_is_read_from_the_file_and_recached(tmp_path):
     assert cache.hits == 2 and cache.videos[os.path.realpath(a)][0].num_frames == 15
 
 
+def test_video_replaced_keeping_its_modification_time_is_read_from_the_file(tmp_path):
+    """A file replaced by another video of another size that keeps the old modification time (cp -p,
+    rsync -t, a restored backup) is not the cached video: its size alone tells it, and a rebuild caches it."""
+    a = write_video(str(tmp_path / "v" / "a.mp4"), textured(12, 48, 64, 7), crf=23)
+    out = str(tmp_path / "cache")
+    build_frame_cache(out, [a], max_frames=T, size=SIZE, log=None)
+    st = os.stat(a)
+    write_video(a, textured(15, 48, 64, 9), crf=23)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(a).st_size != st.st_size and os.stat(a).st_mtime_ns == st.st_mtime_ns
+    cache = FrameCache(out)
+    assert_same(loads(a, None, None, False), loads(a, None, None, False, cache))
+    assert cache.hits == 0 and cache.misses == 1
+    assert build_frame_cache(out, [a], max_frames=T, size=SIZE, log=None)["cached"] == 1
+    cache = FrameCache(out)
+    assert_same(loads(a, None, None, True, None, 4), loads(a, None, None, True, cache, 4))
+    assert cache.hits == 1 and cache.videos[os.path.realpath(a)][0].num_frames == 15
+
+
 def test_interrupted_build_opens_and_completes(clips, raw_cache, tmp_path):
     out = str(tmp_path / "cut")
 

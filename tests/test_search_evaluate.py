@@ -156,6 +156,15 @@ def test_segments_are_matched_by_path_and_span():
                       entries, "q.csv", "idx")
 
 
+def test_a_span_matches_a_segment_by_both_ends():
+    """A span that shares only its start or only its end with a segment is not that segment: refused."""
+    entries = [{"path": "/v/long.mp4", "start": 0.0, "end": 4.0}, {"path": "/v/long.mp4", "start": 4.0, "end": 8.0}]
+    for start, end in ((0.0, 6.0), (4.0, 4.5), (2.0, 8.0), (1.0, 4.0)):
+        query = {"line": "line 2", "video": "long.mp4", "path": "/v/long.mp4", "start": start, "end": end}
+        with pytest.raises(SearchError, match=rf"the span {start:g}-{end:g} s of long.mp4 is not in the index"):
+            match_entries([query], entries, "q.csv", "idx")
+
+
 BAD_QUERIES = [
     ("missing column", "text,video\nhello,a.mp4\n", "q.csv line 1: missing column 'query' (or 'caption')"),
     ("empty query", "query,video\n,{video}\n", "q.csv line 2 column 'query': empty value"),

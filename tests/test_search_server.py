@@ -119,6 +119,23 @@ def test_errors_are_json_and_paths_are_refused(world, client):
         assert r.headers["content-type"].startswith("application/json"), url
 
 
+def test_video_serves_index_entries_only(world, client, monkeypatch):
+    """/video/{id} serves the file of an index entry and nothing else: the names of real files (in the index
+    folder, in the videos folder, in the working folder) and near misses of a real id are refused."""
+    monkeypatch.chdir(world.videos)  # a handler that opened a name as a path would find these
+    hit = client.get("/api/search", params={"q": "x", "k": 1}).json()["results"][0]
+    eid = hit["id"]
+    assert client.get(f"/video/{eid}").content == open(hit["path"], "rb").read()
+    shards = sorted(os.listdir(os.path.join(world.index_dir, "shards")))
+    names = (sorted(os.listdir(world.index_dir)) + shards + [f"shards%2F{shards[0]}", os.path.basename(hit["path"]),
+             hit["name"], os.path.relpath(hit["path"], world.videos).replace(os.sep, "%2F"),
+             eid[:-1], eid + "0", eid.upper(), eid + ".mp4", " " + eid])
+    for name in names:
+        r = client.get(f"/video/{name}")
+        assert (r.status_code, r.headers["content-type"].split(";")[0]) == (404, "application/json"), name
+        assert_json_error(r, 404)
+
+
 def test_token_and_host(world):
     service = make_service(world)
     with TestClient(create_app(service, token="s3cret", allowed_hosts=None)) as c:
