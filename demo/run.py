@@ -2,7 +2,7 @@
 then frozen -> DGL's prompts trained on CPU -> a table of what each model learnt: text-to-video R@1/R@5
 and an order probe, for the frozen CLIP alone (zero-shot), DGL-Transformer and (--compare) DGL-Linear.
 
-    python -m demo [--out demo_output] [--epochs 10] [--num_train 240] [--num_test 60] [--compare]
+    python -m demo [--out demo_output] [--epochs 10] [--num_train 480] [--num_test 60] [--compare]
 
 Everything it needs is made here: the synthetic MSR-VTT-layout dataset (captions about motion and
 order: "a red square moves left then up"), a tiny CLIP in the OpenAI state-dict format given a short
@@ -24,7 +24,7 @@ BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 # What the generator writes for the demo; a data folder written by another version is regenerated.
 DATA_VERSION = 2
 DATA_MANIFEST = "demo_data.json"
-DEFAULTS = {"num_train": 240, "num_test": 60, "num_val": 60, "seed": 0, "max_frames": 8}
+DEFAULTS = {"num_train": 480, "num_test": 60, "num_val": 60, "seed": 0, "max_frames": 4}
 IMAGE_SIZE = 32
 MAX_WORDS = 16
 
@@ -67,6 +67,8 @@ def build_parser():
                    help="the latent space of the default run (--compare trains the other one too)")
     p.add_argument("--frame_prompts", type=int, default=8,
                    help="local prompts per frame (P); the text gets 2P prompts (default 8)")
+    p.add_argument("--global_prompts", type=int, default=4,
+                   help="global visual prompts, which attend to every frame (default 4)")
     p.add_argument("--compare", action="store_true",
                    help="also train DGL-Linear with the same settings and add it to the table")
     p.add_argument("--eval_on", default="test", choices=["test", "val"],
@@ -76,6 +78,9 @@ def build_parser():
     p.add_argument("--pretrain_steps", type=int, default=200,
                    help="image-text pre-training steps of the tiny CLIP on single frames (0: random CLIP)")
     p.add_argument("--pretrain_lr", type=float, default=1e-3)
+    p.add_argument("--clip_layers", type=int, default=3,
+                   help="layers of each of the tiny CLIP's frozen towers (vision and text), all of them "
+                        "prompted by DGL (default 3)")
     p.add_argument("--own_vocab", action="store_true", help="always learn the small BPE vocabulary")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--threads", type=int, default=None,
@@ -166,6 +171,18 @@ def prepare_data(out: str, cfg: dict) -> dict:
     return dataset_paths(root)
 
 
+def prepare_frame_cache(paths: dict, max_frames: int) -> str:
+    """Every frame of the dataset's clips decoded once, as main.py's loader crops them (raw uint8, so the
+    model input is the same bit for bit): ``main.py --frame_cache`` reads them instead of decoding the
+    videos every epoch. Built incrementally: a rerun finds every clip cached and writes nothing."""
+    from preprocess.frame_cache import build_frame_cache, find_videos
+
+    cache = os.path.join(paths["root"], "frame_cache")
+    build_frame_cache(cache, find_videos([paths["features_path"]]), frames="all", max_frames=max_frames,
+                      size=IMAGE_SIZE, log=lambda m: print("[demo] " + m, flush=True))
+    return cache
+
+
 def _all_captions(data_json: str) -> list[str]:
     from demo.pretrain import read_specs
     from preprocess.make_synthetic_dataset import frame_caption
@@ -179,9 +196,10 @@ def _all_captions(data_json: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------ CLIP
 def clip_file_name(vocab_size: int, cfg: dict, args) -> str:
     """The pre-trained CLIP's name says what it was made from: vocabulary size, data, steps, lr, seed."""
+    layers = f"-l{args.clip_layers}"
     if args.pretrain_steps == 0:
-        return f"tiny-clip-v{vocab_size}-random-s{args.seed}.pt"
-    return (f"tiny-clip-v{vocab_size}-frames{data_tag(cfg)}-pt{args.pretrain_steps}"
+        return f"tiny-clip-v{vocab_size}{layers}-random-s{args.seed}.pt"
+    return (f"tiny-clip-v{vocab_size}{layers}-frames{data_tag(cfg)}-pt{args.pretrain_steps}"
             f"-lr{args.pretrain_lr:g}-s{args.seed}.pt")
 
 
@@ -199,7 +217,8 @@ def prepare_clip(clip_path: str, tokenizer, paths: dict, args) -> None:
 
     torch.manual_seed(args.seed)
     clip = CLIP(tiny_clip_config(vocab_size=tokenizer.vocab_size, image_resolution=IMAGE_SIZE,
-                                 context_length=77))
+                                 context_length=77, vision_layers=args.clip_layers,
+                                 transformer_layers=args.clip_layers))
     if args.pretrain_steps:
         t = time.time()
         specs = read_specs(paths["data_path"], "train")
@@ -234,12 +253,12 @@ def train_dgl(args, latent: str, paths: dict, eval_csv: str, pre_dir: str, clip_
            "--max_words", str(MAX_WORDS), "--max_frames", str(args.max_frames),
            "--pretrained_dir", pre_dir, "--pretrained_clip_name", clip_name, "--bpe_path", bpe,
            "--shared_latent_space", latent, "--text_prompt_length", str(2 * args.frame_prompts),
-           "--local_each_frame_prompt_length", str(args.frame_prompts), "--global_visual_prompt_length", "4",
-           "--unified_transformer_layers", "2", "--freeze_clip", "1",
+           "--local_each_frame_prompt_length", str(args.frame_prompts), "--global_visual_prompt_length", str(args.global_prompts),
+           "--unified_transformer_layers", str(args.clip_layers), "--freeze_clip", "1",
            "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--batch_size_val", "32",
            "--lr", str(args.lr), "--wd", "0.2", "--warmup_proportion", "0.1", "--clip_grad_norm", "1.0",
            "--precision", "fp32", "--seed", str(args.seed), "--n_display", "10",
-           "--device", "cpu", "--save_sim_matrix", "--output_dir", run_dir,
+           "--device", "cpu", "--save_sim_matrix", "--frame_cache", paths["frame_cache"], "--output_dir", run_dir,
            "--overwrite_output_dir"]  # a second demo starts its run over
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -260,8 +279,8 @@ def main(argv=None) -> int:
     for name in ("num_train", "num_test", "epochs", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.frame_prompts < 1:
-        parser.error(f"--frame_prompts must be at least 1, got {args.frame_prompts}")
+    if args.frame_prompts < 1 or args.clip_layers < 1 or args.global_prompts < 1:
+        parser.error("--frame_prompts, --clip_layers and --global_prompts must be at least 1")
     if args.num_val < 0 or args.pretrain_steps < 0:
         parser.error("--num_val and --pretrain_steps must not be negative")
     if args.eval_on == "val" and not args.num_val:
@@ -281,6 +300,7 @@ def main(argv=None) -> int:
     # 1. data: a folder per configuration
     cfg = data_config(args)
     paths = prepare_data(out, cfg)
+    paths["frame_cache"] = prepare_frame_cache(paths, args.max_frames)
 
     # 2. BPE vocabulary
     bpe = None if args.own_vocab else next((c for c in _default_bpe_candidates(args.pretrained_dir)

@@ -155,7 +155,9 @@ def _prepare(out, *extra):
 
 
 def _snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """The dataset's files; the frame cache beside them records the videos' modification times."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and "frame_cache" not in p.relative_to(folder).parts}
 
 
 def test_each_data_configuration_has_its_own_folder(tmp_path, capsys):
@@ -234,7 +236,11 @@ def test_demo_small(tmp_path):
     assert [e["epoch"] for e in evals] == [0, 1]
     assert (out / "pretrained" / "bpe_simple_vocab_16e6.txt.gz").is_file()   # the demo's own vocabulary
     assert len(list((out / "pretrained").glob("tiny-clip-*-pt5-*.pt"))) == 1
-    assert json.loads((run / "config.json").read_text())["threads"] == 1   # --threads reaches main.py
+    config = json.loads((run / "config.json").read_text())
+    assert config["threads"] == 1   # --threads reaches main.py
+    # every layer of the 3-layer tiny CLIP is prompted; main.py reads the frames from the demo's cache
+    assert config["unified_transformer_layers"] == 3 and config["frame_cache"].endswith("frame_cache")
+    assert len(list((out / "pretrained").glob("tiny-clip-*-l3-*-pt5-*.pt"))) == 1
     assert "cores: 1 compute thread(s)" in (run / "log.txt").read_text()
     # a rerun reuses the data and the pre-trained CLIP and prints the same table
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
