@@ -21,10 +21,11 @@ import io
 import itertools
 import os
 import sys
-import tempfile
 from typing import Optional
 
 import numpy as np
+
+from runtime.files import OutputWriteError, atomic_write_text
 
 from .ffmpeg_tools import write_video
 
@@ -73,22 +74,6 @@ def _scenes(count: int, rng: np.random.Generator) -> list[dict]:
     return [{"colour": c, "shape": s, "first": a, "second": b} for c, s, (a, b) in (combos[i] for i in picks)]
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _csv(header: list[str], rows: list[list]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -122,9 +107,9 @@ def make_custom_example(out_dir: str, num_short: int = 24, num_long: int = 8, se
     annotations = os.path.join(out_dir, "annotations.csv")
     query_file = os.path.join(out_dir, "queries.csv")
     vocabulary = os.path.join(out_dir, "vocabulary.txt")
-    _atomic_write_text(annotations, _csv(["video", "caption", "start", "end"], rows))
-    _atomic_write_text(query_file, _csv(["query", "video"], queries))
-    _atomic_write_text(vocabulary, "".join(r[1] + "\n" for r in rows) + "".join(q[0] + "\n" for q in queries))
+    atomic_write_text(annotations, _csv(["video", "caption", "start", "end"], rows))
+    atomic_write_text(query_file, _csv(["query", "video"], queries))
+    atomic_write_text(vocabulary, "".join(r[1] + "\n" for r in rows) + "".join(q[0] + "\n" for q in queries))
     return {"annotations": annotations, "queries": query_file, "vocabulary": vocabulary,
             "videos": num_short + num_long, "clips": num_short + 3 * num_long, "captions": len(rows)}
 
@@ -138,7 +123,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         info = make_custom_example(args.out_dir, args.num_short, args.num_long, args.seed)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, OutputWriteError) as exc:
         sys.stderr.write(f"make_custom_example: error: {str(exc).splitlines()[0]}\n")
         return 2
     print(f"{info['videos']} videos ({info['clips']} clips or spans), {info['captions']} captions: "

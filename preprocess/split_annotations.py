@@ -19,8 +19,9 @@ import json
 import os
 import random
 import sys
-import tempfile
 from typing import Optional
+
+from runtime.files import OutputWriteError, atomic_write_text
 
 PROG = "split_annotations"
 EXTENSIONS = (".csv", ".tsv", ".jsonl")
@@ -105,22 +106,6 @@ def render(kind: str, header: Optional[list[str]], rows: list[tuple[int, object,
     return buf.getvalue()
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _counts(rows) -> str:
     return f"{len({r[2] for r in rows})} video files, {len(rows)} rows"
 
@@ -153,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         result = split_annotations(args.annotations, args.out_dir, args.test_fraction, args.seed)
-    except SplitError as exc:
+    except (SplitError, OutputWriteError) as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 2
     print(result["summary"])

@@ -45,7 +45,7 @@ def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
     try:
         os.makedirs(d, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=d)
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
