@@ -58,15 +58,16 @@ def annotation_format(path: str, flag: str = "") -> str:
     return ext[1:]
 
 
-def read_table(path: str, required=REQUIRED, flag: str = "") -> list[tuple[str, dict]]:
-    """``(where, row)`` for every row of a .csv / .tsv / .jsonl file, values as stripped strings (None when
-    absent); checks that the ``required`` columns exist and are non-empty in every row."""
+def parse_rows(path: str, required=(), flag: str = "") -> tuple[str, Optional[list[str]], list[tuple[int, object, dict]]]:
+    """``(kind, header, rows)`` of a .csv / .tsv / .jsonl file. A row is ``(line number, the row as read,
+    values)``: as read is the CSV values or the JSON line itself (so that a tool can write it back
+    unchanged); values maps columns to stripped strings (None when absent). Blank lines are skipped; the
+    ``required`` columns must exist (CSV header, or every JSON object's keys). ``header`` is None for .jsonl."""
     kind = annotation_format(path, flag)
     text = read_text(path)
-    name = os.path.basename(path)
-    rows: list[tuple[str, dict]] = []
+    rows: list[tuple[int, object, dict]] = []
+    header = None
     if kind == "jsonl":
-        header: set = set()
         for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
@@ -79,14 +80,14 @@ def read_table(path: str, required=REQUIRED, flag: str = "") -> list[tuple[str, 
             for key in required:
                 if key not in item:
                     raise AnnotationError(f"{path} line {number}: missing key '{key}'")
-            header.update(item)
-            rows.append((f"{name} line {number}", {k: _as_text(v) for k, v in item.items()}))
+            rows.append((number, line.rstrip("\r"), {k: _as_text(v) for k, v in item.items()}))
     else:
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if kind == "csv" else "\t")
         lines = list(reader)
         if not lines:
             raise AnnotationError(f"{path}: the file is empty (no header)")
-        header_row = [h.strip() for h in lines[0]]
+        header = lines[0]
+        header_row = [h.strip() for h in header]
         missing = [c for c in required if c not in header_row]
         if missing:
             raise AnnotationError(f"{path} line 1: missing column '{missing[0]}' (columns found: "
@@ -98,9 +99,18 @@ def read_table(path: str, required=REQUIRED, flag: str = "") -> list[tuple[str, 
                 raise AnnotationError(f"{path} line {number}: {len(values)} values for {len(header_row)} columns "
                                       f"(quote a {'comma' if kind == 'csv' else 'tab'} inside a value)")
             row = {h: (values[i].strip() if i < len(values) else None) for i, h in enumerate(header_row)}
-            rows.append((f"{name} line {number}", row))
+            rows.append((number, values, row))
     if not rows:
         raise AnnotationError(f"{path}: no rows (the file lists no videos)")
+    return kind, header, rows
+
+
+def read_table(path: str, required=REQUIRED, flag: str = "") -> list[tuple[str, dict]]:
+    """``(where, row)`` for every row of a .csv / .tsv / .jsonl file, values as stripped strings (None when
+    absent); checks that the ``required`` columns exist and are non-empty in every row."""
+    _, _, parsed = parse_rows(path, required, flag)
+    name = os.path.basename(path)
+    rows = [(f"{name} line {number}", row) for number, _, row in parsed]
     for where, row in rows:
         for column in required:
             if not row.get(column):

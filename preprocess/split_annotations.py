@@ -15,73 +15,31 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import random
 import sys
 from typing import Optional
 
+from dataloaders.base import AnnotationError
+from dataloaders.custom import parse_rows
 from runtime.files import OutputWriteError, atomic_write_text
 
 PROG = "split_annotations"
-EXTENSIONS = (".csv", ".tsv", ".jsonl")
 
 
-class SplitError(ValueError):
+class SplitError(AnnotationError):
     """Bad input; the message is one line naming the file and the line."""
 
 
 def read_rows(path: str) -> tuple[str, list[str] | None, list[tuple[int, object, str]]]:
     """``(kind, header, rows)``; rows are ``(line number, row as read, video value)``: a list of values for
-    .csv/.tsv, the original text line for .jsonl (written back unchanged)."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in EXTENSIONS:
-        raise SplitError(f"{path}: unknown annotation file extension {ext or '(none)'!r} (use .csv, .tsv or .jsonl)")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise SplitError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise SplitError(f"{path} line {line}: not UTF-8 text; save the file as UTF-8") from None
-    rows: list[tuple[int, object, str]] = []
-    if ext == ".jsonl":
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SplitError(f"{path} line {number}: not a JSON object ({exc.msg})") from None
-            if not isinstance(item, dict):
-                raise SplitError(f"{path} line {number}: not a JSON object")
-            video = str(item.get("video") or "").strip()
-            if not video:
-                raise SplitError(f"{path} line {number} column 'video': missing or empty")
-            rows.append((number, line.rstrip("\r"), video))
-        header = None
-    else:
-        lines = list(csv.reader(io.StringIO(text, newline=""), delimiter="," if ext == ".csv" else "\t"))
-        if not lines:
-            raise SplitError(f"{path}: the file is empty (no header)")
-        header = lines[0]
-        names = [h.strip() for h in header]
-        if "video" not in names:
-            raise SplitError(f"{path} line 1: missing column 'video' (columns found: {', '.join(names) or 'none'})")
-        column = names.index("video")
-        for number, values in enumerate(lines[1:], start=2):
-            if not any(v.strip() for v in values):
-                continue
-            video = values[column].strip() if column < len(values) else ""
-            if not video:
-                raise SplitError(f"{path} line {number} column 'video': empty value")
-            rows.append((number, values, video))
-    if not rows:
-        raise SplitError(f"{path}: no rows (the file lists no videos)")
-    return ext[1:], header, rows
+    .csv/.tsv, the original text line for .jsonl (written back unchanged). Read as ``--datatype custom``
+    reads it (``dataloaders.custom.parse_rows``), so a file that splits is a file that trains."""
+    kind, header, parsed = parse_rows(path, required=("video",))
+    for number, _, values in parsed:
+        if not values.get("video"):
+            raise SplitError(f"{path} line {number} column 'video': missing or empty")
+    return kind, header, [(number, raw, values["video"]) for number, raw, values in parsed]
 
 
 def split_files(videos: list[str], test_fraction: float, seed: int) -> set[str]:
@@ -138,7 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         result = split_annotations(args.annotations, args.out_dir, args.test_fraction, args.seed)
-    except (SplitError, OutputWriteError) as exc:
+    except (AnnotationError, OutputWriteError) as exc:  # SplitError is an AnnotationError
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 2
     print(result["summary"])
