@@ -136,6 +136,21 @@ def _seconds(path: str, where: str, column: str, value: Optional[str]) -> Option
     return seconds
 
 
+def row_span(path: str, line: str, row: dict) -> tuple[Optional[float], Optional[float]]:
+    """``(start, end)`` in seconds of a row's ``start`` / ``end`` columns, or ``(None, None)`` for the whole
+    video; both or neither, numbers >= 0, start before end, else an :class:`AnnotationError` naming
+    ``path``, ``line`` ("line 7") and the column."""
+    start = _seconds(path, line, "start", row.get("start"))
+    end = _seconds(path, line, "end", row.get("end"))
+    if (start is None) != (end is None):
+        given, other = ("start", "end") if start is not None else ("end", "start")
+        raise AnnotationError(f"{path} {line} column '{other}': empty, but '{given}' is given (give both "
+                              "for a span, neither for the whole video)")
+    if start is not None and not start < end:
+        raise AnnotationError(f"{path} {line} column 'start': {start:g} is not before end {end:g}")
+    return start, end
+
+
 def _span_text(start: float, end: float) -> str:
     return f"{start:g}-{end:g}"
 
@@ -147,15 +162,7 @@ def read_annotation_rows(path: str, features_path: str, flag: str = "") -> list[
     seen: dict = {}
     repeats = []
     for where, row in read_table(path, REQUIRED, flag):
-        line = where.split(" ", 1)[1]
-        start = _seconds(path, line, "start", row.get("start"))
-        end = _seconds(path, line, "end", row.get("end"))
-        if (start is None) != (end is None):
-            given, other = ("start", "end") if start is not None else ("end", "start")
-            raise AnnotationError(f"{path} {line} column '{other}': empty, but '{given}' is given (give both "
-                                  "for a span, neither for the whole video)")
-        if start is not None and not start < end:
-            raise AnnotationError(f"{path} {line} column 'start': {start:g} is not before end {end:g}")
+        start, end = row_span(path, where.split(" ", 1)[1], row)
         video = row["video"]
         resolved = video if os.path.isabs(video) else os.path.join(features_path or "", video)
         default_id = video if start is None else f"{video}@{_span_text(start, end)}"

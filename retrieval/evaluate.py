@@ -59,7 +59,7 @@ def _search_error(message: str):
 def read_queries(path: str, video_root: str | None = None) -> list[dict]:
     """Rows of the queries file: dict(where, query, video, path (absolute), start, end)."""
     from dataloaders.base import AnnotationError
-    from dataloaders.custom import read_table
+    from dataloaders.custom import read_table, row_span
 
     try:
         header_probe = read_table(path, required=("video",))
@@ -75,29 +75,15 @@ def read_queries(path: str, video_root: str | None = None) -> list[dict]:
         text = row.get(column)
         if not text:
             raise _search_error(f"{path} {line} column '{column}': empty value")
-        start, end = (_seconds(path, line, name, row.get(name)) for name in ("start", "end"))
-        if (start is None) != (end is None):
-            other = "end" if start is not None else "start"
-            raise _search_error(f"{path} {line} column '{other}': empty, but the other of start/end is given")
-        if start is not None and not start < end:
-            raise _search_error(f"{path} {line} column 'start': {start:g} is not before end {end:g}")
+        try:
+            start, end = row_span(path, line, row)
+        except AnnotationError as exc:
+            raise _search_error(str(exc)) from None
         video = row["video"]
         full = os.path.normpath(video if os.path.isabs(video) else os.path.join(root, video))
         queries.append({"where": where, "line": line, "query": text, "video": video, "path": full,
                         "start": start, "end": end})
     return queries
-
-
-def _seconds(path, line, column, value):
-    if value is None or value == "":
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise _search_error(f"{path} {line} column '{column}': {value!r} is not a number (seconds)") from None
-    if not np.isfinite(seconds) or seconds < 0:
-        raise _search_error(f"{path} {line} column '{column}': {value!r} is not a time in seconds >= 0")
-    return seconds
 
 
 def _same_time(a, b) -> bool:
