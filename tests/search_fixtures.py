@@ -97,3 +97,27 @@ def write_shots_video(path: str, lengths_s, fps: int = 5, size: int = 32) -> tup
     frames, cuts = render_shots(lengths_s, fps, size)
     write_video(path, frames, fps=float(fps))
     return path, cuts
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """search_videos.py in this process: (exit status, stdout, stderr)."""
+    from retrieval.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(argv, capsys, *needles) -> str:
+    """Run search_videos.py; it must end with status 2 and one line ``search_videos.py: error: ...`` that
+    holds every needle. Returns the line."""
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("search_videos.py: error:"), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

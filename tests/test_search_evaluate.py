@@ -10,10 +10,9 @@ import pytest
 
 from modules.qb_norm import qb_norm
 from retrieval import VideoIndex
-from retrieval.cli import main
 from retrieval.evaluate import match_entries
 from retrieval.model_io import SearchError
-from tests.search_fixtures import make_world
+from tests.search_fixtures import make_world, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +31,6 @@ def index(world, tmp_path_factory):
 
 def relative_video(world, entry) -> str:
     return os.path.relpath(entry["path"], world.videos)
-
-
-def run_cli(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def write_queries(path, rows, header=("query", "video")):

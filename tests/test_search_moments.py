@@ -13,8 +13,7 @@ from dataloaders.video import load_video
 from retrieval import VideoIndex
 from retrieval.segments import (Segmentation, detect_shot_boundaries, format_range, merge_and_split, merge_ranked,
                                 plan_ranges, window_ranges)
-from tests.search_fixtures import CONFIG, make_world, write_shots_video
-from tests.test_search_videos import run_cli
+from tests.search_fixtures import CONFIG, make_world, one_line_error, run_cli, write_shots_video
 
 LENGTHS = [4, 5, 4, 3]           # seconds per shot: cuts at 4, 9, 13; 16 s in all
 CUTS = [4.0, 9.0, 13.0]
@@ -31,16 +30,6 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(world):
     return world.model()
-
-
-def one_line_error(argv, capsys, *needles) -> str:
-    code, out, err = run_cli(argv, capsys)
-    assert code == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("search_videos.py: error:"), err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def common(world):

@@ -14,8 +14,7 @@ import pytest
 
 from retrieval import VideoIndex
 from retrieval.segments import Segmentation
-from tests.search_fixtures import make_world, write_shots_video
-from tests.test_search_videos import run_cli
+from tests.search_fixtures import make_world, run_cli, write_shots_video
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402

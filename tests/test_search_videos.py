@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from retrieval import VideoIndex
-from retrieval.cli import main
 from retrieval.search import exact_topk, faiss_available
-from tests.search_fixtures import CONFIG, NUM_VIDEOS, make_world, save_checkpoint
+from tests import search_fixtures
+from tests.search_fixtures import CONFIG, NUM_VIDEOS, make_world, run_cli, save_checkpoint
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed (pip install faiss-cpu)")
 
@@ -26,15 +26,6 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(world):
     return world.model()
-
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def index_cli(world, videos, index_dir, capsys, *extra):
@@ -271,13 +262,7 @@ def test_faiss_exact_equals_builtin_and_ann_recall(world, tmp_path, loaded, caps
 # ------------------------------------------------------------------------------------ bad input
 def test_bad_inputs_one_line_each(world, tmp_path, capsys):
     def one_line_error(argv, *needles):
-        code, out, err = run_cli(argv, capsys)
-        assert code == 2, (out, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("search_videos.py: error:"), err
-        for n in needles:
-            assert n in lines[0], lines[0]
-        return lines[0]
+        return search_fixtures.one_line_error(argv, capsys, *needles)
 
     empty = tmp_path / "empty"
     empty.mkdir()
