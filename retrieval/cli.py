@@ -161,12 +161,13 @@ def _load(args, index_record: dict | None = None):
 def _encoding_settings(model, device, workers: int, precision: str, kernels: dict | None = None):
     """main.py's start-up choices for encoding videos (runtime.cpu): compute threads next to the decoding
     workers, and on CPU the fp32 product path and the attention backend (measured in about a second), or
-    ``kernels``, the choices recorded in the index, so that every entry is computed the same way."""
+    ``kernels``, the choices recorded in the index on this device type, so that every entry is computed
+    the same way."""
     from retrieval.encode import autocast_dtype
     from runtime.cpu import available_cores, inference_settings
 
     bf16 = autocast_dtype(precision, device) is not None
-    kernels = kernels if kernels and kernels.get("device") == device.type else {}
+    kernels = kernels or {}
     return inference_settings(model, device, threads=max(1, available_cores() - workers),
                               eval_precision="bf16" if bf16 else "fp32",
                               attention_backend=kernels.get("attention", "auto"), fp32_path=kernels.get("fp32_products"))
@@ -208,8 +209,8 @@ def _segmentation(args) -> Segmentation | None:
 
 
 def cmd_index(args) -> int:
+    from modules.backends import backend_name, backends_context, restore
     from retrieval.index import VideoIndex
-    from modules.backends import backends_context, restore
 
     if not args.checkpoint:
         fail("index needs --checkpoint (the DGL checkpoint training wrote, e.g. OUTPUT_DIR/ckpt.best.pth.tar): "
@@ -221,8 +222,9 @@ def cmd_index(args) -> int:
     loaded = _load(args)
     device = _device(args.device)
     recorded = _recorded_kernels(args.index)
+    if recorded and recorded.get("device") != device.type:  # chosen on another device type: choose anew
+        recorded = None
     settings = _encoding_settings(loaded.model, device, args.workers, args.precision, recorded)
-    from modules.backends import backend_name
     kernels = {"device": device.type, "attention": backend_name(settings.eval_attention),
                "fp32_products": settings.fp32_path}
     try:
@@ -239,9 +241,8 @@ def cmd_index(args) -> int:
     videos = len({e["path"] for e in index.entries})
     print(f"index {args.index}: {len(index)} entries of {videos} videos ({index.segmentation.describe()}) in "
           f"{len(index.shards)} shard(s), {index.record.get('precision', 'fp32')} features")
-    reused = bool(recorded) and recorded.get("device") == device.type
     print(f"kernels: attention {kernels['attention']}, fp32 products {kernels['fp32_products'] or 'default'} "
-          f"({'as recorded in the index' if reused else 'chosen by timing, recorded in the index'})")
+          f"({'as recorded in the index' if recorded else 'chosen by timing, recorded in the index'})")
     if index.failed:
         print(f"{len(index.failed)} video(s) or range(s) could not be read and were skipped "
               f"(listed in {os.path.join(args.index, 'failed.json')}):")
