@@ -17,9 +17,24 @@ def main(argv=None) -> int:
     from training.config import parse_args
 
     args = parse_args(argv)  # bad flags stop here with one line, before torch is imported
+    from training import distributed
     from training.runner import run
 
-    run(args)
+    try:
+        run(args)
+    except SystemExit as exc:  # a one-line error (status 2) or another stop
+        if distributed.is_initialized():
+            if exc.code is not None and not isinstance(exc.code, int):
+                print(exc.code, file=sys.stderr)
+            distributed.exit_member(exc.code if isinstance(exc.code, int) else int(exc.code is not None))
+        raise
+    except BaseException:
+        if distributed.is_initialized():
+            import traceback
+
+            traceback.print_exc()
+            distributed.exit_member(1)
+        raise
     return 0
 
 

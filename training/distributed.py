@@ -81,6 +81,24 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def exit_member(status: int) -> None:
+    """End a process of a process group that is stopping on an error, with ``status``, now.
+
+    Neither ending lets it exit cleanly: destroying the group can wait forever on a member still inside a
+    collective, and leaving the group alive into interpreter shutdown lets gloo's worker threads be
+    destroyed while joinable, which aborts the process ("terminate called without an active exception",
+    SIGABRT) and replaces the error's status. What was written is flushed first; logs are closed by then.
+    """
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Concatenate along dim 0 the tensors of all processes (their row counts may differ).  No gradient."""
     if not is_initialized() or get_world_size() == 1:
