@@ -9,6 +9,8 @@ from typing import Optional
 
 import numpy as np
 
+from runtime.files import give_new_file_mode
+
 
 def find_ffmpeg() -> str:
     """The ffmpeg binary: the one on PATH, else the one shipped with ``imageio-ffmpeg``."""
@@ -67,6 +69,7 @@ def write_video(path: str, frames: np.ndarray, fps: float = 3.0, crf: int = 18,
         proc = subprocess.run(cmd, input=frames.tobytes(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if proc.returncode != 0:
             raise RuntimeError(f"ffmpeg failed writing {path}: {proc.stderr.decode(errors='replace')[-500:]}")
+        give_new_file_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

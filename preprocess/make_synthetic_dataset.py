@@ -34,12 +34,13 @@ import io
 import itertools
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
+
+from runtime.files import OutputWriteError, atomic_write_text
 
 from .ffmpeg_tools import find_ffmpeg, write_video
 
@@ -179,26 +180,6 @@ def make_specs(num_train: int, num_test: int, seed: int = 0, size: int = 32, min
     return specs
 
 
-def _give_normal_mode(path: str) -> None:
-    """Files written through mkstemp are 0600: give them the mode the umask gives a new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        _give_normal_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _retrieval_csv(specs: list[ClipSpec]) -> str:
     """The test-file layout (caption i <-> video i), template 0 captions."""
     buf = io.StringIO()
@@ -227,7 +208,6 @@ def make_synthetic_dataset(out_dir: str, num_train: int = 200, num_test: int = 5
     def encode(spec: ClipSpec) -> None:
         path = os.path.join(videos_dir, spec.video_id + ".mp4")
         write_video(path, render_clip(spec), fps=FPS, crf=crf, keyint=keyint, ffmpeg=ffmpeg)
-        _give_normal_mode(path)
 
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
         list(pool.map(encode, specs))  # re-raises the first failure
@@ -246,16 +226,16 @@ def make_synthetic_dataset(out_dir: str, num_train: int = 200, num_test: int = 5
         "heldout_csv": os.path.join(root, "MSRVTT_val.csv") if num_val else None,
         "probe_csv": os.path.join(root, "order_probe.csv"),
     }
-    _atomic_write_text(paths["train_csv"], buf.getvalue())
-    _atomic_write_text(paths["val_csv"], _retrieval_csv(test))
+    atomic_write_text(paths["train_csv"], buf.getvalue())
+    atomic_write_text(paths["val_csv"], _retrieval_csv(test))
     if num_val:
-        _atomic_write_text(paths["heldout_csv"], _retrieval_csv(val))
+        atomic_write_text(paths["heldout_csv"], _retrieval_csv(val))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["split", "video_id", "caption", "swapped"])
     for split, group in (("test", test), ("val", val)):
         w.writerows([split, s.video_id, s.caption(0), swapped_caption(s, 0)] for s in group)
-    _atomic_write_text(paths["probe_csv"], buf.getvalue())
+    atomic_write_text(paths["probe_csv"], buf.getvalue())
     sentences = []
     for s in specs:
         for k in range(len(TEMPLATES)):
@@ -268,7 +248,7 @@ def make_synthetic_dataset(out_dir: str, num_train: int = 200, num_test: int = 5
                         spec=asdict(s)) for i, s in enumerate(specs)],
         "sentences": sentences,
     }
-    _atomic_write_text(paths["data_path"], json.dumps(data, indent=1))
+    atomic_write_text(paths["data_path"], json.dumps(data, indent=1))
     return paths
 
 
@@ -290,9 +270,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = p.parse_args(argv)
     if a.keyint < 0:
         p.error("--keyint must be >= 0")
-    paths = make_synthetic_dataset(a.out_dir, a.num_train, a.num_test, a.seed, a.size, a.min_frames,
-                                   a.max_frames, a.workers, keyint=a.keyint or None,
-                                   num_val=a.num_val, motion=a.motion)
+    try:
+        paths = make_synthetic_dataset(a.out_dir, a.num_train, a.num_test, a.seed, a.size, a.min_frames,
+                                       a.max_frames, a.workers, keyint=a.keyint or None,
+                                       num_val=a.num_val, motion=a.motion)
+    except OutputWriteError as exc:  # names the file it was writing
+        p.error(str(exc))
+    except OSError as exc:
+        p.error(f"cannot write the dataset to {a.out_dir}: {exc.strerror or exc}")
     for k, v in paths.items():
         print(f"{k}: {v}")
     return 0

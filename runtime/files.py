@@ -37,6 +37,13 @@ def _write_failure_reason(exc: BaseException, directory: str) -> str:
     return f"write failed ({type(exc).__name__}: {text[0] if text else ''})"
 
 
+def give_new_file_mode(path: str) -> None:
+    """Temporary files from mkstemp are 0600; give ``path`` the mode a new file gets under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
     """Write to a temporary file next to ``path``, then rename it: ``path`` is the old file or the new one,
     never a part. A failure removes the temporary file and raises :class:`OutputWriteError`."""
@@ -49,9 +56,7 @@ def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        give_new_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:

@@ -147,3 +147,25 @@ def test_published_scaling_reproduces_the_published_command(tmp_path, width, hei
     assert min(h, w) == 224 and abs(max(h, w) / 224 - max(width, height) / min(width, height)) < 0.02
     if height > width:
         assert got[0].shape[:2] == (140, 224)  # 224 * 40 / 64 = 140: squashed (the aspect would need 358)
+
+
+def test_synthetic_dataset_write_failures_are_one_line(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as stop:
+        synthetic_main([str(blocker / "syn"), "--num_train", "1", "--num_test", "1"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"error: cannot write the dataset to {blocker / 'syn'}: Not a directory"), err
+    # a failing annotation write (runtime.files) is one line naming the file
+    from runtime import files
+
+    def no_space(path, write_fn, mode="wb"):
+        raise files.OutputWriteError(f"no space left on device while writing {path}")
+
+    monkeypatch.setattr(files, "atomic_write", no_space)
+    with pytest.raises(SystemExit):
+        synthetic_main([str(tmp_path / "syn"), "--num_train", "1", "--num_test", "1", "--size", "32"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("error: no space left on device while writing "
+                        f"{tmp_path / 'syn' / 'MSRVTT_train.9k.csv'}"), err
