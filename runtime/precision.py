@@ -42,6 +42,7 @@ class Precision:
         self.eval_attention = None
         self.attention_source = None  # where the backends came from, when not this process's own choice
         self.fp32_path = None  # "onednn" / "mkl" where runtime.cpu chose the CPU's fp32 product path
+        self.fp32_source = None  # where that path came from, when not this process's own timing
 
     def _context(self, dtype, backends):
         stack = contextlib.ExitStack()

@@ -68,3 +68,32 @@ def test_flag_forces_the_backend_without_measuring(tmp_path, monkeypatch):
     run_toy(str(over), epochs=2, resume=str(forced / "ckpt.pth.tar"), attention_backend="flash", **FLAGS)
     assert _attention(over) == {"train": "flash", "eval": "flash", "flag": "flash", "source": "--attention_backend"}
     assert calls == []  # nothing was timed
+
+
+def _timing_says_fp32(monkeypatch, speedup):
+    """Make the start-up fp32 check answer: oneDNN exact, ``speedup`` times as fast as MKL."""
+    import modules.backends
+
+    check = modules.backends.Fp32Check(exact=True, error_mkl=1e-7, error_onednn=1e-7, speedup=speedup)
+    monkeypatch.setattr(modules.backends, "_cached_fp32_check", lambda threads: check)
+
+
+def test_fp32_product_path_is_recorded_and_reused_on_resume(tmp_path, monkeypatch):
+    _timing_says_fp32(monkeypatch, speedup=1.5)
+    first = tmp_path / "first"
+    run_toy(str(first), epochs=1, **FLAGS)
+    record = json.loads((first / "reproducibility.json").read_text())["precision"]["fp32_products"]
+    assert record == {"path": "onednn", "source": "measured at start-up"}
+    assert torch.load(first / "ckpt.pth.tar", weights_only=False)["fp32_products"] == {"path": "onednn",
+                                                                                       "device": "cpu"}
+    # the timing now says MKL: a new run takes it, the resumed run keeps the first run's path
+    _timing_says_fp32(monkeypatch, speedup=1.0)
+    fresh = tmp_path / "fresh"
+    run_toy(str(fresh), epochs=1, **FLAGS)
+    assert json.loads((fresh / "reproducibility.json").read_text())["precision"]["fp32_products"]["path"] == "mkl"
+    resumed = tmp_path / "resumed"
+    run_toy(str(resumed), epochs=2, resume=str(first / "ckpt.pth.tar"), **FLAGS)
+    record = json.loads((resumed / "reproducibility.json").read_text())["precision"]["fp32_products"]
+    assert record["path"] == "onednn" and record["source"] == f"recorded in {first / 'ckpt.pth.tar'}"
+    assert torch.load(resumed / "ckpt.pth.tar", weights_only=False)["fp32_products"]["path"] == "onednn"
+    assert "fp32 matrix products: oneDNN (recorded: onednn" in (resumed / "log.txt").read_text()

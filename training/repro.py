@@ -236,6 +236,9 @@ def _precision(args, precision) -> dict:
                           "eval": backend_name(getattr(precision, "eval_attention", None)),
                           "flag": getattr(args, "attention_backend", None),
                           "source": _attention_source(args, precision)},
+            "fp32_products": {"path": getattr(precision, "fp32_path", None),
+                              "source": getattr(precision, "fp32_source", None) or (
+                                  "measured at start-up" if getattr(precision, "fp32_path", None) else None)},
             "fp32_matmul_precision_onednn": getattr(matmul, "fp32_precision", None),
             "note": getattr(precision, "note", None)}
 

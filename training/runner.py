@@ -5,6 +5,7 @@ tests can drive the same loop with tiny models and in-memory datasets.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import random
@@ -153,7 +154,15 @@ class Run:
             log.info("single process on %s", self.device)
         if self.precision.note:
             log.warning(self.precision.note)
-        apply_cpu_settings(self.args, self.device, self.core, self.precision)  # threads, BLAS, attention, bf16
+        settings_args = self.args
+        if self.args.resume:  # read first: its recorded fp32 product path is chosen before any product runs
+            self.resume_ckpt = self._read_checkpoint(self.args.resume, "--resume")
+            recorded = self.resume_ckpt.get("fp32_products")
+            if isinstance(recorded, dict) and recorded.get("device") == self.device.type and \
+                    recorded.get("path") in ("onednn", "mkl"):
+                settings_args = argparse.Namespace(**{**vars(self.args), "fp32_path": recorded["path"]})
+                self.precision.fp32_source = f"recorded in {self.args.resume}"
+        apply_cpu_settings(settings_args, self.device, self.core, self.precision)  # threads, BLAS, attention, bf16
         if info.distributed:  # one choice for all processes: each measured its own
             self._use_attention_backends(rank0_attention_backends(self.precision), "rank 0's choice")
         if getattr(self.args, "clip_path", None):
@@ -221,7 +230,9 @@ class Run:
         self.load_init_weights()
         if not self.args.resume:
             return
-        self.resume_ckpt = self._load_resume_checkpoint()
+        if self.resume_ckpt is None:
+            self.resume_ckpt = self._read_checkpoint(self.args.resume, "--resume")
+        self._load_weights(self.resume_ckpt, self.args.resume, "--resume")
         log.info("[resume] loaded weights from %s (%s checkpoint, epoch %s, step %s)", self.args.resume,
                  "our" if is_own_checkpoint(self.resume_ckpt) else "official", self.resume_ckpt.get("epoch"),
                  self.resume_ckpt.get("global_step"))
@@ -270,12 +281,6 @@ class Run:
         results) of the checkpoint."""
         if self.resume_ckpt is not None and not self.args.load_from_pretrained:
             self._restore_progress(self.resume_ckpt, is_own_checkpoint(self.resume_ckpt))
-
-    def _load_resume_checkpoint(self) -> dict:
-        path = self.args.resume
-        ckpt = self._read_checkpoint(path, "--resume")
-        self._load_weights(ckpt, path, "--resume")
-        return ckpt
 
     @staticmethod
     def _read_checkpoint(path: str, flag: str) -> dict:
@@ -446,7 +451,9 @@ class Run:
                                    self.best_r1, extra={
                                        "best_epoch": self.best_epoch, "rng": rng_state(),
                                        "schedule": self.schedule.state_dict(), "config": _plain_config(self.args),
-                                       "results": self.results, "attention_backends": self.attention_record()})
+                                       "results": self.results, "attention_backends": self.attention_record(),
+                                       "fp32_products": {"path": self.precision.fp32_path,
+                                                         "device": self.device.type}})
             atomic_torch_save(ckpt, os.path.join(self.out_dir, CKPT))
             self.epochs_saved = epochs_done
             if is_best:
