@@ -11,7 +11,9 @@ index entry of that absolute path (and, with start/end, to the entry of that seg
 
 Every query is ranked against every entry of the index by cosine similarity (exact); its rank is the
 1-based position of its video in that order, ties placed as :func:`modules.metrics.compute_ranks` places
-them. Printed: R@1/5/10 (percent of queries with rank <= k), median and mean rank. ``--json`` writes the
+them. ``--by_video`` ranks the indexed files instead, each scored by its best entry (a long recording cut
+into shots or windows scores as its best segment); the queries then need only ``video``, and a ``start`` /
+``end`` they give is not used. Printed: R@1/5/10 (percent of queries with rank <= k), median and mean rank. ``--json`` writes the
 metrics and, per query, its rank and its score with its video (cosine; after QB-norm, main.py's scale)
 (atomically).
 
@@ -45,6 +47,8 @@ def add_evaluate_parser(sub, add_model_flags) -> None:
     e.add_argument("--qb_k", type=int, default=1, help="QB-norm: top-k of the bank that activates an entry")
     e.add_argument("--qb_theta", type=float, default=3, help="QB-norm: bank queries needed to activate an entry")
     e.add_argument("--qb_beta", type=float, default=0.87, help="QB-norm: exp(beta * score)")
+    e.add_argument("--by_video", action="store_true",
+                   help="rank the indexed files, each scored by its best entry (segment), instead of the entries")
     e.add_argument("--json", default=None, help="write the metrics and per-query ranks to this JSON file")
     add_model_flags(e, required=False)
 
@@ -106,7 +110,8 @@ def match_entries(queries: list[dict], entries: list[dict], queries_path: str, i
             whole = [r for r in candidates if entries[r].get("start") is None]
             if not whole:
                 raise _search_error(f"{queries_path} {q['line']} column 'video': the index holds {q['video']} only "
-                                    "as time-range segments; give the query's start and end")
+                                    "as time-range segments; give the query's start and end, or pass --by_video "
+                                    "to rank whole files by their best segment")
             rows.append(whole[0])
             continue
         span = [r for r in candidates if _same_time(entries[r].get("start"), q["start"])
@@ -119,6 +124,39 @@ def match_entries(queries: list[dict], entries: list[dict], queries_path: str, i
                                 f"of {q['video']} is not in the index ({what})")
         rows.append(span[0])
     return rows
+
+
+def video_groups(entries: list[dict]) -> tuple[list[str], np.ndarray]:
+    """The indexed files (normalised paths, in the order of their first entry) and each entry's file number."""
+    files: dict[str, int] = {}
+    groups = np.array([files.setdefault(os.path.normpath(e["path"]), len(files)) for e in entries], dtype=np.int64)
+    return list(files), groups
+
+
+def match_videos(queries: list[dict], files: list[str], queries_path: str, index_dir: str) -> list[int]:
+    """The file number (in ``files``) of each query's video."""
+    number = {path: i for i, path in enumerate(files)}
+    rows = []
+    for q in queries:
+        if q["path"] not in number:
+            raise _search_error(f"{queries_path} {q['line']} column 'video': {q['path']} is not in the index "
+                                f"{index_dir} (index it, or fix the path / --video_root)")
+        rows.append(number[q["path"]])
+    return rows
+
+
+def best_per_video(scores: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(queries x files) best score of each file's entries, and the entry (row of ``scores``' columns) that
+    gave it (the first one on a tie)."""
+    num_files = int(groups.max()) + 1 if len(groups) else 0
+    best = np.full((scores.shape[0], num_files), -np.inf, dtype=scores.dtype)
+    where = np.zeros((scores.shape[0], num_files), dtype=np.int64)
+    for entry in range(scores.shape[1]):  # entries in index order: a later tie does not replace the first
+        column, f = scores[:, entry], groups[entry]
+        better = column > best[:, f]
+        best[better, f] = column[better]
+        where[better, f] = entry
+    return best, where
 
 
 # ------------------------------------------------------------------------------------------ query bank
@@ -165,14 +203,24 @@ def _normalised(x: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def query_ranks(query_features: np.ndarray, index_features: np.ndarray, relevant: list[int]):
-    """(ranks, scores): the 1-based rank of each query's relevant entry among all entries (cosine; ties as
-    compute_ranks) and the query's cosine score with that entry."""
+def _ranked(scores: np.ndarray, relevant: list[int], groups: np.ndarray | None):
+    """(ranks, scores, entries): 1-based rank of each query's relevant item (an entry, or with ``groups`` a
+    file scored by its best entry; ties as compute_ranks), its score, and the entry behind that score."""
     from modules.metrics import compute_ranks
 
-    sims = _normalised(query_features) @ _normalised(index_features).T
     rel = np.asarray(relevant)
-    return compute_ranks(sims, rel) + 1, sims[np.arange(len(rel)), rel]
+    rows = np.arange(len(rel))
+    if groups is None:
+        return compute_ranks(scores, rel) + 1, scores[rows, rel], rel
+    best, where = best_per_video(scores, groups)
+    return compute_ranks(best, rel) + 1, best[rows, rel], where[rows, rel]
+
+
+def query_ranks(query_features: np.ndarray, index_features: np.ndarray, relevant: list[int],
+                groups: np.ndarray | None = None):
+    """(ranks, scores, entries) of cosine similarity: see :func:`_ranked`."""
+    sims = _normalised(query_features) @ _normalised(index_features).T
+    return _ranked(sims, relevant, groups)
 
 
 def metrics(ranks: np.ndarray) -> dict:
@@ -189,29 +237,29 @@ def format_metrics(m: dict, label: str) -> str:
 
 
 def qb_normalised_ranks(query_features, bank_features, index_features, relevant, scale: float, k: int,
-                        theta: float, beta: float):
-    """(ranks, scores) after QB-norm of the (queries x entries) scores with the (bank x entries) scores, both
-    ``scale`` x cosine (main.py's similarity); scores: each query's normalised score of its relevant entry."""
-    from modules.metrics import compute_ranks
+                        theta: float, beta: float, groups: np.ndarray | None = None):
+    """(ranks, scores, entries) after QB-norm of the (queries x entries) scores with the (bank x entries)
+    scores, both ``scale`` x cosine (main.py's similarity); with ``groups``, files are then scored by their
+    best normalised entry."""
     from modules.qb_norm import qb_norm
 
     gallery = _normalised(index_features).T
     test = (scale * (_normalised(query_features) @ gallery)).astype(np.float32)
     bank = (scale * (_normalised(bank_features) @ gallery)).astype(np.float32)
-    normed = qb_norm(bank, test, k, beta, theta)
-    rel = np.asarray(relevant)
-    return compute_ranks(normed, rel) + 1, normed[np.arange(len(rel)), rel]
+    return _ranked(qb_norm(bank, test, k, beta, theta), relevant, groups)
 
 
 def evaluate_index(index, queries: list[dict], relevant: list[int], bank=None, qb_k: int = 1,
-                   qb_theta: float = 3, qb_beta: float = 0.87, queries_path: str = "") -> dict:
+                   qb_theta: float = 3, qb_beta: float = 0.87, queries_path: str = "",
+                   groups: np.ndarray | None = None) -> dict:
     """Ranks and metrics of ``queries`` on an opened :class:`~retrieval.index.VideoIndex` (with its model),
-    plus QB-norm ones with ``bank`` (texts or features)."""
+    plus QB-norm ones with ``bank`` (texts or features). ``relevant``: entry rows, or with ``groups`` (each
+    entry's file number, :func:`video_groups`) file numbers, files then scored by their best entry."""
     texts = [q["query"] for q in queries]
     query_feats = index.encode_texts(texts).numpy()
     index_feats = index.features().float().numpy()
-    ranks, scores = query_ranks(query_feats, index_feats, relevant)
-    result = {"metrics": metrics(ranks), "ranks": ranks, "scores": scores, "qb_norm": None}
+    ranks, scores, best = query_ranks(query_feats, index_feats, relevant, groups)
+    result = {"metrics": metrics(ranks), "ranks": ranks, "scores": scores, "entries": best, "qb_norm": None}
     if bank is not None:
         if isinstance(bank, np.ndarray):
             if bank.shape[1] != query_feats.shape[1]:
@@ -227,10 +275,11 @@ def evaluate_index(index, queries: list[dict], relevant: list[int], bank=None, q
                                     "QB-norm needs a bank of other queries")
             bank_feats, size = index.encode_texts(bank).numpy(), len(bank)
         scale = float(index.model.clip.logit_scale.exp()) if index.model is not None else 100.0
-        qb_ranks, qb_scores = qb_normalised_ranks(query_feats, bank_feats, index_feats, relevant, scale, qb_k,
-                                                  qb_theta, qb_beta)
+        qb_ranks, qb_scores, qb_best = qb_normalised_ranks(query_feats, bank_feats, index_feats, relevant, scale,
+                                                           qb_k, qb_theta, qb_beta, groups)
         shared = len(set(bank) & set(texts)) if not isinstance(bank, np.ndarray) else 0
-        result["qb_norm"] = {"metrics": metrics(qb_ranks), "ranks": qb_ranks, "scores": qb_scores, "bank_size": size,
+        result["qb_norm"] = {"metrics": metrics(qb_ranks), "ranks": qb_ranks, "scores": qb_scores,
+                             "entries": qb_best, "bank_size": size,
                              "bank_queries_also_evaluated": shared, "k": qb_k, "theta": qb_theta, "beta": qb_beta}
     return result
 
@@ -249,9 +298,20 @@ def cmd_evaluate(args, load) -> int:
     index = VideoIndex.open(args.index, model=loaded.model, tokenizer=loaded.tokenizer,
                             fingerprint=loaded.info["fingerprint"])
     entries = index.entries
-    relevant = match_entries(queries, entries, args.queries, args.index)
-    result = evaluate_index(index, queries, relevant, bank, args.qb_k, args.qb_theta, args.qb_beta, args.queries)
-    print(format_metrics(result["metrics"], f"{args.queries} on {args.index} ({len(entries)} entries)"))
+    groups = None
+    if args.by_video:
+        files, groups = video_groups(entries)
+        relevant = match_videos(queries, files, args.queries, args.index)
+        gallery = f"{len(files)} files, each scored by its best of {len(entries)} entries"
+        spans = sum(q["start"] is not None for q in queries)
+        if spans:
+            print(f"note: --by_video ranks whole files: the start/end of {spans} queries are not used")
+    else:
+        relevant = match_entries(queries, entries, args.queries, args.index)
+        gallery = f"{len(entries)} entries"
+    result = evaluate_index(index, queries, relevant, bank, args.qb_k, args.qb_theta, args.qb_beta, args.queries,
+                            groups)
+    print(format_metrics(result["metrics"], f"{args.queries} on {args.index} ({gallery})"))
     qb = result["qb_norm"]
     if qb is not None:
         if qb["bank_queries_also_evaluated"]:
@@ -259,19 +319,26 @@ def cmd_evaluate(args, load) -> int:
         print(format_metrics(qb["metrics"], f"with QB-norm (bank of {qb['bank_size']}, beta {args.qb_beta:g})"))
     if args.json:
         per_query = []
-        for i, (q, row) in enumerate(zip(queries, relevant)):
-            item = {"row": q["where"], "query": q["query"], "video": q["video"], "path": entries[row]["path"],
+        for i, q in enumerate(queries):
+            best = entries[int(result["entries"][i])]
+            item = {"row": q["where"], "query": q["query"], "video": q["video"], "path": best["path"],
                     "rank": int(result["ranks"][i]), "score": round(float(result["scores"][i]), 6)}
             if q["start"] is not None:
                 item.update(start=q["start"], end=q["end"])
+            if args.by_video and best.get("start") is not None:  # the segment that scored the file
+                item.update(best_start=best["start"], best_end=best["end"])
             if qb is not None:
                 item["rank_qb_norm"] = int(qb["ranks"][i])
                 item["score_qb_norm"] = round(float(qb["scores"][i]), 6)
             per_query.append(item)
         payload = {"index": os.path.abspath(args.index), "queries": os.path.abspath(args.queries),
-                   "entries": len(entries), "ranks": "1-based position of the query's video among all entries",
+                   "entries": len(entries),
+                   "ranks": ("1-based position of the query's file among all indexed files, each scored by its "
+                             "best entry" if args.by_video else "1-based position of the query's video among all "
+                             "entries"),
                    "metrics": result["metrics"],
-                   "qb_norm": None if qb is None else {k: v for k, v in qb.items() if k not in ("ranks", "scores")},
+                   "qb_norm": None if qb is None else {k: v for k, v in qb.items()
+                                                       if k not in ("ranks", "scores", "entries")},
                    "per_query": per_query}
         atomic_write_text(args.json, json.dumps(payload, indent=1) + "\n")
         print(f"per-query ranks: {args.json}")

@@ -10,7 +10,7 @@ import pytest
 
 from modules.qb_norm import qb_norm
 from retrieval import VideoIndex
-from retrieval.evaluate import match_entries
+from retrieval.evaluate import best_per_video, match_entries, video_groups
 from retrieval.model_io import SearchError
 from tests.search_fixtures import make_world, run_cli
 
@@ -153,6 +153,86 @@ def test_a_span_matches_a_segment_by_both_ends():
         query = {"line": "line 2", "video": "long.mp4", "path": "/v/long.mp4", "start": start, "end": end}
         with pytest.raises(SearchError, match=rf"the span {start:g}-{end:g} s of long.mp4 is not in the index"):
             match_entries([query], entries, "q.csv", "idx")
+
+
+def test_files_scored_by_their_best_entry_by_hand():
+    entries = [{"path": "/v/a.mp4", "start": 0.0, "end": 2.0}, {"path": "/v/b.mp4"},
+               {"path": "/v/a.mp4", "start": 2.0, "end": 4.0}, {"path": "/v/c.mp4", "start": 0.0, "end": 2.0}]
+    files, groups = video_groups(entries)
+    assert files == ["/v/a.mp4", "/v/b.mp4", "/v/c.mp4"] and groups.tolist() == [0, 1, 0, 2]
+    scores = np.array([[0.1, 0.5, 0.7, 0.2],
+                       [0.4, 0.3, 0.4, 0.9]])
+    best, where = best_per_video(scores, groups)
+    np.testing.assert_array_equal(best, [[0.7, 0.5, 0.2], [0.4, 0.3, 0.9]])
+    assert where.tolist() == [[2, 1, 3], [0, 1, 3]]  # a tie keeps the first entry
+
+
+def test_by_video_ranks_files_by_their_best_segment(world, tmp_path, capsys):
+    """A windowed index: whole-file queries are refused without --by_video (the message says so) and ranked
+    with it, each file scored by its best window, as computed here by hand."""
+    from retrieval.segments import Segmentation
+
+    loaded = world.model()
+    root = str(tmp_path / "windows")
+    VideoIndex.build(loaded.model, [world.videos], index_dir=root, tokenizer=loaded.tokenizer, precision="fp32",
+                     model_record=loaded.info, log=lambda *_: None, segmentation=Segmentation(mode="windows",
+                                                                                             window=2, stride=2))
+    index = VideoIndex.open(root, model=loaded.model, tokenizer=loaded.tokenizer)
+    paths = [e["path"] for e in index.entries]
+    files = list(dict.fromkeys(paths))
+    assert len(paths) > len(files)  # some files are cut into several windows
+    by_id = {s.video_id: s for s in world.specs}
+    rows = []
+    for k, path in enumerate(files):  # each file's caption, and the next file's (so some miss)
+        spec = by_id[os.path.splitext(os.path.basename(path))[0]]
+        other = by_id[os.path.splitext(os.path.basename(files[(k + 1) % len(files)]))[0]]
+        rows += [(spec.caption(0), os.path.relpath(path, world.videos)),
+                 (other.caption(1), os.path.relpath(path, world.videos))]
+    queries = write_queries(tmp_path / "q.csv", rows)
+    args = ["evaluate", "--index", root, "--queries", queries, "--video_root", world.videos, *world.model_args()]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "only as time-range segments" in err and "--by_video" in err, err
+    out_json = tmp_path / "ranks.json"
+    code, out, err = run_cli([*args, "--by_video", "--json", out_json], capsys)
+    assert code == 0, err
+    assert f"({len(files)} files, each scored by its best of {len(paths)} entries)" in out
+    q = index.encode_texts([r[0] for r in rows]).numpy().astype(np.float64)
+    feats = index.features().numpy().astype(np.float64)
+    cos = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (feats / np.linalg.norm(feats, axis=1, keepdims=True)).T
+    expected, best_span = [], []
+    for i, (_, video) in enumerate(rows):
+        file_scores = [max(cos[i, j] for j in range(len(paths)) if paths[j] == f) for f in files]
+        g = files.index(os.path.join(world.videos, video))
+        expected.append(1 + sum(1 for j, s in enumerate(file_scores)
+                                if s > file_scores[g] or (s == file_scores[g] and j < g)))
+        j = max((j for j in range(len(paths)) if paths[j] == files[g]), key=lambda j: (cos[i, j], -j))
+        best_span.append((index.entries[j]["start"], index.entries[j]["end"], cos[i, j]))
+    data = json.loads(out_json.read_text())
+    assert [p["rank"] for p in data["per_query"]] == expected
+    assert 1 < max(expected)  # some queries miss
+    for p, (start, end, score) in zip(data["per_query"], best_span):
+        assert (p["best_start"], p["best_end"]) == (start, end) and p["score"] == pytest.approx(score, abs=1e-5)
+    assert data["metrics"]["R1"] == pytest.approx(100 * np.mean(np.array(expected) <= 1))
+    assert data["ranks"].startswith("1-based position of the query's file among all indexed files")
+    # with QB-norm: each file scored by its best normalised entry
+    bank_texts = [s.caption(2) for s in world.specs]
+    bank = tmp_path / "bank.txt"
+    bank.write_text("\n".join(bank_texts) + "\n", encoding="utf-8")
+    code, out, err = run_cli([*args, "--by_video", "--qb_norm", bank, "--qb_theta", 1, "--qb_beta", 20, "--json",
+                              out_json], capsys)
+    assert code == 0, err
+    scale = float(index.model.clip.logit_scale.exp())
+    b = index.encode_texts(bank_texts).numpy()
+    f32 = index.features().numpy()
+    normed = qb_norm((scale * b @ f32.T).astype(np.float32),
+                     (scale * index.encode_texts([r[0] for r in rows]).numpy() @ f32.T).astype(np.float32), 1, 20.0, 1)
+    qb_expected = []
+    for i, (_, video) in enumerate(rows):
+        file_scores = [max(normed[i, j] for j in range(len(paths)) if paths[j] == f) for f in files]
+        g = files.index(os.path.join(world.videos, video))
+        qb_expected.append(1 + sum(1 for j, s in enumerate(file_scores)
+                                   if s > file_scores[g] or (s == file_scores[g] and j < g)))
+    assert [p["rank_qb_norm"] for p in json.loads(out_json.read_text())["per_query"]] == qb_expected
 
 
 BAD_QUERIES = [
