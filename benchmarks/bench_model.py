@@ -26,6 +26,7 @@ printed with its rate and its fraction of the best rate of its precision.
     python benchmarks/bench_model.py --precision fp32   # fp32 only (default: fp32 and bf16)
     python benchmarks/bench_model.py --rounds 3         # medians over 3 interleaved sweeps
     python benchmarks/bench_model.py --impls ours        # ours only: default, tuned and api
+    python benchmarks/bench_model.py --compile           # also "compiled": api + torch.compile of the encoders
 
 Each configuration runs in its own process. Memory on CPU is the peak resident set during the timed
 loop above the resident set before it (activations and temporaries, not weights; Linux's VmHWM,
@@ -205,6 +206,11 @@ def run_worker(args) -> dict:
         attention, note = tune(args, model, args.mode)
     elif args.setup == "api":
         attention, note = tune_api(args, model, args.mode)
+    elif args.setup == "compiled":  # the api setup, then torch.compile of both encoders (compiled at the first call)
+        attention, note = tune_api(args, model, args.mode)
+        model.encode_text, model.encode_video = torch.compile(model.encode_text), torch.compile(model.encode_video)
+        encode_video = model.encode_video
+        note += "; torch.compile of the text and video encoders"
     else:
         attention, note = contextlib.nullcontext(), "PyTorch's defaults"
         if args.device.startswith("cpu"):  # the same start-up measurements, not applied (same allocator history)
@@ -231,10 +237,14 @@ def run_worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     before = reset_peak_rss()
     with attention_impl(args.impl), attention:
+        start = time.perf_counter()
+        fn()  # the first call: compilation, for the compiled setup
+        sync(args)
+        first_call = time.perf_counter() - start
         seconds = time_it(fn, args)
     memory = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
               else peak_rss_mb() - before)
-    return {"seconds": seconds, "memory_mb": memory, "note": note}
+    return {"seconds": seconds, "memory_mb": memory, "first_call_s": first_call, "note": note}
 
 
 def features_and_grads(model: DGL, impl: str, ids, video, mask, context=contextlib.nullcontext):
@@ -352,6 +362,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep; report medians")
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours through modules.backends.tune plus torch.compile of both encoders "
+                             "(\"compiled\"; its first call, compilation included, is printed)")
     parser.add_argument("--worker", nargs=4, metavar=("IMPL", "MODE", "PRECISION", "SETUP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -387,7 +400,7 @@ def main():
 
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     impls = [i for i in IMPLS if i in args.impls.split(",")]
-    setups = SETUPS if on_cpu else ("default",)
+    setups = (SETUPS if on_cpu else ("default",)) + (("compiled",) if args.compile else ())
     forwarded = ["--layers", args.layers, "--frames", args.frames, "--batch", args.batch, "--resolution",
                  args.resolution, "--patch", args.patch, "--latent", args.latent, "--device", args.device,
                  "--threads", args.threads, "--warmup", args.warmup, "--repeats", args.repeats]
@@ -395,7 +408,7 @@ def main():
     frames = args.batch * args.frames
     configs = [(precision, mode, impl, setup) for precision in precisions for mode in ("train", "eval", "clip")
                for impl in (impls if mode != "clip" else ("ours",))
-               for setup in (setups if impl == "ours" else ("default",))]
+               for setup in (setups if impl == "ours" else ("default",)) if not (mode == "clip" and setup == "compiled")]
     # Rounds go over every configuration in turn, so that drifts in machine load hit all of them alike.
     runs: dict = {config: [] for config in configs}
     notes = {}
@@ -411,7 +424,7 @@ def main():
     results = {config: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for config, rs in runs.items()}
     print(f"(medians over {args.rounds} round(s) of {args.repeats} timed repeats each)")
     for config, note in notes.items():
-        if config[3] in ("tuned", "api") and config[1] != "clip":
+        if config[3] in ("tuned", "api", "compiled") and config[1] != "clip":
             print(f"{config[3]} {config[0]} {config[1]}: {note}")
 
     header = (f"{'precision':9} {'measure':36} {'seconds':>8} {'frames/s':>9} {'GFLOP/s':>8} "
@@ -443,6 +456,15 @@ def main():
             print(f"{precision}: ours api (modules.backends.tune) / ours tuned (main.py) time: train step "
                   f"{ratio((precision, 'train', 'ours', 'api'), (precision, 'train', 'ours', 'tuned')):.3f}, eval "
                   f"forward {ratio((precision, 'eval', 'ours', 'api'), (precision, 'eval', 'ours', 'tuned')):.3f}")
+        if "compiled" in setups:
+            base = "api" if "api" in setups else "default"
+            print(f"{precision}: ours compiled vs ours {base}: train step "
+                  f"{ratio((precision, 'train', 'ours', base), (precision, 'train', 'ours', 'compiled')):.2f}x "
+                  f"faster, eval forward "
+                  f"{ratio((precision, 'eval', 'ours', base), (precision, 'eval', 'ours', 'compiled')):.2f}x faster; "
+                  f"first call (compilation included): train step "
+                  f"{results[(precision, 'train', 'ours', 'compiled')]['first_call_s']:.1f} s, eval forward "
+                  f"{results[(precision, 'eval', 'ours', 'compiled')]['first_call_s']:.1f} s")
         for impl in impls[1:]:
             print(f"{precision}: ours ({best}) vs {impl}: train step "
                   f"{ratio((precision, 'train', impl, 'default'), (precision, 'train', 'ours', best)):.2f}x "
