@@ -34,6 +34,7 @@ import io
 import itertools
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -252,8 +253,11 @@ def make_synthetic_dataset(out_dir: str, num_train: int = 200, num_test: int = 5
     return paths
 
 
+PROG = "make_synthetic_dataset"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
     p.add_argument("--num_train", type=int, default=200)
     p.add_argument("--num_test", type=int, default=50)
@@ -275,9 +279,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                        a.max_frames, a.workers, keyint=a.keyint or None,
                                        num_val=a.num_val, motion=a.motion)
     except OutputWriteError as exc:  # names the file it was writing
-        p.error(str(exc))
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 2
     except OSError as exc:
-        p.error(f"cannot write the dataset to {a.out_dir}: {exc.strerror or exc}")
+        sys.stderr.write(f"{PROG}: error: cannot write the dataset to {a.out_dir}: {exc.strerror or exc}\n")
+        return 2
     for k, v in paths.items():
         print(f"{k}: {v}")
     return 0

@@ -1,7 +1,7 @@
 """``search_videos.py evaluate``: retrieval metrics of an index on the user's own labelled queries.
 
     python search_videos.py evaluate --index IDX --queries FILE [--video_root DIR] [--qb_norm BANK]
-                                     [--json ranks.json]
+                                     [--by_video] [--json ranks.json]
 
 FILE (``.csv``, ``.tsv`` or ``.jsonl``, UTF-8): a ``query`` column (or ``caption``, so that a test
 annotation file of ``--datatype custom`` is a queries file) and the relevant ``video``; with ``start`` and
@@ -150,7 +150,10 @@ def best_per_video(scores: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, 
     gave it (the first one on a tie)."""
     num_files = int(groups.max()) + 1 if len(groups) else 0
     best = np.full((scores.shape[0], num_files), -np.inf, dtype=scores.dtype)
-    where = np.zeros((scores.shape[0], num_files), dtype=np.int64)
+    first = np.full(num_files, -1, dtype=np.int64)
+    for entry in range(len(groups) - 1, -1, -1):
+        first[groups[entry]] = entry
+    where = np.tile(first, (scores.shape[0], 1))  # a file none of whose scores is a number: its first entry
     for entry in range(scores.shape[1]):  # entries in index order: a later tie does not replace the first
         column, f = scores[:, entry], groups[entry]
         better = column > best[:, f]
@@ -330,6 +333,9 @@ def cmd_evaluate(args, load) -> int:
             if qb is not None:
                 item["rank_qb_norm"] = int(qb["ranks"][i])
                 item["score_qb_norm"] = round(float(qb["scores"][i]), 6)
+                best_qb = entries[int(qb["entries"][i])]
+                if args.by_video and best_qb.get("start") is not None:  # after QB-norm another may win
+                    item.update(best_start_qb_norm=best_qb["start"], best_end_qb_norm=best_qb["end"])
             per_query.append(item)
         payload = {"index": os.path.abspath(args.index), "queries": os.path.abspath(args.queries),
                    "entries": len(entries),

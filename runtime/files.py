@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import threading
 
 import numpy as np
 import torch
@@ -37,11 +38,28 @@ def _write_failure_reason(exc: BaseException, directory: str) -> str:
     return f"write failed ({type(exc).__name__}: {text[0] if text else ''})"
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask. Read from /proc where it can be (reading it through os.umask sets it for a
+    moment, and two threads doing so at once can leave it at 0); else under a lock."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        umask = os.umask(0)
+        os.umask(umask)
+    return umask
+
+
 def give_new_file_mode(path: str) -> None:
     """Temporary files from mkstemp are 0600; give ``path`` the mode a new file gets under the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def atomic_write(path: str, write_fn, mode: str = "wb") -> None:

@@ -138,8 +138,14 @@ def test_a_failing_process_group_member_exits_with_its_error_status_every_time(t
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
             procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        for rank, p in enumerate(procs):
-            out, err = p.communicate(timeout=120)
-            assert p.returncode == 2, (trial, rank, p.returncode, err[-2000:])
-            assert err.strip().splitlines()[-1] == (
-                f"main.py: error: cannot load the msrvtt data: rank {rank} stops here"), (trial, rank, err[-2000:])
+        try:
+            for rank, p in enumerate(procs):
+                out, err = p.communicate(timeout=120)
+                assert p.returncode == 2, (trial, rank, p.returncode, err[-2000:])
+                assert err.strip().splitlines()[-1] == (
+                    f"main.py: error: cannot load the msrvtt data: rank {rank} stops here"), (trial, rank, err[-2000:])
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()

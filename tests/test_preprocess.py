@@ -152,11 +152,9 @@ def test_published_scaling_reproduces_the_published_command(tmp_path, width, hei
 def test_synthetic_dataset_write_failures_are_one_line(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(SystemExit) as stop:
-        synthetic_main([str(blocker / "syn"), "--num_train", "1", "--num_test", "1"])
-    assert stop.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.endswith(f"error: cannot write the dataset to {blocker / 'syn'}: Not a directory"), err
+    assert synthetic_main([str(blocker / "syn"), "--num_train", "1", "--num_test", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"make_synthetic_dataset: error: cannot write the dataset to {blocker / 'syn'}: Not a directory\n"
     # a failing annotation write (runtime.files) is one line naming the file
     from runtime import files
 
@@ -164,8 +162,22 @@ def test_synthetic_dataset_write_failures_are_one_line(tmp_path, capsys, monkeyp
         raise files.OutputWriteError(f"no space left on device while writing {path}")
 
     monkeypatch.setattr(files, "atomic_write", no_space)
-    with pytest.raises(SystemExit):
-        synthetic_main([str(tmp_path / "syn"), "--num_train", "1", "--num_test", "1", "--size", "32"])
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.endswith("error: no space left on device while writing "
-                        f"{tmp_path / 'syn' / 'MSRVTT_train.9k.csv'}"), err
+    assert synthetic_main([str(tmp_path / "syn"), "--num_train", "1", "--num_test", "1", "--size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("make_synthetic_dataset: error: no space left on device while writing "
+                   f"{tmp_path / 'syn' / 'MSRVTT_train.9k.csv'}\n"), err
+
+
+def test_umask_is_read_without_changing_it(tmp_path):
+    from runtime.files import current_umask, give_new_file_mode
+
+    before = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027 and current_umask() == 0o027
+        f = tmp_path / "f"
+        f.write_text("")
+        os.chmod(f, 0o600)
+        give_new_file_mode(str(f))
+        assert oct(os.stat(f).st_mode & 0o777) == oct(0o640)
+    finally:
+        os.umask(before)

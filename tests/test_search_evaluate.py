@@ -165,6 +165,9 @@ def test_files_scored_by_their_best_entry_by_hand():
     best, where = best_per_video(scores, groups)
     np.testing.assert_array_equal(best, [[0.7, 0.5, 0.2], [0.4, 0.3, 0.9]])
     assert where.tolist() == [[2, 1, 3], [0, 1, 3]]  # a tie keeps the first entry
+    # a file without a finite score keeps -inf and names its own first entry, not another file's
+    best, where = best_per_video(np.array([[np.nan, 0.5, np.nan, np.nan]]), groups)
+    assert best[0, 0] == best[0, 2] == -np.inf and where.tolist() == [[0, 1, 3]]
 
 
 def test_by_video_ranks_files_by_their_best_segment(world, tmp_path, capsys):
@@ -232,7 +235,12 @@ def test_by_video_ranks_files_by_their_best_segment(world, tmp_path, capsys):
         g = files.index(os.path.join(world.videos, video))
         qb_expected.append(1 + sum(1 for j, s in enumerate(file_scores)
                                    if s > file_scores[g] or (s == file_scores[g] and j < g)))
-    assert [p["rank_qb_norm"] for p in json.loads(out_json.read_text())["per_query"]] == qb_expected
+    per_query = json.loads(out_json.read_text())["per_query"]
+    assert [p["rank_qb_norm"] for p in per_query] == qb_expected
+    for i, ((_, video), p) in enumerate(zip(rows, per_query)):  # the segment that won after QB-norm
+        g = os.path.join(world.videos, video)
+        j = max((j for j in range(len(paths)) if paths[j] == g), key=lambda j: (normed[i, j], -j))
+        assert (p["best_start_qb_norm"], p["best_end_qb_norm"]) == (index.entries[j]["start"], index.entries[j]["end"])
 
 
 BAD_QUERIES = [

@@ -154,15 +154,18 @@ class Run:
             log.info("single process on %s", self.device)
         if self.precision.note:
             log.warning(self.precision.note)
-        settings_args = self.args
+        settings_args, recorded = self.args, None
         if self.args.resume:  # read first: its recorded fp32 product path is chosen before any product runs
             self.resume_ckpt = self._read_checkpoint(self.args.resume, "--resume")
             recorded = self.resume_ckpt.get("fp32_products")
             if isinstance(recorded, dict) and recorded.get("device") == self.device.type and \
                     recorded.get("path") in ("onednn", "mkl"):
                 settings_args = argparse.Namespace(**{**vars(self.args), "fp32_path": recorded["path"]})
-                self.precision.fp32_source = f"recorded in {self.args.resume}"
+            else:
+                recorded = None
         apply_cpu_settings(settings_args, self.device, self.core, self.precision)  # threads, BLAS, attention, bf16
+        if recorded is not None and self.precision.fp32_path == recorded["path"]:
+            self.precision.fp32_source = f"recorded in {self.args.resume}"
         if info.distributed:  # one choice for all processes: each measured its own
             self._use_attention_backends(rank0_attention_backends(self.precision), "rank 0's choice")
         if getattr(self.args, "clip_path", None):
