@@ -149,3 +149,46 @@ def test_a_failing_process_group_member_exits_with_its_error_status_every_time(t
                 if p.poll() is None:
                     p.kill()
                     p.wait()
+
+
+def _fp32_path_worker(rank: int, world: int, port: int, output_dir: str, result_dir: str):
+    """A toy run whose start-up fp32 timing says oneDNN on rank 0 and MKL on rank 1; saves the path and its
+    source each process computed with."""
+    import os
+
+    import modules.backends
+    import training.runner
+    from tests.toy import exit_spawned_worker, run_toy
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    check = modules.backends.Fp32Check(exact=True, error_mkl=1e-7, error_onednn=1e-7,
+                                       speedup=1.5 if rank == 0 else 1.0)
+    modules.backends._cached_fp32_check = lambda threads: check
+    seen = {}
+    original = training.runner.apply_cpu_settings
+
+    def apply(args, device, model, precision):
+        original(args, device, model, precision)
+        seen["precision"] = precision
+        seen["active"] = torch.backends.mkldnn.matmul.fp32_precision
+    training.runner.apply_cpu_settings = apply
+    run_toy(output_dir, epochs=1, batch_size=4, data_kwargs={"num_videos": 8}, no_tensorboard=True)
+    precision = seen["precision"]
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"path": precision.fp32_path, "source": precision.fp32_source, "active": seen["active"]}, f)
+    exit_spawned_worker()
+
+
+def test_every_process_computes_fp32_products_on_rank_0s_path(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fp32_path_worker, args=(2, _free_port(), str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank0 == {"path": "onednn", "source": None, "active": rank0["active"]}
+    assert rank1["path"] == "onednn" and rank1["source"] == "rank 0's choice"
+    assert rank1["active"] == rank0["active"]  # the same oneDNN setting is in force in both processes
+    record = json.loads((tmp_path / "run" / "reproducibility.json").read_text())["precision"]["fp32_products"]
+    assert record == {"path": "onednn", "source": "measured at start-up"}

@@ -167,6 +167,7 @@ class Run:
         if recorded is not None and self.precision.fp32_path == recorded["path"]:
             self.precision.fp32_source = f"recorded in {self.args.resume}"
         if info.distributed:  # one choice for all processes: each measured its own
+            self._use_rank0_fp32_path(settings_args)
             self._use_attention_backends(rank0_attention_backends(self.precision), "rank 0's choice")
         if getattr(self.args, "clip_path", None):
             log.info("CLIP weights: %s", self.args.clip_path)
@@ -246,6 +247,20 @@ class Run:
                 self._use_attention_backends(recorded, f"recorded in {self.args.resume}")
             except ValueError as e:
                 log.warning("[resume] attention backends of the checkpoint not used: %s", e)
+
+    def _use_rank0_fp32_path(self, settings_args) -> None:
+        """Compute fp32 products on rank 0's path in every process: a process whose own timing chose the
+        other path applies the CPU settings again with rank 0's (oneDNN still only where exact here)."""
+        if self.device.type != "cpu":
+            return
+        path = D.broadcast_object(self.precision.fp32_path)
+        if path is None or path == self.precision.fp32_path:
+            return
+        restore_cpu_settings()
+        apply_cpu_settings(argparse.Namespace(**{**vars(settings_args), "fp32_path": path}), self.device, self.core,
+                           self.precision)
+        if self.precision.fp32_path == path:
+            self.precision.fp32_source = "rank 0's choice"
 
     def _use_attention_backends(self, names: dict, source: str) -> None:
         """Train and evaluate under the attention backends ``names`` ({"train": .., "eval": ..}) instead of
