@@ -205,6 +205,15 @@ def backends_context(backends: list | None):
     return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
 
 
+def compute_context(device_type: str, dtype: torch.dtype | None, backends: list | None):
+    """Autocast to ``dtype`` (None: none, fp32) under the attention ``backends`` (None: PyTorch's choice)."""
+    stack = contextlib.ExitStack()
+    if dtype is not None:
+        stack.enter_context(torch.autocast(device_type=device_type, dtype=dtype))
+    stack.enter_context(backends_context(backends))
+    return stack
+
+
 def current_attention_backends() -> list:
     """The attention backends enabled now, in their priority order (as ``sdpa_kernel`` left them)."""
     try:
@@ -413,20 +422,13 @@ class Tuning:
         self.bf16_backbone: Bf16Backbone | None = None
         self._undo: list = []
 
-    def _context(self, dtype, backends):
-        stack = contextlib.ExitStack()
-        if dtype is not None:
-            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=dtype))
-        stack.enter_context(backends_context(backends))
-        return stack
-
     def autocast(self):
         """Training forward and backward."""
-        return self._context(self.train_dtype, self.train_attention)
+        return compute_context(self.device.type, self.train_dtype, self.train_attention)
 
     def inference(self):
         """Encoding videos (and texts) for retrieval."""
-        return self._context(self.eval_dtype, self.eval_attention)
+        return compute_context(self.device.type, self.eval_dtype, self.eval_attention)
 
     def describe(self) -> list[str]:
         lines = []

@@ -2,11 +2,9 @@
 compute under (chosen in ``runtime.cpu``)."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from modules.backends import backends_context, cpu_has_native_bf16
+from modules.backends import compute_context, cpu_has_native_bf16
 
 
 class Precision:
@@ -45,11 +43,7 @@ class Precision:
         self.fp32_source = None  # where that path came from, when not this process's own timing
 
     def _context(self, dtype, backends):
-        stack = contextlib.ExitStack()
-        if dtype is not None:
-            stack.enter_context(torch.autocast(device_type=self.device_type, dtype=dtype))
-        stack.enter_context(backends_context(backends))
-        return stack
+        return compute_context(self.device_type, dtype, backends)
 
     def autocast(self):
         """Training forward (and the backward it records)."""
