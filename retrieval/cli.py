@@ -5,7 +5,7 @@
     python search_videos.py query  --video clip.mp4 --index IDX
     python search_videos.py serve  --index IDX [--host 127.0.0.1] [--port 8000] [--token T | --no_auth]
     python search_videos.py visualize VIDEO --clip CLIP.pt --checkpoint CKPT [--caption TEXT] --out pic.png
-    python search_videos.py evaluate --index IDX --queries FILE [--qb_norm BANK] [--json ranks.json]
+    python search_videos.py evaluate --index IDX --queries FILE [--qb_norm BANK] [--by_video] [--json ranks.json]
 
 Every bad input ends with one line ``search_videos.py: error: ...`` and exit status 2.
 """

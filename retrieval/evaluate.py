@@ -90,6 +90,11 @@ def read_queries(path: str, video_root: str | None = None) -> list[dict]:
     return queries
 
 
+def _not_indexed(q: dict, queries_path: str, index_dir: str):
+    return _search_error(f"{queries_path} {q['line']} column 'video': {q['path']} is not in the index "
+                         f"{index_dir} (index it, or fix the path / --video_root)")
+
+
 def _same_time(a, b) -> bool:
     return a is not None and b is not None and abs(float(a) - float(b)) <= TIME_TOLERANCE
 
@@ -104,8 +109,7 @@ def match_entries(queries: list[dict], entries: list[dict], queries_path: str, i
     for q in queries:
         candidates = by_path.get(q["path"], [])
         if not candidates:
-            raise _search_error(f"{queries_path} {q['line']} column 'video': {q['path']} is not in the index "
-                                f"{index_dir} (index it, or fix the path / --video_root)")
+            raise _not_indexed(q, queries_path, index_dir)
         if q["start"] is None:
             whole = [r for r in candidates if entries[r].get("start") is None]
             if not whole:
@@ -139,21 +143,19 @@ def match_videos(queries: list[dict], files: list[str], queries_path: str, index
     rows = []
     for q in queries:
         if q["path"] not in number:
-            raise _search_error(f"{queries_path} {q['line']} column 'video': {q['path']} is not in the index "
-                                f"{index_dir} (index it, or fix the path / --video_root)")
+            raise _not_indexed(q, queries_path, index_dir)
         rows.append(number[q["path"]])
     return rows
 
 
 def best_per_video(scores: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(queries x files) best score of each file's entries, and the entry (row of ``scores``' columns) that
-    gave it (the first one on a tie)."""
+    gave it (the first one on a tie). ``groups``: each entry's file number, 0.. as :func:`video_groups`
+    numbers them."""
     num_files = int(groups.max()) + 1 if len(groups) else 0
     best = np.full((scores.shape[0], num_files), -np.inf, dtype=scores.dtype)
-    first = np.full(num_files, -1, dtype=np.int64)
-    for entry in range(len(groups) - 1, -1, -1):
-        first[groups[entry]] = entry
-    where = np.tile(first, (scores.shape[0], 1))  # a file none of whose scores is a number: its first entry
+    first = np.unique(groups, return_index=True)[1]  # each file's first entry
+    where = np.tile(first, (scores.shape[0], 1))  # a file none of whose scores is a number keeps it
     for entry in range(scores.shape[1]):  # entries in index order: a later tie does not replace the first
         column, f = scores[:, entry], groups[entry]
         better = column > best[:, f]

@@ -564,9 +564,8 @@ def one_line(exc: BaseException) -> str:
 
 def rank0_attention_backends(precision) -> dict:
     """Rank 0's attention backends, as names, on every process."""
-    names = [{"train": backend_name(precision.train_attention), "eval": backend_name(precision.eval_attention)}]
-    torch.distributed.broadcast_object_list(names, src=0)
-    return names[0]
+    return D.broadcast_object({"train": backend_name(precision.train_attention),
+                               "eval": backend_name(precision.eval_attention)})
 
 
 def _plain_config(args) -> dict:
