@@ -13,6 +13,19 @@ from __future__ import annotations
 import sys
 
 
+def exit_status(exc: BaseException) -> int:
+    """The status Python would exit with on ``exc``, saying on stderr what it would say."""
+    if isinstance(exc, SystemExit):  # a one-line error (status 2) or another stop
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    import traceback
+
+    traceback.print_exc()
+    return 1
+
+
 def main(argv=None) -> int:
     from training.config import parse_args
 
@@ -22,18 +35,9 @@ def main(argv=None) -> int:
 
     try:
         run(args)
-    except SystemExit as exc:  # a one-line error (status 2) or another stop
-        if distributed.is_initialized():
-            if exc.code is not None and not isinstance(exc.code, int):
-                print(exc.code, file=sys.stderr)
-            distributed.exit_member(exc.code if isinstance(exc.code, int) else int(exc.code is not None))
-        raise
-    except BaseException:
-        if distributed.is_initialized():
-            import traceback
-
-            traceback.print_exc()
-            distributed.exit_member(1)
+    except BaseException as exc:
+        if distributed.is_initialized():  # see distributed.exit_member: the error's status, not SIGABRT
+            distributed.exit_member(exit_status(exc))
         raise
     return 0
 

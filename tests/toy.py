@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 from torch.utils.data import Dataset
@@ -148,9 +147,9 @@ def exit_spawned_worker() -> None:
     """End a spawned worker whose work is done and saved without the interpreter's teardown: destructors
     of gloo's threads can abort the process there ('terminate called without an active exception'),
     which torch.multiprocessing.spawn reports as a failure although every result was written."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    from training.distributed import exit_member
+
+    exit_member(0)
 
 
 def _dist_worker(rank: int, world: int, port: int, output_dir: str, flags: dict, result_dir: str):
