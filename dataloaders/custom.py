@@ -7,8 +7,9 @@ apart by the extension, UTF-8) with the columns (keys, for JSON lines):
 * ``caption``: one caption (a video with several captions has several rows);
 * ``start``, ``end`` (optional, seconds): the clip is this span of the file, cut with the frame rule of
   ActivityNet / DiDeMo (:func:`dataloaders.video.published_clip_seconds`); empty in a row = the whole file;
-* ``video_id`` (optional): rows with the same id are one video; default: the ``video`` path, plus
-  ``@start-end`` for a span.
+* ``video_id`` (optional): rows with the same id are one video; default: rows naming one file (whatever
+  the spelling: ``x.mp4``, ``./x.mp4``, its absolute path, a link to it) and one span are one video, its
+  id the first row's ``video`` value, plus ``@start-end`` for a span.
 
 Training samples: with ``--expand_msrvtt_sentences`` every caption is a sample; without it a sample
 is a video with one of its captions drawn at random at every access (once per epoch), as for MSR-VTT.
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 EXTENSIONS = (".csv", ".tsv", ".jsonl")
 REQUIRED = ("video", "caption")
+COLUMNS = REQUIRED + ("start", "end", "video_id", "query")  # the keys the tools read
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class AnnotationRow:
     start: Optional[float]
     end: Optional[float]
     video_id: str
+    file: str  # the file's canonical path (video_file): its identity, whatever the spelling
 
 
 def annotation_format(path: str, flag: str = "") -> str:
@@ -62,47 +65,109 @@ def parse_rows(path: str, required=(), flag: str = "") -> tuple[str, Optional[li
     """``(kind, header, rows)`` of a .csv / .tsv / .jsonl file. A row is ``(line number, the row as read,
     values)``: as read is the CSV values or the JSON line itself (so that a tool can write it back
     unchanged); values maps columns to stripped strings (None when absent). Blank lines are skipped; the
-    ``required`` columns must exist (CSV header, or every JSON object's keys). ``header`` is None for .jsonl."""
+    ``required`` columns must exist (CSV header, or every JSON object's keys). ``header`` is None for .jsonl.
+
+    Every row is one line of the file: a value that runs over several lines (in CSV / TSV, a quote that is
+    never closed takes in the lines after it), a quote in the wrong place, a header that names a column
+    twice, a value under no column, a JSON key given twice and a list or object as a value are
+    :class:`AnnotationError` s naming the file and the line where the row starts."""
     kind = annotation_format(path, flag)
     text = read_text(path)
-    rows: list[tuple[int, object, dict]] = []
-    header = None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise AnnotationError(f"{path} line {line}: a NUL character; the file is not UTF-8 text (UTF-16?): "
+                              "save it as UTF-8")
     if kind == "jsonl":
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AnnotationError(f"{path} line {number}: not a JSON object ({exc.msg})") from exc
-            if not isinstance(item, dict):
-                raise AnnotationError(f"{path} line {number}: not a JSON object (a {type(item).__name__})")
-            for key in required:
-                if key not in item:
-                    raise AnnotationError(f"{path} line {number}: missing key '{key}'")
-            rows.append((number, line.rstrip("\r"), {k: _as_text(v) for k, v in item.items()}))
+        rows = _jsonl_rows(path, text, required)
+        header = None
     else:
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if kind == "csv" else "\t")
-        lines = list(reader)
-        if not lines:
-            raise AnnotationError(f"{path}: the file is empty (no header)")
-        header = lines[0]
-        header_row = [h.strip() for h in header]
-        missing = [c for c in required if c not in header_row]
-        if missing:
-            raise AnnotationError(f"{path} line 1: missing column '{missing[0]}' (columns found: "
-                                  f"{', '.join(header_row) or 'none'})")
-        for number, values in enumerate(lines[1:], start=2):
-            if not any(v.strip() for v in values):
-                continue
-            if len(values) > len(header_row):
-                raise AnnotationError(f"{path} line {number}: {len(values)} values for {len(header_row)} columns "
-                                      f"(quote a {'comma' if kind == 'csv' else 'tab'} inside a value)")
-            row = {h: (values[i].strip() if i < len(values) else None) for i, h in enumerate(header_row)}
-            rows.append((number, values, row))
+        header, rows = _delimited_rows(path, text, kind, required)
     if not rows:
         raise AnnotationError(f"{path}: no rows (the file lists no videos)")
     return kind, header, rows
+
+
+def _jsonl_rows(path: str, text: str, required) -> list[tuple[int, object, dict]]:
+    rows: list[tuple[int, object, dict]] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line, object_pairs_hook=lambda pairs: _object_once(path, number, pairs))
+        except json.JSONDecodeError as exc:
+            raise AnnotationError(f"{path} line {number}: not a JSON object ({exc.msg}; one object per line)") from exc
+        if not isinstance(item, dict):
+            raise AnnotationError(f"{path} line {number}: not a JSON object (a {type(item).__name__})")
+        for key in required:
+            if key not in item:
+                raise AnnotationError(f"{path} line {number}: missing key '{key}'")
+        for key, value in item.items():
+            if key in COLUMNS and isinstance(value, (list, dict)):
+                raise AnnotationError(f"{path} line {number} key '{key}': a JSON {type(value).__name__}, not a text "
+                                      "or a number (one row per caption)")
+        rows.append((number, line.rstrip("\r"), {k: _as_text(v) for k, v in item.items()}))
+    return rows
+
+
+def _object_once(path: str, number: int, pairs) -> dict:
+    """A JSON object whose keys are all different (``json`` keeps the last of a repeated key silently)."""
+    item: dict = {}
+    for key, value in pairs:
+        if key in item:
+            raise AnnotationError(f"{path} line {number}: key '{key}' given twice")
+        item[key] = value
+    return item
+
+
+def _delimited_rows(path: str, text: str, kind: str, required) -> tuple[list[str], list[tuple[int, object, dict]]]:
+    """Header and rows of a .csv / .tsv text, each row on one line (see :func:`parse_rows`)."""
+    # strict: a quote in the middle of a quoted value is an error, not a value glued together
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if kind == "csv" else "\t", strict=True)
+    records: list[tuple[int, list[str]]] = []
+    last = 0  # the last line read so far
+    try:
+        for values in reader:
+            first, last = last + 1, reader.line_num
+            if last > first:
+                raise AnnotationError(f"{path} line {first}: a value runs over lines {first}-{last} (a quote \" "
+                                      "that is never closed?); every row must be one line")
+            records.append((first, values))
+    except csv.Error as exc:
+        start = last + 1
+        if "unexpected end of data" in str(exc) or "field larger than field limit" in str(exc):
+            problem = "a quote \" opened in this row is never closed (the rest of the file would be one value)"
+        else:
+            problem = (f"misplaced quote ({exc}); a value that holds a quote \" or a "
+                       f"{'comma' if kind == 'csv' else 'tab'} is written in quotes, its quotes doubled (\"\")")
+        raise AnnotationError(f"{path} line {start}: {problem}") from None
+    if not records:
+        raise AnnotationError(f"{path}: the file is empty (no header)")
+    header = records[0][1]
+    header_row = [h.strip() for h in header]
+    named = [h for h in header_row if h]
+    twice = next((h for i, h in enumerate(named) if h in named[:i]), None)
+    if twice is not None:
+        raise AnnotationError(f"{path} line 1: column '{twice}' named twice (columns found: {', '.join(header_row)})")
+    missing = [c for c in required if c not in header_row]
+    if missing:
+        raise AnnotationError(f"{path} line 1: missing column '{missing[0]}' (columns found: "
+                              f"{', '.join(header_row) or 'none'})")
+    rows: list[tuple[int, object, dict]] = []
+    for number, values in records[1:]:
+        if not any(v.strip() for v in values):
+            continue
+        if len(values) > len(header_row):
+            raise AnnotationError(f"{path} line {number}: {len(values)} values for {len(header_row)} columns "
+                                  f"(quote a {'comma' if kind == 'csv' else 'tab'} inside a value)")
+        unnamed = next((i for i, v in enumerate(values) if v.strip() and not header_row[i]), None)
+        if unnamed is not None:
+            raise AnnotationError(f"{path} line {number}: a value in column {unnamed + 1}, which the header "
+                                  "(line 1) does not name")
+        if [v.strip() for v in values] == header_row:
+            raise AnnotationError(f"{path} line {number}: the header again (two files joined?); keep one header")
+        row = {h: (values[i].strip() if i < len(values) else None) for i, h in enumerate(header_row) if h}
+        rows.append((number, values, row))
+    return header, rows
 
 
 def read_table(path: str, required=REQUIRED, flag: str = "") -> list[tuple[str, dict]]:
@@ -155,24 +220,37 @@ def _span_text(start: float, end: float) -> str:
     return f"{start:g}-{end:g}"
 
 
+def video_file(video: str, root: str) -> str:
+    """The canonical path of a table's ``video`` value: taken relative to ``root`` (the folder the loader
+    reads it from) unless absolute, then absolute with links, ``.`` and ``..`` resolved, so that
+    ``videos/x.mp4``, ``./videos/x.mp4``, its absolute path and a link to it are one file."""
+    return os.path.realpath(video if os.path.isabs(video) else os.path.join(root or "", video))
+
+
 def read_annotation_rows(path: str, features_path: str, flag: str = "") -> list[AnnotationRow]:
     """The rows of one custom annotation file, checked (times are numbers, start before end) and with the
-    video paths resolved against ``features_path``; exact repeats of a row are dropped with a warning."""
+    video paths resolved against ``features_path``; exact repeats of a row are dropped with a warning.
+    Rows without a ``video_id`` are one video when they name one file (:func:`video_file`) and span: the
+    id is the spelling of the first of them."""
     rows = []
     seen: dict = {}
     repeats = []
+    default_ids: dict[tuple, str] = {}  # (file, start, end) -> the default id of its first row
     for where, row in read_table(path, REQUIRED, flag):
         start, end = row_span(path, where.split(" ", 1)[1], row)
         video = row["video"]
         resolved = video if os.path.isabs(video) else os.path.join(features_path or "", video)
-        default_id = video if start is None else f"{video}@{_span_text(start, end)}"
+        file = video_file(video, features_path)
+        default_id = default_ids.setdefault((file, start, end),
+                                            video if start is None else f"{video}@{_span_text(start, end)}")
         video_id = row.get("video_id") or default_id
         key = (video_id, row["caption"])
         if key in seen:
             repeats.append(where)
             continue
         seen[key] = where
-        rows.append(AnnotationRow(where, video, os.path.normpath(resolved), row["caption"], start, end, video_id))
+        rows.append(AnnotationRow(where, video, os.path.normpath(resolved), row["caption"], start, end, video_id,
+                                  file))
     if repeats:
         logger.warning("%s: %d duplicate row(s) (same video and caption as an earlier row) dropped, e.g. %s",
                        path, len(repeats), repeats[0])
@@ -183,15 +261,17 @@ def group_videos(path: str, rows: list[AnnotationRow]) -> Annotations:
     """One :class:`VideoEntry` per ``video_id`` (in order of first appearance), every caption linked to it.
     Rows that give one id to different files or spans are an error."""
     index: dict[str, int] = {}
+    files: list[str] = []  # each video's canonical file
     videos, captions, links, sources = [], [], [], []
     for r in rows:
         if r.video_id not in index:
             index[r.video_id] = len(videos)
             videos.append(VideoEntry(r.video_id, r.path, r.where, r.start, r.end))
+            files.append(r.file)
         else:
             first = videos[index[r.video_id]]
-            if (first.path, first.start, first.end) != (r.path, r.start, r.end):
-                column = "video" if first.path != r.path else "start"
+            if (files[index[r.video_id]], first.start, first.end) != (r.file, r.start, r.end):
+                column = "video" if files[index[r.video_id]] != r.file else "start"
                 raise AnnotationError(f"{path} {r.where.split(' ', 1)[1]} column '{column}': video_id "
                                       f"{r.video_id!r} is already another video or span ({first.source})")
         captions.append(r.caption)
@@ -201,9 +281,10 @@ def group_videos(path: str, rows: list[AnnotationRow]) -> Annotations:
 
 
 def files_in_both(train_rows: list[AnnotationRow], test_rows: list[AnnotationRow]) -> list[str]:
-    """Video files of the test rows that training rows also use (any span of them), in test order."""
-    train_files = {r.path for r in train_rows}
-    return list(dict.fromkeys(r.path for r in test_rows if r.path in train_files))
+    """Video files (canonical paths) of the test rows that training rows also use (any span of them, any
+    spelling of the file), in test order."""
+    train_files = {r.file for r in train_rows}
+    return list(dict.fromkeys(r.file for r in test_rows if r.file in train_files))
 
 
 class CustomDataset(VideoTextDataset):

@@ -63,7 +63,7 @@ def _search_error(message: str):
 def read_queries(path: str, video_root: str | None = None) -> list[dict]:
     """Rows of the queries file: dict(where, query, video, path (absolute), start, end)."""
     from dataloaders.base import AnnotationError
-    from dataloaders.custom import read_table, row_span
+    from dataloaders.custom import read_table, row_span, video_file
 
     try:
         header_probe = read_table(path, required=("video",))
@@ -84,7 +84,7 @@ def read_queries(path: str, video_root: str | None = None) -> list[dict]:
         except AnnotationError as exc:
             raise _search_error(str(exc)) from None
         video = row["video"]
-        full = os.path.normpath(video if os.path.isabs(video) else os.path.join(root, video))
+        full = video_file(video, root)  # canonical: every spelling of one file matches its entries
         queries.append({"where": where, "line": line, "query": text, "video": video, "path": full,
                         "start": start, "end": end})
     return queries
@@ -95,6 +95,17 @@ def _not_indexed(q: dict, queries_path: str, index_dir: str):
                          f"{index_dir} (index it, or fix the path / --video_root)")
 
 
+def _entry_files(entries: list[dict]) -> list[str]:
+    """The canonical path (``dataloaders.custom.video_file``) of each entry's file, as queries' paths are."""
+    from dataloaders.custom import video_file
+
+    known: dict[str, str] = {}
+    for e in entries:
+        if e["path"] not in known:
+            known[e["path"]] = video_file(e["path"], "")
+    return [known[e["path"]] for e in entries]
+
+
 def _same_time(a, b) -> bool:
     return a is not None and b is not None and abs(float(a) - float(b)) <= TIME_TOLERANCE
 
@@ -103,8 +114,8 @@ def match_entries(queries: list[dict], entries: list[dict], queries_path: str, i
     """The index row of each query's relevant video: the entry of that path (whole-file entries carry no
     start/end) or, for a query with start/end, the segment entry of that path and span."""
     by_path: dict[str, list[int]] = {}
-    for row, e in enumerate(entries):
-        by_path.setdefault(os.path.normpath(e["path"]), []).append(row)
+    for row, file in enumerate(_entry_files(entries)):
+        by_path.setdefault(file, []).append(row)
     rows = []
     for q in queries:
         candidates = by_path.get(q["path"], [])
@@ -131,9 +142,9 @@ def match_entries(queries: list[dict], entries: list[dict], queries_path: str, i
 
 
 def video_groups(entries: list[dict]) -> tuple[list[str], np.ndarray]:
-    """The indexed files (normalised paths, in the order of their first entry) and each entry's file number."""
+    """The indexed files (canonical paths, in the order of their first entry) and each entry's file number."""
     files: dict[str, int] = {}
-    groups = np.array([files.setdefault(os.path.normpath(e["path"]), len(files)) for e in entries], dtype=np.int64)
+    groups = np.array([files.setdefault(f, len(files)) for f in _entry_files(entries)], dtype=np.int64)
     return list(files), groups
 
 

@@ -9,14 +9,16 @@ DATASET=custom
 parse_mode "$@"
 VIDEO_PATH="${VIDEO_PATH:-${DATA_PATH:-}}"
 require_env
-annotation_file() {  # the first of DATA_PATH/<name>.csv, .tsv, .jsonl
-    local ext
+annotation_file() {  # DATA_PATH/<name>.csv, .tsv or .jsonl; two of them leave the choice open: refused
+    local ext found=()
     for ext in csv tsv jsonl; do
-        if [[ -f "${DATA_PATH}/$1.${ext}" ]]; then echo "${DATA_PATH}/$1.${ext}"; return; fi
+        [[ ! -e "${DATA_PATH}/$1.${ext}" ]] || found+=("${DATA_PATH}/$1.${ext}")
     done
+    (( ${#found[@]} <= 1 )) || die "DATA_PATH=${DATA_PATH} holds ${#found[@]} $1 files (${found[*]}); keep one"
+    (( ${#found[@]} == 0 )) || echo "${found[0]}"
 }
-TEST_FILE="$(annotation_file test)"
-TRAIN_FILE="$(annotation_file train)"
+TEST_FILE="$(annotation_file test)" || exit 2
+TRAIN_FILE="$(annotation_file train)" || exit 2
 [[ -n "${TEST_FILE}" ]] || die "DATA_PATH=${DATA_PATH} holds no test.csv / test.tsv / test.jsonl (python -m preprocess.split_annotations writes them)"
 [[ "${MODE}" == eval || -n "${TRAIN_FILE}" ]] || die "DATA_PATH=${DATA_PATH} holds no train.csv / train.tsv / train.jsonl"
 LR=${LR:-2e-3}

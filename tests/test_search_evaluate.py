@@ -273,3 +273,49 @@ def test_queries_file_extension_and_encoding(world, index, tmp_path, capsys):
     (tmp_path / "l.csv").write_bytes("query,video\ncaf\u00e9,a.mp4\n".encode("latin-1"))
     code, _, err = run_cli(["evaluate", "--queries", tmp_path / "l.csv", *args], capsys)
     assert code == 2 and "l.csv line 2: not UTF-8" in err
+
+
+def test_queries_match_their_file_whatever_the_spelling(world, index, tmp_path, capsys):
+    """Relative, ./relative, absolute and a link to the file name one indexed video; the queries of one
+    video are not next to each other, and each is ranked against its own row's video."""
+    entries = index.entries[:3]
+    os.symlink(entries[2]["path"], tmp_path / "link.mp4")
+    by_id = {s.video_id: s for s in world.specs}
+    rows, truth = [], []
+    for turn in range(3):
+        for k, e in enumerate(entries):
+            rel = relative_video(world, e)
+            spelling = [rel, "./" + rel, e["path"]][(turn + k) % 3]
+            if (turn, k) == (2, 2):
+                spelling = str(tmp_path / "link.mp4")
+            spec = by_id[os.path.splitext(os.path.basename(e["path"]))[0]]
+            rows.append((spec.caption(turn), spelling))
+            truth.append(e["path"])
+    queries = write_queries(tmp_path / "q.csv", rows)
+    expected = hand_ranks(index, [r[0] for r in rows], truth)
+    for extra in ([], ["--by_video"]):  # one entry per file: files rank as entries do
+        out_json = tmp_path / f"ranks{len(extra)}.json"
+        code, _, err = run_cli(["evaluate", "--index", index.root, "--queries", queries, "--video_root",
+                                world.videos, "--json", out_json, *extra, *world.model_args()], capsys)
+        assert code == 0, err
+        per_query = json.loads(out_json.read_text())["per_query"]
+        assert [q["rank"] for q in per_query] == expected
+
+
+def test_entries_indexed_through_a_link_match_the_real_file(tmp_path):
+    """An index built from a linked folder records the link's paths; a query naming the real file (or
+    another spelling) is that entry, and --by_video counts one file."""
+    from retrieval.evaluate import match_videos, read_queries
+
+    real = tmp_path / "real"
+    real.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (real / name).write_bytes(b"x")
+    os.symlink(real, tmp_path / "linked")
+    entries = [{"path": str(tmp_path / "linked" / "a.mp4")}, {"path": str(tmp_path / "linked" / "b.mp4")},
+               {"path": str(real / "a.mp4"), "start": 0.0, "end": 4.0}]
+    queries = read_queries(str(write_queries(tmp_path / "q.csv", [("one", "real/b.mp4"), ("two", str(real / "a.mp4")),
+                                                                   ("three", "./linked/a.mp4")])), str(tmp_path))
+    assert match_entries(queries, entries, "q.csv", "idx") == [1, 0, 0]
+    files, groups = video_groups(entries)
+    assert groups.tolist() == [0, 1, 0] and match_videos(queries, files, "q.csv", "idx") == [1, 0, 0]

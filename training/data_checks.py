@@ -127,7 +127,7 @@ def warn_test_videos_in_training(args, train_dataset, test_dataset) -> int:
             return 0  # an evaluation does not read the training file otherwise
     shared = files_in_both(train_rows, test_rows)
     if shared:
-        test_files = len({r.path for r in test_rows})
+        test_files = len({r.file for r in test_rows})
         log.warning("%d of %d test video files also appear in the training file %s (e.g. %s): the test is not "
                     "video-disjoint (python -m preprocess.split_annotations writes a disjoint split)",
                     len(shared), test_files, train_file, shared[0])
