@@ -22,6 +22,7 @@ them. Every error names the file, the line and the column.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import logging
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 EXTENSIONS = (".csv", ".tsv", ".jsonl")
 REQUIRED = ("video", "caption")
 COLUMNS = REQUIRED + ("start", "end", "video_id", "query")  # the keys the tools read
+SEPARATORS = (("\t", "tab"), (",", "comma"), (";", "semicolon"))
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ def parse_rows(path: str, required=(), flag: str = "") -> tuple[str, Optional[li
     else:
         header, rows = _delimited_rows(path, text, kind, required)
     if not rows:
-        raise AnnotationError(f"{path}: no rows (the file lists no videos)")
+        raise AnnotationError(f"{path}: no rows (nothing but {'blank lines' if kind == 'jsonl' else 'a header'})")
     return kind, header, rows
 
 
@@ -102,9 +104,10 @@ def _jsonl_rows(path: str, text: str, required) -> list[tuple[int, object, dict]
             if key not in item:
                 raise AnnotationError(f"{path} line {number}: missing key '{key}'")
         for key, value in item.items():
-            if key in COLUMNS and isinstance(value, (list, dict)):
-                raise AnnotationError(f"{path} line {number} key '{key}': a JSON {type(value).__name__}, not a text "
-                                      "or a number (one row per caption)")
+            if key in COLUMNS and isinstance(value, (list, dict, bool)):
+                what = json.dumps(value) if isinstance(value, bool) else type(value).__name__
+                raise AnnotationError(f"{path} line {number} key '{key}': a JSON {what}, not a text or a number "
+                                      "(one row per caption)")
         rows.append((number, line.rstrip("\r"), {k: _as_text(v) for k, v in item.items()}))
     return rows
 
@@ -134,7 +137,10 @@ def _delimited_rows(path: str, text: str, kind: str, required) -> tuple[list[str
             records.append((first, values))
     except csv.Error as exc:
         start = last + 1
-        if "unexpected end of data" in str(exc) or "field larger than field limit" in str(exc):
+        if "field larger than field limit" in str(exc):
+            problem = (f"a value longer than {csv.field_size_limit()} characters (a quote \" that is never "
+                       "closed?)")
+        elif "unexpected end of data" in str(exc):
             problem = "a quote \" opened in this row is never closed (the rest of the file would be one value)"
         else:
             problem = (f"misplaced quote ({exc}); a value that holds a quote \" or a "
@@ -150,8 +156,11 @@ def _delimited_rows(path: str, text: str, kind: str, required) -> tuple[list[str
         raise AnnotationError(f"{path} line 1: column '{twice}' named twice (columns found: {', '.join(header_row)})")
     missing = [c for c in required if c not in header_row]
     if missing:
-        raise AnnotationError(f"{path} line 1: missing column '{missing[0]}' (columns found: "
-                              f"{', '.join(header_row) or 'none'})")
+        found = ", ".join(repr(h) for h in header_row) or "none"
+        other = next((name for sep, name in SEPARATORS if len(header_row) == 1 and sep in header_row[0]), None)
+        hint = {"tab": "; tab-separated? name the file .tsv", "comma": "; comma-separated? name the file .csv",
+                "semicolon": "; separated by semicolons? write it with commas (.csv) or tabs (.tsv)"}.get(other, "")
+        raise AnnotationError(f"{path} line 1: missing column '{missing[0]}' (columns found: {found}){hint}")
     rows: list[tuple[int, object, dict]] = []
     for number, values in records[1:]:
         if not any(v.strip() for v in values):
@@ -173,7 +182,17 @@ def _delimited_rows(path: str, text: str, kind: str, required) -> tuple[list[str
 def read_table(path: str, required=REQUIRED, flag: str = "") -> list[tuple[str, dict]]:
     """``(where, row)`` for every row of a .csv / .tsv / .jsonl file, values as stripped strings (None when
     absent); checks that the ``required`` columns exist and are non-empty in every row."""
-    _, _, parsed = parse_rows(path, required, flag)
+    _, header, parsed = parse_rows(path, required, flag)
+    first_use: dict[str, str] = {}  # each column (key) and where it is named first
+    for number, _, row in parsed[:1] if header is not None else parsed:
+        for column in row:
+            first_use.setdefault(column, f"line 1 column '{column}'" if header is not None
+                                 else f"line {number} key '{column}'")
+    for column, where in first_use.items():
+        meant = _misspelt(column)
+        if meant:
+            raise AnnotationError(f"{path} {where}: not a column this reads, so its values would be ignored; "
+                                  f"'{meant}' is (rename it)")
     name = os.path.basename(path)
     rows = [(f"{name} line {number}", row) for number, _, row in parsed]
     for where, row in rows:
@@ -181,6 +200,18 @@ def read_table(path: str, required=REQUIRED, flag: str = "") -> list[tuple[str, 
             if not row.get(column):
                 raise AnnotationError(f"{path} {where.split(' ', 1)[1]} column '{column}': empty value")
     return rows
+
+
+def _misspelt(column: str) -> Optional[str]:
+    """The column of :data:`COLUMNS` that ``column`` (not one of them) looks like a misspelling of, if any
+    ('Start', 'video-id', 'strat'): such a column would be ignored and its rows read without it."""
+    if not column or column in COLUMNS:
+        return None
+    plain = column.lower().replace("-", "_").replace(" ", "_")
+    if plain in COLUMNS or plain.replace("_", "") in [c.replace("_", "") for c in COLUMNS]:
+        return next(c for c in COLUMNS if c.replace("_", "") == plain.replace("_", ""))
+    close = difflib.get_close_matches(plain, COLUMNS, n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def _as_text(value) -> Optional[str]:
@@ -193,6 +224,8 @@ def _seconds(path: str, where: str, column: str, value: Optional[str]) -> Option
     if value is None or value == "":
         return None
     try:
+        if "_" in value:  # float() reads '1_0' as 10
+            raise ValueError(value)
         seconds = float(value)
     except ValueError:
         raise AnnotationError(f"{path} {where} column '{column}': {value!r} is not a number (seconds)") from None

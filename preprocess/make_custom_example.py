@@ -15,7 +15,6 @@ CLI: ``python -m preprocess.make_custom_example OUT [--num_short 24] [--num_long
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import itertools
@@ -25,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from runtime.errors import OneLineArgumentParser
 from runtime.files import OutputWriteError, atomic_write_text
 
 from .ffmpeg_tools import write_video
@@ -83,39 +83,65 @@ def _csv(header: list[str], rows: list[list]) -> str:
 
 
 def make_custom_example(out_dir: str, num_short: int = 24, num_long: int = 8, seed: int = 0) -> dict:
-    """Write the collection; returns the paths and counts."""
+    """Write the collection; returns the paths and counts. A folder that already holds another collection
+    (other annotations, or videos this one does not write, which an index of the folder would take in) is
+    refused with a ValueError before anything is written; the same collection is written again."""
     if num_short < 1 or num_long < 0:
         raise ValueError(f"need --num_short >= 1 and --num_long >= 0, got {num_short}, {num_long}")
     rng = np.random.default_rng(seed)
     scenes = _scenes(num_short + 3 * num_long, rng)
-    rows, queries = [], []
+    rows, queries, videos = [], [], []
     for i in range(num_short):
         scene = scenes[i]
         video = f"videos/short/clip_{i:03d}.mp4"
-        write_video(os.path.join(out_dir, video), render_scene(**scene, rng=rng), fps=FPS)
+        videos.append((video, [scene]))
         rows += [[video, template.format(**scene), "", ""] for template in CAPTIONS]
         queries.append([QUERY.format(**scene), video])
     seconds = SCENE_FRAMES / FPS
     for j in range(num_long):
         parts = scenes[num_short + 3 * j: num_short + 3 * j + 3]
         video = f"videos/long/long_{j:02d}.mp4"
-        write_video(os.path.join(out_dir, video), np.concatenate([render_scene(**s, rng=rng) for s in parts]),
-                    fps=FPS)
+        videos.append((video, parts))
         for k, scene in enumerate(parts):
             start, end = k * seconds, (k + 1) * seconds
             rows += [[video, template.format(**scene), f"{start:g}", f"{end:g}"] for template in CAPTIONS]
     annotations = os.path.join(out_dir, "annotations.csv")
     query_file = os.path.join(out_dir, "queries.csv")
     vocabulary = os.path.join(out_dir, "vocabulary.txt")
-    atomic_write_text(annotations, _csv(["video", "caption", "start", "end"], rows))
-    atomic_write_text(query_file, _csv(["query", "video"], queries))
-    atomic_write_text(vocabulary, "".join(r[1] + "\n" for r in rows) + "".join(q[0] + "\n" for q in queries))
+    texts = {annotations: _csv(["video", "caption", "start", "end"], rows),
+             query_file: _csv(["query", "video"], queries),
+             vocabulary: "".join(r[1] + "\n" for r in rows) + "".join(q[0] + "\n" for q in queries)}
+    _refuse_another_collection(out_dir, texts, {os.path.normpath(v) for v, _ in videos})
+    for video, parts in videos:  # rendered in the order of the scenes: the same rng draws as ever
+        write_video(os.path.join(out_dir, video), np.concatenate([render_scene(**s, rng=rng) for s in parts]),
+                    fps=FPS)
+    for path, text in texts.items():
+        atomic_write_text(path, text)
     return {"annotations": annotations, "queries": query_file, "vocabulary": vocabulary,
             "videos": num_short + num_long, "clips": num_short + 3 * num_long, "captions": len(rows)}
 
 
+def _refuse_another_collection(out_dir: str, texts: dict, videos: set) -> None:
+    for path, text in texts.items():
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8", newline="") as f:
+                    same = f.read() == text
+            except (OSError, UnicodeDecodeError):
+                same = False
+            if not same:
+                raise ValueError(f"{out_dir} already holds another collection ({path} differs from this one's); "
+                                 "choose another folder, or remove it")
+    for folder, _, files in os.walk(os.path.join(out_dir, "videos")):
+        for name in sorted(files):
+            relative = os.path.normpath(os.path.relpath(os.path.join(folder, name), out_dir))
+            if relative not in videos:
+                raise ValueError(f"{out_dir} already holds videos this collection does not write "
+                                 f"({os.path.join(out_dir, relative)}); choose another folder, or remove them")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="make_custom_example", description=__doc__.split("\n\n")[0])
+    p = OneLineArgumentParser(prog="make_custom_example", description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
     p.add_argument("--num_short", type=int, default=24, help="short clips (one scene each)")
     p.add_argument("--num_long", type=int, default=8, help="long videos (three scenes each, annotated as spans)")

@@ -60,8 +60,10 @@ def _search_error(message: str):
 
 
 # ------------------------------------------------------------------------------------------ queries
-def read_queries(path: str, video_root: str | None = None) -> list[dict]:
-    """Rows of the queries file: dict(where, query, video, path (absolute), start, end)."""
+def read_queries(path: str, video_root: str | None = None, repeats: list | None = None) -> list[dict]:
+    """Rows of the queries file: dict(where, query, video, path (canonical), start, end). A row that repeats
+    an earlier one (same query, file and span) is left out (as ``--datatype custom`` leaves it out) and
+    its place appended to ``repeats``."""
     from dataloaders.base import AnnotationError
     from dataloaders.custom import read_table, row_span, video_file
 
@@ -73,7 +75,7 @@ def read_queries(path: str, video_root: str | None = None) -> list[dict]:
     if column is None:
         raise _search_error(f"{path} line 1: missing column 'query' (or 'caption')")
     root = os.path.abspath(video_root) if video_root else os.getcwd()
-    queries = []
+    queries, seen = [], set()
     for where, row in header_probe:
         line = where.split(" ", 1)[1]
         text = row.get(column)
@@ -85,6 +87,11 @@ def read_queries(path: str, video_root: str | None = None) -> list[dict]:
             raise _search_error(str(exc)) from None
         video = row["video"]
         full = video_file(video, root)  # canonical: every spelling of one file matches its entries
+        if (text, full, start, end) in seen:
+            if repeats is not None:
+                repeats.append(where)
+            continue
+        seen.add((text, full, start, end))
         queries.append({"where": where, "line": line, "query": text, "video": video, "path": full,
                         "start": start, "end": end})
     return queries
@@ -306,7 +313,8 @@ def cmd_evaluate(args, load) -> int:
     from runtime.files import atomic_write_text
 
     record = VideoIndex._read_meta(args.index)
-    queries = read_queries(args.queries, args.video_root)
+    repeats: list = []
+    queries = read_queries(args.queries, args.video_root, repeats)
     bank = read_bank(args.qb_norm) if args.qb_norm else None
     if args.qb_k < 1 or args.qb_theta <= 0:
         raise _search_error("--qb_k must be >= 1 and --qb_theta > 0")
@@ -325,6 +333,9 @@ def cmd_evaluate(args, load) -> int:
     else:
         relevant = match_entries(queries, entries, args.queries, args.index)
         gallery = f"{len(entries)} entries"
+    if repeats:
+        print(f"note: {len(repeats)} row(s) of {args.queries} repeat an earlier row (same query and video) and "
+              f"are counted once, e.g. {repeats[0]}")
     result = evaluate_index(index, queries, relevant, bank, args.qb_k, args.qb_theta, args.qb_beta, args.queries,
                             groups)
     print(format_metrics(result["metrics"], f"{args.queries} on {args.index} ({gallery})"))

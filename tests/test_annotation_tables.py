@@ -44,6 +44,13 @@ UNREADABLE = [  # (file name, text, message): each refused, naming the file and 
      "a.jsonl line 1 key 'caption': a JSON list"),
     ("json object over lines", "a.jsonl", '{"video": "v0.mp4",\n "caption": "one"}\n', "a.jsonl line 1: not a JSON"),
     ("utf-16 without a byte order mark", "a.csv", None, "a.csv line 1: a NUL character"),
+    ("a value over the csv module's limit", "a.csv", "video,caption\nv0.mp4," + "word " * 30000 + "\n",
+     "a.csv line 2: a value longer than 131072 characters"),
+    ("tabs in a .csv", "a.csv", "video\tcaption\nv0.mp4\tone\n", "tab-separated? name the file .tsv"),
+    ("commas in a .tsv", "a.tsv", "video,caption\nv0.mp4,one\n", "comma-separated? name the file .csv"),
+    ("semicolons", "a.csv", "video;caption\nv0.mp4;one\n", "separated by semicolons?"),
+    ("json true as a caption", "a.jsonl", '{"video": "v0.mp4", "caption": true}\n',
+     "a.jsonl line 1 key 'caption': a JSON true"),
 ]
 
 
@@ -103,6 +110,35 @@ def test_quoted_values_are_read_and_lines_counted(tmp_path):
     text = 'video,caption\n\nv0.mp4,"red, then blue"\nv1.mp4,"a ""quoted"" word"\r\n\nv2.mp4,plain\n'
     _, _, rows = parse_rows(_write(tmp_path / "a.csv", text), ("video",))
     assert [(n, r["caption"]) for n, _, r in rows] == [(3, "red, then blue"), (4, 'a "quoted" word'), (6, "plain")]
+
+
+MISSPELT = [  # a column the reader would ignore, silently reading the rows without it
+    ("Start, End", "a.csv", "video,caption,Start,End\nv0.mp4,one,0,4\n", "a.csv line 1 column 'Start'", "start"),
+    ("video-id", "a.jsonl", '{"video": "v0.mp4", "caption": "one"}\n{"video": "v0.mp4", "caption": "two", '
+     '"video-id": "k"}\n', "a.jsonl line 2 key 'video-id'", "video_id"),
+    ("strat", "a.tsv", "video\tcaption\tstrat\tend\nv0.mp4\tone\t0\t4\n", "a.tsv line 1 column 'strat'", "start"),
+]
+
+
+@pytest.mark.parametrize("name,filename,text,where,meant", MISSPELT, ids=[m[0] for m in MISSPELT])
+def test_a_misspelt_column_is_refused(media, tmp_path, name, filename, text, where, meant):
+    path = _write(tmp_path / filename, text)
+    with pytest.raises(AnnotationError) as exc:
+        build_test_dataset(args_for(media, path), None)
+    assert f"{where}: not a column this reads" in str(exc.value) and f"'{meant}' is" in str(exc.value)
+
+
+def test_other_columns_and_keys_are_kept_out_of_the_way(media, tmp_path):
+    csv_path = _write(tmp_path / "a.csv", "video,caption,source,notes\na.mp4,one,web,fine\n")
+    jsonl = _write(tmp_path / "a.jsonl", '{"video": "a.mp4", "caption": "one", "tags": ["x", "y"], "ok": true}\n')
+    for path in (csv_path, jsonl):
+        assert build_test_dataset(args_for(media, path), None).captions == ["one"]
+
+
+def test_numbers_with_underscores_are_not_seconds(media, tmp_path):
+    path = _write(tmp_path / "a.csv", "video,caption,start,end\nlong/c.mp4,one,1_0,12\n")  # float() reads 10
+    with pytest.raises(AnnotationError, match="a.csv line 2 column 'start': '1_0' is not a number"):
+        build_test_dataset(args_for(media, path), None)
 
 
 # ------------------------------------------------------------------------------------ one file, one video
@@ -240,3 +276,28 @@ def test_custom_sh_refuses_two_annotation_files_of_one_split(tmp_path, files, me
                        timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------ make_custom_example
+def test_make_custom_example_does_not_write_over_another_collection(tmp_path, capsys):
+    from preprocess.make_custom_example import main as make_main
+
+    out = tmp_path / "example"
+    assert make_main([str(out), "--num_short", "2", "--num_long", "0"]) == 0
+    written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert make_main([str(out), "--num_short", "2", "--num_long", "0"]) == 0  # a rerun: the same collection
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
+    capsys.readouterr()
+    assert make_main([str(out), "--num_short", "2", "--num_long", "0", "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "annotations.csv differs" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
+    # fewer clips than an earlier run: its extra videos would stay, and be indexed with the rest
+    assert make_main([str(out), "--num_short", "1", "--num_long", "0"]) == 2
+    assert "differs" in capsys.readouterr().err
+    for name in ("annotations.csv", "queries.csv", "vocabulary.txt"):
+        (out / name).unlink()
+    assert make_main([str(out), "--num_short", "1", "--num_long", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "videos this collection does not write" in err and "clip_001.mp4" in err
+    assert not (out / "annotations.csv").exists()

@@ -319,3 +319,16 @@ def test_entries_indexed_through_a_link_match_the_real_file(tmp_path):
     assert match_entries(queries, entries, "q.csv", "idx") == [1, 0, 0]
     files, groups = video_groups(entries)
     assert groups.tolist() == [0, 1, 0] and match_videos(queries, files, "q.csv", "idx") == [1, 0, 0]
+
+
+def test_a_repeated_query_row_is_counted_once(world, index, labelled, tmp_path, capsys):
+    rows = labelled[:3] + [(labelled[1][0], "./" + labelled[1][1])]  # row 5 repeats row 3, spelt otherwise
+    queries = write_queries(tmp_path / "q.csv", rows)
+    out_json = tmp_path / "ranks.json"
+    code, out, err = run_cli(["evaluate", "--index", index.root, "--queries", queries, "--video_root", world.videos,
+                              "--json", out_json, *world.model_args()], capsys)
+    assert code == 0, err
+    assert "note: 1 row(s) of" in out and "q.csv line 5" in out
+    data = json.loads(out_json.read_text())
+    assert data["metrics"]["queries"] == 3 and [q["row"] for q in data["per_query"]] == [
+        "q.csv line 2", "q.csv line 3", "q.csv line 4"]
