@@ -101,6 +101,8 @@ def split_annotations(path: str, out_dir: str, test_fraction: float = 0.2, seed:
     ``video_root``: the folder relative ``video`` values are relative to (default ``out_dir``)."""
     if not 0.0 < test_fraction < 1.0:
         raise SplitError(f"--test_fraction must be between 0 and 1, got {test_fraction}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SplitError(f"--out_dir {out_dir} is a file, not a folder")
     kind, header, rows = read_rows(path, out_dir if video_root is None else video_root)
     test_files = split_files([r[2] for r in rows], test_fraction, seed)
     train = [r for r in rows if r[2] not in test_files]

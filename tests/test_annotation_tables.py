@@ -258,6 +258,8 @@ def test_an_earlier_split_is_replaced_only_on_request(tmp_path, capsys):
     assert split_main([str(jsonl), "--out_dir", str(out), "--overwrite"]) == 2
     assert "already holds a split in another format" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert split_main([ann, "--out_dir", str(out / "train.csv")]) == 2
+    assert "--out_dir " + str(out / "train.csv") + " is a file, not a folder" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ scripts/custom.sh
