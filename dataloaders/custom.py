@@ -162,17 +162,18 @@ def _delimited_rows(path: str, text: str, kind: str, required) -> tuple[list[str
                 "semicolon": "; separated by semicolons? write it with commas (.csv) or tabs (.tsv)"}.get(other, "")
         raise AnnotationError(f"{path} line 1: missing column '{missing[0]}' (columns found: {found}){hint}")
     rows: list[tuple[int, object, dict]] = []
+    no_name = [i for i, h in enumerate(header_row) if not h]
     for number, values in records[1:]:
         if not any(v.strip() for v in values):
             continue
         if len(values) > len(header_row):
             raise AnnotationError(f"{path} line {number}: {len(values)} values for {len(header_row)} columns "
                                   f"(quote a {'comma' if kind == 'csv' else 'tab'} inside a value)")
-        unnamed = next((i for i, v in enumerate(values) if v.strip() and not header_row[i]), None)
+        unnamed = next((i for i in no_name if i < len(values) and values[i].strip()), None)
         if unnamed is not None:
             raise AnnotationError(f"{path} line {number}: a value in column {unnamed + 1}, which the header "
                                   "(line 1) does not name")
-        if [v.strip() for v in values] == header_row:
+        if values[0].strip() == header_row[0] and [v.strip() for v in values] == header_row:
             raise AnnotationError(f"{path} line {number}: the header again (two files joined?); keep one header")
         row = {h: (values[i].strip() if i < len(values) else None) for i, h in enumerate(header_row) if h}
         rows.append((number, values, row))
@@ -269,11 +270,14 @@ def read_annotation_rows(path: str, features_path: str, flag: str = "") -> list[
     seen: dict = {}
     repeats = []
     default_ids: dict[tuple, str] = {}  # (file, start, end) -> the default id of its first row
+    paths: dict[str, tuple[str, str]] = {}  # video value -> (path, canonical file), resolved once
     for where, row in read_table(path, REQUIRED, flag):
         start, end = row_span(path, where.split(" ", 1)[1], row)
         video = row["video"]
-        resolved = video if os.path.isabs(video) else os.path.join(features_path or "", video)
-        file = video_file(video, features_path)
+        if video not in paths:
+            resolved = video if os.path.isabs(video) else os.path.join(features_path or "", video)
+            paths[video] = (os.path.normpath(resolved), video_file(video, features_path))
+        resolved, file = paths[video]
         default_id = default_ids.setdefault((file, start, end),
                                             video if start is None else f"{video}@{_span_text(start, end)}")
         video_id = row.get("video_id") or default_id
@@ -282,8 +286,7 @@ def read_annotation_rows(path: str, features_path: str, flag: str = "") -> list[
             repeats.append(where)
             continue
         seen[key] = where
-        rows.append(AnnotationRow(where, video, os.path.normpath(resolved), row["caption"], start, end, video_id,
-                                  file))
+        rows.append(AnnotationRow(where, video, resolved, row["caption"], start, end, video_id, file))
     if repeats:
         logger.warning("%s: %d duplicate row(s) (same video and caption as an earlier row) dropped, e.g. %s",
                        path, len(repeats), repeats[0])
