@@ -173,7 +173,8 @@ def _delimited_rows(path: str, text: str, kind: str, required) -> tuple[list[str
         if unnamed is not None:
             raise AnnotationError(f"{path} line {number}: a value in column {unnamed + 1}, which the header "
                                   "(line 1) does not name")
-        if values[0].strip() == header_row[0] and [v.strip() for v in values] == header_row:
+        if values[0].strip().lstrip("\ufeff") == header_row[0] and \
+                [v.strip().lstrip("\ufeff") for v in values] == header_row:  # a second file's byte order mark
             raise AnnotationError(f"{path} line {number}: the header again (two files joined?); keep one header")
         row = {h: (values[i].strip() if i < len(values) else None) for i, h in enumerate(header_row) if h}
         rows.append((number, values, row))

@@ -36,6 +36,8 @@ UNREADABLE = [  # (file name, text, message): each refused, naming the file and 
      "a.tsv line 1: column 'video' named twice"),
     ("header again", "a.csv", "video,caption\nv0.mp4,one\nvideo,caption\nv1.mp4,two\n",
      "a.csv line 3: the header again"),
+    ("header again, with a byte order mark", "a.csv", "video,caption\nv0.mp4,one\n\ufeffvideo,caption\nv1.mp4,two\n",
+     "a.csv line 3: the header again"),
     ("value under no column", "a.csv", "video,caption,\nv0.mp4,one,two\n",
      "a.csv line 2: a value in column 3, which the header (line 1) does not name"),
     ("json key twice", "a.jsonl", '{"video": "v0.mp4", "caption": "one"}\n{"video": "v1.mp4", "caption": "two", '
