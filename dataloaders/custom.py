@@ -262,9 +262,10 @@ def video_file(video: str, root: str) -> str:
     return os.path.realpath(video if os.path.isabs(video) else os.path.join(root or "", video))
 
 
-def read_annotation_rows(path: str, features_path: str, flag: str = "") -> list[AnnotationRow]:
+def read_annotation_rows(path: str, features_path: str, flag: str = "", warn: bool = True) -> list[AnnotationRow]:
     """The rows of one custom annotation file, checked (times are numbers, start before end) and with the
-    video paths resolved against ``features_path``; exact repeats of a row are dropped with a warning.
+    video paths resolved against ``features_path``; exact repeats of a row are dropped (with a warning
+    unless not ``warn``).
     Rows without a ``video_id`` are one video when they name one file (:func:`video_file`) and span: the
     id is the spelling of the first of them."""
     rows = []
@@ -288,7 +289,7 @@ def read_annotation_rows(path: str, features_path: str, flag: str = "") -> list[
             continue
         seen[key] = where
         rows.append(AnnotationRow(where, video, resolved, row["caption"], start, end, video_id, file))
-    if repeats:
+    if repeats and warn:
         logger.warning("%s: %d duplicate row(s) (same video and caption as an earlier row) dropped, e.g. %s",
                        path, len(repeats), repeats[0])
     return rows

@@ -11,8 +11,9 @@ on one side; the file is the ``video`` value taken relative to ``--video_root``,
 ``round(test_fraction * files)`` of them (at least one, and at least one left for training) make the test
 split. ``DIR/train.<ext>`` and ``DIR/test.<ext>`` keep the input's rows unchanged, in the input's order and
 format; the counts of both sides are printed. A split already in DIR (``train`` / ``test`` in any of the
-three formats) is replaced only with ``--overwrite``, unless the new one is the same (a rerun). Bad input:
-one line ``split_annotations: error: ...`` and exit status 2, before anything is written.
+three formats) is replaced only with ``--overwrite``, unless the new one is the same (a rerun). The table
+is checked as training checks it; bad input: one line ``split_annotations: error: ...`` and exit status 2,
+before anything is written.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import sys
 from typing import Optional
 
 from dataloaders.base import AnnotationError
-from dataloaders.custom import EXTENSIONS, parse_rows, video_file
+from dataloaders.custom import EXTENSIONS, group_videos, parse_rows, read_annotation_rows, video_file
 from runtime.errors import OneLineArgumentParser
 from runtime.files import OutputWriteError, atomic_write_text
 
@@ -38,13 +39,10 @@ class SplitError(AnnotationError):
 def read_rows(path: str, video_root: str = "") -> tuple[str, list[str] | None, list[tuple[int, object, str]]]:
     """``(kind, header, rows)``; rows are ``(line number, row as read, video file)``: a list of values for
     .csv/.tsv, the original text line for .jsonl (written back unchanged); the file is the canonical path
-    of the ``video`` value taken relative to ``video_root`` (``dataloaders.custom.video_file``). Read as
-    ``--datatype custom`` reads it (``dataloaders.custom.parse_rows``), so a file that splits is a file
-    that trains."""
+    of the ``video`` value taken relative to ``video_root`` (``dataloaders.custom.video_file``). Read and
+    checked as ``--datatype custom`` reads and checks it, so a file that splits is a file that trains."""
+    group_videos(path, read_annotation_rows(path, video_root, warn=False))  # every check of training's
     kind, header, parsed = parse_rows(path, required=("video",))
-    for number, _, values in parsed:
-        if not values.get("video"):
-            raise SplitError(f"{path} line {number} column 'video': missing or empty")
     return kind, header, [(number, raw, video_file(values["video"], video_root)) for number, raw, values in parsed]
 
 

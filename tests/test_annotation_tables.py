@@ -238,6 +238,20 @@ def test_split_keeps_every_spelling_of_a_file_on_one_side(tmp_path, capsys):
         assert not names[0] & names[1] and len(names[0]) == len(names[1]) == 3
 
 
+@pytest.mark.parametrize("text,message", [
+    ("video,caption\na.mp4,one\nb.mp4,\n", "t.csv line 3 column 'caption': empty value"),
+    ("video,caption,start,end\na.mp4,one,4,2\nb.mp4,two,,\n", "t.csv line 2 column 'start': 4 is not before end 2"),
+    ("video,caption,video_id\na.mp4,one,x\nb.mp4,two,x\n", "t.csv line 3 column 'video': video_id 'x' is already"),
+    ("video,caption,Start,End\na.mp4,one,0,4\nb.mp4,two,0,4\n", "t.csv line 1 column 'Start'"),
+])
+def test_split_refuses_what_training_refuses(tmp_path, capsys, text, message):
+    path = _write(tmp_path / "t.csv", text)
+    assert split_main([path, "--out_dir", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "s").exists()
+
+
 def test_an_earlier_split_is_replaced_only_on_request(tmp_path, capsys):
     rows = [(f"v{i}.mp4", f"caption {i}", "", "") for i in range(8)]
     ann = write_rows(tmp_path / "all.csv", rows)
