@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 EXTENSIONS = (".csv", ".tsv", ".jsonl")
 REQUIRED = ("video", "caption")
 COLUMNS = REQUIRED + ("start", "end", "video_id", "query")  # the keys the tools read
+TEXT_COLUMNS = ("video", "caption", "query")
+MISSING_WRITTEN_OUT = ("nan", "none", "null")  # e.g. pandas' astype(str) of a missing value
 SEPARATORS = (("\t", "tab"), (",", "comma"), (";", "semicolon"))
 
 
@@ -95,7 +97,8 @@ def _jsonl_rows(path: str, text: str, required) -> list[tuple[int, object, dict]
         if not line.strip():
             continue
         try:
-            item = json.loads(line, object_pairs_hook=lambda pairs: _object_once(path, number, pairs))
+            item = json.loads(line, object_pairs_hook=lambda pairs: _object_once(path, number, pairs),
+                              parse_constant=lambda name: _not_a_value(path, number, name))
         except json.JSONDecodeError as exc:
             raise AnnotationError(f"{path} line {number}: not a JSON object ({exc.msg}; one object per line)") from exc
         if not isinstance(item, dict):
@@ -110,6 +113,12 @@ def _jsonl_rows(path: str, text: str, required) -> list[tuple[int, object, dict]
                                       "(one row per caption)")
         rows.append((number, line.rstrip("\r"), {k: _as_text(v) for k, v in item.items()}))
     return rows
+
+
+def _not_a_value(path: str, number: int, name: str):
+    """``NaN`` / ``Infinity`` (which ``json`` reads, and writes for a missing float) are refused."""
+    raise AnnotationError(f"{path} line {number}: {name} is not a value (a missing value? leave the key out, or "
+                          "write null)")
 
 
 def _object_once(path: str, number: int, pairs) -> dict:
@@ -201,6 +210,10 @@ def read_table(path: str, required=REQUIRED, flag: str = "") -> list[tuple[str, 
         for column in required:
             if not row.get(column):
                 raise AnnotationError(f"{path} {where.split(' ', 1)[1]} column '{column}': empty value")
+        for column in TEXT_COLUMNS:
+            if (row.get(column) or "").lower() in MISSING_WRITTEN_OUT:
+                raise AnnotationError(f"{path} {where.split(' ', 1)[1]} column '{column}': {row[column]!r} is a "
+                                      "missing value written out as text (leave it empty, or drop the row)")
     return rows
 
 

@@ -51,6 +51,10 @@ UNREADABLE = [  # (file name, text, message): each refused, naming the file and 
     ("tabs in a .csv", "a.csv", "video\tcaption\nv0.mp4\tone\n", "tab-separated? name the file .tsv"),
     ("commas in a .tsv", "a.tsv", "video,caption\nv0.mp4,one\n", "comma-separated? name the file .csv"),
     ("semicolons", "a.csv", "video;caption\nv0.mp4;one\n", "separated by semicolons?"),
+    ("json NaN as a caption", "a.jsonl", '{"video": "v0.mp4", "caption": NaN}\n',
+     "a.jsonl line 1: NaN is not a value"),
+    ("json Infinity as an end", "a.jsonl", '{"video": "v0.mp4", "caption": "one", "start": 0, "end": Infinity}\n',
+     "a.jsonl line 1: Infinity is not a value"),
     ("json true as a caption", "a.jsonl", '{"video": "v0.mp4", "caption": true}\n',
      "a.jsonl line 1 key 'caption': a JSON true"),
 ]
@@ -135,6 +139,15 @@ def test_other_columns_and_keys_are_kept_out_of_the_way(media, tmp_path):
     jsonl = _write(tmp_path / "a.jsonl", '{"video": "a.mp4", "caption": "one", "tags": ["x", "y"], "ok": true}\n')
     for path in (csv_path, jsonl):
         assert build_test_dataset(args_for(media, path), None).captions == ["one"]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("video,caption\na.mp4,nan\n", "a.csv line 2 column 'caption': 'nan' is a missing value written out"),
+    ("video,caption\nNone,a yellow screen\n", "a.csv line 2 column 'video': 'None' is a missing value"),
+])
+def test_missing_values_written_out_as_text_are_refused(media, tmp_path, text, message):
+    with pytest.raises(AnnotationError, match=message):
+        build_test_dataset(args_for(media, _write(tmp_path / "a.csv", text)), None)
 
 
 def test_numbers_with_underscores_are_not_seconds(media, tmp_path):
