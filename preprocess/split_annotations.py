@@ -22,6 +22,7 @@ from typing import Optional
 
 from dataloaders.base import AnnotationError
 from dataloaders.custom import parse_rows
+from runtime.errors import finite_float
 from runtime.files import OutputWriteError, atomic_write_text
 
 PROG = "split_annotations"
@@ -91,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description="A video-disjoint train/test split of an annotation file.")
     p.add_argument("annotations", help=".csv, .tsv or .jsonl with a 'video' column")
     p.add_argument("--out_dir", required=True, help="where train.<ext> and test.<ext> are written")
-    p.add_argument("--test_fraction", type=float, default=0.2, help="share of the video files in the test split")
+    p.add_argument("--test_fraction", type=finite_float, default=0.2, help="share of the video files in the test split")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
