@@ -215,6 +215,10 @@ def cmd_index(args) -> int:
     from modules.backends import backend_name, backends_context, restore
     from retrieval.index import VideoIndex
 
+    for flag, value, low in (("--batch_size", args.batch_size, 1), ("--shard_size", args.shard_size, 1),
+                             ("--workers", args.workers, 0)):
+        if value < low:
+            fail(f"{flag} must be at least {low}, got {value}")
     if not args.checkpoint:
         fail("index needs --checkpoint (the DGL checkpoint training wrote, e.g. OUTPUT_DIR/ckpt.best.pth.tar): "
              "without trained prompts DGL draws them at random on every start, so its features mean nothing "
@@ -269,6 +273,14 @@ def _read_queries(args) -> list[str]:
     return texts
 
 
+def check_output_files(*paths_and_flags) -> None:
+    """Before any work: an output path (``path, flag`` pairs; None: not asked for) that is a folder is
+    refused in one line, rather than after the search."""
+    for path, flag in zip(paths_and_flags[::2], paths_and_flags[1::2]):
+        if path is not None and os.path.isdir(path):
+            fail(f"{flag} {path} is a folder: give a file name")
+
+
 def hit_range(hit) -> str:
     """12:31-12:47; a whole file: 0:00-(its duration)."""
     if hit.start is None:
@@ -301,6 +313,7 @@ def cmd_query(args) -> int:
     from retrieval.index import VideoIndex
 
     texts = _read_queries(args)
+    check_output_files(args.json if args.json != "-" else None, "--json", args.html, "--html")
     if not texts and not args.video:
         fail("no query: give texts, --queries_file or --video")
     if args.top_k < 1:
@@ -416,6 +429,7 @@ def cmd_serve(args) -> int:
 def cmd_visualize(args) -> int:
     from retrieval.pictures import draw_attention
 
+    check_output_files(args.out, "--out")
     record = None
     if args.index:
         from retrieval.index import VideoIndex
@@ -431,6 +445,7 @@ def cmd_visualize(args) -> int:
 def cmd_evaluate(args) -> int:
     from retrieval.evaluate import cmd_evaluate as evaluate
 
+    check_output_files(args.json, "--json")
     return evaluate(args, _load)
 
 

@@ -437,20 +437,21 @@ class VideoIndex:
 
         seen, dropped = set(), 0
         for shard in list(self.shards):
-            keep, identified = [], False
+            keep = []
             for i, e in enumerate(shard.entries):
                 key = (e["path"], tuple(e.get("segment") or (0, 1)))
                 if unchanged(e) and key not in seen:
                     seen.add(key)
                     keep.append(i)
-                    if "ino" not in e:  # an entry from before identities were recorded: record its file's
-                        st = current[e["path"]]
-                        e.update(dev=int(st.st_dev), ino=int(st.st_ino))
-                        identified = True
-            if len(keep) == len(shard.entries) and not identified:
+            # entries from before identities were recorded: their (unchanged) file's identity is recorded
+            unidentified = [i for i in keep if "ino" not in shard.entries[i]]
+            if len(keep) == len(shard.entries) and not unidentified:
                 continue
             dropped += len(shard.entries) - len(keep)
             features = shard.load_features()[keep] if keep else None
+            for i in unidentified:
+                st = current[shard.entries[i]["path"]]
+                shard.entries[i] = {**shard.entries[i], "dev": int(st.st_dev), "ino": int(st.st_ino)}
             shard.entries = [shard.entries[i] for i in keep]
             shard.features = features
             # on disk: rewritten (or removed) at the commit, so that readers see the index as it was until then
@@ -581,8 +582,11 @@ class VideoIndex:
         try:
             with open(path, encoding="utf-8") as f:
                 meta = json.load(f)
-            if meta.get("format") not in (FORMAT, *OLD_FORMATS) or "fingerprint" not in meta.get("model", {}):
-                raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+            if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, *OLD_FORMATS):
+                found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+                raise ValueError(f"format {found!r}, expected {FORMAT!r}")
+            if not isinstance(meta.get("model"), dict) or "fingerprint" not in meta["model"]:
+                raise ValueError("no model fingerprint (model.fingerprint) in it")
         except (ValueError, OSError) as err:
             raise SearchError(f"{path} is unreadable ({str(err).splitlines()[0]})") from err
         return meta
