@@ -4,17 +4,22 @@ Index folder::
 
     index.json              format, the model record (fingerprint, DGL/CLIP configuration, files),
                             the video transform ("sampling": max_frames, resolution, resize_short_side,
-                            decoder), the segmentation (retrieval.segments), counts
+                            decoder), the segmentation (retrieval.segments), counts, the shard files
+                            readers use ("shards"; written last by a run: its commit)
     shards/shard-NNNNNN.npz features (n, D) float32, L2-normalised, and entries (JSON): path, size,
-                            mtime_ns, duration, num_frames, fps, frames_used, start and end (seconds of
-                            the range; None for a whole file), segment ([i, n]: range i of the file's n)
+                            mtime_ns, dev and ino (the file's identity), duration, num_frames, fps,
+                            frames_used, start and end (seconds of the range; None for a whole file),
+                            segment ([i, n]: range i of the file's n)
     failed.json             the videos (or ranges) the last run could not read, with the reason
     ann-<kind>.faiss/.json  cached approximate faiss index (optional) and its measured recall
+    .index.lock             held by the run that writes (retrieval.locks): a second run waits
+    .commit.lock            shared by readers, exclusive while a run commits
 
 Every file is written under a temporary name and renamed (``os.replace``), so a killed run leaves
 complete shards only and the next run continues after them, range by range. A file is identified by
 path, size and modification time: re-indexing drops deleted or changed files and encodes new or
-changed ones, and the ranges of a file that a killed run did not reach. Whatever changes a feature
+changed ones, and the ranges of a file that a killed run did not reach. A run's new shards and the
+shards it drops entries from reach readers together, at its commit. Whatever changes a feature
 (the model, the video transform, the segmentation) is recorded; an index is never extended with
 features made otherwise.
 """
