@@ -304,8 +304,10 @@ def test_deleted_and_changed_files_are_marked_at_query_time(world, tmp_path, cap
     with open(videos / "video2.mp4", "ab") as f:
         f.write(b"\0")
     code, out, err = run_cli(["query", "a red square", "--index", idx, "--device", "cpu", "-k", 6,
-                              "--json", tmp_path / "r.json"], capsys)
+                              "--json", tmp_path / "r.json", "--html", tmp_path / "r.html"], capsys)
     assert code == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("file deleted since indexed</span>") == 1 and page.count("file changed since indexed</span>") == 1
     lines = {line.split()[-4] if "[" in line else line.split()[-1]: line for line in out.splitlines()[2:]}
     assert lines[str(videos / "video0.mp4")].endswith("[deleted since indexed]")
     assert lines[str(videos / "video2.mp4")].endswith("[changed since indexed]")
