@@ -476,6 +476,10 @@ def test_new_user_mistakes_one_line_nothing_written(world, tmp_path, capsys, mon
     (broken / "index.json").write_text(json.dumps({"format": "dgl-video-index/2"}))
     line = one_line_error(["query", "x", "--index", broken, "--device", "cpu"], capsys, "no model fingerprint")
     assert "expected" not in line
+    # a damaged failed.json (only a list for the user) does not stop a query
+    (idx / "failed.json").write_text("{damaged")
+    code, out, err = run_cli(["query", "x", "--index", idx, "--device", "cpu", "-k", 1], capsys)
+    assert code == 0 and "rank" in out, err
     # a listed shard deleted by hand: one line at query time; the next index run encodes its videos again
     shard = next((idx / "shards").glob("shard-*.npz"))
     os.rename(shard, tmp_path / "away.npz")
