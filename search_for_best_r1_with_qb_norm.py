@@ -29,7 +29,7 @@ import numpy as np
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from runtime.errors import OneLineArgumentParser
+    from runtime.errors import OneLineArgumentParser, finite_float
 
     p = OneLineArgumentParser(description="Search for the QB-norm beta with the best text-to-video R@1")
     p.add_argument("--dataset", default="msrvtt", type=str)
@@ -37,14 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_test_t2v", default=None, help="train texts x test videos (.npy)")
     p.add_argument("--train_test_v2t", default=None, help="test texts x train videos (.npy)")
     p.add_argument("--t2v_k", default=1, type=int)
-    p.add_argument("--t2v_beta", default=0.87, type=float, help="beta for the first, fixed-beta report")
-    p.add_argument("--t2v_theta", default=3, type=float)
+    p.add_argument("--t2v_beta", default=0.87, type=finite_float, help="beta for the first, fixed-beta report")
+    p.add_argument("--t2v_theta", default=3, type=finite_float)
     p.add_argument("--v2t_k", default=1, type=int)
-    p.add_argument("--v2t_beta", default=0.87, type=float, help="beta for the first, fixed-beta report")
-    p.add_argument("--v2t_theta", default=5, type=float)
-    p.add_argument("--beta_min", default=0.5, type=float)
-    p.add_argument("--beta_max", default=1.0, type=float)
-    p.add_argument("--beta_step", default=0.01, type=float)
+    p.add_argument("--v2t_beta", default=0.87, type=finite_float, help="beta for the first, fixed-beta report")
+    p.add_argument("--v2t_theta", default=5, type=finite_float)
+    p.add_argument("--beta_min", default=0.5, type=finite_float)
+    p.add_argument("--beta_max", default=1.0, type=finite_float)
+    p.add_argument("--beta_step", default=0.01, type=finite_float)
     p.add_argument("--beta_selection", default="test", choices=["test", "bank", "both"],
                    help="test: the published search (best test R@1); bank: cross-validation on the query bank "
                         "alone, then the test metrics once; both: the two side by side")

@@ -20,7 +20,7 @@ import numpy as np
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from runtime.errors import OneLineArgumentParser
+    from runtime.errors import OneLineArgumentParser, finite_float
 
     p = OneLineArgumentParser(prog="python -m analysis.evaluate_sim_matrix", description="Retrieval metrics of a saved similarity matrix (optionally with DSL)")
     p.add_argument("--sim_matrix", required=True, help="test captions x test videos (.npy)")
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video index of every caption (.npy); default: <name>_caption_video_index.npy next to "
                         "the matrix (the prefix of *_sim_matrix.npy), else the diagonal")
     p.add_argument("--dsl", action="store_true", help="also report the DSL re-scored metrics")
-    p.add_argument("--dsl_temperature", type=float, default=1.0, help="DSL softmax temperature (on the logits)")
+    p.add_argument("--dsl_temperature", type=finite_float, default=1.0, help="DSL softmax temperature (on the logits)")
     p.add_argument("--json", default=None, help="also write the metrics here")
     return p
 

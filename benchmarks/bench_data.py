@@ -518,12 +518,14 @@ def run_sampling(a) -> int:
 
 
 def main(argv=None) -> int:
+    from runtime.errors import finite_float
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=["sampling", "loader", "decoders"], default="sampling")
     ap.add_argument("--video_dir", default=None, help="sampling: folder of 3 fps, 224 px .mp4 videos "
                                                       "(default: generate)")
     ap.add_argument("--num_videos", type=int, default=24)
-    ap.add_argument("--seconds", type=float, default=10.0, help="length of the generated clips (12 frames)")
+    ap.add_argument("--seconds", type=finite_float, default=10.0, help="length of the generated clips (12 frames)")
     ap.add_argument("--keyint", type=int, default=3,
                     help="sampling: keyframe interval of the short-GOP set (frames)")
     ap.add_argument("--max_frames", type=int, default=12, help="sampling: frames per clip")
@@ -533,7 +535,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader: DataLoader workers")
     ap.add_argument("--batch", type=int, default=4, help="loader: DataLoader batch size")
     ap.add_argument("--epochs", type=int, default=2, help="loader: timed passes over the videos")
-    ap.add_argument("--long_seconds", type=float, default=120.0, help="loader: length of the 64-frame videos")
+    ap.add_argument("--long_seconds", type=finite_float, default=120.0, help="loader: length of the 64-frame videos")
     ap.add_argument("--long_keyint", type=int, default=3,
                     help="loader: keyframe interval of the 64-frame videos (0: x264 default)")
     ap.add_argument("--model_layers", type=int, default=12, help="loader: model depth (0: do not time the model)")

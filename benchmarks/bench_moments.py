@@ -84,6 +84,8 @@ def oracle_and_chance(index, clips: list[dict]) -> tuple[float, float]:
 
 
 def main() -> int:
+    from runtime.errors import finite_float
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--demo_out", default="demo_output", help="the folder `python -m demo --out` wrote")
     p.add_argument("--clips_per_video", type=int, default=12)
@@ -92,7 +94,7 @@ def main() -> int:
     p.add_argument("--stride", type=int, default=1)
     p.add_argument("--min_len", type=int, default=1)
     p.add_argument("--max_len", type=int, default=8)
-    p.add_argument("--shot_threshold", type=float, default=27.0, help="PySceneDetect ContentDetector threshold")
+    p.add_argument("--shot_threshold", type=finite_float, default=27.0, help="PySceneDetect ContentDetector threshold")
     p.add_argument("--k", type=int, nargs="+", default=[1, 5], help="top-1 of a search for k ranges (merging "
                                                                     "depends on k)")
     p.add_argument("--work", default=None, help="keep the long videos and indexes here (default: a temp folder)")

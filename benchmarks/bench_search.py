@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_model import peak_rss_mb, reset_peak_rss  # noqa: E402
 from retrieval.search import FaissSearcher, exact_topk, faiss_available, recall_at_k  # noqa: E402
+from runtime.errors import finite_float  # noqa: E402
 
 
 def unit_rows(rng: np.random.Generator, n: int, d: int, chunk: int = 100_000) -> np.ndarray:
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--queries", type=int, default=100, help="queries per batch")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3, help="timed repetitions (median)")
-    p.add_argument("--noise", type=float, default=1.0, help="query = indexed vector + noise * unit vector")
+    p.add_argument("--noise", type=finite_float, default=1.0, help="query = indexed vector + noise * unit vector")
     p.add_argument("--chunk_rows", type=int, default=65536, help="exact search chunk (bounded memory)")
     p.add_argument("--backends", nargs="+", default=["exact", "faiss", "faiss-ivf", "faiss-hnsw"],
                    choices=["exact", "faiss", "faiss-ivf", "faiss-hnsw"])

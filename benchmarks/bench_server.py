@@ -247,11 +247,13 @@ def bench_indexing(args, tmp: str, bpe: str) -> None:
 
 
 def main() -> int:
+    from runtime.errors import finite_float
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=160, help="requests with --clients clients (a quarter with 1)")
-    p.add_argument("--time_limit", type=float, default=120.0, help="seconds at most per load run")
+    p.add_argument("--time_limit", type=finite_float, default=120.0, help="seconds at most per load run")
     p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     p.add_argument("--workers", type=int, default=1, help="decoding processes while indexing")
     p.add_argument("--shots", type=int, default=12, help="shots in the indexing video")

@@ -528,6 +528,8 @@ def print_summary(report: Report) -> None:
 
 # ------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
+    from runtime.errors import finite_float
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu_check.json", help="the JSON written (atomically, after every step)")
     parser.add_argument("--device", help="default: cuda (cpu with --tiny when no GPU is visible)")
@@ -546,15 +548,15 @@ def parse_args(argv=None):
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated of " + ",".join(SECTIONS))
     parser.add_argument("--warmup", type=int, help="untimed steps per measurement (default 2)")
     parser.add_argument("--iters", type=int, help="timed steps per measurement; the median is reported (default 5)")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=finite_float, default=1e-4)
     parser.add_argument("--stability_steps", type=int, help="AMP + GradScaler steps of the NaN/inf check (default 200)")
     parser.add_argument("--stability_batch", type=int, help="(default 32)")
-    parser.add_argument("--stability_time_s", type=float, default=60)
+    parser.add_argument("--stability_time_s", type=finite_float, default=60)
     parser.add_argument("--max_batch_precision", choices=PRECISIONS, default="amp")
     parser.add_argument("--max_batch_limit", type=int, help="largest batch tried (default 2048)")
-    parser.add_argument("--max_batch_time_s", type=float, default=40, help="per architecture")
+    parser.add_argument("--max_batch_time_s", type=finite_float, default=40, help="per architecture")
     parser.add_argument("--distributed_timeout_s", type=int, default=120)
-    parser.add_argument("--time_budget_s", type=float, default=420,
+    parser.add_argument("--time_budget_s", type=finite_float, default=420,
                         help="sections not started by then are skipped (the running measurement finishes)")
     parser.add_argument("--distributed_worker", metavar="RESULT_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -49,7 +49,7 @@ def _cpu_seconds() -> float:
 
 
 def build_parser():
-    from runtime.errors import OneLineArgumentParser
+    from runtime.errors import OneLineArgumentParser, finite_float
 
     p = OneLineArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_output", help="everything goes here (default: demo_output)")
@@ -60,7 +60,7 @@ def build_parser():
                    help="validation clips, for choosing settings with --eval_on val (default 60)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch_size", type=int, default=48)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=finite_float, default=1e-2)
     p.add_argument("--max_frames", type=int, default=DEFAULTS["max_frames"],
                    help="frames per clip, all of them seen by the model (even: two moves of equal length)")
     p.add_argument("--shared_latent_space", default="transformer", choices=["transformer", "linear"],
@@ -77,7 +77,7 @@ def build_parser():
                    help="name the run folders <run_name>_<latent space> (default: run, run_linear)")
     p.add_argument("--pretrain_steps", type=int, default=200,
                    help="image-text pre-training steps of the tiny CLIP on single frames (0: random CLIP)")
-    p.add_argument("--pretrain_lr", type=float, default=1e-3)
+    p.add_argument("--pretrain_lr", type=finite_float, default=1e-3)
     p.add_argument("--clip_layers", type=int, default=3,
                    help="layers of each of the tiny CLIP's frozen towers (vision and text), all of them "
                         "prompted by DGL (default 3)")

@@ -218,10 +218,12 @@ def summarize(results: list[Result]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from runtime.errors import finite_float
+
     p = argparse.ArgumentParser(description="Re-encode videos to 3 fps with the short side scaled to 224.")
     p.add_argument("--input_root", required=True)
     p.add_argument("--output_root", required=True)
-    p.add_argument("--fps", type=float, default=3.0)
+    p.add_argument("--fps", type=finite_float, default=3.0)
     p.add_argument("--size", type=int, default=224, help="short side in pixels (even)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="re-encode even when a valid output exists")

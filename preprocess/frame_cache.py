@@ -39,7 +39,7 @@ from dataloaders.frame_cache import (ENCODINGS, FORMAT, MANIFEST, SHARD_DIR, Fra
                                      complete_shards, file_stamp, read_manifest, shard_paths, video_key)
 from dataloaders.video import (DECODERS, VideoDecodeError, center_crop, clip_frame_span, decode_planned,
                                sample_eval_indices)
-from runtime.errors import OneLineArgumentParser, fail
+from runtime.errors import OneLineArgumentParser, fail, finite_float
 from runtime.files import atomic_write, remove_stale_temporary_files
 
 FRAME_SETS = ("all", "eval")
@@ -281,7 +281,7 @@ def parse_args(argv=None):
     p.add_argument("--encoding", choices=ENCODINGS, default="raw",
                    help="raw: uint8 pixels, bit-identical model input; jpeg: smaller, within the JPEG error")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (--encoding jpeg)")
-    p.add_argument("--shard_mb", type=float, default=512, help="size of a shard in MiB")
+    p.add_argument("--shard_mb", type=finite_float, default=512, help="size of a shard in MiB")
     a = p.parse_args(argv)
     if a.max_frames < 1 or a.size < 1 or a.shard_mb <= 0:
         p.error("--max_frames, --size and --shard_mb must be positive")

@@ -26,7 +26,7 @@ from typing import Optional
 
 from dataloaders.base import AnnotationError
 from dataloaders.custom import EXTENSIONS, group_videos, parse_rows, read_annotation_rows, video_file
-from runtime.errors import OneLineArgumentParser
+from runtime.errors import OneLineArgumentParser, finite_float
 from runtime.files import OutputWriteError, atomic_write_text
 
 PROG = "split_annotations"
@@ -127,7 +127,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = OneLineArgumentParser(prog=PROG, description="A video-disjoint train/test split of an annotation file.")
     p.add_argument("annotations", help=".csv, .tsv or .jsonl with a 'video' column")
     p.add_argument("--out_dir", required=True, help="where train.<ext> and test.<ext> are written")
-    p.add_argument("--test_fraction", type=float, default=0.2, help="share of the video files in the test split")
+    p.add_argument("--test_fraction", type=finite_float, default=0.2, help="share of the video files in the test split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--video_root", default=None,
                    help="the folder relative 'video' paths are relative to (training's --features_path; "

@@ -16,11 +16,12 @@ import os
 import sys
 
 from retrieval.segments import MODES, Segmentation, format_range
-from runtime.errors import OneLineArgumentParser
+from runtime.errors import OneLineArgumentParser, finite_float
 
 DEFAULT = Segmentation()
 
 PROG = "search_videos.py"
+TOKEN_ENV = "DGL_SEARCH_TOKEN"  # serve's token when neither --token nor --token_file is given
 
 
 def _add_model_flags(p, required: bool) -> None:
@@ -63,7 +64,7 @@ def build_parser() -> OneLineArgumentParser:
     sg.add_argument("--stride", type=int, default=None, help=f"windows: step, seconds (default {DEFAULT.stride})")
     sg.add_argument("--whole_up_to", type=int, default=None,
                     help=f"auto: files up to this many seconds are one range (default {DEFAULT.whole_up_to})")
-    sg.add_argument("--shot_threshold", type=float, default=None,
+    sg.add_argument("--shot_threshold", type=finite_float, default=None,
                     help=f"shots: PySceneDetect ContentDetector threshold (default {DEFAULT.threshold:g})")
     px = ix.add_argument_group("pixels (recorded in the index; as main.py's flags of the same names)")
     px.add_argument("--resize_short_side", type=int, choices=[0, 1], default=None,
@@ -91,7 +92,9 @@ def build_parser() -> OneLineArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--token", default=None, help="every request must carry it (Authorization: Bearer T, "
-                                                  "or ?token=T in the page's address)")
+                                                  "or ?token=T in the page's address); visible to every user "
+                                                  f"of the machine in `ps`: prefer --token_file or ${TOKEN_ENV}")
+    sv.add_argument("--token_file", default=None, help="read the token from this file (its first line)")
     sv.add_argument("--no_auth", action="store_true", help="allow binding off loopback without --token")
     _add_model_flags(sv, required=False)
 
@@ -212,6 +215,10 @@ def cmd_index(args) -> int:
     from modules.backends import backend_name, backends_context, restore
     from retrieval.index import VideoIndex
 
+    for flag, value, low in (("--batch_size", args.batch_size, 1), ("--shard_size", args.shard_size, 1),
+                             ("--workers", args.workers, 0)):
+        if value < low:
+            fail(f"{flag} must be at least {low}, got {value}")
     if not args.checkpoint:
         fail("index needs --checkpoint (the DGL checkpoint training wrote, e.g. OUTPUT_DIR/ckpt.best.pth.tar): "
              "without trained prompts DGL draws them at random on every start, so its features mean nothing "
@@ -260,7 +267,18 @@ def _read_queries(args) -> list[str]:
                 texts += [line.rstrip("\n") for line in f if line.strip()]
         except OSError as err:
             fail(f"cannot read --queries_file {args.queries_file}: {err.strerror}")
+        except UnicodeDecodeError as err:
+            fail(f"--queries_file {args.queries_file} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                 f"offset {err.start}): save it as UTF-8")
     return texts
+
+
+def check_output_files(*paths_and_flags) -> None:
+    """Before any work: an output path (``path, flag`` pairs; None: not asked for) that is a folder is
+    refused in one line, rather than after the search."""
+    for path, flag in zip(paths_and_flags[::2], paths_and_flags[1::2]):
+        if path is not None and os.path.isdir(path):
+            fail(f"{flag} {path} is a folder: give a file name")
 
 
 def hit_range(hit) -> str:
@@ -270,36 +288,56 @@ def hit_range(hit) -> str:
     return format_range(hit.start, hit.end)
 
 
+FILE_MARKS = {"gone": "  [deleted since indexed]", "changed": "  [changed since indexed]"}
+
+
 def format_table(query: str, hits) -> str:
     lines = [f"query: {query}", f"{'rank':>4}  {'score':>7}  {'range':>13}  path"]
     for h in hits:
-        lines.append(f"{h.rank:>4}  {h.score:7.4f}  {hit_range(h):>13}  {h.path}")
+        lines.append(f"{h.rank:>4}  {h.score:7.4f}  {hit_range(h):>13}  {h.path}{FILE_MARKS.get(h.file, '')}")
     return "\n".join(lines)
+
+
+def stale_hits_note(hits) -> str | None:
+    """One line when hits point to files deleted or changed since they were indexed, else None."""
+    stale = {h.path: h.file for h in hits if h.file != "ok"}
+    if not stale:
+        return None
+    gone = sum(1 for state in stale.values() if state == "gone")
+    return (f"note: {len(stale)} file(s) among the hits were deleted ({gone}) or changed ({len(stale) - gone}) "
+            "since they were indexed (marked; \"file\" in JSON); run `search_videos.py index` again to update "
+            "the index")
 
 
 def cmd_query(args) -> int:
     from retrieval.index import VideoIndex
 
     texts = _read_queries(args)
+    check_output_files(args.json if args.json != "-" else None, "--json", args.html, "--html")
     if not texts and not args.video:
         fail("no query: give texts, --queries_file or --video")
     if args.top_k < 1:
         fail(f"-k must be at least 1, got {args.top_k}")
     if args.per_video is not None and args.per_video < 1:
         fail(f"--per_video must be at least 1, got {args.per_video}")
+    from retrieval.locks import reading
+
     record = VideoIndex._read_meta(args.index)
     loaded = _load(args, record)
-    index = VideoIndex.open(args.index, model=loaded.model, tokenizer=loaded.tokenizer,
-                            fingerprint=loaded.info["fingerprint"])
     results = []
-    if texts:
-        for text, hits in zip(texts, index.search(texts, args.top_k, args.backend, log=_log,
-                                                             per_video=args.per_video)):
-            results.append({"query": text, "hits": hits})
-    if args.video:
-        results.append({"query": f"video: {os.path.abspath(args.video)}", "query_video": os.path.abspath(args.video),
-                        "hits": index.search_video(args.video, args.top_k, args.backend, log=_log,
-                                                  per_video=args.per_video)})
+    with reading(args.index):  # an index run does not commit while this reads the shards
+        index = VideoIndex.open(args.index, model=loaded.model, tokenizer=loaded.tokenizer,
+                                fingerprint=loaded.info["fingerprint"])
+        if texts:
+            for text, hits in zip(texts, index.search(texts, args.top_k, args.backend, log=_log,
+                                                      per_video=args.per_video)):
+                results.append({"query": text, "hits": hits})
+        if args.video:
+            results.append({"query": f"video: {os.path.abspath(args.video)}",
+                            "query_video": os.path.abspath(args.video),
+                            "hits": index.search_video(args.video, args.top_k, args.backend, log=_log,
+                                                      per_video=args.per_video)})
+    note = stale_hits_note([h for r in results for h in r["hits"]])
     payload = [{"query": r["query"], "results": [{**h.to_dict(), "range": hit_range(h)} for h in r["hits"]]}
                for r in results]
     if args.json == "-":
@@ -315,6 +353,8 @@ def cmd_query(args) -> int:
 
         write_results_page(args.html, results, index)
         _log(f"results page: {args.html}")
+    if note:
+        _log(note)
     return 0
 
 
@@ -329,19 +369,43 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _server_token(args) -> str | None:
+    """The token of --token, else of --token_file (its first line), else of $DGL_SEARCH_TOKEN; None."""
+    if args.token is not None and args.token_file is not None:
+        fail("give --token or --token_file, not both")
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except OSError as err:
+            fail(f"cannot read --token_file {args.token_file}: {err.strerror}")
+        except UnicodeDecodeError:
+            fail(f"--token_file {args.token_file} is not UTF-8 text")
+        if not token:
+            fail(f"--token_file {args.token_file}: its first line is empty")
+        return token
+    if args.token is not None:
+        if not args.token.strip():
+            fail("--token is empty")
+        return args.token
+    token = os.environ.get(TOKEN_ENV)
+    if token is not None and not token.strip():
+        fail(f"${TOKEN_ENV} is set but empty")
+    return token.strip() if token else None
+
+
 def cmd_serve(args) -> int:
     from retrieval.index import VideoIndex
 
     if not 0 < args.port < 65536:
         fail(f"--port must be 1..65535, got {args.port}")
-    if args.token is not None and not args.token.strip():
-        fail("--token is empty")
+    args.token = _server_token(args)
     if args.token and args.no_auth:
-        fail("give --token or --no_auth, not both")
+        fail("give a token (--token, --token_file or $" + TOKEN_ENV + ") or --no_auth, not both")
     loopback = _is_loopback(args.host)
     if not loopback and not args.token and not args.no_auth:
-        fail(f"--host {args.host} is reachable from other machines: give --token T (requests must carry it) "
-             "or --no_auth (anyone who can reach the port can search and read the indexed videos)")
+        fail(f"--host {args.host} is reachable from other machines: give a token (--token_file FILE or "
+             f"${TOKEN_ENV}; requests must carry it) or --no_auth (anyone who can reach the port can search and read the indexed videos)")
     from retrieval.server import SearchService, create_app
 
     record = VideoIndex._read_meta(args.index)
@@ -365,6 +429,7 @@ def cmd_serve(args) -> int:
 def cmd_visualize(args) -> int:
     from retrieval.pictures import draw_attention
 
+    check_output_files(args.out, "--out")
     record = None
     if args.index:
         from retrieval.index import VideoIndex
@@ -380,6 +445,7 @@ def cmd_visualize(args) -> int:
 def cmd_evaluate(args) -> int:
     from retrieval.evaluate import cmd_evaluate as evaluate
 
+    check_output_files(args.json, "--json")
     return evaluate(args, _load)
 
 

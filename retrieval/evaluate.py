@@ -36,6 +36,8 @@ TIME_TOLERANCE = 1e-3  # seconds: a query's start/end equal an entry's up to thi
 
 def add_evaluate_parser(sub, add_model_flags) -> None:
     """The ``evaluate`` subcommand of search_videos.py (``add_model_flags``: the CLI's model flag group)."""
+    from runtime.errors import finite_float
+
     e = sub.add_parser("evaluate", help="R@1/5/10 and ranks of labelled queries (query, video[, start, end])")
     e.add_argument("--index", required=True)
     e.add_argument("--queries", required=True, help=".csv, .tsv or .jsonl: query (or caption), video[, start, end]")
@@ -45,8 +47,8 @@ def add_evaluate_parser(sub, add_model_flags) -> None:
                    help="query bank for QB-norm: other queries (.txt one per line, .csv/.tsv/.jsonl) or their "
                         "text features (.npy); never the evaluated queries")
     e.add_argument("--qb_k", type=int, default=1, help="QB-norm: top-k of the bank that activates an entry")
-    e.add_argument("--qb_theta", type=float, default=3, help="QB-norm: bank queries needed to activate an entry")
-    e.add_argument("--qb_beta", type=float, default=0.87, help="QB-norm: exp(beta * score)")
+    e.add_argument("--qb_theta", type=finite_float, default=3, help="QB-norm: bank queries needed to activate an entry")
+    e.add_argument("--qb_beta", type=finite_float, default=0.87, help="QB-norm: exp(beta * score)")
     e.add_argument("--by_video", action="store_true",
                    help="rank the indexed files, each scored by its best entry (segment), instead of the entries")
     e.add_argument("--json", default=None, help="write the metrics and per-query ranks to this JSON file")
@@ -319,8 +321,11 @@ def cmd_evaluate(args, load) -> int:
     if args.qb_k < 1 or args.qb_theta <= 0:
         raise _search_error("--qb_k must be >= 1 and --qb_theta > 0")
     loaded = load(args, record)
-    index = VideoIndex.open(args.index, model=loaded.model, tokenizer=loaded.tokenizer,
-                            fingerprint=loaded.info["fingerprint"])
+    from retrieval.locks import reading
+
+    with reading(args.index):  # the features as one index run left them, read whole
+        index = VideoIndex.open(args.index, model=loaded.model, tokenizer=loaded.tokenizer,
+                                fingerprint=loaded.info["fingerprint"]).keep_in_memory()
     entries = index.entries
     groups = None
     if args.by_video:

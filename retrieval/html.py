@@ -73,12 +73,19 @@ def _result_html(hit, max_frames: int, size: int, transform: dict) -> str:
     link = Path(hit.path).as_uri()
     shown = format_range(0, d) if hit.start is None else format_range(hit.start, hit.end)
     fragment = "" if hit.start is None else f"#t={hit.start},{hit.end}"
+    state = getattr(hit, "file", "ok")
+    if state == "ok":
+        mark, strip = "", _strip_html(hit.path, max_frames, size, hit.start, hit.end, transform)
+    else:  # what is at the path now is not what was indexed: its frames are not shown as the hit's
+        word = "deleted" if state == "gone" else "changed"
+        mark = f'<span class="missing">file {word} since indexed</span>'
+        strip = f'<div class="missing">frames not shown: the file was {word} since it was indexed</div>'
     return (f'<li class="result"><div class="meta"><span class="rank">#{hit.rank}</span>'
             f'<span class="range">{shown}</span>'
             f'<span class="score">score {hit.score:.4f}</span>'
-            f'<a href="{html.escape(link + fragment)}">{html.escape(hit.path)}</a></div>'
+            f'<a href="{html.escape(link + fragment)}">{html.escape(hit.path)}</a>{mark}</div>'
             f'<div class="body"><video controls preload="metadata" src="{html.escape(link + fragment)}"></video>'
-            f"{_strip_html(hit.path, max_frames, size, hit.start, hit.end, transform)}</div></li>")
+            f"{strip}</div></li>")
 
 
 def write_results_page(out_path: str, results: list[dict], index) -> None:

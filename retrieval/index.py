@@ -4,27 +4,36 @@ Index folder::
 
     index.json              format, the model record (fingerprint, DGL/CLIP configuration, files),
                             the video transform ("sampling": max_frames, resolution, resize_short_side,
-                            decoder), the segmentation (retrieval.segments), counts
+                            decoder), the segmentation (retrieval.segments), counts, the shard files
+                            readers use ("shards"; written last by a run: its commit)
     shards/shard-NNNNNN.npz features (n, D) float32, L2-normalised, and entries (JSON): path, size,
-                            mtime_ns, duration, num_frames, fps, frames_used, start and end (seconds of
-                            the range; None for a whole file), segment ([i, n]: range i of the file's n)
+                            mtime_ns, dev and ino (the file's identity), duration, num_frames, fps,
+                            frames_used, start and end (seconds of the range; None for a whole file),
+                            segment ([i, n]: range i of the file's n)
     failed.json             the videos (or ranges) the last run could not read, with the reason
     ann-<kind>.faiss/.json  cached approximate faiss index (optional) and its measured recall
+    .index.lock             held by the run that writes (retrieval.locks): a second run waits
+    .commit.lock            shared by readers, exclusive while a run commits
 
 Every file is written under a temporary name and renamed (``os.replace``), so a killed run leaves
 complete shards only and the next run continues after them, range by range. A file is identified by
 path, size and modification time: re-indexing drops deleted or changed files and encodes new or
-changed ones, and the ranges of a file that a killed run did not reach. Whatever changes a feature
+changed ones, and the ranges of a file that a killed run did not reach. A run's new shards and the
+shards it drops entries from reach readers together, at its commit. Whatever changes a feature
 (the model, the video transform, the segmentation) is recorded; an index is never extended with
 features made otherwise.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import hashlib
 import io
 import json
 import os
+import re
+import stat
 import time
 from dataclasses import dataclass
 
@@ -33,6 +42,7 @@ import torch
 
 from retrieval.encode import (TRANSFORM_DEFAULTS, VIDEO_EXTENSIONS, autocast_dtype, encode_batch, file_identity,
                               find_videos, plan_loader, video_loader)
+from retrieval.locks import commit_lock, reading, writer_lock
 from retrieval.model_io import SearchError, describe_model
 from retrieval.segments import Segmentation, merge_ranked
 from retrieval.search import APPROXIMATE, BACKENDS, FaissSearcher, exact_topk, faiss_available, recall_at_k
@@ -42,6 +52,7 @@ FORMAT = "dgl-video-index/2"
 OLD_FORMATS = ("dgl-video-index/1",)  # whole files, decord, no resize: read as such
 WHOLE = Segmentation(mode="whole")
 SHARD_GLOB = "shard-*.npz"
+SHARD_NUMBER = re.compile(r"shard-(\d+)\.npz")
 
 
 def _write_json(path: str, data) -> None:
@@ -57,7 +68,10 @@ class Shard:
     def load_features(self) -> torch.Tensor:
         if self.features is not None:
             return self.features
-        features, _ = read_shard(self.path)
+        features, entries = read_shard(self.path)
+        if entries != self.entries:  # an index run committed after this reader read the entries
+            raise SearchError(f"the index shard {self.path} changed while it was being read (an index run "
+                              "finished meanwhile): run the command again")
         return features
 
 
@@ -103,6 +117,72 @@ def entry_id(entry: dict) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
+def file_record(path: str) -> dict:
+    """What an entry records of its file: path, size, modification time and the file's identity on the
+    machine (device and inode), so that the server hands out only the very file that was indexed."""
+    st = os.stat(path)
+    return {"path": path, "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns), "dev": int(st.st_dev),
+            "ino": int(st.st_ino)}
+
+
+def is_same_file(entry: dict, st: os.stat_result) -> bool:
+    """``st`` (of the entry's path, or of a descriptor opened on it) is the file the entry was made from:
+    same size and modification time, and same device and inode where the entry records them (entries of
+    indexes made before identities were recorded have size and time only)."""
+    if (int(st.st_size), int(st.st_mtime_ns)) != (entry.get("size"), entry.get("mtime_ns")):
+        return False
+    return "ino" not in entry or (int(st.st_dev), int(st.st_ino)) == (entry.get("dev"), entry.get("ino"))
+
+
+def file_state(entry: dict) -> str:
+    """'ok' while the entry's file is the one indexed; 'gone' (deleted) or 'changed' (edited, replaced,
+    or no longer a regular file) since."""
+    try:
+        st = os.stat(entry["path"])
+    except FileNotFoundError:
+        return "gone"
+    except OSError:
+        return "changed"
+    return "ok" if stat.S_ISREG(st.st_mode) and is_same_file(entry, st) else "changed"
+
+
+class IndexedFileError(SearchError):
+    """The file of an entry is not the one indexed any more; ``state``: 'gone' or 'changed'."""
+
+    def __init__(self, state: str, message: str):
+        super().__init__(message)
+        self.state = state
+
+
+def open_indexed_file(entry: dict) -> tuple[int, os.stat_result]:
+    """An open descriptor of the entry's file and its ``fstat``, only while it is the file that was indexed.
+
+    The identity is checked on the opened descriptor, not on the path, so a file or link swapped in
+    between the check and the read is never read. Entries that record the file's device and inode accept
+    the same file only; older entries (size and time only) accept a regular file that is not a symbolic
+    link. Raises :class:`IndexedFileError`; the caller closes the descriptor."""
+    path = entry["path"]
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK  # O_NONBLOCK: a FIFO swapped in must not block
+    if "ino" not in entry:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise IndexedFileError("gone", f"the file {path} is gone (deleted since it was indexed)") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise IndexedFileError("changed", f"the file {path} is a symbolic link now, not the file that was "
+                                              "indexed") from None
+        raise IndexedFileError("changed", f"the file {path} cannot be read ({os.strerror(err.errno).lower()})") \
+            from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or not is_same_file(entry, st):
+        os.close(fd)
+        raise IndexedFileError("changed", f"the file {path} is not the file that was indexed any more (changed "
+                                          "or replaced since): run `search_videos.py index` again")
+    return fd, st
+
+
 def transform_record(max_frames: int, image_resolution: int, resize_short_side: bool = False,
                      decoder: str = "decord") -> dict:
     """What turns a file into the model's input: recorded in the index, compared on every update."""
@@ -122,6 +202,35 @@ def recorded_segmentation(meta: dict) -> Segmentation:
     return Segmentation(**seg) if seg else WHOLE
 
 
+def make_index_folder(index_dir: str) -> None:
+    """Create the index folder (and its parents); SearchError in one line when that cannot be."""
+    if os.path.exists(index_dir) and not os.path.isdir(index_dir):
+        raise SearchError(f"--index {index_dir} is a file, not a folder: give a new folder or an index folder")
+    try:
+        os.makedirs(os.path.join(index_dir, "shards"), exist_ok=True)
+    except OSError as err:
+        reason = os.strerror(err.errno).lower() if err.errno else str(err)
+        raise SearchError(f"cannot create the index folder {index_dir} ({reason})") from None
+
+
+SEGMENTATION_FLAGS = {"mode": "--segments", "min_len": "--min_len", "max_len": "--max_len", "window": "--window",
+                      "stride": "--stride", "whole_up_to": "--whole_up_to", "threshold": "--shot_threshold"}
+
+
+def _flag_value(value) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def segmentation_mismatch(index_dir: str, built: Segmentation, asked: Segmentation) -> str:
+    """The refusal of a run whose segmentation differs from the index's, naming each setting that differs
+    with both values (the two descriptions alone can look alike: a setting the mode does not use, or
+    numbers that print the same)."""
+    differ = [f"{flag} {_flag_value(getattr(asked, field))} (the index: {_flag_value(getattr(built, field))})"
+              for field, flag in SEGMENTATION_FLAGS.items() if getattr(asked, field) != getattr(built, field)]
+    return (f"the index {index_dir} was built with {built.describe()}; this run asks for {', '.join(differ)}: "
+            "use the index's settings (or leave the flags out) or index into a new folder")
+
+
 _TRANSFORM_FLAGS = {"max_frames": "--max_frames", "image_resolution": "the CLIP's input size",
                     "resize_short_side": "--resize_short_side", "decoder": "--video_decoder"}
 
@@ -135,6 +244,7 @@ class Hit:
     start: float | None = None  # the range (seconds); None for a whole file
     end: float | None = None
     segments: int = 1  # segments merged into the range
+    file: str = "ok"  # file_state of the path when the search ran: ok, gone or changed
 
     @property
     def id(self) -> str:
@@ -142,7 +252,7 @@ class Hit:
 
     def to_dict(self) -> dict:
         return {**self.entry, "rank": self.rank, "score": round(self.score, 6), "path": self.path,
-                "start": self.start, "end": self.end, "id": self.id, "segments": self.segments}
+                "start": self.start, "end": self.end, "id": self.id, "segments": self.segments, "file": self.file}
 
 
 class VideoIndex:
@@ -158,6 +268,8 @@ class VideoIndex:
                  model=None, tokenizer=None):
         self.root, self.record, self.shards = root, record, shards
         self.failed = failed or []
+        self._rewrite: set[str] = set()  # shard files to rewrite / remove at the commit
+        self._remove: set[str] = set()
         self.model, self.tokenizer = model, tokenizer
 
     # ------------------------------------------------------------------------------- properties
@@ -235,18 +347,24 @@ class VideoIndex:
         wanted = {"max_frames": model.config.max_frames, "image_resolution": model.image_resolution,
                   "resize_short_side": resize_short_side, "decoder": decoder}
         if index_dir:
-            index = cls._open_for_update(index_dir, record, wanted, segmentation, log, kernels)
-        else:
-            sampling = transform_record(**{k: (TRANSFORM_DEFAULTS.get(k) if v is None else v) for k, v in wanted.items()})
-            index = cls(None, {"format": FORMAT, "model": record, "sampling": sampling,
-                               "segmentation": (segmentation or WHOLE).to_dict()}, [])
-        index.model, index.tokenizer = model, tokenizer
-        if kernels is not None and index.record.get("kernels", {}).get("device") != kernels.get("device"):
-            index.record["kernels"] = dict(kernels)  # an index from before kernels were recorded: saved at the end
-        todo, have = index._drop_stale(files, log)
-        index._encode(todo, have, batch_size, workers, precision, shard_size, progress, on_shard)
-        if index_dir:
-            index._save_manifest()
+            make_index_folder(index_dir)
+        # one run at a time writes into a folder: a second one waits for the first (its entries are read
+        # after the first run's commit), so both runs' entries end in the index
+        with writer_lock(index_dir, log) if index_dir else contextlib.nullcontext():
+            if index_dir:
+                index = cls._open_for_update(index_dir, record, wanted, segmentation, log, kernels)
+            else:
+                sampling = transform_record(**{k: (TRANSFORM_DEFAULTS.get(k) if v is None else v)
+                                               for k, v in wanted.items()})
+                index = cls(None, {"format": FORMAT, "model": record, "sampling": sampling,
+                                   "segmentation": (segmentation or WHOLE).to_dict()}, [])
+            index.model, index.tokenizer = model, tokenizer
+            if kernels is not None and index.record.get("kernels", {}).get("device") != kernels.get("device"):
+                index.record["kernels"] = dict(kernels)  # an index from before kernels were recorded: saved at the end
+            todo, have = index._drop_stale(files, log)
+            index._encode(todo, have, batch_size, workers, precision, shard_size, progress, on_shard)
+            if index_dir:
+                index._commit()
         if len(index) == 0:
             first = index.failed[0] if index.failed else {"path": "?", "reason": "?"}
             raise SearchError(f"none of the {len(files)} video files could be read "
@@ -270,8 +388,7 @@ class VideoIndex:
                                       "setting or index into a new folder")
             seg = recorded_segmentation(meta)
             if segmentation is not None and segmentation != seg:
-                raise SearchError(f"the index {index_dir} was built with {seg.describe()}, this run asks for "
-                                  f"{segmentation.describe()}: use the same segmentation or index into a new folder")
+                raise SearchError(segmentation_mismatch(index_dir, seg, segmentation))
             if meta.get("format") != FORMAT:  # format 1: record what it was made with, in this format
                 meta.update(format=FORMAT, sampling=transform_record(**{k: built[k] for k in _TRANSFORM_FLAGS}),
                             segmentation=seg.to_dict())
@@ -286,7 +403,8 @@ class VideoIndex:
             _write_json(meta_path, meta)
         for pattern in (".*.tmp", os.path.join("shards", ".*.tmp")):  # left by a killed run
             for tmp in glob.glob(os.path.join(index_dir, pattern)):
-                os.remove(tmp)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
         shards = []
         for path in sorted(glob.glob(os.path.join(index_dir, "shards", SHARD_GLOB))):
             try:  # read whole (not only the entries): a damaged shard is found and re-encoded here
@@ -309,18 +427,18 @@ class VideoIndex:
         current = {}
         for path in files:
             try:
-                current[path] = file_identity(path)
+                current[path] = os.stat(path)
             except OSError:
                 continue
 
         def unchanged(entry: dict) -> bool:
-            ident = current.get(entry["path"])
-            if ident is None:
+            st = current.get(entry["path"])
+            if st is None:
                 try:
-                    ident = file_identity(entry["path"])
+                    st = current[entry["path"]] = os.stat(entry["path"])
                 except OSError:  # deleted
                     return False
-            return ident == {k: entry[k] for k in ("path", "size", "mtime_ns")}
+            return is_same_file(entry, st)
 
         seen, dropped = set(), 0
         for shard in list(self.shards):
@@ -330,17 +448,20 @@ class VideoIndex:
                 if unchanged(e) and key not in seen:
                     seen.add(key)
                     keep.append(i)
-            if len(keep) == len(shard.entries):
+            # entries from before identities were recorded: their (unchanged) file's identity is recorded
+            unidentified = [i for i in keep if "ino" not in shard.entries[i]]
+            if len(keep) == len(shard.entries) and not unidentified:
                 continue
             dropped += len(shard.entries) - len(keep)
-            features = shard.load_features()[keep]
+            features = shard.load_features()[keep] if keep else None
+            for i in unidentified:
+                st = current[shard.entries[i]["path"]]
+                shard.entries[i] = {**shard.entries[i], "dev": int(st.st_dev), "ino": int(st.st_ino)}
             shard.entries = [shard.entries[i] for i in keep]
-            if shard.path is None:
-                shard.features = features
-            elif keep:
-                write_shard(shard.path, features, shard.entries)
-            else:
-                os.remove(shard.path)
+            shard.features = features
+            # on disk: rewritten (or removed) at the commit, so that readers see the index as it was until then
+            if shard.path is not None:
+                (self._rewrite if keep else self._remove).add(shard.path)
             if not keep:
                 self.shards.remove(shard)
         if dropped and log:
@@ -354,7 +475,11 @@ class VideoIndex:
         return todo, {p: have[p] for p in todo if p in have}
 
     def _next_shard_path(self) -> str:
-        numbers = [int(os.path.basename(s.path)[6:12]) for s in self.shards if s.path]
+        # past every shard file in the folder, those dropped from this run's list too: a shard the last
+        # commit listed is never overwritten before the next commit
+        names = [os.path.basename(s.path) for s in self.shards if s.path]
+        names += os.listdir(os.path.join(self.root, "shards"))
+        numbers = [int(m.group(1)) for m in map(SHARD_NUMBER.match, names) if m]
         return os.path.join(self.root, "shards", f"shard-{max(numbers, default=-1) + 1:06d}.npz")
 
     def _add_shard(self, features: torch.Tensor, entries: list[dict], on_shard) -> None:
@@ -413,7 +538,7 @@ class VideoIndex:
                 for i, meta in zip(batch["index"], batch["meta"]):
                     path, start, end, seg_i, seg_n = items[i]
                     if path not in identities:
-                        identities[path] = file_identity(path)
+                        identities[path] = file_record(path)
                     entries.append({**identities[path], **meta, "start": start, "end": end, "segment": [seg_i, seg_n]})
             while len(entries) >= shard_size:
                 block = torch.cat(feats)
@@ -426,11 +551,23 @@ class VideoIndex:
         if bar is not None:
             bar.close()
 
-    def _save_manifest(self) -> None:
+    def _commit(self) -> None:
+        """Make this run's index the one readers see: rewrite the shards entries were dropped from, remove
+        emptied ones, write the manifest (listing the shards) last; under the exclusive commit lock, so no
+        reader reads meanwhile (readers hold it shared)."""
         self.record.update(updated=time.time(), num_videos=len(self), num_shards=len(self.shards),
-                           dim=int(self.features_dim()))
-        _write_json(os.path.join(self.root, "index.json"), self.record)
-        _write_json(os.path.join(self.root, "failed.json"), self.failed)
+                           dim=int(self.features_dim()),
+                           shards=[os.path.basename(s.path) for s in self.shards])
+        with commit_lock(self.root, shared=False):
+            for shard in self.shards:
+                if shard.path in self._rewrite:
+                    write_shard(shard.path, shard.features, shard.entries)
+            for path in self._remove:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            self._rewrite, self._remove = set(), set()
+            _write_json(os.path.join(self.root, "index.json"), self.record)
+            _write_json(os.path.join(self.root, "failed.json"), self.failed)
 
     def features_dim(self) -> int:
         for s in self.shards:
@@ -450,27 +587,45 @@ class VideoIndex:
         try:
             with open(path, encoding="utf-8") as f:
                 meta = json.load(f)
-            if meta.get("format") not in (FORMAT, *OLD_FORMATS) or "fingerprint" not in meta.get("model", {}):
-                raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+            if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, *OLD_FORMATS):
+                found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+                raise ValueError(f"format {found!r}, expected {FORMAT!r}")
+            if not isinstance(meta.get("model"), dict) or "fingerprint" not in meta["model"]:
+                raise ValueError("no model fingerprint (model.fingerprint) in it")
         except (ValueError, OSError) as err:
             raise SearchError(f"{path} is unreadable ({str(err).splitlines()[0]})") from err
         return meta
 
     @classmethod
     def open(cls, index_dir: str, model=None, tokenizer=None, fingerprint: str | None = None) -> "VideoIndex":
-        """Open an index folder; with ``model`` (or its ``fingerprint``) a different model is refused."""
-        meta = cls._read_meta(index_dir)
-        if model is not None or fingerprint is not None:
-            fingerprint = fingerprint or describe_model(model)["fingerprint"]
-            if fingerprint != meta["model"]["fingerprint"]:
-                raise SearchError(_other_model_message(index_dir, meta["model"], {"fingerprint": fingerprint}))
-        shards = [Shard(p, read_shard(p, entries_only=True)[1])
-                  for p in sorted(glob.glob(os.path.join(index_dir, "shards", SHARD_GLOB)))]
-        failed = []
-        failed_path = os.path.join(index_dir, "failed.json")
-        if os.path.isfile(failed_path):
-            with open(failed_path, encoding="utf-8") as f:
-                failed = json.load(f)
+        """Open an index folder; with ``model`` (or its ``fingerprint``) a different model is refused.
+
+        The shards read are those the manifest lists (an index run's new shards are not seen before its
+        commit; indexes from before the list: every shard file). Features are read on demand; a caller
+        that searches while an index run may commit holds :func:`retrieval.locks.reading` around both."""
+        with reading(index_dir):
+            meta = cls._read_meta(index_dir)
+            if model is not None or fingerprint is not None:
+                fingerprint = fingerprint or describe_model(model)["fingerprint"]
+                if fingerprint != meta["model"]["fingerprint"]:
+                    raise SearchError(_other_model_message(index_dir, meta["model"], {"fingerprint": fingerprint}))
+            if isinstance(meta.get("shards"), list):
+                paths = [os.path.join(index_dir, "shards", name) for name in meta["shards"]]
+                for path in paths:
+                    if not os.path.isfile(path):
+                        raise SearchError(f"the index shard {path} that {index_dir}/index.json lists is missing; "
+                                          "run `search_videos.py index` again to re-encode its videos")
+            else:
+                paths = sorted(glob.glob(os.path.join(index_dir, "shards", SHARD_GLOB)))
+            shards = [Shard(p, read_shard(p, entries_only=True)[1]) for p in paths]
+            failed = []
+            failed_path = os.path.join(index_dir, "failed.json")
+            if os.path.isfile(failed_path):
+                try:
+                    with open(failed_path, encoding="utf-8") as f:
+                        failed = json.load(f)
+                except (OSError, ValueError):  # only a list for the user: a damaged one is not fatal
+                    failed = []
         index = cls(index_dir, meta, shards, failed, model, tokenizer)
         if len(index) == 0:
             raise SearchError(f"the index {index_dir} is empty (no video has been indexed yet)")
@@ -566,6 +721,11 @@ class VideoIndex:
                 results.append([Hit(r + 1, m["score"], m["path"], entries[m["rows"][0]], m["start"], m["end"],
                                     len(m["rows"])) for r, m in enumerate(ranges)])
             if not short or pool >= n:
+                states = {}  # a hit whose file was deleted or changed since indexing says so
+                for hit in (h for hits in results for h in hits):
+                    if hit.path not in states:
+                        states[hit.path] = file_state(hit.entry)
+                    hit.file = states[hit.path]
                 return results
             pool = min(n, pool * 4)
 

@@ -8,14 +8,22 @@
 * ``GET /api/similar/{id}?k=K&per_video=N``: the ranges most like entry ``id`` (its stored feature).
 * ``GET /api/status``: the index's size, segmentation and model.
 * ``GET /video/{id}``: the file of entry ``id`` with byte ranges (the player seeks); ``GET /frames/{id}.jpg``:
-  the frames the model saw for that entry. Files are reached only through entry ids of the index.
+  the frames the model saw for that entry. Files are reached only through entry ids of the index, and
+  only while the file is the one indexed: it is opened once, its identity (device, inode, size,
+  modification time, recorded by ``index``) checked on the open descriptor, and the bytes sent are read
+  from that descriptor, so a file or link swapped in at the path is never sent (404 when the file is
+  gone, 409 when it changed).
+* A hit carries ``file``: ``ok``, or ``gone`` / ``changed`` when its file was deleted or changed since
+  it was indexed; a response with such hits carries a ``note``.
 
-Errors are JSON ``{"error": message}`` with a 4xx status (500 without details for a bug). The model
-and the index are loaded once; when the index's manifest (index.json, written last by ``index``)
-changes, the next request loads the new index completely before it replaces the old one.
+Every error is JSON ``{"error": message}`` with a 4xx status (500 without details for a bug), those of
+the HTTP layer (a malformed Range header) too. The model and the index are loaded once; when the index's
+manifest (index.json, written last by ``index``) changes, the next request loads the new index
+completely (under the index's read lock) before it replaces the old one.
 """
 from __future__ import annotations
 
+import contextlib
 import hmac
 import io
 import logging
@@ -26,7 +34,8 @@ from collections import OrderedDict
 
 import torch
 
-from retrieval.index import VideoIndex, entry_id
+from retrieval.index import IndexedFileError, VideoIndex, entry_id, open_indexed_file
+from retrieval.locks import reading
 from retrieval.model_io import SearchError
 from retrieval.segments import format_range
 
@@ -72,10 +81,11 @@ class SearchService:
         return st.st_ino, st.st_size, st.st_mtime_ns
 
     def _read(self) -> Snapshot:
-        before = self._signature()
-        index = VideoIndex.open(self.index_dir, model=self.model, tokenizer=self.tokenizer,
-                                fingerprint=self.fingerprint)
-        snapshot = Snapshot(index, before)
+        with reading(self.index_dir):  # the whole index as one index run committed it
+            before = self._signature()
+            index = VideoIndex.open(self.index_dir, model=self.model, tokenizer=self.tokenizer,
+                                    fingerprint=self.fingerprint)
+            snapshot = Snapshot(index, before)
         if self._signature() != before:  # the manifest changed while reading: read again next time
             snapshot.signature = None
         return snapshot
@@ -121,7 +131,7 @@ class SearchService:
                 hits = snap.index.search_features(self._text_feature(snap, text), k, per_video=per_video)[0]
             except SearchError as err:
                 raise ApiError(400, str(err)) from err
-        return {"query": text, "results": [self.hit_json(h) for h in hits]}
+        return with_note({"query": text, "results": [self.hit_json(h) for h in hits]})
 
     def similar(self, eid: str, k: int, per_video: int | None) -> dict:
         snap = self.current()
@@ -131,7 +141,7 @@ class SearchService:
         feature = self._feature(snap, row)
         with self._compute:
             hits = snap.index.search_features(feature, k, per_video=per_video, exclude_rows=[row])[0]
-        return {"query": self.entry_json(snap.entries[row]), "results": [self.hit_json(h) for h in hits]}
+        return with_note({"query": self.entry_json(snap.entries[row]), "results": [self.hit_json(h) for h in hits]})
 
     @staticmethod
     def _feature(snap: Snapshot, row: int) -> torch.Tensor:
@@ -163,7 +173,7 @@ class SearchService:
         out = self.entry_json(hit.entry)
         shown = (0, hit.entry.get("duration")) if hit.start is None else (hit.start, hit.end)
         out.update(rank=hit.rank, score=round(hit.score, 6), start=hit.start, end=hit.end, range=format_range(*shown),
-                   segments=hit.segments, best_range=out["range"])
+                   segments=hit.segments, best_range=out["range"], file=hit.file)
         return out
 
     def status(self) -> dict:
@@ -176,14 +186,17 @@ class SearchService:
 
     def frame_strip(self, eid: str) -> bytes:
         entry = self.entry(eid)
-        cached = self._strips.get(eid)
-        if cached is not None:
-            return cached
-        from retrieval.html import strip_image
+        with opened_entry_file(entry, eid) as (fd, _):
+            cached = self._strips.get(eid)
+            if cached is not None:
+                return cached
+            from retrieval.html import strip_image
 
-        transform = self.current().index.transform
-        image = strip_image(entry["path"], transform["max_frames"], transform["image_resolution"],
-                            entry.get("start"), entry.get("end"), transform["resize_short_side"], transform["decoder"])
+            # decoded through the checked descriptor (Linux: /proc/self/fd), not by reopening the path
+            path = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else entry["path"]
+            transform = self.current().index.transform
+            image = strip_image(path, transform["max_frames"], transform["image_resolution"], entry.get("start"),
+                                entry.get("end"), transform["resize_short_side"], transform["decoder"])
         if image is None:
             raise ApiError(404, f"the frames of entry {eid} cannot be read now")
         buf = io.BytesIO()
@@ -193,6 +206,34 @@ class SearchService:
         while len(self._strips) > 512:
             self._strips.popitem(last=False)
         return data
+
+
+def with_note(body: dict) -> dict:
+    """Adds a ``note`` when hits point to files deleted or changed since they were indexed."""
+    stale = {h["path"]: h["file"] for h in body["results"] if h.get("file", "ok") != "ok"}
+    if stale:
+        gone = sum(1 for state in stale.values() if state == "gone")
+        body["note"] = (f"{len(stale)} file(s) among the results were deleted ({gone}) or changed "
+                        f"({len(stale) - gone}) since they were indexed (see each result's \"file\"); "
+                        "run `search_videos.py index` again to update the index")
+    return body
+
+
+def _indexed_file_api_error(eid: str, err: IndexedFileError) -> ApiError:
+    return ApiError(404 if err.state == "gone" else 409, f"entry {eid}: {err}")
+
+
+@contextlib.contextmanager
+def opened_entry_file(entry: dict, eid: str):
+    """(descriptor, fstat) of the entry's file while it is the file indexed; ApiError 404/409 otherwise."""
+    try:
+        fd, st = open_indexed_file(entry)
+    except IndexedFileError as err:
+        raise _indexed_file_api_error(eid, err) from None
+    try:
+        yield fd, st
+    finally:
+        os.close(fd)
 
 
 def _int_param(value: str | None, name: str, default: int | None, low: int, high: int) -> int | None:
@@ -222,11 +263,56 @@ def create_app(service: SearchService, token: str | None = None, allowed_hosts: 
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    class DescriptorFileResponse(FileResponse):
+        """Starlette's FileResponse (byte ranges, HEAD, If-Range) over a descriptor opened and checked
+        before: the bytes are read from that descriptor; its path, /proc/self/fd/N, names the same open
+        file should anything reopen it. The descriptor is closed when the response ends."""
+
+        def __init__(self, fd: int, st, media_type: str, headers: dict):
+            super().__init__(f"/proc/self/fd/{fd}", stat_result=st, media_type=media_type, headers=headers)
+            self.fd = fd
+
+        @contextlib.asynccontextmanager
+        async def _open_file(self):
+            import anyio
+
+            yield anyio.wrap_file(os.fdopen(self.fd, "rb", closefd=False))
+
+        def close(self) -> None:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+
+        async def __call__(self, scope, receive, send):
+            extensions = {k: v for k, v in (scope.get("extensions") or {}).items() if k != "http.response.pathsend"}
+            try:
+                await super().__call__({**scope, "extensions": extensions}, receive, send)
+            finally:
+                self.close()
+
+        def __del__(self):  # a response never sent
+            self.close()
+
     app = FastAPI(title="DGL video search", docs_url=None, redoc_url=None, openapi_url=None)
     hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
+
+    async def as_json_error(request: Request, response) -> JSONResponse:
+        """An error answered below the application's handlers (Starlette's plain-text answers to a malformed
+        or unsatisfiable Range header) as JSON, like every other error."""
+        body = b"".join([chunk async for chunk in response.body_iterator])[:500]
+        text = body.decode("utf-8", "replace").strip()
+        http_range = request.headers.get("range")
+        if http_range is not None and response.status_code == 416:
+            text = f"Range header {http_range!r} is outside the file ({response.headers.get('content-range', '')})"
+        elif http_range is not None and response.status_code == 400:
+            text = f"malformed Range header {http_range!r}" + (f": {text}" if text else "")
+        out = error(response.status_code, text or f"HTTP error {response.status_code}")
+        if "content-range" in response.headers:
+            out.headers["Content-Range"] = response.headers["content-range"]
+        return out
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -240,6 +326,8 @@ def create_app(service: SearchService, token: str | None = None, allowed_hosts: 
             if not given or not hmac.compare_digest(given.encode(), token.encode()):
                 return error(401, "this server needs its token: Authorization: Bearer <token>, or ?token=<token>")
         response = await call_next(request)
+        if response.status_code >= 400 and not response.headers.get("content-type", "").startswith("application/json"):
+            response = await as_json_error(request, response)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         return response
@@ -288,11 +376,12 @@ def create_app(service: SearchService, token: str | None = None, allowed_hosts: 
     @app.get("/video/{eid}")
     def video(eid: str):
         entry = service.entry(eid)
-        path = entry["path"]
-        if not os.path.isfile(path):
-            raise ApiError(404, f"the file of entry {eid} is gone")
-        media = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media, headers={"Cache-Control": "no-store"})
+        try:
+            fd, st = open_indexed_file(entry)
+        except IndexedFileError as err:
+            raise _indexed_file_api_error(eid, err) from None
+        media = mimetypes.guess_type(entry["path"])[0] or "application/octet-stream"
+        return DescriptorFileResponse(fd, st, media, {"Cache-Control": "no-store"})
 
     @app.get("/frames/{name}")
     def frames(name: str):
@@ -353,6 +442,7 @@ function card(hit) {
   meta.appendChild(el("span", "range", hit.range));
   meta.appendChild(el("span", "score", "score " + hit.score.toFixed(4)));
   meta.appendChild(el("span", "name", hit.name));
+  if (hit.file && hit.file !== "ok") meta.appendChild(el("span", "error", "file " + (hit.file === "gone" ? "deleted" : "changed") + " since indexed"));
   right.appendChild(meta);
   const img = el("img", "strip"); img.alt = "the frames the model saw"; img.src = withToken(hit.frames_url);
   right.appendChild(img);
@@ -370,7 +460,7 @@ async function run(url, label) {
   try {
     const body = await api(url);
     out.replaceChildren(...body.results.map(card));
-    status.textContent = body.results.length + " results for " + label;
+    status.textContent = body.results.length + " results for " + label + (body.note ? " - " + body.note : "");
   } catch (e) { status.textContent = e.message; status.className = "error"; }
 }
 document.getElementById("f").onsubmit = (ev) => {

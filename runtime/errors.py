@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -18,3 +19,15 @@ def fail(message: str, prog: str = "main.py") -> None:
     sys.stderr.write(f"{prog}: error: {message}\n")
     sys.stderr.flush()
     raise SystemExit(2)
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type=`` for a number flag: a finite float. ``nan`` and ``inf`` parse as floats, but no
+    flag means them; refused as a flag error (one line, status 2) before anything is written."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value

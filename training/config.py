@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 
-from runtime.errors import OneLineArgumentParser, fail
+from runtime.errors import OneLineArgumentParser, fail, finite_float
 
 DATATYPES = ("msrvtt", "vatex", "lsmdc", "activity", "msvd", "didemo", "custom")
 VISUAL_OUTPUT_TYPES = ("global_prompt0", "average_global_prompt", "average_frame_cls_token",
@@ -64,7 +64,7 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     g.add_argument("--dsl", action="store_true",
                    help="also report dual-softmax (DSL) re-scored metrics, next to the plain ones; DSL uses every "
                         "test query at once (as TS2-Net / T-MASS report it)")
-    g.add_argument("--dsl_temperature", type=float, default=1.0,
+    g.add_argument("--dsl_temperature", type=finite_float, default=1.0,
                    help="DSL softmax temperature on the logit matrix (100 x cosine): 1 as published")
     g.add_argument("--threads", type=int, default=None,
                    help="torch compute threads per process (default: this process's cores minus the data-loader "
@@ -116,24 +116,24 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
                         "(raw cache) or within the JPEG tolerance (docs/data-loading.md)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--coef_lr", type=float, default=1.0, help="lr multiplier of CLIP weights (frozen in DGL)")
-    g.add_argument("--wd", type=float, default=0.2)
+    g.add_argument("--lr", type=finite_float, default=1e-4)
+    g.add_argument("--coef_lr", type=finite_float, default=1.0, help="lr multiplier of CLIP weights (frozen in DGL)")
+    g.add_argument("--wd", type=finite_float, default=0.2)
     g.add_argument("--epochs", type=int, default=20)
     g.add_argument("--batch_size", type=int, default=256,
                    help="per-process batch per optimiser step (split into --gradient_accumulation_steps parts)")
     g.add_argument("--batch_size_val", type=int, default=3500)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--warmup_proportion", type=float, default=0.1)
-    g.add_argument("--clip_grad_norm", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
+    g.add_argument("--warmup_proportion", type=finite_float, default=0.1)
+    g.add_argument("--clip_grad_norm", type=finite_float, default=1.0, help="max gradient norm (0 = no clipping)")
     g.add_argument("--precision", type=str, default="fp32",
                    help="amp (CUDA fp16 autocast + GradScaler; bf16 autocast on CPU), fp32, bf16")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--n_display", type=int, default=100, help="log every n optimiser steps")
     g.add_argument("--optim", type=str, default="AdamW", help="AdamW (the only optimiser implemented)")
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.98)
-    g.add_argument("--eps", type=float, default=1e-6)
+    g.add_argument("--beta1", type=finite_float, default=0.9)
+    g.add_argument("--beta2", type=finite_float, default=0.98)
+    g.add_argument("--eps", type=finite_float, default=1e-6)
     g.add_argument("--contrastive_chunk_size", type=int, default=0,
                    help="encode at most this many samples at once and cache the loss gradients (gradient "
                         "caching): the contrastive loss and gradients stay those of the whole batch of all "
@@ -192,7 +192,7 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     g.add_argument("--linear_patch", type=str, default="2d", help=argparse.SUPPRESS)
     g.add_argument("--sim_header", type=str, default="meanP", help=argparse.SUPPRESS)
     g.add_argument("--task_type", type=str, default="retrieval", help=argparse.SUPPRESS)
-    g.add_argument("--temperature_new", type=float, default=1.0, help=argparse.SUPPRESS)
+    g.add_argument("--temperature_new", type=finite_float, default=1.0, help=argparse.SUPPRESS)
     g.add_argument("--time_embedding", type=int, default=0, help=argparse.SUPPRESS)
     g.add_argument("--camoe_dsl", type=int, default=0, help=argparse.SUPPRESS)
     g.add_argument("--pre_norm", type=int, default=0, help=argparse.SUPPRESS)
