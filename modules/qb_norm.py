@@ -29,7 +29,7 @@ import numpy as np
 from modules.metrics import compute_metrics, compute_ranks, format_metrics
 
 __all__ = ["get_retrieved_videos", "get_index_to_normalize", "qb_norm", "beta_values", "search_best_beta",
-           "bank_folds", "cross_validate_beta"]
+           "bank_folds", "cross_validate_beta", "bank_overlap"]
 
 
 def _topk_indices(sims: np.ndarray, k: int) -> np.ndarray:
@@ -168,3 +168,19 @@ def cross_validate_beta(train_train: np.ndarray, caption_video, betas, k: int = 
             best_r1, best_beta = r1, float(beta)
         history.append({"beta": float(beta), "R1": r1, "per_fold_R1": per_fold})
     return best_beta, best_r1, history
+
+
+def bank_overlap(bank_keys, query_keys) -> dict:
+    """Which query-bank rows are evaluated queries. ``bank_keys`` / ``query_keys``: one hashable per row that
+    is equal for two rows the model cannot tell apart (texts: :func:`modules.tokenizer.text_as_read`).
+
+    Returns dict(shared: [(bank row, query row)] for every bank row that is an evaluated query, in bank
+    order; every_query: True when each evaluated query is in the bank, so that QB-norm would normalise
+    every query with itself).
+    """
+    first_query: dict = {}
+    for row, key in enumerate(query_keys):
+        first_query.setdefault(key, row)
+    shared = [(row, first_query[key]) for row, key in enumerate(bank_keys) if key in first_query]
+    found = {first_query_row for _, first_query_row in shared}
+    return {"shared": shared, "every_query": bool(first_query) and len(found) == len(first_query)}

@@ -218,3 +218,42 @@ def test_bank_labels_follow_the_written_columns():
     caption_video = [0, 0, 1, 2, 2, 3, 4, 4, 5]
     assert bank_ground_truth(caption_video, 9, 5, left_out=[3, 1]).tolist() == [0, 0, -1, 1, 1, -1, 2, 2, -1]
     assert bank_ground_truth(caption_video, 4, 5).tolist() == [0, 0, 1, 2]
+
+
+def test_main_py_bank_of_the_test_captions_respelt_is_reported(tmp_path, caplog):
+    """main.py --save_sim_matrix: a training table whose captions are the test captions in upper case with a
+    full stop is a bank that holds every test query (as the model reads it): a warning names the rows."""
+    import logging
+    from argparse import Namespace
+
+    from dataloaders import build_test_dataset
+    from modules.tokenizer import SimpleTokenizer, write_bpe_vocab
+    from training.qb_bank import report_test_captions_in_bank
+
+    captions = ["a red square moves left", "a blue circle turns", "green lines fall down"]
+    tok = SimpleTokenizer(write_bpe_vocab(captions, str(tmp_path / "bpe.txt.gz"), 40))
+    (tmp_path / "test.csv").write_text("video,caption\n" + "".join(f"v{i}.mp4,{c}\n" for i, c in enumerate(captions)))
+    (tmp_path / "same.csv").write_text("video,caption\nw.mp4,other words here\n" +
+                                       "".join(f"v{i}.mp4,{c.upper()}.\n" for i, c in enumerate(captions)))
+    (tmp_path / "some.csv").write_text("video,caption\nw.mp4,other words here\nv1.mp4,A blue circle turns!\n")
+    (tmp_path / "other.csv").write_text("video,caption\nw.mp4,a red square moves right\nv1.mp4,blue circles\n")
+
+    def dataset(name, split):
+        args = Namespace(datatype="custom", train_csv=str(tmp_path / name), val_csv=str(tmp_path / name),
+                         features_path=str(tmp_path), data_path="", max_words=16, max_frames=2)
+        return build_test_dataset(args, tok, split)
+
+    test = dataset("test.csv", "test")
+    with caplog.at_level(logging.INFO, logger="dgl"):
+        got = report_test_captions_in_bank(dataset("same.csv", "train"), test)
+    assert got == {"bank_captions": 4, "test_captions_in_bank": 3, "every_test_caption": True}
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and "every test caption is also a bank caption" in warning[0]
+    assert "same.csv line 3 reads as the test caption of test.csv line 2" in warning[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dgl"):
+        assert report_test_captions_in_bank(dataset("some.csv", "train"), test)["test_captions_in_bank"] == 1
+        assert report_test_captions_in_bank(dataset("same.csv", "train"), test, limit=2)["test_captions_in_bank"] == 1
+        assert report_test_captions_in_bank(dataset("other.csv", "train"), test)["test_captions_in_bank"] == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("1 of 3 test captions are also bank captions" in r.getMessage() for r in caplog.records)

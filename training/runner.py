@@ -33,7 +33,7 @@ from training.engine import evaluate, log_eval, train_one_epoch, unwrap
 from training.model_options import apply_model_options
 from training.optim import WarmupCosineSchedule, build_optimizer, total_optimization_steps
 from training.outputs import CKPT, CKPT_BEST, Board, check_output_dir, prepare_output_dir, write_results
-from training.qb_bank import save_caption_video_index, save_train_train
+from training.qb_bank import report_test_captions_in_bank, save_caption_video_index, save_train_train
 from training.repro import write_run_record
 
 log = logging.getLogger("dgl")
@@ -374,7 +374,7 @@ class Run:
         if final and args.save_sim_matrix:
             bank = self.bank_ds if self.bank_ds is not None else self.train_ds
             save_sim_matrices(args, self.model, res, bank, self.tokenizer, self.device, self.precision,
-                              self.progress, self.out_dir)
+                              self.progress, self.out_dir, test_ds=self.test_ds)
         self.last = res
         return res
 
@@ -572,7 +572,8 @@ def _plain_config(args) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in vars(args).items()}
 
 
-def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, progress, out_dir) -> None:
+def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, progress, out_dir,
+                      test_ds=None) -> None:
     """<datatype>_sim_matrix.npy (test texts x test videos) and, with a training set, the QB-norm query
     banks <datatype>_train_test_t2v.npy (train texts x test videos) and <datatype>_train_test_v2t.npy
     (test texts x train videos)."""
@@ -597,6 +598,8 @@ def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, p
         return
     texts, videos = bank_ds.text_dataset(), bank_ds.video_dataset()
     limit = args.qb_norm_train_queries
+    if D.is_main_process():
+        report_test_captions_in_bank(bank_ds, test_ds, limit)
     if limit:
         from torch.utils.data import Subset
         texts = Subset(texts, range(min(limit, len(texts))))
