@@ -35,24 +35,12 @@ from typing import Callable, Optional
 import numpy as np
 
 from dataloaders.base import VIDEO_EXTENSIONS
-from dataloaders.frame_cache import (ENCODINGS, FORMAT, MANIFEST, SHARD_DIR, FrameCache, FrameCacheError,
-                                     complete_shards, file_stamp, read_manifest, shard_paths, video_key)
-from dataloaders.video import (DECODERS, VideoDecodeError, center_crop, clip_frame_span, decode_planned,
-                               sample_eval_indices)
+from dataloaders.frame_cache import (ENCODINGS, FORMAT, FRAME_SETS, MANIFEST, SHARD_DIR, FrameCache,
+                                     FrameCacheError, complete_shards, file_stamp, needed_frames, read_manifest,
+                                     shard_paths, video_key)
+from dataloaders.video import DECODERS, VideoDecodeError, center_crop, decode_planned
 from runtime.errors import OneLineArgumentParser, fail
 from runtime.files import atomic_write, remove_stale_temporary_files
-
-FRAME_SETS = ("all", "eval")
-
-
-def needed_frames(frames: str, num_frames: int, fps: float, start: Optional[float], end: Optional[float],
-                  max_frames: int, listed_frames: int = 0) -> list[int]:
-    """The file frame indices the loader can ask for: every frame of the clip ("all", training) or the
-    evaluation frames ("eval"), sorted."""
-    first, count = clip_frame_span(num_frames, fps, start, end, listed_frames)
-    if frames == "all":
-        return list(range(first, first + count))
-    return sorted({first + i for i in sample_eval_indices(count, max_frames)})
 
 
 def crop_frames(decoded, size: int) -> np.ndarray:
@@ -117,8 +105,9 @@ class ShardWriter:
     """Collects cropped frames of videos and writes them as a shard once ``shard_bytes`` are held."""
 
     def __init__(self, out: str, encoding: str, quality: int, shard_bytes: int,
-                 on_shard: Optional[Callable[[int], None]] = None):
+                 on_shard: Optional[Callable[[int], None]] = None, frame_set: Optional[dict] = None):
         self.out, self.encoding, self.quality = out, encoding, quality
+        self.frame_set = dict(frame_set or {})  # {"frames": all|eval, "max_frames": N}, recorded in each shard
         self.shard_bytes, self.on_shard = max(1, int(shard_bytes)), on_shard
         numbers = complete_shards(out)
         self.next_number = (numbers[-1] + 1) if numbers else 0
@@ -154,7 +143,7 @@ class ShardWriter:
         else:
             shape = (self.rows,) + tuple(self.chunks[0].shape[1:])
         _write_npy(npy, self.chunks, shape)
-        data = {"entries": self.entries}
+        data = {"entries": self.entries, **self.frame_set}
         if self.encoding == "jpeg":
             data["offsets"] = self.offsets
         _write_json(entries_path, data)  # last: the shard exists from here on
@@ -193,7 +182,8 @@ def build_frame_cache(out: str, videos: list, frames: str = "all", max_frames: i
     t0 = time.time()
     prepare_folder(out, _manifest(size, decoder, encoding, quality))
     cache = FrameCache(out)
-    writer = ShardWriter(out, encoding, quality, int(shard_mb * (1 << 20)), on_shard)
+    writer = ShardWriter(out, encoding, quality, int(shard_mb * (1 << 20)), on_shard,
+                         {"frames": frames, "max_frames": int(max_frames)})
     skipped, cached, failed, frames_written = 0, 0, {}, 0
     for item in videos:
         path, start, end = (item, None, None) if isinstance(item, str) else (tuple(item) + (None, None))[:3]

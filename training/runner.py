@@ -18,6 +18,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from analysis.query_ranks import evaluation_extras, write_query_ranks
 from dataloaders.base import BadVideoError
+from dataloaders.frame_cache import FrameCacheUse, describe_use
 from modules.backends import backend_name, backends_from_name
 from modules.checkpoints import CheckpointError, checkpoint_latent_space, is_own_checkpoint, load_checkpoint_file
 from runtime.cpu import apply_cpu_settings, restore as restore_cpu_settings
@@ -388,6 +389,10 @@ class Run:
         if train_stats:
             entry.update(train_loss=train_stats["loss"], train_time=round(train_stats["time"], 3),
                          train_replaced=train_stats["replaced"])
+        if res.get("frame_cache"):  # clips served by --frame_cache and read from their files
+            entry["frame_cache"] = res["frame_cache"]
+        if train_stats and train_stats.get("frame_cache"):
+            entry["train_frame_cache"] = train_stats["frame_cache"]
         entry.update(evaluation_extras(res))
         self.results["evaluations"].append(entry)
         if self.left_out:
@@ -447,6 +452,9 @@ class Run:
             msg = f"epoch {epoch + 1}: {stats['replaced']} of {stats['samples']} training samples had an " \
                   "unreadable video and were replaced"
             (log.warning if stats["replaced"] else log.info)(msg)
+        described = describe_use(stats.get("frame_cache"), f"epoch {epoch + 1} training")
+        if described:
+            log.log(*described)
         if self.board is not None:
             self.board.scalars({"epoch_loss": stats["loss"], "bad_videos_replaced": stats["replaced"]},
                                self.global_step, prefix="train/")
@@ -577,7 +585,7 @@ def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, p
     """<datatype>_sim_matrix.npy (test texts x test videos) and, with a training set, the QB-norm query
     banks <datatype>_train_test_t2v.npy (train texts x test videos) and <datatype>_train_test_v2t.npy
     (test texts x train videos)."""
-    from training.engine import encode_texts, encode_videos, similarity_matrix
+    from training.engine import encode_texts, encode_videos, frame_cache_counts, similarity_matrix
 
     core = unwrap(model)
     prefix = os.path.join(out_dir, args.datatype)
@@ -608,8 +616,12 @@ def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, p
     core.eval()
     bank_t = encode_texts(core, texts, args.batch_size_val, args.num_thread_reader, device, precision, progress,
                           desc="train text (QB-norm)")
+    cache_use = FrameCacheUse()
     bank_v, unreadable = encode_videos(core, videos, args.batch_size_val, args.num_thread_reader, device, precision,
-                                       progress, desc="train video (QB-norm)")
+                                       progress, desc="train video (QB-norm)", cache_use=cache_use)
+    described = describe_use(frame_cache_counts(cache_use, device), "QB-norm query bank videos")
+    if described:
+        log.log(*described)
     if unreadable:  # --skip_bad_videos: left out of the bank
         keep = torch.ones(bank_v.shape[0], dtype=torch.bool)
         keep[unreadable] = False
