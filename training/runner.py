@@ -237,6 +237,7 @@ class Run:
             return
         if self.resume_ckpt is None:
             self.resume_ckpt = self._read_checkpoint(self.args.resume, "--resume")
+        self._check_resume_flags(self.resume_ckpt, self.args.resume)
         self._load_weights(self.resume_ckpt, self.args.resume, "--resume")
         log.info("[resume] loaded weights from %s (%s checkpoint, epoch %s, step %s)", self.args.resume,
                  "our" if is_own_checkpoint(self.resume_ckpt) else "official", self.resume_ckpt.get("epoch"),
@@ -248,6 +249,20 @@ class Run:
                 self._use_attention_backends(recorded, f"recorded in {self.args.resume}")
             except ValueError as e:
                 log.warning("[resume] attention backends of the checkpoint not used: %s", e)
+
+    def _check_resume_flags(self, ckpt: dict, path: str) -> None:
+        """--resume with a model flag the checkpoint was not trained with: refused when training (the run
+        would go on as another model; the weights load whenever the shapes agree), a warning when only
+        evaluating (a deliberate test of the trained weights under other flags)."""
+        mismatch = checkpoint_flag_mismatch(ckpt, self.args)
+        if mismatch is None:
+            return
+        flag, trained, given = mismatch
+        if self.args.do_train:
+            fail(f"--resume {path} was trained with {flag} {trained}; this run has {flag} {given} (a resumed run "
+                 f"continues with the checkpoint's model flags: pass {flag} {trained})")
+        log.warning("[resume] %s was trained with %s %s; this evaluation runs with %s %s", path, flag, trained,
+                    flag, given)
 
     def _use_rank0_fp32_path(self, settings_args) -> None:
         """Compute fp32 products on rank 0's path in every process: a process whose own timing chose the
