@@ -70,6 +70,8 @@ def _load(parser, path: str, what: str) -> np.ndarray:
         a = np.load(path)
     except Exception as e:  # noqa: BLE001 - reported as one line
         parser.error(f"cannot read {what} {path}: {e}")
+    if not isinstance(a, np.ndarray):  # an .npz archive (or a checkpoint, which is a zip file)
+        parser.error(f"{what} {path}: not a .npy array (an .npz or zip archive)")
     if a.ndim != 2:
         parser.error(f"{what} {path} must be a 2-D matrix, got shape {a.shape}")
     if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):

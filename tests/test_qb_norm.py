@@ -302,6 +302,10 @@ def test_search_refuses_the_test_matrix_as_a_bank_and_non_finite_scores(tmp_path
     np.save(tmp_path / "inf.npy", t2v)
     code, _, err = search(t2v="inf")
     assert code == 2 and "inf.npy row 2 column 0 is inf" in err
+    with open(tmp_path / "archive.npy", "wb") as f:  # a zip archive (as a checkpoint is) under a .npy name
+        np.savez(f, sim=sim)
+    code, _, err = search(sim="archive")
+    assert code == 2 and "archive.npy: not a .npy array" in err
     assert not log.exists()
     code, out, err = search(t2v="t2v_some")
     assert code == 0, err
