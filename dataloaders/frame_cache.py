@@ -82,8 +82,8 @@ def needed_frames(frames: str, num_frames: int, fps: float, start: Optional[floa
 def read_manifest(directory: str) -> dict:
     path = os.path.join(directory, MANIFEST)
     if not os.path.isdir(directory):
-        raise FrameCacheError(f"frame cache {directory}: no such folder (build it with python -m "
-                              f"preprocess.frame_cache)")
+        what = "a file, not a folder" if os.path.exists(directory) else "no such folder"
+        raise FrameCacheError(f"frame cache {directory}: {what} (build it with python -m preprocess.frame_cache)")
     try:
         with open(path) as f:
             manifest = json.load(f)

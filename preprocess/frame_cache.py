@@ -80,12 +80,18 @@ def _manifest(size: int, decoder: str, encoding: str, quality: int) -> dict:
 def prepare_folder(out: str, manifest: dict) -> None:
     """Create the cache folder or check that it was built with the same settings; clear what an
     interrupted build left (temporary files, frames of a shard whose entries were never written)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FrameCacheError(f"--out {out} is a file, not a folder")
     if os.path.exists(os.path.join(out, MANIFEST)):
         old = read_manifest(out)
         if {k: old.get(k) for k in manifest} != manifest:
             raise FrameCacheError(f"frame cache {out} was built with {json.dumps(old)}, not {json.dumps(manifest)}; "
                                   f"use another --out")
     else:
+        if os.path.isdir(out) and [n for n in os.listdir(out) if not n.startswith("." + MANIFEST + ".")]:
+            # a run folder or a folder of videos, say (a killed first build leaves at most its manifest's temporary)
+            raise FrameCacheError(f"--out {out} holds other files and no {MANIFEST}: it is not a frame cache; "
+                                  f"give a new or empty folder")
         os.makedirs(out, exist_ok=True)
         _write_json(os.path.join(out, MANIFEST), manifest)
     shards = os.path.join(out, SHARD_DIR)
@@ -259,7 +265,8 @@ def find_videos(folders: list) -> list:
 def parse_args(argv=None):
     p = OneLineArgumentParser(prog="python -m preprocess.frame_cache", description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="cache folder (created; an existing cache is extended)")
+    p.add_argument("--out", required=True, help="cache folder (created; an existing cache is extended; another "
+                                                "folder must be empty)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--videos", nargs="+", help="folders of videos (searched recursively)")
     src.add_argument("--video_list", help="text file: one 'path' or 'path start end' per line")

@@ -335,3 +335,31 @@ def test_why_a_cache_serves_none_names_the_setting(clips, raw_cache, tmp_path):
     assert "--frames eval" in cache.why_it_does_not_fit(clips[:3], True, T, "x")  # the long clips: all frames needed
     assert f"--max_frames {T} and this run takes --max_frames {T - 2}" in cache.why_it_does_not_fit(
         clips[:3], False, T - 2, "x")
+
+
+def test_cache_and_checkpoint_paths_of_the_wrong_kind_one_line(tmp_path, capsys):
+    """--out / --frame_cache given a file, --out given a folder of other files (a run folder), --resume or
+    --init_checkpoint given a folder: one line saying what the path is, status 2, nothing written."""
+    from training.config import build_parser, validate
+
+    videos = tmp_path / "videos"
+    write_video(str(videos / "a.mp4"), textured(6, 32, 32, 5), fps=3.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("{}\n")
+    for out, expected in ((run / "results.json", "is a file, not a folder"),
+                          (run, "holds other files and no frame_cache.json")):
+        with pytest.raises(SystemExit) as e:
+            cache_main(["--out", str(out), "--videos", str(videos), "--size", "32"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert sorted(os.listdir(run)) == ["results.json"] and (run / "results.json").read_text() == "{}\n"
+    with pytest.raises(FrameCacheError, match="results.json: a file, not a folder"):
+        FrameCache(str(run / "results.json"))
+    parser = build_parser()
+    for flag in ("--resume", "--init_checkpoint"):
+        with pytest.raises(SystemExit) as e:
+            validate(parser.parse_args(["--output_dir", str(tmp_path / "o"), "--do_train", "1", flag, str(run)]),
+                     parser)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and f"{flag} {run} is a folder; give its checkpoint file" in err, err

@@ -213,6 +213,9 @@ def validate(args, parser) -> argparse.Namespace:
         err("nothing to do: --do_train 0 and --do_eval 0")
     if args.do_pretrain:
         err("--do_pretrain is not supported (DGL only fine-tunes prompts for retrieval)")
+    for flag, path in (("--resume", args.resume), ("--init_checkpoint", getattr(args, "init_checkpoint", None))):
+        if path is not None and os.path.isdir(path):
+            err(f"{flag} {path} is a folder; give its checkpoint file (e.g. {os.path.join(path, 'ckpt.pth.tar')})")
     if args.resume is not None and not os.path.isfile(args.resume):
         err(f"--resume checkpoint not found: {args.resume}")
     if args.init_checkpoint is not None:
