@@ -33,7 +33,8 @@ from training.data_checks import check_spans, leave_out_bad_video_files, warn_te
 from training.engine import evaluate, log_eval, train_one_epoch, unwrap
 from training.model_options import apply_model_options
 from training.optim import WarmupCosineSchedule, build_optimizer, total_optimization_steps
-from training.outputs import CKPT, CKPT_BEST, Board, check_output_dir, prepare_output_dir, write_results
+from training.outputs import (CKPT, CKPT_BEST, Board, check_output_dir, prepare_output_dir, unlock_output_dir,
+                              write_results)
 from training.qb_bank import report_test_captions_in_bank, save_caption_video_index, save_train_train
 from training.repro import write_run_record
 
@@ -118,6 +119,7 @@ def run(args, *, model=None, tokenizer=None, train_dataset=None, test_dataset=No
     finally:
         restore_cpu_settings()
         close_logging()
+        unlock_output_dir(args.output_dir)  # taken by prepare_output_dir
 
 
 class Run:
