@@ -236,6 +236,9 @@ def validate(args, parser) -> argparse.Namespace:
         err("--max_epochs_this_run must be >= 1")
     if args.qb_norm_train_queries < 0:
         err("--qb_norm_train_queries must be >= 0")
+    if args.qb_norm_train_queries and not args.save_sim_matrix:
+        err("--qb_norm_train_queries caps the QB-norm query bank that --save_sim_matrix writes; without "
+            "--save_sim_matrix it does nothing: add --save_sim_matrix")
     if args.dsl_temperature <= 0:
         err("--dsl_temperature must be > 0")
     # precision / optimiser
