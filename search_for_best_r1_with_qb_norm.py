@@ -70,9 +70,38 @@ def _load(parser, path: str, what: str) -> np.ndarray:
         a = np.load(path)
     except Exception as e:  # noqa: BLE001 - reported as one line
         parser.error(f"cannot read {what} {path}: {e}")
+    if not isinstance(a, np.ndarray):  # an .npz archive (or a checkpoint, which is a zip file)
+        parser.error(f"{what} {path}: not a .npy array (an .npz or zip archive)")
     if a.ndim != 2:
         parser.error(f"{what} {path} must be a 2-D matrix, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+        parser.error(f"{what} {path} must hold real similarities, got {a.dtype}")
+    bad = np.argwhere(~np.isfinite(a))
+    if len(bad):
+        r, c = (int(x) for x in bad[0])
+        parser.error(f"{what} {path} row {r} column {c} is {a[r, c]} ({len(bad)} entries are not finite): the "
+                     f"similarities must be finite numbers")
     return a
+
+
+def check_bank_is_not_the_test(parser, bank, queries, bank_flag: str, bank_path: str, queries_what: str):
+    """Refuse a bank whose rows include every test query's row of scores (the test matrix passed as the bank:
+    QB-norm would normalise each test query with itself), one line naming the bank row; returns a note saying
+    how many when only some are (None when none)."""
+    from modules.qb_norm import bank_overlap, rows_of_queries
+
+    found = rows_of_queries(bank, queries)
+    overlap = bank_overlap([int(q) if q >= 0 else ("bank", b) for b, q in enumerate(found)], range(len(queries)))
+    if not overlap["shared"]:
+        return None
+    b, q = overlap["shared"][0]
+    if overlap["every_query"]:
+        parser.error(f"{bank_flag} {bank_path} row {b} scores the test gallery as {queries_what} row {q} does, and "
+                     f"so for every test query: the bank holds the test queries (is it the test matrix?); QB-norm "
+                     f"needs a bank of other queries")
+    return (f"note: {len(overlap['shared'])} rows of {bank_flag} (e.g. row {b}) score the test gallery as test "
+            f"queries do ({queries_what} row {q}): those test queries are in the bank and their QB-norm scores are "
+            f"optimistic")
 
 
 def _shown(beta):
@@ -166,6 +195,10 @@ def main(argv=None) -> int:
         parser.error(f"--train_test_t2v has {t2v.shape[1]} columns, the test set has {sim.shape[1]} videos")
     if v2t.shape[0] != sim.shape[0]:
         parser.error(f"--train_test_v2t has {v2t.shape[0]} rows, the test set has {sim.shape[0]} texts")
+    notes = [check_bank_is_not_the_test(parser, t2v, sim, "--train_test_t2v", t2v_path, "--sim_matrix"),
+             check_bank_is_not_the_test(parser, v2t.T, sim.T, "--train_test_v2t", v2t_path,
+                                        "the transposed --sim_matrix")]
+    notes = [n for n in notes if n]
 
     log_file = args.log_file or os.path.join(os.path.dirname(os.path.abspath(sim_path)),
                                              f"search_best_beta_{args.dataset}.log")
@@ -187,6 +220,8 @@ def main(argv=None) -> int:
     log = logger.info
 
     log(f"sim_matrix {sim.shape}, train_test_t2v {t2v.shape}, train_test_v2t {v2t.shape}")
+    for note in notes:
+        log(note)
     log("Without QB-norm:")
     log("Text-to-Video: " + format_metrics(compute_metrics(sim)))
     log("Video-to-Text: " + format_metrics(compute_metrics(sim.T), prefix="V2T "))

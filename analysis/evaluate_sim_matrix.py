@@ -40,18 +40,39 @@ def _default_index_path(sim_path: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def _read_array(parser, path: str, flag: str) -> np.ndarray:
+    """One array of a .npy file (no pickled objects), or one line naming the file."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        parser.error(f"{flag} {path}: not a readable .npy array ({str(exc).splitlines()[0] if str(exc) else exc})")
+    if not isinstance(array, np.ndarray):  # an .npz archive (or a checkpoint, which is a zip file)
+        parser.error(f"{flag} {path}: not a .npy array (an .npz or zip archive)")
+    return array
+
+
 def _load_inputs(parser, args):
     if not os.path.isfile(args.sim_matrix):
         parser.error(f"--sim_matrix file not found: {args.sim_matrix}")
-    sim = np.load(args.sim_matrix)
+    sim = _read_array(parser, args.sim_matrix, "--sim_matrix")
     if sim.ndim != 2:
         parser.error(f"--sim_matrix {args.sim_matrix} must be a 2-D matrix, got shape {sim.shape}")
+    if not np.issubdtype(sim.dtype, np.number) or np.issubdtype(sim.dtype, np.complexfloating):
+        parser.error(f"--sim_matrix {args.sim_matrix} must hold real similarities, got {sim.dtype}")
+    bad = np.argwhere(~np.isfinite(sim))
+    if len(bad):
+        r, c = (int(x) for x in bad[0])
+        parser.error(f"--sim_matrix {args.sim_matrix} row {r} column {c} is {sim[r, c]} ({len(bad)} entries are "
+                     f"not finite): the similarities must be finite numbers")
     index_path = args.caption_video_index or _default_index_path(args.sim_matrix)
     index = None
     if index_path is not None:
         if not os.path.isfile(index_path):
             parser.error(f"--caption_video_index file not found: {index_path}")
-        index = np.load(index_path).astype(np.int64).reshape(-1)
+        index = _read_array(parser, index_path, "--caption_video_index")
+        if not np.issubdtype(index.dtype, np.number) or not np.all(np.isfinite(index)) or np.any(index % 1):
+            parser.error(f"--caption_video_index {index_path} must hold video numbers (integers), got {index.dtype}")
+        index = index.astype(np.int64).reshape(-1)
         if index.size != sim.shape[0] or (index.size and (index.min() < 0 or index.max() >= sim.shape[1])):
             parser.error(f"{index_path}: needs one video index in 0..{sim.shape[1] - 1} per caption "
                          f"({sim.shape[0]}), got {index.size} entries")

@@ -98,6 +98,8 @@ def load_query_ranks(path: str) -> dict:
         raise FileNotFoundError(f"ranks file not found: {path}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a per-query ranks file ({FORMAT}): not UTF-8 text") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ValueError(f"{path}: not a per-query ranks file ({FORMAT})")
     record["path"] = path

@@ -147,6 +147,28 @@ class VideoTextDataset(Dataset):
         self.caption_sources = ann.caption_sources or [self.videos[v].source for v in ann.caption_video]
         self._index_captions(ann.caption_video)
         logger.info("%s %s: %d videos, %d captions", self.name, split, self.num_videos, self.num_captions)
+        self._check_frame_cache()
+
+    def _check_frame_cache(self) -> None:
+        """Warn (one line) when --frame_cache holds the frames of none of this split's clips (built for
+        other files, frames or --max_frames): the run then reads the videos from their files."""
+        cache = self.video_options["frame_cache"]
+        if cache is None:
+            return
+        why = cache.why_it_does_not_fit([(v.path, v.start, v.end) for v in self.videos], self.random_sampling,
+                                       self.max_frames, f"the {self.name} {self.split} split" +
+                                       (" (training)" if self.random_sampling else " (evaluation frames)"))
+        if why:
+            logger.warning("%s", why)
+
+    def _cached(self, before: int) -> bool:
+        """Whether the clip just loaded came from the frame cache (its hits grew past ``before``)."""
+        cache = self.video_options["frame_cache"]
+        return cache is not None and cache.hits > before
+
+    def _cache_hits(self) -> int:
+        cache = self.video_options["frame_cache"]
+        return cache.hits if cache is not None else 0
 
     # ----------------------------------------------------------------- subclass interface
     sample_per_video = False
@@ -281,18 +303,22 @@ class VideoTextDataset(Dataset):
         else:
             caption_index, video_index = index, int(self.caption_video_index[index])
             row = f"item {index} (caption in {self.caption_sources[index]})"
+        hits = self._cache_hits()
         video, mask, replaced, used = self.load_video_or_replace(video_index, row)
         if caption_index is None or replaced:
             # one random caption of the video; after a replacement, of the replacement (pairs stay matched)
             options = self._captions_of_video[used]
             caption_index = options[int(torch.randint(len(options), (1,)))]
-        return {
+        item = {
             "input_ids": self.encode_text(self.captions[caption_index]),
             "video": video,
             "video_mask": mask,
             "index": index,
             "replaced": replaced,
         }
+        if self.video_options["frame_cache"] is not None:  # counted per epoch across workers (FrameCacheUse)
+            item["frame_cache_hit"] = self._cached(hits)
+        return item
 
     def text_dataset(self) -> "TextView":
         return TextView(self)
@@ -335,6 +361,7 @@ class VideoView(Dataset):
             raise IndexError(index)
         parent = self.parent
         row = f"video {index}"
+        hits = parent._cache_hits()
         try:
             video, mask = parent.load_video(index, row)
             unreadable = False
@@ -346,8 +373,11 @@ class VideoView(Dataset):
             video = torch.zeros(parent.max_frames, 3, size, size)
             mask = torch.ones(parent.max_frames, dtype=torch.long)
             unreadable = True
-        return {"video": video, "video_mask": mask, "video_index": index, "replaced": False,
+        item = {"video": video, "video_mask": mask, "video_index": index, "replaced": False,
                 "unreadable": unreadable}
+        if parent.video_options["frame_cache"] is not None:
+            item["frame_cache_hit"] = parent._cached(hits)
+        return item
 
 
 class ReplacementCounter:

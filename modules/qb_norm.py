@@ -29,7 +29,7 @@ import numpy as np
 from modules.metrics import compute_metrics, compute_ranks, format_metrics
 
 __all__ = ["get_retrieved_videos", "get_index_to_normalize", "qb_norm", "beta_values", "search_best_beta",
-           "bank_folds", "cross_validate_beta"]
+           "bank_folds", "cross_validate_beta", "bank_overlap", "rows_of_queries"]
 
 
 def _topk_indices(sims: np.ndarray, k: int) -> np.ndarray:
@@ -168,3 +168,40 @@ def cross_validate_beta(train_train: np.ndarray, caption_video, betas, k: int = 
             best_r1, best_beta = r1, float(beta)
         history.append({"beta": float(beta), "R1": r1, "per_fold_R1": per_fold})
     return best_beta, best_r1, history
+
+
+def bank_overlap(bank_keys, query_keys) -> dict:
+    """Which query-bank rows are evaluated queries. ``bank_keys`` / ``query_keys``: one hashable per row that
+    is equal for two rows the model cannot tell apart (texts: :func:`modules.tokenizer.text_as_read`).
+
+    Returns dict(shared: [(bank row, query row)] for every bank row that is an evaluated query, in bank
+    order; every_query: True when each evaluated query is in the bank, so that QB-norm would normalise
+    every query with itself).
+    """
+    first_query: dict = {}
+    for row, key in enumerate(query_keys):
+        first_query.setdefault(key, row)
+    shared = [(row, first_query[key]) for row, key in enumerate(bank_keys) if key in first_query]
+    found = {first_query_row for _, first_query_row in shared}
+    return {"shared": shared, "every_query": bool(first_query) and len(found) == len(first_query)}
+
+
+def rows_of_queries(bank: np.ndarray, queries: np.ndarray, tolerance: float = 1e-3, chunk: int = 4096) -> np.ndarray:
+    """For each row of a bank matrix (bank queries x gallery), the first row of ``queries`` (queries x the
+    same gallery) with the same scores (root mean square difference under ``tolerance``, in the matrices'
+    units), else -1: a bank query scoring every gallery item as an evaluated query does is that query (a
+    query matrix passed as the bank, or the same texts encoded twice)."""
+    bank = np.asarray(bank, dtype=np.float64)
+    queries = np.asarray(queries, dtype=np.float64)
+    found = np.full(bank.shape[0], -1, dtype=np.int64)
+    if bank.shape[1] != queries.shape[1] or not queries.size:
+        return found
+    q_norms = np.sum(queries ** 2, axis=1)
+    limit = tolerance ** 2 * bank.shape[1]
+    for start in range(0, bank.shape[0], chunk):
+        part = bank[start:start + chunk]
+        distance = np.sum(part ** 2, axis=1)[:, None] + q_norms[None, :] - 2.0 * part @ queries.T
+        nearest = np.argmin(distance, axis=1)
+        close = distance[np.arange(len(part)), nearest] <= limit
+        found[start:start + chunk] = np.where(close, nearest, -1)
+    return found

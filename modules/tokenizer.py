@@ -182,6 +182,24 @@ def token_ids(tokenizer: SimpleTokenizer, text: str, max_words: int) -> list[int
     return [tokenizer.sot_token_id, *tokenizer.encode(text)[: max_words - 2], tokenizer.eot_token_id]
 
 
+def text_as_read(tokenizer: SimpleTokenizer, text: str, max_words: int) -> tuple[int, ...]:
+    """What the text tower reads of ``text``, for telling two texts apart: the BPE ids after CLIP's cleaning
+    (ftfy, HTML, whitespace, lower case), cut where :func:`token_ids` cuts them, without the ids of words
+    that are punctuation only ("A man." and "a man" read the same). Two texts with the same key get the
+    same features, or nearly: only their punctuation differs."""
+    ids: list[int] = []
+    budget, used = max(0, max_words - 2), 0
+    table = byte_to_unicode()
+    for word in _split_pattern().findall(clean_text(text)):
+        if used >= budget:
+            break
+        pieces = tokenizer.bpe("".join(table[b] for b in word.encode("utf-8"))).split(" ")[:budget - used]
+        used += len(pieces)  # punctuation takes its place in the cut but is not compared
+        if any(ch.isalnum() for ch in word):
+            ids.extend(tokenizer.encoder[p] for p in pieces)
+    return tuple(ids)
+
+
 def tokenize(texts: str | Sequence[str], max_words: int = 32, bpe_path: str | os.PathLike | None = None,
              pretrained_dir: str | os.PathLike | None = None,
              tokenizer: SimpleTokenizer | None = None) -> torch.Tensor:

@@ -35,24 +35,12 @@ from typing import Callable, Optional
 import numpy as np
 
 from dataloaders.base import VIDEO_EXTENSIONS
-from dataloaders.frame_cache import (ENCODINGS, FORMAT, MANIFEST, SHARD_DIR, FrameCache, FrameCacheError,
-                                     complete_shards, file_stamp, read_manifest, shard_paths, video_key)
-from dataloaders.video import (DECODERS, VideoDecodeError, center_crop, clip_frame_span, decode_planned,
-                               sample_eval_indices)
+from dataloaders.frame_cache import (ENCODINGS, FORMAT, FRAME_SETS, MANIFEST, SHARD_DIR, FrameCache,
+                                     FrameCacheError, complete_shards, file_stamp, needed_frames, read_manifest,
+                                     shard_paths, video_key)
+from dataloaders.video import DECODERS, VideoDecodeError, center_crop, decode_planned
 from runtime.errors import OneLineArgumentParser, fail, finite_float
 from runtime.files import atomic_write, remove_stale_temporary_files
-
-FRAME_SETS = ("all", "eval")
-
-
-def needed_frames(frames: str, num_frames: int, fps: float, start: Optional[float], end: Optional[float],
-                  max_frames: int, listed_frames: int = 0) -> list[int]:
-    """The file frame indices the loader can ask for: every frame of the clip ("all", training) or the
-    evaluation frames ("eval"), sorted."""
-    first, count = clip_frame_span(num_frames, fps, start, end, listed_frames)
-    if frames == "all":
-        return list(range(first, first + count))
-    return sorted({first + i for i in sample_eval_indices(count, max_frames)})
 
 
 def crop_frames(decoded, size: int) -> np.ndarray:
@@ -92,12 +80,18 @@ def _manifest(size: int, decoder: str, encoding: str, quality: int) -> dict:
 def prepare_folder(out: str, manifest: dict) -> None:
     """Create the cache folder or check that it was built with the same settings; clear what an
     interrupted build left (temporary files, frames of a shard whose entries were never written)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FrameCacheError(f"--out {out} is a file, not a folder")
     if os.path.exists(os.path.join(out, MANIFEST)):
         old = read_manifest(out)
         if {k: old.get(k) for k in manifest} != manifest:
             raise FrameCacheError(f"frame cache {out} was built with {json.dumps(old)}, not {json.dumps(manifest)}; "
                                   f"use another --out")
     else:
+        if os.path.isdir(out) and [n for n in os.listdir(out) if not n.startswith("." + MANIFEST + ".")]:
+            # a run folder or a folder of videos, say (a killed first build leaves at most its manifest's temporary)
+            raise FrameCacheError(f"--out {out} holds other files and no {MANIFEST}: it is not a frame cache; "
+                                  f"give a new or empty folder")
         os.makedirs(out, exist_ok=True)
         _write_json(os.path.join(out, MANIFEST), manifest)
     shards = os.path.join(out, SHARD_DIR)
@@ -117,8 +111,9 @@ class ShardWriter:
     """Collects cropped frames of videos and writes them as a shard once ``shard_bytes`` are held."""
 
     def __init__(self, out: str, encoding: str, quality: int, shard_bytes: int,
-                 on_shard: Optional[Callable[[int], None]] = None):
+                 on_shard: Optional[Callable[[int], None]] = None, frame_set: Optional[dict] = None):
         self.out, self.encoding, self.quality = out, encoding, quality
+        self.frame_set = dict(frame_set or {})  # {"frames": all|eval, "max_frames": N}, recorded in each shard
         self.shard_bytes, self.on_shard = max(1, int(shard_bytes)), on_shard
         numbers = complete_shards(out)
         self.next_number = (numbers[-1] + 1) if numbers else 0
@@ -154,7 +149,7 @@ class ShardWriter:
         else:
             shape = (self.rows,) + tuple(self.chunks[0].shape[1:])
         _write_npy(npy, self.chunks, shape)
-        data = {"entries": self.entries}
+        data = {"entries": self.entries, **self.frame_set}
         if self.encoding == "jpeg":
             data["offsets"] = self.offsets
         _write_json(entries_path, data)  # last: the shard exists from here on
@@ -193,7 +188,8 @@ def build_frame_cache(out: str, videos: list, frames: str = "all", max_frames: i
     t0 = time.time()
     prepare_folder(out, _manifest(size, decoder, encoding, quality))
     cache = FrameCache(out)
-    writer = ShardWriter(out, encoding, quality, int(shard_mb * (1 << 20)), on_shard)
+    writer = ShardWriter(out, encoding, quality, int(shard_mb * (1 << 20)), on_shard,
+                         {"frames": frames, "max_frames": int(max_frames)})
     skipped, cached, failed, frames_written = 0, 0, {}, 0
     for item in videos:
         path, start, end = (item, None, None) if isinstance(item, str) else (tuple(item) + (None, None))[:3]
@@ -269,7 +265,8 @@ def find_videos(folders: list) -> list:
 def parse_args(argv=None):
     p = OneLineArgumentParser(prog="python -m preprocess.frame_cache", description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="cache folder (created; an existing cache is extended)")
+    p.add_argument("--out", required=True, help="cache folder (created; an existing cache is extended; another "
+                                                "folder must be empty)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--videos", nargs="+", help="folders of videos (searched recursively)")
     src.add_argument("--video_list", help="text file: one 'path' or 'path start end' per line")

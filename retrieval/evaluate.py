@@ -19,7 +19,10 @@ metrics and, per query, its rank and its score with its video (cosine; after QB-
 
 ``--qb_norm BANK``: query-bank normalisation (:mod:`modules.qb_norm`) with a bank of OTHER queries the
 user supplies: a text file (one query per line), a .csv/.tsv/.jsonl with a ``query`` or ``caption``
-column, or precomputed text features (``.npy``, (n, D)). A bank equal to the evaluated queries is refused.
+column, or precomputed text features (``.npy``, (n, D)). A bank that holds every evaluated query is refused
+(one line naming a bank row), one that holds some of them is reported: texts are compared as the model
+reads them (:func:`modules.tokenizer.text_as_read`: case, spacing and punctuation aside), features by
+direction.
 Scores are on main.py's scale (the model's logit scale times the cosine), so ``--qb_beta`` means what it
 means for ``search_for_best_r1_with_qb_norm.py``.
 """
@@ -210,17 +213,52 @@ def read_bank(path: str):
         column = next((c for c in QUERY_COLUMNS if any(c in row for _, row in rows)), None)
         if column is None:
             raise _search_error(f"--qb_norm {path} line 1: missing column 'query' (or 'caption')")
-        texts = [row.get(column) for _, row in rows if row.get(column)]
+        found = [(where, row.get(column)) for where, row in rows if row.get(column)]
     else:
         from dataloaders.base import AnnotationError, read_text
 
         try:
-            texts = [t.strip() for t in read_text(path, "query bank").split("\n") if t.strip()]
+            lines = read_text(path, "query bank").split("\n")
         except AnnotationError as exc:
             raise _search_error(f"--qb_norm {exc}") from None
-    if not texts:
+        name = os.path.basename(path)
+        found = [(f"{name} line {n}", t.strip()) for n, t in enumerate(lines, 1) if t.strip()]
+    if not found:
         raise _search_error(f"--qb_norm {path}: the query bank is empty")
-    return texts
+    return BankTexts([text for _, text in found], [where for where, _ in found])
+
+
+class BankTexts(list):
+    """The bank's texts, and where each one is in its file (``where[i]``, e.g. "bank.csv line 3")."""
+
+    def __init__(self, texts, where):
+        super().__init__(texts)
+        self.where = list(where)
+
+
+def _where(bank, row: int, bank_path: str = "") -> str:
+    if isinstance(bank, BankTexts):
+        return bank.where[row]
+    return f"{os.path.basename(bank_path)} row {row + 1}" if bank_path else f"row {row + 1}"
+
+
+def bank_queries(bank, texts: list[str], query_feats: np.ndarray, bank_feats: np.ndarray, index) -> dict:
+    """:func:`modules.qb_norm.bank_overlap` of the bank and the evaluated queries as the model reads them:
+    texts by their token ids (:func:`modules.tokenizer.text_as_read`: case, spacing and punctuation aside),
+    features (a .npy bank) by being the same direction (cosine above 1 - 1e-4)."""
+    from modules.qb_norm import bank_overlap
+
+    if isinstance(bank, np.ndarray):
+        cosine = _normalised(bank_feats) @ _normalised(query_feats).T
+        nearest = cosine.argmax(axis=1)
+        same = cosine[np.arange(len(nearest)), nearest] >= 1 - 1e-4
+        return bank_overlap([int(q) if s else ("bank", b) for b, (q, s) in enumerate(zip(nearest, same))],
+                            range(len(texts)))
+    from modules.tokenizer import text_as_read
+
+    max_words = index.model.config.max_words
+    return bank_overlap([text_as_read(index.tokenizer, t, max_words) for t in bank],
+                        [text_as_read(index.tokenizer, t, max_words) for t in texts])
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
@@ -276,7 +314,7 @@ def qb_normalised_ranks(query_features, bank_features, index_features, relevant,
 
 def evaluate_index(index, queries: list[dict], relevant: list[int], bank=None, qb_k: int = 1,
                    qb_theta: float = 3, qb_beta: float = 0.87, queries_path: str = "",
-                   groups: np.ndarray | None = None) -> dict:
+                   groups: np.ndarray | None = None, bank_path: str = "") -> dict:
     """Ranks and metrics of ``queries`` on an opened :class:`~retrieval.index.VideoIndex` (with its model),
     plus QB-norm ones with ``bank`` (texts or features). ``relevant``: entry rows, or with ``groups`` (each
     entry's file number, :func:`video_groups`) file numbers, files then scored by their best entry."""
@@ -290,22 +328,28 @@ def evaluate_index(index, queries: list[dict], relevant: list[int], bank=None, q
             if bank.shape[1] != query_feats.shape[1]:
                 raise _search_error(f"--qb_norm: the bank's features have {bank.shape[1]} dimensions, the model's "
                                     f"{query_feats.shape[1]}")
-            if bank.shape == query_feats.shape and np.allclose(_normalised(bank), query_feats, atol=1e-4):
-                raise _search_error("--qb_norm: the bank holds the features of the evaluated queries; QB-norm needs "
-                                    "a bank of other queries")
             bank_feats, size = bank, bank.shape[0]
         else:
-            if set(bank) == set(texts):
-                raise _search_error(f"--qb_norm: the bank holds exactly the evaluated queries of {queries_path}; "
-                                    "QB-norm needs a bank of other queries")
             bank_feats, size = index.encode_texts(bank).numpy(), len(bank)
+        overlap = bank_queries(bank, texts, query_feats, bank_feats, index)
+        if overlap["every_query"]:  # each query would be normalised with itself: the scores leak
+            b, q = overlap["shared"][0]
+            what = "the features" if isinstance(bank, np.ndarray) else "the text (case, spacing and punctuation aside)"
+            raise _search_error(f"--qb_norm {_where(bank, b, bank_path)}: the bank holds every evaluated query of "
+                                f"{queries_path}, e.g. this row has {what} of the query of "
+                                f"{queries[q].get('where', f'query {q + 1}')}; "
+                                "QB-norm needs a bank of other queries")
         scale = float(index.model.clip.logit_scale.exp()) if index.model is not None else 100.0
         qb_ranks, qb_scores, qb_best = qb_normalised_ranks(query_feats, bank_feats, index_feats, relevant, scale,
                                                            qb_k, qb_theta, qb_beta, groups)
-        shared = len(set(bank) & set(texts)) if not isinstance(bank, np.ndarray) else 0
+        shared = len(overlap["shared"])
         result["qb_norm"] = {"metrics": metrics(qb_ranks), "ranks": qb_ranks, "scores": qb_scores,
                              "entries": qb_best, "bank_size": size,
                              "bank_queries_also_evaluated": shared, "k": qb_k, "theta": qb_theta, "beta": qb_beta}
+        if shared:
+            b, q = overlap["shared"][0]
+            result["qb_norm"]["first_shared"] = (f"--qb_norm {_where(bank, b, bank_path)} is "
+                                                 f"{queries[q].get('where', f'query {q + 1}')}")
     return result
 
 
@@ -342,12 +386,13 @@ def cmd_evaluate(args, load) -> int:
         print(f"note: {len(repeats)} row(s) of {args.queries} repeat an earlier row (same query and video) and "
               f"are counted once, e.g. {repeats[0]}")
     result = evaluate_index(index, queries, relevant, bank, args.qb_k, args.qb_theta, args.qb_beta, args.queries,
-                            groups)
+                            groups, bank_path=args.qb_norm or "")
     print(format_metrics(result["metrics"], f"{args.queries} on {args.index} ({gallery})"))
     qb = result["qb_norm"]
     if qb is not None:
         if qb["bank_queries_also_evaluated"]:
-            print(f"note: {qb['bank_queries_also_evaluated']} query bank texts are also evaluated queries")
+            print(f"note: {qb['bank_queries_also_evaluated']} query bank rows are also evaluated queries as the "
+                  f"model reads them (e.g. {qb['first_shared']}); their QB-norm scores are optimistic")
         print(format_metrics(qb["metrics"], f"with QB-norm (bank of {qb['bank_size']}, beta {args.qb_beta:g})"))
     if args.json:
         per_query = []

@@ -384,3 +384,26 @@ def test_init_checkpoint_model_flags_must_match(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_toy(str(tmp_path / "other2"), epochs=1, init_checkpoint=ckpt, resume=ckpt)
     assert "give one of them" in capsys.readouterr().err
+
+
+def test_resume_with_another_model_flag_is_refused_for_training(tmp_path, capsys):
+    """--resume with a model flag the checkpoint was not trained with: the weights load when the shapes
+    agree (--max_frames, prompt lengths of the linear latent space), so the run would go on silently as
+    another model; training is refused in one line, evaluation warns."""
+    from tests.toy import run_toy
+    from training.outputs import CKPT
+
+    fast = dict(cpu_tuning=0, no_tensorboard=True)
+    run_toy(str(tmp_path / "first"), epochs=1, **fast)
+    ckpt = str(tmp_path / "first" / CKPT)
+    before = (tmp_path / "first" / "results.json").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        run_toy(str(tmp_path / "first"), epochs=2, resume=ckpt, max_frames=3, model_kwargs={"max_frames": 3}, **fast)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--resume {ckpt} was trained with --max_frames 2; this run has --max_frames 3" in err
+    assert (tmp_path / "first" / "results.json").read_bytes() == before
+    run_toy(str(tmp_path / "eval"), do_train=0, do_eval=1, resume=ckpt, max_frames=3, model_kwargs={"max_frames": 3},
+            **fast)
+    assert ("WARNING dgl: [resume] " + ckpt + " was trained with --max_frames 2; this evaluation runs with --max_frames 3"
+            in (tmp_path / "eval" / "log.txt").read_text())

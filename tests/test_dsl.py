@@ -115,3 +115,35 @@ def test_evaluate_sim_matrix_cli(tmp_path):
                           "--sim_matrix", str(tmp_path / "x.npy")], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "caption_video_index" in bad.stderr
+
+
+def test_analysis_tools_on_wrong_files_one_line(tmp_path, capsys):
+    """analysis.evaluate_sim_matrix on a checkpoint (a zip), a pickled array, a matrix with NaN or float
+    caption indices, and analysis.compare_runs on a binary file: one line naming the file, status 2."""
+    import torch
+
+    from analysis.compare_runs import main as compare_main
+    from analysis.evaluate_sim_matrix import main as evaluate_main
+
+    sim = np.eye(4, dtype=np.float32)
+    np.save(tmp_path / "sim.npy", sim)
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "ckpt.pth.tar")
+    np.save(tmp_path / "objects.npy", np.array([[1, "a"]], dtype=object), allow_pickle=True)
+    with_nan = sim.copy()
+    with_nan[2, 1] = np.nan
+    np.save(tmp_path / "nan.npy", with_nan)
+    np.save(tmp_path / "halves.npy", np.array([0.5, 1, 2, 3]))
+    cases = [
+        (evaluate_main, ["--sim_matrix", str(tmp_path / "ckpt.pth.tar")], "ckpt.pth.tar: not a .npy array"),
+        (evaluate_main, ["--sim_matrix", str(tmp_path / "objects.npy")], "objects.npy: not a readable .npy array"),
+        (evaluate_main, ["--sim_matrix", str(tmp_path / "nan.npy")], "nan.npy row 2 column 1 is nan"),
+        (evaluate_main, ["--sim_matrix", str(tmp_path / "sim.npy"), "--caption_video_index",
+                         str(tmp_path / "halves.npy")], "halves.npy must hold video numbers"),
+        (compare_main, [str(tmp_path / "sim.npy"), str(tmp_path / "sim.npy")], "sim.npy: not a per-query ranks file"),
+    ]
+    for main, argv, expected in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert evaluate_main(["--sim_matrix", str(tmp_path / "sim.npy")]) == 0

@@ -249,3 +249,117 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cache_main(["--out", str(tmp_path / "c"), "--video_list", str(listing)])
     assert "list.txt line 1" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def run_world(tmp_path_factory):
+    """A synthetic MSR-VTT-layout dataset, a tiny 32 px CLIP and its BPE, for main.py runs with a cache."""
+    import json
+
+    from modules.clip import CLIP, tiny_clip_config
+    from modules.tokenizer import get_tokenizer, write_bpe_vocab
+
+    root = tmp_path_factory.mktemp("cache_runs")
+    paths = make_synthetic_dataset(str(root / "data"), num_train=8, num_test=4, seed=2, size=32, min_frames=8,
+                                   max_frames=10, workers=1)
+    with open(paths["data_path"]) as f:
+        captions = [s["caption"] for s in json.load(f)["sentences"]]
+    bpe = write_bpe_vocab(captions, str(root / "pre" / "bpe.txt.gz"), num_merges=60)
+    torch.manual_seed(0)
+    torch.save(CLIP(tiny_clip_config(vocab_size=get_tokenizer(bpe_path=bpe).vocab_size)).state_dict(),
+               str(root / "pre" / "tiny.pt"))
+    flags = ["--datatype", "msrvtt", "--pretrained_dir", str(root / "pre"), "--pretrained_clip_name", "tiny.pt",
+             "--bpe_path", bpe, "--max_words", "12", "--max_frames", "3", "--shared_latent_space", "linear",
+             "--unified_transformer_layers", "1", "--batch_size", "4", "--batch_size_val", "4", "--epochs", "1",
+             "--lr", "1e-3", "--device", "cpu", "--no_progress", "--no_tensorboard", "--seed", "0",
+             "--num_thread_reader", "2"]  # two loader worker processes: the counts come back with the batches
+    for key in ("train_csv", "val_csv", "data_path", "features_path"):
+        flags += ["--" + key, paths[key]]
+    return paths, flags
+
+
+def _main_run(flags, out):
+    import json
+
+    r = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *flags, "--output_dir", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f), (out / "log.txt").read_text()
+
+
+def test_a_cache_that_serves_nothing_says_so_and_every_run_counts_its_hits(run_world, tmp_path):
+    """--frame_cache built with --frames eval used for training, or for another --max_frames: one warning at
+    start-up naming the setting, and every pass's hits and misses (across two loader worker processes) in
+    the log and results.json; a cache that fits serves every clip."""
+    paths, flags = run_world
+    evaluation_cache, full_cache = str(tmp_path / "eval4"), str(tmp_path / "all")
+    assert cache_main(["--out", evaluation_cache, "--videos", paths["features_path"], "--size", "32",
+                       "--frames", "eval", "--max_frames", "4"]) == 0
+    assert cache_main(["--out", full_cache, "--videos", paths["features_path"], "--size", "32"]) == 0
+    train = ["--do_train", "1", "--do_eval", "0"]
+
+    res, log = _main_run(flags + train + ["--frame_cache", evaluation_cache], tmp_path / "mismatch")
+    warnings = [line for line in log.splitlines() if "does not fit" in line]
+    assert len(warnings) == 2, log  # the training split and the test split, each at start-up
+    assert "training" in warnings[0] and "built with --frames eval" in warnings[0] and "--frames all" in warnings[0]
+    assert ("--max_frames 4 and this run takes --max_frames 3" in warnings[1]
+            and "build it with --max_frames 3" in warnings[1])
+    entry = res["evaluations"][-1]
+    # 2 steps of 4 samples from two workers; random frames fall on the cached evaluation frames only by chance
+    hits = entry["train_frame_cache"]["hits"]
+    assert hits < 8 and entry["train_frame_cache"] == {"hits": hits, "misses": 8 - hits}
+    assert f"frame cache, epoch 1 training: {hits} of 8 clips from the cache, {8 - hits} read from their files" in log
+    assert entry["frame_cache"] == {"hits": 0, "misses": 4}  # the 4 test videos: other evaluation frames
+    assert ("WARNING dgl: frame cache, evaluation: 0 of 4 clips from the cache, 4 read from their files (the cache "
+            "served nothing") in log
+
+    res, log = _main_run(flags + train + ["--frame_cache", full_cache], tmp_path / "fits")
+    assert "does not fit" not in log and "served nothing" not in log
+    entry = res["evaluations"][-1]
+    assert entry["train_frame_cache"] == {"hits": 8, "misses": 0} and entry["frame_cache"] == {"hits": 4, "misses": 0}
+    assert "frame cache, epoch 1 training: 8 of 8 clips from the cache, 0 read from their files" in log
+
+
+def test_why_a_cache_serves_none_names_the_setting(clips, raw_cache, tmp_path):
+    cache = FrameCache(raw_cache)  # --frames all, max_frames T
+    assert cache.why_it_does_not_fit(clips, True, T, "x") is None
+    assert cache.why_it_does_not_fit(clips, False, T + 5, "x") is None  # every frame serves any evaluation
+    other = str(tmp_path / "other.mp4")
+    write_video(other, textured(6, 32, 32, 9), fps=3.0)
+    assert "none of their files is in the cache" in cache.why_it_does_not_fit([(other, None, None)], False, T, "x")
+    evaluation = str(tmp_path / "eval")
+    build_frame_cache(evaluation, clips, frames="eval", max_frames=T, size=SIZE, log=None)
+    cache = FrameCache(evaluation)
+    assert cache.why_it_does_not_fit(clips, False, T, "x") is None
+    assert "--frames eval" in cache.why_it_does_not_fit(clips[:3], True, T, "x")  # the long clips: all frames needed
+    assert f"--max_frames {T} and this run takes --max_frames {T - 2}" in cache.why_it_does_not_fit(
+        clips[:3], False, T - 2, "x")
+
+
+def test_cache_and_checkpoint_paths_of_the_wrong_kind_one_line(tmp_path, capsys):
+    """--out / --frame_cache given a file, --out given a folder of other files (a run folder), --resume or
+    --init_checkpoint given a folder: one line saying what the path is, status 2, nothing written."""
+    from training.config import build_parser, validate
+
+    videos = tmp_path / "videos"
+    write_video(str(videos / "a.mp4"), textured(6, 32, 32, 5), fps=3.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("{}\n")
+    for out, expected in ((run / "results.json", "is a file, not a folder"),
+                          (run, "holds other files and no frame_cache.json")):
+        with pytest.raises(SystemExit) as e:
+            cache_main(["--out", str(out), "--videos", str(videos), "--size", "32"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert sorted(os.listdir(run)) == ["results.json"] and (run / "results.json").read_text() == "{}\n"
+    with pytest.raises(FrameCacheError, match="results.json: a file, not a folder"):
+        FrameCache(str(run / "results.json"))
+    parser = build_parser()
+    for flag in ("--resume", "--init_checkpoint"):
+        with pytest.raises(SystemExit) as e:
+            validate(parser.parse_args(["--output_dir", str(tmp_path / "o"), "--do_train", "1", flag, str(run)]),
+                     parser)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and f"{flag} {run} is a folder; give its checkpoint file" in err, err

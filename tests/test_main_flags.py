@@ -42,6 +42,7 @@ BAD = [
     (["--max_frames", "0"], "--max_frames must be >= 1"),
     (["--clip_grad_norm", "-1"], "--clip_grad_norm must be >= 0"),
     (["--do_eval", "2"], "invalid choice: 2"),
+    (["--qb_norm_train_queries", "100"], "without --save_sim_matrix it does nothing"),
 ]
 
 

@@ -218,3 +218,107 @@ def test_bank_labels_follow_the_written_columns():
     caption_video = [0, 0, 1, 2, 2, 3, 4, 4, 5]
     assert bank_ground_truth(caption_video, 9, 5, left_out=[3, 1]).tolist() == [0, 0, -1, 1, 1, -1, 2, 2, -1]
     assert bank_ground_truth(caption_video, 4, 5).tolist() == [0, 0, 1, 2]
+
+
+def test_main_py_bank_of_the_test_captions_respelt_is_reported(tmp_path, caplog):
+    """main.py --save_sim_matrix: a training table whose captions are the test captions in upper case with a
+    full stop is a bank that holds every test query (as the model reads it): a warning names the rows."""
+    import logging
+    from argparse import Namespace
+
+    from dataloaders import build_test_dataset
+    from modules.tokenizer import SimpleTokenizer, write_bpe_vocab
+    from training.qb_bank import report_test_captions_in_bank
+
+    captions = ["a red square moves left", "a blue circle turns", "green lines fall down"]
+    tok = SimpleTokenizer(write_bpe_vocab(captions, str(tmp_path / "bpe.txt.gz"), 40))
+    (tmp_path / "test.csv").write_text("video,caption\n" + "".join(f"v{i}.mp4,{c}\n" for i, c in enumerate(captions)))
+    (tmp_path / "same.csv").write_text("video,caption\nw.mp4,other words here\n" +
+                                       "".join(f"v{i}.mp4,{c.upper()}.\n" for i, c in enumerate(captions)))
+    (tmp_path / "some.csv").write_text("video,caption\nw.mp4,other words here\nv1.mp4,A blue circle turns!\n")
+    (tmp_path / "other.csv").write_text("video,caption\nw.mp4,a red square moves right\nv1.mp4,blue circles\n")
+
+    def dataset(name, split):
+        args = Namespace(datatype="custom", train_csv=str(tmp_path / name), val_csv=str(tmp_path / name),
+                         features_path=str(tmp_path), data_path="", max_words=16, max_frames=2)
+        return build_test_dataset(args, tok, split)
+
+    test = dataset("test.csv", "test")
+    with caplog.at_level(logging.INFO, logger="dgl"):
+        got = report_test_captions_in_bank(dataset("same.csv", "train"), test)
+    assert got == {"bank_captions": 4, "test_captions_in_bank": 3, "every_test_caption": True}
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and "every test caption is also a bank caption" in warning[0]
+    assert "same.csv line 3 reads as the test caption of test.csv line 2" in warning[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dgl"):
+        assert report_test_captions_in_bank(dataset("some.csv", "train"), test)["test_captions_in_bank"] == 1
+        assert report_test_captions_in_bank(dataset("same.csv", "train"), test, limit=2)["test_captions_in_bank"] == 1
+        assert report_test_captions_in_bank(dataset("other.csv", "train"), test)["test_captions_in_bank"] == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("1 of 3 test captions are also bank captions" in r.getMessage() for r in caplog.records)
+
+
+def test_search_refuses_the_test_matrix_as_a_bank_and_non_finite_scores(tmp_path, capsys):
+    """search_for_best_r1_with_qb_norm.py: a bank whose rows score the test gallery as every test query does
+    (the test matrix passed as --train_test_t2v / --train_test_v2t) is refused in one line naming a bank row,
+    a bank holding some test queries gets a note; a NaN or inf similarity is refused naming its row and
+    column; nothing is written (not even the log file)."""
+    import search_for_best_r1_with_qb_norm as search_script
+
+    rng = np.random.default_rng(7)
+    sim = (rng.normal(size=(12, 12)) + 3 * np.eye(12)).astype(np.float32)
+    t2v = rng.normal(size=(20, 12)).astype(np.float32)
+    v2t = rng.normal(size=(12, 20)).astype(np.float32)
+    files = {"sim": sim, "t2v": t2v, "v2t": v2t, "t2v_leak": np.concatenate([t2v[:3], sim[::-1], t2v[3:]]),
+             "v2t_leak": np.concatenate([v2t, sim], axis=1), "t2v_some": np.concatenate([t2v, sim[4:6]])}
+    for name, matrix in files.items():
+        np.save(tmp_path / f"{name}.npy", matrix)
+    log = tmp_path / "search.log"
+
+    def search(sim="sim", t2v="t2v", v2t="v2t"):
+        argv = ["--sim_matrix", str(tmp_path / f"{sim}.npy"), "--train_test_t2v", str(tmp_path / f"{t2v}.npy"),
+                "--train_test_v2t", str(tmp_path / f"{v2t}.npy"), "--beta_step", "0.25", "--log_file", str(log)]
+        try:
+            code = search_script.main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, _, err = search(t2v="t2v_leak")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--train_test_t2v" in err and "t2v_leak.npy row 3 scores the test gallery as --sim_matrix row 11" in err
+    assert "the bank holds the test queries" in err
+    code, _, err = search(v2t="v2t_leak")
+    assert code == 2 and "--train_test_v2t" in err and "v2t_leak.npy row 20 scores" in err
+    code, _, err = search(t2v="sim")
+    assert code == 2 and "sim.npy row 0 scores the test gallery as --sim_matrix row 0" in err
+    sim[5, 7] = np.nan
+    np.save(tmp_path / "nan.npy", sim)
+    code, _, err = search(sim="nan")
+    assert code == 2 and "--sim_matrix" in err and "nan.npy row 5 column 7 is nan" in err
+    t2v[2, 0] = np.inf
+    np.save(tmp_path / "inf.npy", t2v)
+    code, _, err = search(t2v="inf")
+    assert code == 2 and "inf.npy row 2 column 0 is inf" in err
+    with open(tmp_path / "archive.npy", "wb") as f:  # a zip archive (as a checkpoint is) under a .npy name
+        np.savez(f, sim=sim)
+    code, _, err = search(sim="archive")
+    assert code == 2 and "archive.npy: not a .npy array" in err
+    assert not log.exists()
+    code, out, err = search(t2v="t2v_some")
+    assert code == 0, err
+    assert "note: 2 rows of --train_test_t2v (e.g. row 20) score the test gallery as test queries do " \
+           "(--sim_matrix row 4)" in out
+    code, out, _ = search()
+    assert code == 0 and "note:" not in out
+
+
+def test_rows_of_queries_finds_equal_rows_only():
+    from modules.qb_norm import rows_of_queries
+
+    rng = np.random.default_rng(3)
+    queries = rng.normal(size=(6, 10)) * 30
+    bank = np.concatenate([rng.normal(size=(5, 10)) * 30, queries[[4, 1]] + 1e-4, queries[[2]] + 0.5])
+    assert rows_of_queries(bank, queries, chunk=3).tolist() == [-1] * 5 + [4, 1, -1]

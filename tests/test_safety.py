@@ -578,3 +578,40 @@ def test_runner_is_a_short_sequence_of_named_steps():
              and isinstance(n.func.value, ast.Name) and n.func.value.id == "r"]
     assert calls == ["describe_setup", "load_resume_weights", "validate_data", "build_training", "restore_state", "open_logs", "evaluate",
                      "train", "finish", "stop"]
+
+
+# ------------------------------------------------------------------------------- two runs, one output folder
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, capsys):
+    """Two main.py runs started with one --output_dir: the second is refused in one line while the first runs
+    (before, both reported success and the folder ended with a mix of their files); a run that finished in
+    the meantime is found under the lock; the lock goes with the process, however it ends."""
+    from tests.toy import run_toy
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from training.outputs import lock_output_dir; lock_output_dir(sys.argv[1]); "
+        "print('locked', flush=True); time.sleep(120)"), str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as exc:
+            run_toy(str(out), epochs=1, cpu_tuning=0, no_tensorboard=True)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exc.value.code == 2
+        assert f"--output_dir {out} is in use by another main.py run; wait for it to end" in err
+        assert sorted(os.listdir(out)) == [".main.lock"]
+    finally:
+        holder.kill()  # killed: the system releases its lock
+        holder.wait()
+    first = run_toy(str(out), epochs=1, cpu_tuning=0, no_tensorboard=True)
+    assert first["results"]["evaluations"]
+    # the same process goes on in the folder it released (--resume), a new run is refused under the lock
+    run_toy(str(out), epochs=2, resume=str(out / "ckpt.pth.tar"), cpu_tuning=0, no_tensorboard=True)
+    from training.config import build_parser
+    from training.outputs import prepare_output_dir
+
+    args = build_parser().parse_args(["--output_dir", str(out), "--do_train", "1", "--train_csv", "x"])
+    with pytest.raises(SystemExit):
+        prepare_output_dir(args, True)
+    assert "already holds a run" in capsys.readouterr().err
+    run_toy(str(out), epochs=3, resume=str(out / "ckpt.pth.tar"), cpu_tuning=0, no_tensorboard=True)  # released

@@ -123,10 +123,52 @@ def test_qb_norm_with_a_user_bank(world, index, labelled, tmp_path, capsys):
     same = tmp_path / "same.txt"
     same.write_text("\n".join(r[0] for r in labelled) + "\n", encoding="utf-8")
     code, _, err = run_cli([*args, "--qb_norm", same], capsys)
-    assert code == 2 and "the bank holds exactly the evaluated queries" in err
+    assert code == 2 and "same.txt line 1: the bank holds every evaluated query" in err
     np.save(tmp_path / "same.npy", q)
     code, _, err = run_cli([*args, "--qb_norm", tmp_path / "same.npy"], capsys)
-    assert code == 2 and "the bank holds the features of the evaluated queries" in err
+    assert code == 2 and "same.npy row 1: the bank holds every evaluated query" in err
+    assert "this row has the features of the query of q.csv line 2" in err
+
+
+@pytest.mark.parametrize("spelling", [str.upper, lambda t: t + ".", lambda t: "  " + t.capitalize() + " !"],
+                         ids=["upper case", "full stop", "spacing and punctuation"])
+def test_qb_norm_bank_of_the_queries_respelt_is_refused(world, index, labelled, tmp_path, capsys, spelling):
+    """The bank check compares what the model reads (token ids after CLIP's cleaning, punctuation aside),
+    not strings: the evaluated queries in upper case or with a full stop are the same queries."""
+    queries = write_queries(tmp_path / "q.csv", labelled)
+    args = ["evaluate", "--index", index.root, "--queries", queries, "--video_root", world.videos,
+            *world.model_args()]
+    other = [s.caption(2) for s in world.specs]
+    bank = write_queries(tmp_path / "bank.csv", [(t, "x.mp4") for t in other + [spelling(r[0]) for r in labelled]],
+                         header=("caption", "video"))
+    before = tmp_path / "ranks.json"
+    before.write_text("earlier\n")
+    code, out, err = run_cli([*args, "--qb_norm", bank, "--json", before], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    line = len(other) + 2  # the first respelt query, after the header and the other captions
+    assert f"--qb_norm bank.csv line {line}: the bank holds every evaluated query of {queries}" in err
+    assert "of the query of q.csv line 2" in err and before.read_text() == "earlier\n"
+    # some of them: evaluated, with a note naming the first such row
+    some = tmp_path / "some.txt"
+    some.write_text("\n".join(other + [spelling(labelled[3][0])]) + "\n", encoding="utf-8")
+    code, out, err = run_cli([*args, "--qb_norm", some], capsys)
+    assert code == 0, err
+    assert (f"note: 1 query bank rows are also evaluated queries as the model reads them (e.g. --qb_norm some.txt "
+            f"line {len(other) + 1} is q.csv line 5)") in out
+
+
+def test_text_as_read_tells_apart_what_the_model_tells_apart(world):
+    from modules.tokenizer import get_tokenizer, text_as_read, token_ids
+
+    tok = get_tokenizer(bpe_path=world.bpe)
+    key = lambda t, n=32: text_as_read(tok, t, n)  # noqa: E731
+    base = world.specs[0].caption(0)
+    assert key(base) == key(base.upper()) == key(base + ".") == key(f" {base.capitalize()} , ! ") != ()
+    assert key(base) != key(base + " again") and key(base) != key(world.specs[1].caption(0))
+    assert key(base.replace(" ", " , ", 1)) == key(base)
+    # cut where the model cuts: words past max_words - 2 tokens are not read
+    n = len(token_ids(tok, base, 64))
+    assert key(base, n) == key(base + " again", n) and key(base, n + 1) != key(base + " again", n + 1)
 
 
 def test_segments_are_matched_by_path_and_span():

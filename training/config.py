@@ -213,6 +213,9 @@ def validate(args, parser) -> argparse.Namespace:
         err("nothing to do: --do_train 0 and --do_eval 0")
     if args.do_pretrain:
         err("--do_pretrain is not supported (DGL only fine-tunes prompts for retrieval)")
+    for flag, path in (("--resume", args.resume), ("--init_checkpoint", getattr(args, "init_checkpoint", None))):
+        if path is not None and os.path.isdir(path):
+            err(f"{flag} {path} is a folder; give its checkpoint file (e.g. {os.path.join(path, 'ckpt.pth.tar')})")
     if args.resume is not None and not os.path.isfile(args.resume):
         err(f"--resume checkpoint not found: {args.resume}")
     if args.init_checkpoint is not None:
@@ -233,6 +236,9 @@ def validate(args, parser) -> argparse.Namespace:
         err("--max_epochs_this_run must be >= 1")
     if args.qb_norm_train_queries < 0:
         err("--qb_norm_train_queries must be >= 0")
+    if args.qb_norm_train_queries and not args.save_sim_matrix:
+        err("--qb_norm_train_queries caps the QB-norm query bank that --save_sim_matrix writes; without "
+            "--save_sim_matrix it does nothing: add --save_sim_matrix")
     if args.dsl_temperature <= 0:
         err("--dsl_temperature must be > 0")
     # precision / optimiser

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from dataloaders.frame_cache import FrameCacheUse, describe_use
 from modules.metrics import DSL_LABEL, dsl_metrics, format_metrics, metrics_from_ranks, retrieval_ranks
 from training import distributed as D
 from training.gradcache import gradcache_step
@@ -73,6 +74,7 @@ def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, sc
     n_batches = len(loader)
     usable = (n_batches // accumulation) * accumulation
     total_loss, n_loss, replaced, seen = 0.0, 0, 0, 0
+    cache_use = FrameCacheUse()
     start = end = time.time()
     optimizer.zero_grad(set_to_none=True)
     bar = None
@@ -91,6 +93,7 @@ def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, sc
             flags = torch.as_tensor(batch["replaced"])
             replaced += int(flags.sum())
             seen += int(flags.numel())
+        cache_use.update(batch)
         batch = _to(batch, device)
         data_time = time.time() - end
         if i % accumulation == 0:
@@ -143,7 +146,16 @@ def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, sc
     replaced = int(D.all_reduce_sum(replaced, device))
     seen = int(D.all_reduce_sum(seen, device))
     return {"loss": total_loss / max(n_loss, 1), "global_step": global_step, "replaced": replaced,
-            "samples": seen, "steps": usable // accumulation, "time": time.time() - start}
+            "samples": seen, "steps": usable // accumulation, "time": time.time() - start,
+            "frame_cache": frame_cache_counts(cache_use, device)}
+
+
+def frame_cache_counts(cache_use: FrameCacheUse, device) -> dict | None:
+    """The pass's frame cache hits and misses summed over the processes; None without a cache. Every
+    process calls it (a collective), whatever it counted."""
+    hits = int(D.all_reduce_sum(cache_use.hits, device))
+    misses = int(D.all_reduce_sum(cache_use.misses, device))
+    return {"hits": hits, "misses": misses} if hits + misses else None
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -175,9 +187,10 @@ def encode_texts(core, text_dataset, batch_size, workers, device, precision, pro
 
 
 @torch.no_grad()
-def encode_videos(core, video_dataset, batch_size, workers, device, precision, progress=True, desc="video"):
+def encode_videos(core, video_dataset, batch_size, workers, device, precision, progress=True, desc="video",
+                  cache_use: FrameCacheUse | None = None):
     """Features of every video, each computed once; returns ((N, D) float32 CPU, sorted indices of the
-    videos flagged unreadable, which the caller leaves out)."""
+    videos flagged unreadable, which the caller leaves out). ``cache_use`` counts the frame cache's hits."""
     idx = _shard(len(video_dataset))
     feats, order, unreadable = [], [], []
     it = _loader(Subset(video_dataset, idx), batch_size, workers, device)
@@ -188,6 +201,8 @@ def encode_videos(core, video_dataset, batch_size, workers, device, precision, p
         if "unreadable" in batch:
             flags = torch.as_tensor(batch["unreadable"]).bool()
             unreadable += torch.as_tensor(batch["video_index"])[flags].tolist()
+        if cache_use is not None:
+            cache_use.update(batch)
         with precision.eval_video_autocast():
             f = core.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
         feats.append(f.float())
@@ -242,8 +257,9 @@ def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, prec
     core.eval()
     t0 = time.time()
     show = progress and D.is_main_process()
+    cache_use = FrameCacheUse()
     video_feats, unreadable = encode_videos(core, test_dataset.video_dataset(), batch_size, workers, device,
-                                            precision, show)
+                                            precision, show, cache_use=cache_use)
     text_feats = encode_texts(core, test_dataset.text_dataset(), batch_size, workers, device, precision, show)
     cap_idx = torch.as_tensor(test_dataset.caption_video_index).long()
     if unreadable:  # left out with their captions (--skip_bad_videos), never replaced
@@ -252,7 +268,8 @@ def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, prec
               "unreadable_videos": unreadable, "captions_left_out": int(len(test_dataset.caption_video_index)
                                                                         - text_feats.shape[0]),
               "caption_video_index": cap_idx.numpy(),
-              "text_features": text_feats, "video_features": video_feats}
+              "text_features": text_feats, "video_features": video_feats,
+              "frame_cache": frame_cache_counts(cache_use, device)}
     if D.is_main_process():
         sim = similarity_matrix(core, text_feats, video_feats, device, chunk)
         multi = not torch.equal(cap_idx, torch.arange(sim.shape[0])) or sim.shape[0] != sim.shape[1]
@@ -295,6 +312,9 @@ def log_eval(result: dict, header: str) -> None:
         log.info("%s, temperature %g:", DSL_LABEL, result["dsl"]["temperature"])
         log.info("DSL Text-to-Video: %s", format_metrics(result["dsl"]["t2v"]))
         log.info("DSL Video-to-Text: %s", format_metrics(result["dsl"]["v2t"], prefix="V2T "))
+    described = describe_use(result.get("frame_cache"), "evaluation")
+    if described:
+        log.log(*described)
     if result.get("unreadable_videos"):
         log.warning("%d test videos could not be decoded and were left out with their %d captions "
                     "(--skip_bad_videos): these metrics are not comparable to those on the full test set",

@@ -75,6 +75,38 @@ def check_output_dir(args) -> None:
              "or pass another --output_dir")
 
 
+LOCK_FILE = ".main.lock"
+_held: dict[str, int] = {}  # output folder -> descriptor of its lock file, while this process runs in it
+
+
+def lock_output_dir(out: str) -> None:
+    """Hold an exclusive lock on ``out`` until :func:`unlock_output_dir` (or until the process ends, whatever
+    ends it): a second main.py started with the same folder while this one runs is refused in one line
+    instead of both writing their files into it."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        return
+    path = os.path.join(out, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        fail(f"--output_dir {out}: cannot create {LOCK_FILE} ({os.strerror(exc.errno).lower() if exc.errno else exc})")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        fail(f"--output_dir {out} is in use by another main.py run; wait for it to end, or pass another "
+             "--output_dir")
+    _held[os.path.realpath(out)] = fd  # the file stays empty: a refused or failed run changes nothing in the folder
+
+
+def unlock_output_dir(out: str) -> None:
+    fd = _held.pop(os.path.realpath(out), None)
+    if fd is not None:
+        os.close(fd)  # the file stays: removing it would let a waiting run lock a file no longer in the folder
+
+
 def prepare_output_dir(args, is_main: bool) -> list[str]:
     """Create --output_dir (main process); with --overwrite_output_dir remove the earlier run's files; remove
     temporary files a killed write left. Returns what was done, for the log (logging starts after this)."""
@@ -86,6 +118,12 @@ def prepare_output_dir(args, is_main: bool) -> list[str]:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
         fail(f"--output_dir {out} cannot be created ({os.strerror(exc.errno).lower() if exc.errno else exc})")
+    lock_output_dir(out)
+    try:
+        check_output_dir(args)  # again, under the lock: a run that ended meanwhile may have left its files here
+    except SystemExit:
+        unlock_output_dir(out)
+        raise
     held = files_of_a_run(out)
     starting_over = args.overwrite_output_dir and not _continues_the_run_in(args, out)
     if starting_over and any(name in held for name in RESULT_FILES):

@@ -22,6 +22,40 @@ log = logging.getLogger(LOGGER_NAME)
 MAX_TRAIN_TRAIN_BYTES = 4 << 30
 
 
+def report_test_captions_in_bank(bank_dataset, test_dataset, limit: int = 0) -> dict | None:
+    """Say (in the log) which QB-norm bank captions (the first ``limit`` training captions, all with 0) are
+    test captions as the model reads them (:func:`modules.tokenizer.text_as_read`: case, spacing and
+    punctuation aside): a warning naming the first pair when every test caption is in the bank (QB-norm would
+    normalise each test query with itself), a note when some are. Returns dict(bank_captions,
+    test_captions_in_bank, every_test_caption) or None when the datasets do not give their captions."""
+    from modules.qb_norm import bank_overlap
+    from modules.tokenizer import text_as_read
+
+    bank_captions = getattr(bank_dataset, "captions", None)
+    test_captions = getattr(test_dataset, "captions", None)
+    tokenizer = getattr(test_dataset, "tokenizer", None)
+    if bank_captions is None or test_captions is None or tokenizer is None:
+        return None
+    bank_captions = bank_captions[:limit] if limit else bank_captions
+    max_words = int(getattr(test_dataset, "max_words", 32))
+    overlap = bank_overlap([text_as_read(tokenizer, t, max_words) for t in bank_captions],
+                           [text_as_read(tokenizer, t, max_words) for t in test_captions])
+    found = {q for _, q in overlap["shared"]}
+    if overlap["shared"]:
+        b, q = overlap["shared"][0]
+        bank_source = getattr(bank_dataset, "caption_sources", [f"training caption {b + 1}"] * (b + 1))[b]
+        test_source = getattr(test_dataset, "caption_sources", [f"test caption {q + 1}"] * (q + 1))[q]
+        pair = f"e.g. {bank_source} reads as the test caption of {test_source}"
+        if overlap["every_query"]:
+            log.warning("QB-norm query bank: every test caption is also a bank caption (%s); QB-norm on these "
+                        "matrices normalises each test query with itself, so its scores are not a test", pair)
+        else:
+            log.info("QB-norm query bank: %d of %d test captions are also bank captions as the model reads them "
+                     "(%s); their QB-norm scores are optimistic", len(found), len(test_captions), pair)
+    return {"bank_captions": len(bank_captions), "test_captions_in_bank": len(found),
+            "every_test_caption": overlap["every_query"]}
+
+
 def save_caption_video_index(prefix: str, caption_video_index) -> None:
     atomic_np_save(prefix + "_caption_video_index.npy", np.asarray(caption_video_index, dtype=np.int64))
 

@@ -18,6 +18,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from analysis.query_ranks import evaluation_extras, write_query_ranks
 from dataloaders.base import BadVideoError
+from dataloaders.frame_cache import FrameCacheUse, describe_use
 from modules.backends import backend_name, backends_from_name
 from modules.checkpoints import CheckpointError, checkpoint_latent_space, is_own_checkpoint, load_checkpoint_file
 from runtime.cpu import apply_cpu_settings, restore as restore_cpu_settings
@@ -32,8 +33,9 @@ from training.data_checks import check_spans, leave_out_bad_video_files, warn_te
 from training.engine import evaluate, log_eval, train_one_epoch, unwrap
 from training.model_options import apply_model_options
 from training.optim import WarmupCosineSchedule, build_optimizer, total_optimization_steps
-from training.outputs import CKPT, CKPT_BEST, Board, check_output_dir, prepare_output_dir, write_results
-from training.qb_bank import save_caption_video_index, save_train_train
+from training.outputs import (CKPT, CKPT_BEST, Board, check_output_dir, prepare_output_dir, unlock_output_dir,
+                              write_results)
+from training.qb_bank import report_test_captions_in_bank, save_caption_video_index, save_train_train
 from training.repro import write_run_record
 
 log = logging.getLogger("dgl")
@@ -117,6 +119,7 @@ def run(args, *, model=None, tokenizer=None, train_dataset=None, test_dataset=No
     finally:
         restore_cpu_settings()
         close_logging()
+        unlock_output_dir(args.output_dir)  # taken by prepare_output_dir
 
 
 class Run:
@@ -236,6 +239,7 @@ class Run:
             return
         if self.resume_ckpt is None:
             self.resume_ckpt = self._read_checkpoint(self.args.resume, "--resume")
+        self._check_resume_flags(self.resume_ckpt, self.args.resume)
         self._load_weights(self.resume_ckpt, self.args.resume, "--resume")
         log.info("[resume] loaded weights from %s (%s checkpoint, epoch %s, step %s)", self.args.resume,
                  "our" if is_own_checkpoint(self.resume_ckpt) else "official", self.resume_ckpt.get("epoch"),
@@ -247,6 +251,20 @@ class Run:
                 self._use_attention_backends(recorded, f"recorded in {self.args.resume}")
             except ValueError as e:
                 log.warning("[resume] attention backends of the checkpoint not used: %s", e)
+
+    def _check_resume_flags(self, ckpt: dict, path: str) -> None:
+        """--resume with a model flag the checkpoint was not trained with: refused when training (the run
+        would go on as another model; the weights load whenever the shapes agree), a warning when only
+        evaluating (a deliberate test of the trained weights under other flags)."""
+        mismatch = checkpoint_flag_mismatch(ckpt, self.args)
+        if mismatch is None:
+            return
+        flag, trained, given = mismatch
+        if self.args.do_train:
+            fail(f"--resume {path} was trained with {flag} {trained}; this run has {flag} {given} (a resumed run "
+                 f"continues with the checkpoint's model flags: pass {flag} {trained})")
+        log.warning("[resume] %s was trained with %s %s; this evaluation runs with %s %s", path, flag, trained,
+                    flag, given)
 
     def _use_rank0_fp32_path(self, settings_args) -> None:
         """Compute fp32 products on rank 0's path in every process: a process whose own timing chose the
@@ -374,7 +392,7 @@ class Run:
         if final and args.save_sim_matrix:
             bank = self.bank_ds if self.bank_ds is not None else self.train_ds
             save_sim_matrices(args, self.model, res, bank, self.tokenizer, self.device, self.precision,
-                              self.progress, self.out_dir)
+                              self.progress, self.out_dir, test_ds=self.test_ds)
         self.last = res
         return res
 
@@ -388,6 +406,10 @@ class Run:
         if train_stats:
             entry.update(train_loss=train_stats["loss"], train_time=round(train_stats["time"], 3),
                          train_replaced=train_stats["replaced"])
+        if res.get("frame_cache"):  # clips served by --frame_cache and read from their files
+            entry["frame_cache"] = res["frame_cache"]
+        if train_stats and train_stats.get("frame_cache"):
+            entry["train_frame_cache"] = train_stats["frame_cache"]
         entry.update(evaluation_extras(res))
         self.results["evaluations"].append(entry)
         if self.left_out:
@@ -447,6 +469,9 @@ class Run:
             msg = f"epoch {epoch + 1}: {stats['replaced']} of {stats['samples']} training samples had an " \
                   "unreadable video and were replaced"
             (log.warning if stats["replaced"] else log.info)(msg)
+        described = describe_use(stats.get("frame_cache"), f"epoch {epoch + 1} training")
+        if described:
+            log.log(*described)
         if self.board is not None:
             self.board.scalars({"epoch_loss": stats["loss"], "bad_videos_replaced": stats["replaced"]},
                                self.global_step, prefix="train/")
@@ -572,11 +597,12 @@ def _plain_config(args) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in vars(args).items()}
 
 
-def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, progress, out_dir) -> None:
+def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, progress, out_dir,
+                      test_ds=None) -> None:
     """<datatype>_sim_matrix.npy (test texts x test videos) and, with a training set, the QB-norm query
     banks <datatype>_train_test_t2v.npy (train texts x test videos) and <datatype>_train_test_v2t.npy
     (test texts x train videos)."""
-    from training.engine import encode_texts, encode_videos, similarity_matrix
+    from training.engine import encode_texts, encode_videos, frame_cache_counts, similarity_matrix
 
     core = unwrap(model)
     prefix = os.path.join(out_dir, args.datatype)
@@ -597,6 +623,8 @@ def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, p
         return
     texts, videos = bank_ds.text_dataset(), bank_ds.video_dataset()
     limit = args.qb_norm_train_queries
+    if D.is_main_process():
+        report_test_captions_in_bank(bank_ds, test_ds, limit)
     if limit:
         from torch.utils.data import Subset
         texts = Subset(texts, range(min(limit, len(texts))))
@@ -605,8 +633,12 @@ def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, p
     core.eval()
     bank_t = encode_texts(core, texts, args.batch_size_val, args.num_thread_reader, device, precision, progress,
                           desc="train text (QB-norm)")
+    cache_use = FrameCacheUse()
     bank_v, unreadable = encode_videos(core, videos, args.batch_size_val, args.num_thread_reader, device, precision,
-                                       progress, desc="train video (QB-norm)")
+                                       progress, desc="train video (QB-norm)", cache_use=cache_use)
+    described = describe_use(frame_cache_counts(cache_use, device), "QB-norm query bank videos")
+    if described:
+        log.log(*described)
     if unreadable:  # --skip_bad_videos: left out of the bank
         keep = torch.ones(bank_v.shape[0], dtype=torch.bool)
         keep[unreadable] = False
