@@ -91,9 +91,10 @@ def test_scenedetect_finds_the_known_cuts(world, monkeypatch):
     monkeypatch.setattr(segments, "_scenedetect_backend", lambda: "pyav")  # where OpenCV is not installed
     assert detect_shot_boundaries(world.long_video) == pytest.approx(found, abs=0.21)
     monkeypatch.undo()
-    seg = Segmentation(mode="shots", min_len=2, max_len=10)
+    seg = Segmentation(mode="shots", min_len=2, max_len=10, scales=1)
     assert plan_ranges(seg, world.long_video, 16.0) == [(0, 4), (4, 9), (9, 13), (13, 16)]
-    assert plan_ranges(Segmentation(mode="shots", min_len=5, max_len=10), world.long_video, 16.0) == [(0, 9), (9, 16)]
+    assert plan_ranges(Segmentation(mode="shots", min_len=5, max_len=10, scales=1), world.long_video,
+                       16.0) == [(0, 9), (9, 16)]
     assert plan_ranges(Segmentation(mode="auto", whole_up_to=20), world.long_video, 16.0) == [(None, None)]
 
 
@@ -108,7 +109,7 @@ def test_short_shots_of_a_low_frame_rate_video_are_found(tmp_path):
 def test_range_entries_are_the_evaluation_features(world, loaded, tmp_path, capsys):
     idx = str(tmp_path / "idx")
     code, out, err = run_cli(["index", world.long_video, "--index", idx, "--segments", "shots", "--min_len", 2,
-                              "--max_len", 10, *common(world)], capsys)
+                              "--max_len", 10, "--ranges", "seconds", "--scales", 1, *common(world)], capsys)
     assert code == 0, err
     assert "4 entries of 1 videos (--segments shots --min_len 2 --max_len 10" in out
     index = VideoIndex.open(idx)
@@ -151,7 +152,7 @@ def test_range_entries_are_the_evaluation_features(world, loaded, tmp_path, caps
 def test_mismatches_refused_in_one_line(world, tmp_path, capsys):
     idx = tmp_path / "idx"
     assert run_cli(["index", world.long_video, "--index", idx, "--segments", "windows", "--window", 4, "--stride", 4,
-                    *common(world)], capsys)[0] == 0
+                    "--ranges", "seconds", "--scales", 1, *common(world)], capsys)[0] == 0
     before = sorted(os.listdir(idx / "shards")), (idx / "index.json").read_bytes()
     one_line_error(["index", world.videos, "--index", idx, "--segments", "shots", *common(world)], capsys,
                    "built with --segments windows --window 4 --stride 4", "asks for --segments shots")
@@ -181,7 +182,7 @@ def test_index_without_checkpoint_refused(world, tmp_path, capsys):
 
 
 def test_killed_run_resumes_range_by_range(world, loaded, tmp_path):
-    seg = Segmentation(mode="windows", window=4, stride=2)
+    seg = Segmentation(mode="windows", window=4, stride=2, scales=1)
     kw = dict(precision="fp32", shard_size=2, batch_size=2, log=None, segmentation=seg)
     full = VideoIndex.build(loaded.model, [world.long_video], index_dir=str(tmp_path / "full"), **kw)
     assert len(full) == 7  # 0-4, 2-6, ..., 12-16
@@ -217,7 +218,7 @@ def test_failed_range_listed_then_encoded(world, loaded, tmp_path, monkeypatch):
             raise RuntimeError(f"cannot read video {path}: broken data at 8 s")
         return real(path, *args)
 
-    seg = Segmentation(mode="windows", window=4, stride=4)
+    seg = Segmentation(mode="windows", window=4, stride=4, scales=1)
     idx = str(tmp_path / "idx")
     monkeypatch.setattr(encode, "read_for_model", fail_at_8)
     index = VideoIndex.build(loaded.model, [world.long_video], index_dir=idx, precision="fp32", log=None,
