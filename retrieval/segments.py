@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 MODES = ("auto", "whole", "shots", "windows")
 MIN_SHOT_SECONDS = 0.3  # the shot detector's shortest shot (frame-accurate ranges)
 MIN_SHOT_SECONDS_WHOLE = 0.5  # ... in an index with whole-second ranges, as such indexes were built
-DEFAULT_SCALES = 2      # a new index: ranges of one and of two consecutive shots (docs/search-moments.md)
+DEFAULT_SCALES = 1      # a new index: one range per shot (--scales 2 measured lower on single-shot moments,
+                        # docs/search-moments.md)
 NMS_IOU = 0.5           # search: a range overlapping a better one of its video with tIoU >= this is left out
 
 

@@ -224,10 +224,11 @@ def test_index_query_and_serve_real_footage(indexed, joined, tmp_path, capsys):
     from tests.search_fixtures import run_cli
 
     world, videos, idx = indexed
-    code, out, err = run_cli(["index", videos, "--index", idx, "--segments", "shots", "--min_len", 1, "--scales", 1,
+    code, out, err = run_cli(["index", videos, "--index", idx, "--segments", "shots", "--min_len", 1,
                               *world.model_args(), "--workers", 0, "--precision", "fp32", "--no_progress"], capsys)
     assert code == 0, err
     index = VideoIndex.open(idx)
+    assert index.transform["ranges"] == "frames" and index.segmentation.scales == 1  # a new index's defaults
     assert {os.path.basename(e["path"]) for e in index.entries} == set(NAMES) | {"joined.mp4"}
     joined_ranges = sorted((e["start"], e["end"]) for e in index.entries if e["path"].endswith("joined.mp4"))
     assert all(min(abs(a - c) for a, _ in joined_ranges) <= 0.2 for c in joined[1])

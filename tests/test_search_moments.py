@@ -286,9 +286,9 @@ def uneven(world):
 def test_new_index_encodes_each_range_from_its_own_frames(world, loaded, uneven, tmp_path, capsys):
     idx = str(tmp_path / "idx")
     code, out, err = run_cli(["index", uneven, "--index", idx, "--segments", "shots", "--min_len", 1, "--max_len", 10,
-                              *common(world)], capsys)
+                              "--scales", 2, *common(world)], capsys)
     assert code == 0, err
-    assert "--scales 2" in out  # the default for a new index
+    assert "(--segments shots --min_len 1 --max_len 10 --shot_threshold 27 --scales 2)" in out
     index = VideoIndex.open(idx)
     assert index.transform["ranges"] == "frames"
     spans = [(e["start"], e["end"]) for e in index.entries]
