@@ -161,6 +161,28 @@ def clip_frame_span(num_frames: int, fps: float, start: Optional[float], end: Op
     return first, count
 
 
+SPAN_RULES = ("published", "frames")
+
+
+def exact_frame_span(num_frames: int, fps: float, start: float, end: float) -> tuple[int, int]:
+    """``(first, count)`` of the range ``[start, end)`` seconds read to the frame (``span_rule="frames"``).
+
+    Frame ``i`` shows ``[i / fps, (i + 1) / fps)``; the range holds the frames ``round(start * fps)`` up to
+    (not including) ``round(end * fps)``, so a range made as ``(first / fps, stop / fps)`` reads exactly the
+    frames ``first .. stop - 1``. Unlike the datasets' rule (:func:`clip_frame_span`) nothing is cut to whole
+    seconds. Raises ``ValueError`` when the range is shorter than one frame or the stream has no frame in it.
+    """
+    if not fps or fps <= 0:
+        raise ValueError("unknown frame rate, cannot cut a range by time")
+    first, stop = int(round(start * fps)), int(round(end * fps))
+    if stop - first < 1 or first < 0:
+        raise ValueError(f"the range {start:g}-{end:g} s is shorter than one frame ({fps:g} fps)")
+    if first >= num_frames:
+        raise ValueError(f"the stream has no frames in the range {start:g}-{end:g} s (frames {first}-{stop - 1}; "
+                         f"it has {num_frames} frames at {fps:g} fps)")
+    return first, min(stop, num_frames) - first
+
+
 def time_to_frame_range(num_frames: int, fps: float, start: Optional[float],
                         end: Optional[float]) -> tuple[int, int]:
     """Inclusive frame range ``[first, last]`` of the clip ``[start, end]`` seconds (whole video when
@@ -200,9 +222,12 @@ def open_video(path: str, num_threads: int = 1):
 
 def _sampled_indices(num_frames: int, fps: float, max_frames: int, train: bool, start: Optional[float],
                      end: Optional[float], frame_order: int, generator: Optional[torch.Generator],
-                     listed_frames: int = 0) -> tuple[list[int], int]:
+                     listed_frames: int = 0, span_rule: str = "published") -> tuple[list[int], int]:
     """Absolute frame indices in output order (padding included) and the number of real frames."""
-    first, n = clip_frame_span(num_frames, fps, start, end, listed_frames)
+    if span_rule == "frames" and start is not None and end is not None:
+        first, n = exact_frame_span(num_frames, fps, start, end)
+    else:
+        first, n = clip_frame_span(num_frames, fps, start, end, listed_frames)
     sampler = sample_train_indices(n, max_frames, generator) if train else sample_eval_indices(n, max_frames)
     num_valid = min(n, max_frames)
     order = apply_frame_order(sampler, num_valid, frame_order, generator)
@@ -312,7 +337,7 @@ def decode_planned(path: str, plan: FramePlan, decoder: str = "decord",
 def read_unique_frames(path: str, max_frames: int, train: bool, start: Optional[float] = None,
                        end: Optional[float] = None, frame_order: int = FRAME_ORDER_NORMAL,
                        generator: Optional[torch.Generator] = None, num_threads: int = 1,
-                       decoder: str = "decord", frame_cache=None) -> DecodedFrames:
+                       decoder: str = "decord", frame_cache=None, span_rule: str = "published") -> DecodedFrames:
     """Decode each sampled frame once, in file order.
 
     Returns :class:`DecodedFrames`: ``decoded`` uint8 ``(U, H, W, 3)`` (the ``U`` distinct sampled frames,
@@ -321,11 +346,15 @@ def read_unique_frames(path: str, max_frames: int, train: bool, start: Optional[
     sorted distinct indices) or ``"pyav"`` (decode everything, as published).
     ``frame_cache`` (a :class:`dataloaders.frame_cache.FrameCache`): the frames come from it when it holds
     them for this unchanged file (already cropped to the model's input size), else from the file.
+    ``span_rule``: how ``start``/``end`` pick frames: ``"published"`` (the datasets' whole seconds,
+    :func:`clip_frame_span`) or ``"frames"`` (to the frame, :func:`exact_frame_span`).
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if span_rule not in SPAN_RULES:
+        raise ValueError(f"span_rule must be one of {SPAN_RULES}, got {span_rule!r}")
     plan = functools.partial(_sampled_indices, max_frames=max_frames, train=train, start=start, end=end,
-                             frame_order=frame_order, generator=generator)
+                             frame_order=frame_order, generator=generator, span_rule=span_rule)
     found = None
     if frame_cache is not None:
         plan = _RememberedPlan(plan)
@@ -430,16 +459,17 @@ def video_options(args) -> dict:
 def load_video(path: str, max_frames: int, size: int, train: bool, start: Optional[float] = None,
                end: Optional[float] = None, frame_order: int = FRAME_ORDER_NORMAL,
                generator: Optional[torch.Generator] = None, resize_short_side: bool = False,
-               decoder: str = "decord", frame_cache=None) -> VideoClip:
+               decoder: str = "decord", frame_cache=None, span_rule: str = "published") -> VideoClip:
     """Sampled frames as the model input, with what the decoder learnt of the file: :class:`VideoClip`
     ``(video float (T, 3, size, size), mask (T,), info)``.
 
     Each distinct sampled frame is decoded, cropped and normalised once; the output order (and the
     padding of short videos) is applied to the normalised frames. ``frame_cache``: see
     :func:`read_unique_frames`; its frames are already cropped, so the model input is the same bit for bit.
+    ``span_rule``: see :func:`read_unique_frames` (the datasets use ``"published"``).
     """
     if frame_cache is not None and resize_short_side:
         raise ValueError("a frame cache holds frames cropped without resizing: it cannot serve resize_short_side")
     decoded, take, mask, info = read_unique_frames(path, max_frames, train, start, end, frame_order, generator,
-                                                   decoder=decoder, frame_cache=frame_cache)
+                                                   decoder=decoder, frame_cache=frame_cache, span_rule=span_rule)
     return VideoClip(_gather(normalize_frames(decoded, size, resize_short_side), take), mask, info)

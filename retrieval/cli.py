@@ -66,6 +66,12 @@ def build_parser() -> OneLineArgumentParser:
                     help=f"auto: files up to this many seconds are one range (default {DEFAULT.whole_up_to})")
     sg.add_argument("--shot_threshold", type=finite_float, default=None,
                     help=f"shots: PySceneDetect ContentDetector threshold (default {DEFAULT.threshold:g})")
+    sg.add_argument("--scales", type=int, default=None,
+                    help=f"shots / windows: also index runs of 2..N consecutive shots (windows N times as long), "
+                         f"so that a range fits a longer moment (default {DEFAULT.scales}; 1: one range per shot)")
+    sg.add_argument("--ranges", choices=["frames", "seconds"], default=None,
+                    help="frames (default for a new index): range boundaries are frames, each range read to the "
+                         "frame; seconds: whole seconds read by the datasets' span rule (indexes made before)")
     px = ix.add_argument_group("pixels (recorded in the index; as main.py's flags of the same names)")
     px.add_argument("--resize_short_side", type=int, choices=[0, 1], default=None,
                     help="1: scale the short side to the model's input size before the centre crop (default 0)")
@@ -188,7 +194,7 @@ def _recorded_kernels(index_dir: str) -> dict | None:
 
 
 SEGMENT_FLAGS = {"segments": "mode", "min_len": "min_len", "max_len": "max_len", "window": "window",
-                 "stride": "stride", "whole_up_to": "whole_up_to", "shot_threshold": "threshold"}
+                 "stride": "stride", "whole_up_to": "whole_up_to", "shot_threshold": "threshold", "scales": "scales"}
 
 
 def _segmentation(args) -> Segmentation | None:
@@ -242,7 +248,7 @@ def cmd_index(args) -> int:
                                      model_record=loaded.info, log=_log, segmentation=segmentation,
                                      resize_short_side=None if args.resize_short_side is None
                                      else bool(args.resize_short_side), decoder=args.video_decoder,
-                                     kernels=kernels)
+                                     kernels=kernels, ranges=args.ranges)
     finally:
         restore()
     videos = len({e["path"] for e in index.entries})
@@ -285,7 +291,7 @@ def hit_range(hit) -> str:
     """12:31-12:47; a whole file: 0:00-(its duration)."""
     if hit.start is None:
         return format_range(0, hit.entry.get("duration"))
-    return format_range(hit.start, hit.end)
+    return format_range(hit.start, hit.end, hit.entry.get("duration"))
 
 
 FILE_MARKS = {"gone": "  [deleted since indexed]", "changed": "  [changed since indexed]"}

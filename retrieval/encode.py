@@ -41,18 +41,25 @@ def file_identity(path: str) -> dict:
     return {"path": path, "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
-TRANSFORM_DEFAULTS = {"resize_short_side": False, "decoder": "decord"}
+# a new index's defaults; an index that does not record "ranges" was made before frame-accurate ranges and
+# reads its ranges in whole seconds (retrieval.index.recorded_transform)
+TRANSFORM_DEFAULTS = {"resize_short_side": False, "decoder": "decord", "ranges": "frames"}
+RANGE_RULES = {"frames": "frames", "seconds": "published"}  # an index's "ranges" -> load_video's span_rule
 
 
-def read_for_model(path: str, max_frames: int, size: int, start: int | None = None, end: int | None = None,
-                   resize_short_side: bool = False, decoder: str = "decord") -> tuple[torch.Tensor, torch.Tensor, dict]:
+def read_for_model(path: str, max_frames: int, size: int, start: float | None = None, end: float | None = None,
+                   resize_short_side: bool = False, decoder: str = "decord",
+                   ranges: str = "seconds") -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(video (T, 3, size, size), mask (T,), metadata): the evaluation input of one file, or of its range
-    ``start``..``end`` seconds (the datasets' span rule, :func:`dataloaders.video.clip_frame_span`).
+    ``start``..``end`` seconds: read to the frame with ``ranges="frames"``
+    (:func:`dataloaders.video.exact_frame_span`), in whole seconds with ``"seconds"`` (the datasets' span
+    rule, :func:`dataloaders.video.clip_frame_span`).
 
     Raises dataloaders.video.VideoDecodeError naming the file when it cannot be read.
     """
     video, mask, info = load_video(path, max_frames, size, train=False, start=start, end=end,
-                                   resize_short_side=resize_short_side, decoder=decoder)  # one read of the file
+                                   resize_short_side=resize_short_side, decoder=decoder,
+                                   span_rule=RANGE_RULES[ranges])  # one read of the file
     used = list(info.frame_indices[: int(mask.sum())])
     meta = {"num_frames": info.num_frames, "fps": round(info.fps, 4),
             "duration": round(info.duration, 3) if info.duration is not None else None, "frames_used": used}
@@ -62,6 +69,13 @@ def read_for_model(path: str, max_frames: int, size: int, start: int | None = No
 def probe_duration(path: str, decoder: str = "decord") -> float | None:
     """Seconds of ``path`` (frames / average rate) as the chosen decoder counts them; None when the rate is
     unknown. Raises VideoDecodeError naming the file."""
+    frames, fps = probe_frames(path, decoder)
+    return frames / fps if fps > 0 else None
+
+
+def probe_frames(path: str, decoder: str = "decord") -> tuple[int, float]:
+    """(frames, average rate; 0.0 when unknown) of ``path`` as the chosen decoder counts them. Raises
+    VideoDecodeError naming the file."""
     from dataloaders.video import VideoDecodeError, open_video
 
     if decoder == "pyav":
@@ -82,7 +96,7 @@ def probe_duration(path: str, decoder: str = "decord") -> float | None:
         reader = open_video(path)
         frames, fps = len(reader), float(reader.get_avg_fps() or 0.0)
         del reader
-    return frames / fps if fps > 0 else None
+    return frames, fps
 
 
 def _first_line(err: BaseException) -> str:
@@ -93,18 +107,23 @@ def _first_line(err: BaseException) -> str:
 class FilePlans(Dataset):
     """Item i: the ranges of ``paths[i]`` under ``segmentation`` (retrieval.segments), or the reason why not."""
 
-    def __init__(self, paths: list[str], segmentation, decoder: str):
-        self.paths, self.segmentation, self.decoder = paths, segmentation, decoder
+    def __init__(self, paths: list[str], segmentation, decoder: str, ranges: str = "seconds"):
+        self.paths, self.segmentation, self.decoder, self.ranges = paths, segmentation, decoder, ranges
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        from retrieval.segments import plan_ranges
+        from retrieval.segments import plan_frame_ranges, plan_ranges
 
         path = self.paths[i]
         try:
-            duration = None if self.segmentation.mode == "whole" else probe_duration(path, self.decoder)
+            if self.segmentation.mode == "whole":
+                return {"index": i, "ranges": [(None, None)]}
+            if self.ranges == "frames":
+                frames, fps = probe_frames(path, self.decoder)
+                return {"index": i, "ranges": plan_frame_ranges(self.segmentation, path, frames, fps)}
+            duration = probe_duration(path, self.decoder)
             return {"index": i, "ranges": plan_ranges(self.segmentation, path, duration)}
         except Exception as err:  # noqa: BLE001 - an unreadable file is skipped and listed
             return {"index": i, "error": _first_line(err)}
@@ -114,9 +133,9 @@ def _only_item(items: list) -> dict:
     return items[0]
 
 
-def plan_loader(paths: list[str], segmentation, decoder: str, workers: int) -> DataLoader:
-    return DataLoader(FilePlans(paths, segmentation, decoder), batch_size=1, shuffle=False, num_workers=workers,
-                      collate_fn=_only_item)
+def plan_loader(paths: list[str], segmentation, decoder: str, workers: int, ranges: str = "seconds") -> DataLoader:
+    return DataLoader(FilePlans(paths, segmentation, decoder, ranges), batch_size=1, shuffle=False,
+                      num_workers=workers, collate_fn=_only_item)
 
 
 class VideoFiles(Dataset):
@@ -124,9 +143,9 @@ class VideoFiles(Dataset):
     could not be read."""
 
     def __init__(self, items: list, max_frames: int, size: int, resize_short_side: bool = False,
-                 decoder: str = "decord"):
+                 decoder: str = "decord", ranges: str = "seconds"):
         self.items, self.max_frames, self.size = items, max_frames, size
-        self.resize_short_side, self.decoder = resize_short_side, decoder
+        self.resize_short_side, self.decoder, self.ranges = resize_short_side, decoder, ranges
 
     def __len__(self) -> int:
         return len(self.items)
@@ -136,7 +155,7 @@ class VideoFiles(Dataset):
         path, start, end = (item, None, None) if isinstance(item, str) else item[:3]
         try:
             video, mask, meta = read_for_model(path, self.max_frames, self.size, start, end,
-                                               self.resize_short_side, self.decoder)
+                                               self.resize_short_side, self.decoder, self.ranges)
         except Exception as err:  # noqa: BLE001 - any unreadable file is skipped and listed
             return {"index": i, "error": _first_line(err)}
         return {"index": i, "video": video, "mask": mask, "meta": meta}
@@ -154,8 +173,8 @@ def collate_videos(items: list[dict]) -> dict:
 
 
 def video_loader(items: list, max_frames: int, size: int, batch_size: int, workers: int,
-                 resize_short_side: bool = False, decoder: str = "decord") -> DataLoader:
-    return DataLoader(VideoFiles(items, max_frames, size, resize_short_side, decoder), batch_size=batch_size,
+                 resize_short_side: bool = False, decoder: str = "decord", ranges: str = "seconds") -> DataLoader:
+    return DataLoader(VideoFiles(items, max_frames, size, resize_short_side, decoder, ranges), batch_size=batch_size,
                       shuffle=False, num_workers=workers, collate_fn=collate_videos)
 
 

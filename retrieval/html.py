@@ -30,13 +30,13 @@ video { width: 320px; background: #000; }
 
 
 def strip_image(path: str, max_frames: int, size: int, start=None, end=None, resize_short_side: bool = False,
-                decoder: str = "decord"):
+                decoder: str = "decord", ranges: str = "seconds"):
     """The frames the model saw of ``path`` (its range ``start``..``end``), side by side, STRIP_HEIGHT px
     high (PIL image); None when the file cannot be read."""
     from PIL import Image
 
     try:
-        video, mask, _ = read_for_model(path, max_frames, size, start, end, resize_short_side, decoder)
+        video, mask, _ = read_for_model(path, max_frames, size, start, end, resize_short_side, decoder, ranges)
     except Exception:  # noqa: BLE001 - the page says the frames are unavailable
         return None
     frames = frames_as_seen(video[: int(mask.sum())]).numpy()      # (T, S, S, 3)
@@ -46,9 +46,9 @@ def strip_image(path: str, max_frames: int, size: int, start=None, end=None, res
 
 
 def frame_strip(path: str, max_frames: int, size: int, start=None, end=None, resize_short_side: bool = False,
-                decoder: str = "decord") -> str | None:
+                decoder: str = "decord", ranges: str = "seconds") -> str | None:
     """:func:`strip_image` as a data URI; None when the file cannot be read."""
-    strip = strip_image(path, max_frames, size, start, end, resize_short_side, decoder)
+    strip = strip_image(path, max_frames, size, start, end, resize_short_side, decoder, ranges)
     if strip is None:
         return None
     buf = io.BytesIO()
@@ -60,7 +60,7 @@ def frame_strip(path: str, max_frames: int, size: int, start=None, end=None, res
 def _strip_html(path: str, max_frames: int, size: int, start=None, end=None, transform: dict | None = None) -> str:
     transform = transform or {}
     uri = frame_strip(path, max_frames, size, start, end, transform.get("resize_short_side", False),
-                      transform.get("decoder", "decord"))
+                      transform.get("decoder", "decord"), transform.get("ranges", "seconds"))
     if uri is None:
         return '<div class="missing">frames unavailable (the file cannot be read now)</div>'
     return f'<img class="strip" src="{uri}" alt="the frames the model saw">'
@@ -71,7 +71,7 @@ def _result_html(hit, max_frames: int, size: int, transform: dict) -> str:
 
     d = hit.entry.get("duration")
     link = Path(hit.path).as_uri()
-    shown = format_range(0, d) if hit.start is None else format_range(hit.start, hit.end)
+    shown = format_range(0, d) if hit.start is None else format_range(hit.start, hit.end, d)
     fragment = "" if hit.start is None else f"#t={hit.start},{hit.end}"
     state = getattr(hit, "file", "ok")
     if state == "ok":

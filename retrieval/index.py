@@ -44,7 +44,7 @@ from retrieval.encode import (TRANSFORM_DEFAULTS, VIDEO_EXTENSIONS, autocast_dty
                               find_videos, plan_loader, video_loader)
 from retrieval.locks import commit_lock, reading, writer_lock
 from retrieval.model_io import SearchError, describe_model
-from retrieval.segments import Segmentation, merge_ranked
+from retrieval.segments import NMS_IOU, Segmentation, merge_ranked, suppress_overlaps
 from retrieval.search import APPROXIMATE, BACKENDS, FaissSearcher, exact_topk, faiss_available, recall_at_k
 from runtime.files import atomic_write  # temp file + fsync + os.replace
 
@@ -184,14 +184,16 @@ def open_indexed_file(entry: dict) -> tuple[int, os.stat_result]:
 
 
 def transform_record(max_frames: int, image_resolution: int, resize_short_side: bool = False,
-                     decoder: str = "decord") -> dict:
-    """What turns a file into the model's input: recorded in the index, compared on every update."""
+                     decoder: str = "decord", ranges: str = "frames") -> dict:
+    """What turns a file into the model's input: recorded in the index, compared on every update.
+    ``ranges``: how a range's start and end pick its frames (retrieval.encode.read_for_model)."""
     return {"max_frames": max_frames, "image_resolution": image_resolution, "resize_short_side": bool(resize_short_side),
-            "decoder": decoder, "frames": "evaluation sampling (segment centres)"}
+            "decoder": decoder, "frames": "evaluation sampling (segment centres)", "ranges": ranges}
 
 
 def recorded_transform(meta: dict) -> dict:
     sampling = dict(meta.get("sampling") or {})
+    sampling.setdefault("ranges", "seconds")  # made before frame-accurate ranges: read as it was built
     for key, value in TRANSFORM_DEFAULTS.items():
         sampling.setdefault(key, value)  # indexes of format 1 were made with the defaults
     return sampling
@@ -199,7 +201,7 @@ def recorded_transform(meta: dict) -> dict:
 
 def recorded_segmentation(meta: dict) -> Segmentation:
     seg = meta.get("segmentation")
-    return Segmentation(**seg) if seg else WHOLE
+    return Segmentation(**{"scales": 1, **seg}) if seg else WHOLE  # no scales recorded: one range per shot
 
 
 def make_index_folder(index_dir: str) -> None:
@@ -232,7 +234,7 @@ def segmentation_mismatch(index_dir: str, built: Segmentation, asked: Segmentati
 
 
 _TRANSFORM_FLAGS = {"max_frames": "--max_frames", "image_resolution": "the CLIP's input size",
-                    "resize_short_side": "--resize_short_side", "decoder": "--video_decoder"}
+                    "resize_short_side": "--resize_short_side", "decoder": "--video_decoder", "ranges": "--ranges"}
 
 
 @dataclass
@@ -316,15 +318,17 @@ class VideoIndex:
               workers: int = 0, precision: str = "auto", shard_size: int = 256, progress: bool = False,
               model_record: dict | None = None, on_shard=None, log=print, segmentation: Segmentation | None = None,
               resize_short_side: bool | None = None, decoder: str | None = None,
-              kernels: dict | None = None) -> "VideoIndex":
+              kernels: dict | None = None, ranges: str | None = None) -> "VideoIndex":
         """Encode the videos under ``paths`` (files or folders, recursively) with ``model``.
 
         With ``index_dir`` the index is written there in shards of ``shard_size`` entries and an
         existing index is updated (new and changed files encoded, deleted ones dropped). Unreadable
         videos (or ranges) are skipped and listed in ``index.failed``. ``on_shard(path)`` is called after
         each shard is written. ``segmentation`` (retrieval.segments.Segmentation; default: whole files),
-        ``resize_short_side`` and ``decoder`` (load_video's options): None takes an existing index's
-        record; a value other than the record is refused. ``kernels``: the attention backend and fp32
+        ``resize_short_side``, ``decoder`` (load_video's options) and ``ranges`` ("frames": range
+        boundaries are frames, read to the frame, the default for a new index; "seconds": whole seconds
+        read by the datasets' span rule): None takes an existing index's record; a value other than the
+        record is refused. ``kernels``: the attention backend and fp32
         product path the entries are computed with, recorded by the first run (later runs read them back,
         so that a resumed or grown index equals one uninterrupted run).
         """
@@ -345,7 +349,7 @@ class VideoIndex:
                               f"{', '.join(map(str, paths))}")
         record = model_record or describe_model(model)
         wanted = {"max_frames": model.config.max_frames, "image_resolution": model.image_resolution,
-                  "resize_short_side": resize_short_side, "decoder": decoder}
+                  "resize_short_side": resize_short_side, "decoder": decoder, "ranges": ranges}
         if index_dir:
             make_index_folder(index_dir)
         # one run at a time writes into a folder: a second one waits for the first (its entries are read
@@ -498,7 +502,7 @@ class VideoIndex:
         items = []
         if seg.mode == "whole":
             return [(p, None, None, 0, 1) for p in files]
-        for plan in plan_loader(files, seg, self.transform["decoder"], workers):
+        for plan in plan_loader(files, seg, self.transform["decoder"], workers, self.transform["ranges"]):
             path = files[plan["index"]]
             if "error" in plan:
                 self.failed.append({"path": path, "start": None, "end": None, "reason": plan["error"]})
@@ -522,7 +526,7 @@ class VideoIndex:
         items = self._plan(files, have, workers)
         transform = self.transform
         loader = video_loader(items, model.config.max_frames, model.image_resolution, batch_size, workers,
-                              transform["resize_short_side"], transform["decoder"])
+                              transform["resize_short_side"], transform["decoder"], transform["ranges"])
         bar = None
         if progress:
             from tqdm import tqdm
@@ -686,12 +690,16 @@ class VideoIndex:
         return encode_batch(self.model, video[None], mask[None], dtype)
 
     def search_features(self, queries: torch.Tensor, k: int = 10, backend: str = "auto",
-                        log=None, per_video: int | None = None, exclude_rows=()) -> list[list[Hit]]:
+                        log=None, per_video: int | None = None, exclude_rows=(), nms_iou: float | None = None
+                        ) -> list[list[Hit]]:
         """Top-k for each row of ``queries`` (Q, D), L2-normalised.
 
-        The best ``k`` segments are taken; those of one video that overlap or touch are merged into one
-        hit (retrieval.segments.merge_ranked), so at most ``k`` hits; at most ``per_video`` hits per
-        video; ``exclude_rows`` are left out (a query segment itself).
+        An index with frame-accurate ranges returns the best ``k`` ranges as indexed, a range that overlaps
+        a better one of its video with tIoU >= ``nms_iou`` (default retrieval.segments.NMS_IOU) left out
+        (retrieval.segments.suppress_overlaps); an index with whole-second ranges takes the best ``k``
+        segments and merges those of one video that overlap or touch into one hit
+        (retrieval.segments.merge_ranked). At most ``k`` hits; at most ``per_video`` hits per video;
+        ``exclude_rows`` are left out (a query segment itself).
         """
         if backend not in BACKENDS:
             raise SearchError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -716,7 +724,11 @@ class VideoIndex:
             for srow, irow in zip(scores, rows):
                 candidates = ((float(sc), int(i), entries[i]["path"], entries[i].get("start"), entries[i].get("end"))
                               for sc, i in zip(srow, irow) if i >= 0 and int(i) not in exclude)
-                ranges, exhausted = merge_ranked(candidates, k, per_video)
+                if self.transform["ranges"] == "frames":
+                    ranges, exhausted = suppress_overlaps(candidates, k, per_video,
+                                                          NMS_IOU if nms_iou is None else nms_iou)
+                else:
+                    ranges, exhausted = merge_ranked(candidates, k, per_video)
                 short |= exhausted
                 results.append([Hit(r + 1, m["score"], m["path"], entries[m["rows"][0]], m["start"], m["end"],
                                     len(m["rows"])) for r, m in enumerate(ranges)])

@@ -165,14 +165,15 @@ class SearchService:
         start, end = entry.get("start"), entry.get("end")
         shown = (0, entry.get("duration")) if start is None else (start, end)
         return {"id": eid, "path": entry["path"], "name": os.path.basename(entry["path"]), "start": start,
-                "end": end, "range": format_range(*shown), "duration": entry.get("duration"),
+                "end": end, "range": format_range(*shown, entry.get("duration")), "duration": entry.get("duration"),
                 "video_url": f"/video/{eid}", "frames_url": f"/frames/{eid}.jpg",
                 "similar_url": f"/api/similar/{eid}"}
 
     def hit_json(self, hit) -> dict:
         out = self.entry_json(hit.entry)
         shown = (0, hit.entry.get("duration")) if hit.start is None else (hit.start, hit.end)
-        out.update(rank=hit.rank, score=round(hit.score, 6), start=hit.start, end=hit.end, range=format_range(*shown),
+        out.update(rank=hit.rank, score=round(hit.score, 6), start=hit.start, end=hit.end,
+                   range=format_range(*shown, hit.entry.get("duration")),
                    segments=hit.segments, best_range=out["range"], file=hit.file)
         return out
 
@@ -196,7 +197,8 @@ class SearchService:
             path = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else entry["path"]
             transform = self.current().index.transform
             image = strip_image(path, transform["max_frames"], transform["image_resolution"], entry.get("start"),
-                                entry.get("end"), transform["resize_short_side"], transform["decoder"])
+                                entry.get("end"), transform["resize_short_side"], transform["decoder"],
+                                transform["ranges"])
         if image is None:
             raise ApiError(404, f"the frames of entry {eid} cannot be read now")
         buf = io.BytesIO()

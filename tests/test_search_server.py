@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from retrieval.server import SearchService, create_app  # noqa: E402
 
-SEG = Segmentation(mode="windows", window=4, stride=4)
+SEG = Segmentation(mode="windows", window=4, stride=4, scales=1)
 
 
 @pytest.fixture(scope="module")
