@@ -216,7 +216,8 @@ def make_index_folder(index_dir: str) -> None:
 
 
 SEGMENTATION_FLAGS = {"mode": "--segments", "min_len": "--min_len", "max_len": "--max_len", "window": "--window",
-                      "stride": "--stride", "whole_up_to": "--whole_up_to", "threshold": "--shot_threshold"}
+                      "stride": "--stride", "whole_up_to": "--whole_up_to", "threshold": "--shot_threshold",
+                      "scales": "--scales"}
 
 
 def _flag_value(value) -> str:
