@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from modules.order import frame_orders, order_win_rate, reorder_frames, tie_tolerance
 from modules.metrics import DSL_LABEL, dsl_metrics, format_metrics, metrics_from_ranks, retrieval_ranks
 from training import distributed as D
 from training.gradcache import gradcache_step
@@ -40,18 +41,21 @@ def _to(batch: dict, device) -> dict:
 
 # ------------------------------------------------------------------------------------------ training
 def forward_backward(model, input_ids, video, video_mask, *, autocast, scale_loss,
-                     contrastive_chunk_size: int = 0, sync_grads: bool = True) -> torch.Tensor:
+                     contrastive_chunk_size: int = 0, sync_grads: bool = True,
+                     frame_order: torch.Tensor | None = None, order_weight: float = 1.0) -> torch.Tensor:
     """One micro-batch's loss and backward pass; returns the (unscaled) loss.
 
     The plain step, or gradient caching (training/gradcache.py) when ``contrastive_chunk_size`` is
     smaller than the micro-batch: the same loss and gradients with that many samples encoded at a time.
     ``scale_loss`` maps the loss to what is back-propagated (accumulation share, AMP scaling).
+    ``frame_order`` (n, T): order negatives (modules/order.py), None for the published loss.
     """
+    order = {} if frame_order is None else {"frame_order": frame_order, "order_weight": order_weight}
     if 0 < contrastive_chunk_size < input_ids.shape[0]:
         return gradcache_step(model, input_ids, video, video_mask, contrastive_chunk_size, autocast=autocast,
-                              scale_loss=scale_loss, sync_grads=sync_grads)
+                              scale_loss=scale_loss, sync_grads=sync_grads, **order)
     with autocast():
-        out = model(input_ids, video, video_mask)
+        out = model(input_ids, video, video_mask, **order)
         loss = out["loss"] if isinstance(out, dict) else out
     scale_loss(loss).backward()
     return loss
@@ -60,11 +64,12 @@ def forward_backward(model, input_ids, video, video_mask, *, autocast, scale_los
 def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, scaler, *, epoch: int,
                     global_step: int, accumulation: int, clip_grad_norm: float | None, n_display: int,
                     device, board=None, progress: bool = True, step_callback=None,
-                    contrastive_chunk_size: int = 0) -> dict:
+                    contrastive_chunk_size: int = 0, order_negatives=None) -> dict:
     """Train for one pass over ``loader``; returns dict(loss, global_step, replaced, steps, time).
 
     contrastive_chunk_size > 0 (smaller than the micro-batch): gradient caching (training/gradcache.py),
     the same loss and gradients with the encoders' activations of that many samples at a time.
+    order_negatives: a modules.order.OrderNegatives (extra text-to-video negatives), or None.
     """
     model.train()
     core = unwrap(model)
@@ -91,6 +96,7 @@ def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, sc
             flags = torch.as_tensor(batch["replaced"])
             replaced += int(flags.sum())
             seen += int(flags.numel())
+        frame_order = None if order_negatives is None else order_negatives.frame_order(batch, epoch)
         batch = _to(batch, device)
         data_time = time.time() - end
         if i % accumulation == 0:
@@ -100,7 +106,9 @@ def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, sc
         with sync:
             loss = forward_backward(model, batch["input_ids"], batch["video"], batch["video_mask"],
                                     autocast=precision.autocast, scale_loss=scale_loss,
-                                    contrastive_chunk_size=contrastive_chunk_size, sync_grads=update)
+                                    contrastive_chunk_size=contrastive_chunk_size, sync_grads=update,
+                                    frame_order=None if frame_order is None else frame_order.to(device),
+                                    order_weight=1.0 if order_negatives is None else order_negatives.weight)
             loss_value = float(loss.detach().float())
             if not math.isfinite(loss_value):
                 if scaler is None:
@@ -175,9 +183,11 @@ def encode_texts(core, text_dataset, batch_size, workers, device, precision, pro
 
 
 @torch.no_grad()
-def encode_videos(core, video_dataset, batch_size, workers, device, precision, progress=True, desc="video"):
+def encode_videos(core, video_dataset, batch_size, workers, device, precision, progress=True, desc="video",
+                  reverse: bool = False):
     """Features of every video, each computed once; returns ((N, D) float32 CPU, sorted indices of the
-    videos flagged unreadable, which the caller leaves out)."""
+    videos flagged unreadable, which the caller leaves out). ``reverse``: of every video with its valid
+    frames in reverse order (the order metric)."""
     idx = _shard(len(video_dataset))
     feats, order, unreadable = [], [], []
     it = _loader(Subset(video_dataset, idx), batch_size, workers, device)
@@ -188,8 +198,11 @@ def encode_videos(core, video_dataset, batch_size, workers, device, precision, p
         if "unreadable" in batch:
             flags = torch.as_tensor(batch["unreadable"]).bool()
             unreadable += torch.as_tensor(batch["video_index"])[flags].tolist()
+        video = batch["video"]
+        if reverse:
+            video = reorder_frames(video, frame_orders(batch["video_mask"], "reverse"))
         with precision.eval_video_autocast():
-            f = core.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
+            f = core.encode_video(video.to(device), batch["video_mask"].to(device))
         feats.append(f.float())
         order.append(torch.as_tensor(batch.get("video_index", torch.zeros(0))).to(device).long())
     out = _gather_in_order(feats, order, idx, device)
@@ -230,12 +243,14 @@ def similarity_matrix(core, text_feats: torch.Tensor, video_feats: torch.Tensor,
 
 
 def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, precision: Precision,
-             progress: bool = True, chunk: int = 1024, dsl: bool = False, dsl_temperature: float = 1.0) -> dict:
+             progress: bool = True, chunk: int = 1024, dsl: bool = False, dsl_temperature: float = 1.0,
+             order_metric: bool = False) -> dict:
     """Text-to-video and video-to-text metrics on a test dataset (every caption against every video).
 
     Returns dict(t2v, v2t, sim (np.ndarray, main process), ranks (0-based rank of the ground truth per
     caption / per video, main process), text_features, video_features, time, ...); with ``dsl`` also
-    ``dsl`` = dict(t2v, v2t, temperature) of the dual-softmax re-scored matrix (next to the plain metrics).
+    ``dsl`` = dict(t2v, v2t, temperature) of the dual-softmax re-scored matrix (next to the plain metrics);
+    with ``order_metric`` also ``order`` (see :func:`order_metrics`).
     """
     core = unwrap(model)
     was_training = core.training
@@ -244,9 +259,20 @@ def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, prec
     show = progress and D.is_main_process()
     video_feats, unreadable = encode_videos(core, test_dataset.video_dataset(), batch_size, workers, device,
                                             precision, show)
+    reversed_feats = None
+    if order_metric:
+        reversed_feats, _ = encode_videos(core, test_dataset.video_dataset(), batch_size, workers, device, precision,
+                                          show, desc="video reversed", reverse=True)
     text_feats = encode_texts(core, test_dataset.text_dataset(), batch_size, workers, device, precision, show)
     cap_idx = torch.as_tensor(test_dataset.caption_video_index).long()
+    twins = list(getattr(test_dataset, "order_twins", None) or [None] * len(cap_idx))
     if unreadable:  # left out with their captions (--skip_bad_videos), never replaced
+        if reversed_feats is not None:
+            keep = torch.ones(reversed_feats.shape[0], dtype=torch.bool)
+            keep[unreadable] = False
+            reversed_feats = reversed_feats[keep]
+        dropped = set(unreadable)
+        twins = [t for t, v in zip(twins, cap_idx.tolist()) if v not in dropped]
         text_feats, video_feats, cap_idx = _without_videos(text_feats, video_feats, cap_idx, unreadable)
     result = {"num_captions": int(text_feats.shape[0]), "num_videos": int(video_feats.shape[0]),
               "unreadable_videos": unreadable, "captions_left_out": int(len(test_dataset.caption_video_index)
@@ -262,11 +288,67 @@ def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, prec
                       v2t=metrics_from_ranks(ranks["v2t"]), multi_sentence=multi)
         if dsl:
             result["dsl"] = dsl_metrics(sim, *groups, temperature=dsl_temperature, return_ranks=True)
+        if order_metric:
+            twin_feats = None
+            if any(t is not None for t in twins):
+                twin_feats = encode_twin_captions(core, test_dataset, twins, batch_size, device, precision)
+            result["order"] = order_metrics(core, text_feats, video_feats, reversed_feats, cap_idx, twin_feats,
+                                            tie_tolerance(precision.eval_video_dtype))
     result = _share_metrics(result)
     result["time"] = time.time() - t0
     if was_training:
         core.train()
     return result
+
+
+def pair_scores(core, text_feats: torch.Tensor, video_feats: torch.Tensor) -> torch.Tensor:
+    """(N,) similarity of caption i with video i (row-wise, fp32, the same scale as ``core.similarity``)."""
+    t = torch.nn.functional.normalize(text_feats.float(), dim=-1)
+    v = torch.nn.functional.normalize(video_feats.float(), dim=-1)
+    scale = float(core.clip.logit_scale.detach().float().exp()) if hasattr(core, "clip") else 1.0
+    return scale * (t * v).sum(-1)
+
+
+def order_metrics(core, text_feats, video_feats, reversed_feats, cap_idx, twin_feats=None,
+                  tolerance: float = 1e-5) -> dict:
+    """The order metrics of one evaluation, as {"reversed_video": {...}, "swapped_caption": {...}}:
+
+    * reversed_video: the share of captions whose video scores above the same video with its valid frames
+      reversed (no labels needed beyond the test pairs; TACT's consistency measure);
+    * swapped_caption (where ``twin_feats`` (N, D) has a row for a caption: NaN rows have none): the share of
+      captions that score above their order-swapped twin caption against their own video.
+
+    Each is {"percent", "ties", "count"}; scores within ``tolerance`` (relative) are ties and count one half,
+    so a model whose features do not change under reversal is at exactly 50 %.
+    """
+    own = video_feats[cap_idx]
+    out = {"reversed_video": order_win_rate(pair_scores(core, text_feats, own),
+                                            pair_scores(core, text_feats, reversed_feats[cap_idx]), tolerance)}
+    if twin_feats is not None:
+        has = ~torch.isnan(twin_feats).any(dim=1)
+        if bool(has.any()):
+            out["swapped_caption"] = order_win_rate(pair_scores(core, text_feats[has], own[has]),
+                                                    pair_scores(core, twin_feats[has], own[has]), tolerance)
+    return out
+
+
+@torch.no_grad()
+def encode_twin_captions(core, test_dataset, twins: list, batch_size: int, device, precision) -> torch.Tensor:
+    """(N, D) features of each caption's order-swapped twin (``order_twin`` column); NaN rows for none."""
+    rows = [i for i, t in enumerate(twins) if t]
+    dim = None
+    feats = {}
+    for s in range(0, len(rows), batch_size):
+        part = rows[s:s + batch_size]
+        ids = torch.stack([test_dataset.encode_text(twins[i]) for i in part]).to(device)
+        with precision.eval_autocast():
+            f = core.encode_text(ids).float().cpu()
+        dim = f.shape[1]
+        feats.update(zip(part, f))
+    out = torch.full((len(twins), dim or 1), float("nan"))
+    for i, f in feats.items():
+        out[i] = f
+    return out
 
 
 def _without_videos(text_feats, video_feats, cap_idx, drop: list[int]):
@@ -281,7 +363,7 @@ def _without_videos(text_feats, video_feats, cap_idx, drop: list[int]):
 def _share_metrics(result: dict) -> dict:
     if D.get_world_size() == 1:
         return result
-    shared = D.broadcast_object({k: result.get(k) for k in ("t2v", "v2t", "multi_sentence", "dsl")})
+    shared = D.broadcast_object({k: result.get(k) for k in ("t2v", "v2t", "multi_sentence", "dsl", "order")})
     result.update(shared)
     return result
 
@@ -295,7 +377,19 @@ def log_eval(result: dict, header: str) -> None:
         log.info("%s, temperature %g:", DSL_LABEL, result["dsl"]["temperature"])
         log.info("DSL Text-to-Video: %s", format_metrics(result["dsl"]["t2v"]))
         log.info("DSL Video-to-Text: %s", format_metrics(result["dsl"]["v2t"], prefix="V2T "))
+    if result.get("order"):
+        log.info("Order: %s", format_order(result["order"]))
     if result.get("unreadable_videos"):
         log.warning("%d test videos could not be decoded and were left out with their %d captions "
                     "(--skip_bad_videos): these metrics are not comparable to those on the full test set",
                     len(result["unreadable_videos"]), result["captions_left_out"])
+
+
+def format_order(order: dict) -> str:
+    """'reversed video 87.5% (2 ties of 60 captions); swapped caption 91.7% (0 ties of 60)'."""
+    parts = []
+    for key, label in (("reversed_video", "reversed video"), ("swapped_caption", "swapped caption")):
+        r = order.get(key)
+        if r and r.get("percent") is not None:
+            parts.append(f"{label} {r['percent']:.1f}% ({r['ties']} ties of {r['count']} captions)")
+    return "; ".join(parts) or "n/a"
