@@ -112,6 +112,47 @@ def order_win_rate(scores: torch.Tensor, other: torch.Tensor, tolerance: float =
     return {"percent": 100.0 * float(wins.mean()), "ties": int(tie.sum()), "count": int(a.numel())}
 
 
+def pair_scores(core, text_feats: torch.Tensor, video_feats: torch.Tensor) -> torch.Tensor:
+    """(N,) similarity of caption i with video i (row-wise, fp32, the same scale as ``core.similarity``)."""
+    t = F.normalize(text_feats.float(), dim=-1)
+    v = F.normalize(video_feats.float(), dim=-1)
+    scale = float(core.clip.logit_scale.detach().float().exp()) if hasattr(core, "clip") else 1.0
+    return scale * (t * v).sum(-1)
+
+
+def order_metrics(core, text_feats, video_feats, reversed_feats, cap_idx, twin_feats=None,
+                  tolerance: float = 1e-5) -> dict:
+    """The order metrics of one evaluation, as {"reversed_video": {...}, "swapped_caption": {...}}:
+
+    * reversed_video: the share of captions whose video scores above the same video with its valid frames
+      reversed (no labels needed beyond the test pairs; TACT's consistency measure);
+    * swapped_caption (where ``twin_feats`` (N, D) has a row for a caption: NaN rows have none): the share of
+      captions that score above their order-swapped twin caption against their own video.
+
+    Each is {"percent", "ties", "count"}; scores within ``tolerance`` (relative) are ties and count one half,
+    so a model whose features do not change under reversal is at exactly 50 %.
+    """
+    own = video_feats[cap_idx]
+    out = {"reversed_video": order_win_rate(pair_scores(core, text_feats, own),
+                                            pair_scores(core, text_feats, reversed_feats[cap_idx]), tolerance)}
+    if twin_feats is not None:
+        has = ~torch.isnan(twin_feats).any(dim=1)
+        if bool(has.any()):
+            out["swapped_caption"] = order_win_rate(pair_scores(core, text_feats[has], own[has]),
+                                                    pair_scores(core, twin_feats[has], own[has]), tolerance)
+    return out
+
+
+def format_order(order: dict) -> str:
+    """'reversed video 87.5% (2 ties of 60 captions); swapped caption 91.7% (0 ties of 60)'."""
+    parts = []
+    for key, label in (("reversed_video", "reversed video"), ("swapped_caption", "swapped caption")):
+        r = order.get(key)
+        if r and r.get("percent") is not None:
+            parts.append(f"{label} {r['percent']:.1f}% ({r['ties']} ties of {r['count']} captions)")
+    return "; ".join(parts) or "n/a"
+
+
 def tie_tolerance(dtype: torch.dtype | None) -> float:
     return TIE_TOLERANCE.get(dtype or torch.float32, TIE_TOLERANCE[torch.float32])
 

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from dataloaders import build_test_dataset, build_train_dataset
 from dataloaders.base import AnnotationError
 from dataloaders.groups import GroupBatchSampler
-from training.engine import evaluate, order_metrics
+from modules.order import order_metrics
+from training.engine import evaluate
 from runtime.precision import Precision
 from tests.test_custom_data import main_py, media, write_rows  # noqa: F401  (media: a fixture)
 from tests.toy import ToyData, tiny_dgl
@@ -203,3 +204,30 @@ def test_main_py_bad_order_inputs_one_line_nothing_written(media, tmp_path, case
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("main.py: error: ") and expect in last, proc.stderr[-2000:]
     assert not any((out / name).exists() for name in ("results.json", "ckpt.pth.tar", "config.json"))
+
+
+def test_main_py_reports_both_order_metrics_and_the_analysis_tool_recomputes_them(media, tmp_path, capsys):
+    """A custom test table with an order_twin column: main.py writes both metrics to results.json and the log;
+    python -m analysis.order_metrics computes the same from the saved run."""
+    from analysis.order_metrics import main as order_main
+
+    common = _main_common(media, tmp_path)
+    ann = write_rows(tmp_path / "t.csv", GROUPED, HEADER)
+    out = tmp_path / "run"
+    proc = main_py([*common, "--train_csv", ann, "--val_csv", ann, "--output_dir", out, "--batch_size", "2",
+                    "--max_frames", "4", "--shared_latent_space", "transformer", "--order_negatives", "reverse",
+                    "--batch_groups", "--num_thread_reader", "0"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = json.loads((out / "results.json").read_text())["evaluations"][-1]["order"]
+    assert last["reversed_video"]["count"] == 3 and last["swapped_caption"]["count"] == 1
+    log = (out / "log.txt").read_text()
+    assert "Order: reversed video" in log and "swapped caption" in log and "--batch_groups: 2 groups" in log
+    assert order_main([str(out), "--checkpoint", str(out / "ckpt.pth.tar"), "--json", str(tmp_path / "o.json")]) == 0
+    again = json.loads((tmp_path / "o.json").read_text())
+    for key in ("reversed_video", "swapped_caption"):
+        assert again[key]["count"] == last[key]["count"] and again[key]["ties"] == last[key]["ties"]
+        assert again[key]["percent"] == pytest.approx(last[key]["percent"])
+    assert "order: reversed video" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        order_main([str(tmp_path / "nowhere")])
+    assert e.value.code == 2 and "config.json not found" in capsys.readouterr().err

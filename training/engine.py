@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from modules.order import frame_orders, order_win_rate, reorder_frames, tie_tolerance
+from modules.order import format_order, frame_orders, order_metrics, reorder_frames, tie_tolerance
 from modules.metrics import DSL_LABEL, dsl_metrics, format_metrics, metrics_from_ranks, retrieval_ranks
 from training import distributed as D
 from training.gradcache import gradcache_step
@@ -301,37 +301,6 @@ def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, prec
     return result
 
 
-def pair_scores(core, text_feats: torch.Tensor, video_feats: torch.Tensor) -> torch.Tensor:
-    """(N,) similarity of caption i with video i (row-wise, fp32, the same scale as ``core.similarity``)."""
-    t = torch.nn.functional.normalize(text_feats.float(), dim=-1)
-    v = torch.nn.functional.normalize(video_feats.float(), dim=-1)
-    scale = float(core.clip.logit_scale.detach().float().exp()) if hasattr(core, "clip") else 1.0
-    return scale * (t * v).sum(-1)
-
-
-def order_metrics(core, text_feats, video_feats, reversed_feats, cap_idx, twin_feats=None,
-                  tolerance: float = 1e-5) -> dict:
-    """The order metrics of one evaluation, as {"reversed_video": {...}, "swapped_caption": {...}}:
-
-    * reversed_video: the share of captions whose video scores above the same video with its valid frames
-      reversed (no labels needed beyond the test pairs; TACT's consistency measure);
-    * swapped_caption (where ``twin_feats`` (N, D) has a row for a caption: NaN rows have none): the share of
-      captions that score above their order-swapped twin caption against their own video.
-
-    Each is {"percent", "ties", "count"}; scores within ``tolerance`` (relative) are ties and count one half,
-    so a model whose features do not change under reversal is at exactly 50 %.
-    """
-    own = video_feats[cap_idx]
-    out = {"reversed_video": order_win_rate(pair_scores(core, text_feats, own),
-                                            pair_scores(core, text_feats, reversed_feats[cap_idx]), tolerance)}
-    if twin_feats is not None:
-        has = ~torch.isnan(twin_feats).any(dim=1)
-        if bool(has.any()):
-            out["swapped_caption"] = order_win_rate(pair_scores(core, text_feats[has], own[has]),
-                                                    pair_scores(core, twin_feats[has], own[has]), tolerance)
-    return out
-
-
 @torch.no_grad()
 def encode_twin_captions(core, test_dataset, twins: list, batch_size: int, device, precision) -> torch.Tensor:
     """(N, D) features of each caption's order-swapped twin (``order_twin`` column); NaN rows for none."""
@@ -384,12 +353,3 @@ def log_eval(result: dict, header: str) -> None:
                     "(--skip_bad_videos): these metrics are not comparable to those on the full test set",
                     len(result["unreadable_videos"]), result["captions_left_out"])
 
-
-def format_order(order: dict) -> str:
-    """'reversed video 87.5% (2 ties of 60 captions); swapped caption 91.7% (0 ties of 60)'."""
-    parts = []
-    for key, label in (("reversed_video", "reversed video"), ("swapped_caption", "swapped caption")):
-        r = order.get(key)
-        if r and r.get("percent") is not None:
-            parts.append(f"{label} {r['percent']:.1f}% ({r['ties']} ties of {r['count']} captions)")
-    return "; ".join(parts) or "n/a"
