@@ -223,17 +223,24 @@ def test_demo_small(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "after pre-training" in r.stdout
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| model (8 test videos) | t2v R@1 | t2v R@5 | order probe |")
+    assert table[0].startswith("| model (8 test videos) | t2v R@1 | t2v R@5 | order probe | reversed video |")
     assert [line.split(" | ")[0] for line in table[1:]] == [
         "| chance", "| zero-shot: frozen CLIP, frames mean-pooled", "| DGL-Transformer, 1 epochs",
-        "| DGL-Linear, 1 epochs"]
+        "| DGL-Transformer + order negatives, 1 epochs", "| DGL-Linear, 1 epochs"]
+    # frames mean-pooled and DGL-Linear do not change under reversal: exactly 50 %
+    assert table[2].endswith("| 50.0 |") and table[5].endswith("| 50.0 |")
     assert "QB-norm on it after training: Best beta: " in r.stdout
     run = next(out.glob("run-16-8-4-*"))
     for name in ("ckpt.pth.tar", "ckpt.best.pth.tar", "results.json", "log.txt", "config.json"):
         assert (run / name).is_file(), name
     assert (next(out.glob("run_linear-16-8-4-*")) / "ckpt.pth.tar").is_file()
+    assert (next(out.glob("run_plain-16-8-4-*")) / "ckpt.pth.tar").is_file()
     evals = json.loads((run / "results.json").read_text())["evaluations"]
     assert [e["epoch"] for e in evals] == [0, 1]
+    assert evals[-1]["order"]["swapped_caption"]["count"] == 8  # the test table's order_twin column
+    log = (run / "log.txt").read_text()
+    assert "order negatives: every training video also reversed" in log and "--batch_groups:" in log
+    assert "attention backend: math for training and evaluation (--attention_backend)" in log
     assert (out / "pretrained" / "bpe_simple_vocab_16e6.txt.gz").is_file()   # the demo's own vocabulary
     assert len(list((out / "pretrained").glob("tiny-clip-*-pt5-*.pt"))) == 1
     config = json.loads((run / "config.json").read_text())

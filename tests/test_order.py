@@ -247,3 +247,14 @@ def test_win_rate_counts_ties_as_one_half():
     assert r == {"percent": 50.0, "ties": 2, "count": 4}
     assert order_win_rate(torch.tensor([3.0, 3.0]), torch.tensor([1.0, 2.0]))["percent"] == 100.0
     assert order_win_rate(torch.tensor([]), torch.tensor([]))["percent"] is None
+
+
+def test_grad_checkpointing_with_order_negatives_gives_the_same_gradients():
+    data = _data()
+    model = tiny_dgl(seed=1, shared_latent_space="transformer", max_frames=FRAMES).train()
+    other = copy.deepcopy(model).set_grad_checkpointing(True)
+    order = frame_orders(data.masks, "reverse")
+    ref_loss, ref = _plain(model, data, order)
+    loss, got = _plain(other, data, order)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    _assert_same_grads(got, ref)
