@@ -240,7 +240,8 @@ class CustomDataset(VideoTextDataset):
         return [r.order_twin for r in self.caption_rows]
 
     def leave_out_videos(self, indices) -> int:
-        drop = {self.videos[int(i)].video_id for i in indices}
+        indices = [int(i) for i in indices]
+        drop = {self.videos[i].video_id for i in indices}
         self.caption_rows = [r for r in self.caption_rows if r.video_id not in drop]
         return super().leave_out_videos(indices)
 

@@ -94,6 +94,8 @@ def test_group_and_order_twin_columns_are_read(media, tmp_path):
     assert train.item_groups() == ["g1", "g1", "g2"]
     per_video = build_train_dataset(_args(media, train=ann), None)
     assert per_video.item_groups() == ["g1", "g2"]
+    test.leave_out_videos(iter([0]))  # a video left out (--skip_bad_videos): its rows go with it
+    assert test.order_twins == ["a screen of cyan"] and test.captions == ["a cyan screen"]
     jsonl = write_rows(tmp_path / "t.jsonl", GROUPED, HEADER)
     assert build_train_dataset(_args(media, train=jsonl, expand_msrvtt_sentences=True), None).item_groups() == \
         ["g1", "g1", "g2"]

@@ -458,6 +458,10 @@ class Run:
             log.info("order negatives: every training video also %s as a text-to-video negative, weight %g",
                      "reversed" if self.order_negatives.kind == "reverse" else "shuffled (seeded, never in order)",
                      self.order_negatives.weight)
+            if getattr(getattr(self.core, "config", None), "shared_latent_space", None) == "linear":
+                log.warning("--order_negatives with the linear latent space: its video features do not depend on "
+                            "the frame order, so each copy scores like its own video (a negative equal to the "
+                            "positive); use --shared_latent_space transformer")
         for epoch in range(self.start_epoch, stop):
             stats = self.train_epoch(epoch)
             res = self.evaluate("epoch", epoch + 1, stats, final=(epoch + 1 == stop))
