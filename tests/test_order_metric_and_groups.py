@@ -233,3 +233,24 @@ def test_main_py_reports_both_order_metrics_and_the_analysis_tool_recomputes_the
     with pytest.raises(SystemExit) as e:
         order_main([str(tmp_path / "nowhere")])
     assert e.value.code == 2 and "config.json not found" in capsys.readouterr().err
+
+
+def test_custom_sh_passes_the_order_options_to_main_py(tmp_path):
+    """scripts/custom.sh hands extra flags to main.py (later flags win): main.py's own check of
+    --order_negatives against --max_frames 1 answers, before any weights are read."""
+    import os
+    import subprocess
+
+    from tests.test_custom_data import REPO
+
+    (tmp_path / "videos").mkdir()
+    write_rows(tmp_path / "train.csv", GROUPED, HEADER)
+    write_rows(tmp_path / "test.csv", GROUPED, HEADER)
+    (tmp_path / "ViT-B-32.pt").write_bytes(b"")
+    env = dict(os.environ, DATA_PATH=str(tmp_path), VIDEO_PATH=str(tmp_path / "videos"), PRETRAINED_DIR=str(tmp_path),
+               OUTPUT_DIR=str(tmp_path / "out"), NUM_GPUS="1")
+    r = subprocess.run(["bash", str(REPO / "scripts" / "custom.sh"), "--order_negatives", "shuffle", "--batch_groups",
+                        "--max_frames", "1"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("main.py: error: --order_negatives shuffle needs at least 2 frames per "
+                                                 "video to reorder; --max_frames is 1 (see --help)")
