@@ -433,10 +433,10 @@ def main(argv=None) -> int:
     run_dir = runs[0][1]
 
     # 5. QB-norm on the default run
-    qb = [sys.executable, os.path.join(REPO, "search_for_best_r1_with_qb_norm.py"), "--dataset", "msrvtt",
-          "--sim_matrix", os.path.join(run_dir, "msrvtt_sim_matrix.npy"),
-          "--train_test_t2v", os.path.join(run_dir, "msrvtt_train_test_t2v.npy"),
-          "--train_test_v2t", os.path.join(run_dir, "msrvtt_train_test_v2t.npy"),
+    qb = [sys.executable, os.path.join(REPO, "search_for_best_r1_with_qb_norm.py"), "--dataset", "custom",
+          "--sim_matrix", os.path.join(run_dir, "custom_sim_matrix.npy"),
+          "--train_test_t2v", os.path.join(run_dir, "custom_train_test_t2v.npy"),
+          "--train_test_v2t", os.path.join(run_dir, "custom_train_test_v2t.npy"),
           "--t2v_theta", "2", "--v2t_theta", "2", "--beta_step", "0.05"]
     print("[demo] " + " ".join(qb[1:]), flush=True)
     q = subprocess.run(qb, cwd=REPO, capture_output=True, text=True, check=False)

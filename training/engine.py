@@ -184,12 +184,12 @@ def encode_texts(core, text_dataset, batch_size, workers, device, precision, pro
 
 @torch.no_grad()
 def encode_videos(core, video_dataset, batch_size, workers, device, precision, progress=True, desc="video",
-                  reverse: bool = False):
+                  with_reversed: bool = False):
     """Features of every video, each computed once; returns ((N, D) float32 CPU, sorted indices of the
-    videos flagged unreadable, which the caller leaves out). ``reverse``: of every video with its valid
-    frames in reverse order (the order metric)."""
+    videos flagged unreadable, which the caller leaves out). ``with_reversed``: a third item, the features
+    of every video with its valid frames in reverse order (the order metric; the frames are read once)."""
     idx = _shard(len(video_dataset))
-    feats, order, unreadable = [], [], []
+    feats, order, unreadable, reversed_feats = [], [], [], []
     it = _loader(Subset(video_dataset, idx), batch_size, workers, device)
     if progress:
         from tqdm import tqdm
@@ -198,15 +198,18 @@ def encode_videos(core, video_dataset, batch_size, workers, device, precision, p
         if "unreadable" in batch:
             flags = torch.as_tensor(batch["unreadable"]).bool()
             unreadable += torch.as_tensor(batch["video_index"])[flags].tolist()
-        video = batch["video"]
-        if reverse:
-            video = reorder_frames(video, frame_orders(batch["video_mask"], "reverse"))
         with precision.eval_video_autocast():
-            f = core.encode_video(video.to(device), batch["video_mask"].to(device))
+            f = core.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
+            if with_reversed:
+                backwards = reorder_frames(batch["video"], frame_orders(batch["video_mask"], "reverse"))
+                reversed_feats.append(core.encode_video(backwards.to(device), batch["video_mask"].to(device)).float())
         feats.append(f.float())
         order.append(torch.as_tensor(batch.get("video_index", torch.zeros(0))).to(device).long())
     out = _gather_in_order(feats, order, idx, device)
-    return out, sorted(D.all_gather_list(unreadable))
+    unreadable = sorted(D.all_gather_list(unreadable))
+    if with_reversed:
+        return out, unreadable, _gather_in_order(reversed_feats, order, idx, device)
+    return out, unreadable
 
 
 def _gather_in_order(feats, order, idx, device) -> torch.Tensor:
@@ -257,12 +260,10 @@ def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, prec
     core.eval()
     t0 = time.time()
     show = progress and D.is_main_process()
-    video_feats, unreadable = encode_videos(core, test_dataset.video_dataset(), batch_size, workers, device,
-                                            precision, show)
-    reversed_feats = None
-    if order_metric:
-        reversed_feats, _ = encode_videos(core, test_dataset.video_dataset(), batch_size, workers, device, precision,
-                                          show, desc="video reversed", reverse=True)
+    encoded = encode_videos(core, test_dataset.video_dataset(), batch_size, workers, device, precision, show,
+                            with_reversed=order_metric)
+    video_feats, unreadable = encoded[:2]
+    reversed_feats = encoded[2] if order_metric else None
     text_feats = encode_texts(core, test_dataset.text_dataset(), batch_size, workers, device, precision, show)
     cap_idx = torch.as_tensor(test_dataset.caption_video_index).long()
     twins = list(getattr(test_dataset, "order_twins", None) or [None] * len(cap_idx))
