@@ -214,16 +214,18 @@ def test_main_py_reports_both_order_metrics_and_the_analysis_tool_recomputes_the
     from analysis.order_metrics import main as order_main
 
     common = _main_common(media, tmp_path)
-    ann = write_rows(tmp_path / "t.csv", GROUPED, HEADER)
+    rows = GROUPED + [("long/c.mp4", "red then green then blue", "g3", "blue then green then red")]
+    ann = write_rows(tmp_path / "t.csv", rows, HEADER)  # c.mp4 changes over time: reversed, it differs
     out = tmp_path / "run"
     proc = main_py([*common, "--train_csv", ann, "--val_csv", ann, "--output_dir", out, "--batch_size", "2",
                     "--max_frames", "4", "--shared_latent_space", "transformer", "--order_negatives", "reverse",
                     "--batch_groups", "--num_thread_reader", "0"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = json.loads((out / "results.json").read_text())["evaluations"][-1]["order"]
-    assert last["reversed_video"]["count"] == 3 and last["swapped_caption"]["count"] == 1
+    assert last["reversed_video"]["count"] == 4 and last["swapped_caption"]["count"] == 2
+    assert last["reversed_video"]["ties"] == 3  # the solid-colour clips are the same reversed; c.mp4 is not
     log = (out / "log.txt").read_text()
-    assert "Order: reversed video" in log and "swapped caption" in log and "--batch_groups: 2 groups" in log
+    assert "Order: reversed video" in log and "swapped caption" in log and "--batch_groups: 3 groups" in log
     assert order_main([str(out), "--checkpoint", str(out / "ckpt.pth.tar"), "--json", str(tmp_path / "o.json")]) == 0
     again = json.loads((tmp_path / "o.json").read_text())
     for key in ("reversed_video", "swapped_caption"):
