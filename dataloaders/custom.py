@@ -9,7 +9,11 @@ apart by the extension, UTF-8) with the columns (keys, for JSON lines):
   ActivityNet / DiDeMo (:func:`dataloaders.video.published_clip_seconds`); empty in a row = the whole file;
 * ``video_id`` (optional): rows with the same id are one video; default: rows naming one file (whatever
   the spelling: ``x.mp4``, ``./x.mp4``, its absolute path, a link to it) and one span are one video, its
-  id the first row's ``video`` value, plus ``@start-end`` for a span.
+  id the first row's ``video`` value, plus ``@start-end`` for a span;
+* ``group`` (optional, training): rows with the same value go into the same global batch with
+  ``--batch_groups`` (e.g. a clip and its order-swapped twin); every row needs one then;
+* ``order_twin`` (optional, test): the caption with its events in the other order ("up then left" for
+  "left then up"); the evaluation's order metric scores each caption against its twin.
 
 Training samples: with ``--expand_msrvtt_sentences`` every caption is a sample; without it a sample
 is a video with one of its captions drawn at random at every access (once per epoch), as for MSR-VTT.
@@ -37,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 EXTENSIONS = (".csv", ".tsv", ".jsonl")
 REQUIRED = ("video", "caption")
-COLUMNS = REQUIRED + ("start", "end", "video_id", "query")  # the keys the tools read
+COLUMNS = REQUIRED + ("start", "end", "video_id", "query", "group", "order_twin")  # the keys the tools read
 TEXT_COLUMNS = ("video", "caption", "query")
 MISSING_WRITTEN_OUT = ("nan", "none", "null")  # e.g. pandas' astype(str) of a missing value
 SEPARATORS = (("\t", "tab"), (",", "comma"), (";", "semicolon"))
@@ -53,6 +57,8 @@ class AnnotationRow:
     end: Optional[float]
     video_id: str
     file: str  # the file's canonical path (video_file): its identity, whatever the spelling
+    group: Optional[str] = None  # None: no 'group' column (key); "": an empty value
+    order_twin: Optional[str] = None
 
 
 def annotation_format(path: str, flag: str = "") -> str:
@@ -301,7 +307,8 @@ def read_annotation_rows(path: str, features_path: str, flag: str = "", warn: bo
             repeats.append(where)
             continue
         seen[key] = where
-        rows.append(AnnotationRow(where, video, resolved, row["caption"], start, end, video_id, file))
+        rows.append(AnnotationRow(where, video, resolved, row["caption"], start, end, video_id, file,
+                                  row.get("group"), row.get("order_twin") or None))
     if repeats and warn:
         logger.warning("%s: %d duplicate row(s) (same video and caption as an earlier row) dropped, e.g. %s",
                        path, len(repeats), repeats[0])
@@ -356,7 +363,41 @@ class CustomDataset(VideoTextDataset):
     def load_annotations(self) -> Annotations:
         path = self.annotation_file()
         self.rows = read_annotation_rows(path, self.features_path, self.flags[self.split])
+        self.caption_rows = list(self.rows)  # the row of each caption (captions follow the rows' order)
         return group_videos(path, self.rows)
+
+    @property
+    def order_twins(self) -> list[Optional[str]]:
+        """Each caption's ``order_twin`` (None where the row has none)."""
+        return [r.order_twin for r in self.caption_rows]
+
+    def leave_out_videos(self, indices) -> int:
+        indices = [int(i) for i in indices]
+        drop = {self.videos[i].video_id for i in indices}
+        self.caption_rows = [r for r in self.caption_rows if r.video_id not in drop]
+        return super().leave_out_videos(indices)
+
+    def item_groups(self) -> list[str]:
+        """The ``group`` of every training item (a caption, or a video without --expand_msrvtt_sentences),
+        for ``--batch_groups``; an :class:`AnnotationError` when the file has no group column, a row has an
+        empty one or the rows of one video give it different groups."""
+        path = self.annotation_file()
+        if all(r.group is None for r in self.caption_rows):
+            raise AnnotationError(f"--batch_groups needs a 'group' column in {self.flags[self.split]} {path}")
+        for r in self.caption_rows:
+            if not r.group:
+                raise AnnotationError(f"{path} {r.where.split(' ', 1)[1]} column 'group': empty value "
+                                      "(--batch_groups needs a group on every row)")
+        if not self.sample_per_video:
+            return [r.group for r in self.caption_rows]
+        groups: dict[str, AnnotationRow] = {}
+        for r in self.caption_rows:
+            first = groups.setdefault(r.video_id, r)
+            if first.group != r.group:
+                raise AnnotationError(f"{path} {r.where.split(' ', 1)[1]} column 'group': {r.group!r}, but "
+                                      f"video {r.video_id!r} is in group {first.group!r} ({first.where}); "
+                                      "without --expand_msrvtt_sentences a video is one sample, in one group")
+        return [groups[v.video_id].group for v in self.videos]
 
     @property
     def sample_per_video(self) -> bool:  # type: ignore[override]

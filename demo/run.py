@@ -1,6 +1,8 @@
 """The embedded demo (scripts/demo.sh): synthetic videos -> a tiny CLIP pre-trained on single frames,
 then frozen -> DGL's prompts trained on CPU -> a table of what each model learnt: text-to-video R@1/R@5
-and an order probe, for the frozen CLIP alone (zero-shot), DGL-Transformer and (--compare) DGL-Linear.
+and an order probe, for the frozen CLIP alone (zero-shot), DGL-Transformer with order negatives (reversed
+clips as extra negatives, each clip batched with its order-swapped twin) and (--compare) DGL-Transformer
+without them and DGL-Linear.
 
     python -m demo [--out demo_output] [--epochs 10] [--num_train 480] [--num_test 60] [--compare]
 
@@ -27,6 +29,9 @@ DATA_MANIFEST = "demo_data.json"
 DEFAULTS = {"num_train": 480, "num_test": 60, "num_val": 60, "seed": 0, "max_frames": 4}
 IMAGE_SIZE = 32
 MAX_WORDS = 16
+# Kernels main.py computes with, fixed rather than timed at start-up: a timing on a busy machine can pick
+# another attention backend or fp32 product path, which round differently, and a rerun would not repeat.
+FIXED_KERNELS = ("--attention_backend", "math", "--fp32_path", "mkl")
 
 
 def _default_bpe_candidates(pretrained_dir: str | None) -> list[str]:
@@ -69,12 +74,21 @@ def build_parser():
                    help="local prompts per frame (P); the text gets 2P prompts (default 8)")
     p.add_argument("--global_prompts", type=int, default=4,
                    help="global visual prompts, which attend to every frame (default 4)")
+    p.add_argument("--order_negatives", default="reverse", choices=["none", "reverse", "shuffle"],
+                   help="order negatives of the default run (main.py --order_negatives; default reverse)")
+    p.add_argument("--order_negative_weight", type=float, default=1.0,
+                   help="their weight (main.py --order_negative_weight; default 1)")
+    p.add_argument("--batch_groups", type=int, default=1, choices=[0, 1],
+                   help="with order negatives, put each training caption in the same batch as the same caption "
+                        "of an order-swapped twin clip (main.py --batch_groups; default 1)")
     p.add_argument("--compare", action="store_true",
-                   help="also train DGL-Linear with the same settings and add it to the table")
+                   help="also train the same latent space without order negatives, and DGL-Linear, with the same "
+                        "settings, and add them to the table")
     p.add_argument("--eval_on", default="test", choices=["test", "val"],
                    help="evaluate (and print the table) on the test clips or on the validation clips")
     p.add_argument("--run_name", default=None,
-                   help="name the run folders <run_name>_<latent space> (default: run, run_linear)")
+                   help="name the run folders <run_name>_run, <run_name>_run_plain, <run_name>_run_linear "
+                        "(default: run, run_plain, run_linear)")
     p.add_argument("--pretrain_steps", type=int, default=200,
                    help="image-text pre-training steps of the tiny CLIP on single frames (0: random CLIP)")
     p.add_argument("--pretrain_lr", type=finite_float, default=1e-3)
@@ -120,7 +134,10 @@ def dataset_paths(root: str) -> dict:
             "heldout_csv": os.path.join(root, "MSRVTT_val.csv"),
             "data_path": os.path.join(root, "MSRVTT_data.json"),
             "probe_csv": os.path.join(root, "order_probe.csv"),
-            "features_path": os.path.join(root, "videos")}
+            "features_path": os.path.join(root, "videos"),
+            "train_table": os.path.join(root, "train.csv"),
+            "test_table": os.path.join(root, "test.csv"),
+            "val_table": os.path.join(root, "val.csv")}
 
 
 def _count_rows(path: str) -> int:
@@ -169,6 +186,62 @@ def prepare_data(out: str, cfg: dict) -> dict:
                            motion=cfg["motion"])
     atomic_write_text(os.path.join(root, DATA_MANIFEST), json.dumps(cfg, indent=1))
     return dataset_paths(root)
+
+
+def write_custom_tables(paths: dict) -> None:
+    """The dataset as main.py's custom tables (--datatype custom): ``train.csv`` (video, caption, group: each
+    caption grouped with the same caption template of one order-swapped twin clip, for --batch_groups),
+    ``test.csv`` and ``val.csv`` (video, caption, order_twin: the caption with its two moves swapped, for the
+    order metric). Written from MSRVTT_data.json and order_probe.csv; unchanged files are not rewritten."""
+    import csv
+    import io
+
+    from demo.pretrain import read_specs
+    from runtime.files import atomic_write_text
+
+    with open(paths["data_path"], encoding="utf-8") as f:
+        sentences = json.load(f)["sentences"]
+    captions: dict[str, list[str]] = {}
+    for s in sentences:
+        captions.setdefault(s["video_id"], []).append(s["caption"])
+    specs = read_specs(paths["data_path"], "train")
+    # pair each clip with one twin (same colour and shape, the two moves in the other order)
+    waiting: dict[tuple, list[str]] = {}
+    partner: dict[str, str] = {}
+    for spec in specs:
+        twin_key = (spec.colour, spec.shape, spec.second, spec.first)
+        if waiting.get(twin_key):
+            other = waiting[twin_key].pop(0)
+            partner[spec.video_id], partner[other] = other, spec.video_id
+        else:
+            waiting.setdefault((spec.colour, spec.shape, spec.first, spec.second), []).append(spec.video_id)
+
+    def table(header, rows) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+        return buf.getvalue()
+
+    rows = []
+    for spec in specs:
+        first = min(spec.video_id, partner.get(spec.video_id, spec.video_id), key=lambda v: int(v[5:]))
+        rows += [(spec.video_id + ".mp4", c, f"{first}-{k}") for k, c in enumerate(captions[spec.video_id])]
+    files = {"train_table": table(("video", "caption", "group"), rows)}
+    with open(paths["probe_csv"], newline="", encoding="utf-8") as f:
+        probe = list(csv.DictReader(f))
+    for split in ("test", "val"):
+        files[f"{split}_table"] = table(("video", "caption", "order_twin"),
+                                        [(r["video_id"] + ".mp4", r["caption"], r["swapped"])
+                                         for r in probe if r["split"] == split])
+    for key, text in files.items():
+        try:
+            with open(paths[key], encoding="utf-8") as f:
+                if f.read() == text:
+                    continue
+        except OSError:
+            pass
+        atomic_write_text(paths[key], text)
 
 
 def prepare_frame_cache(paths: dict, max_frames: int) -> str:
@@ -244,11 +317,12 @@ def run_folder(out: str, cfg: dict, latent: str, eval_on: str, name: str | None 
     return os.path.join(out, name)
 
 
-def train_dgl(args, latent: str, paths: dict, eval_csv: str, pre_dir: str, clip_name: str, bpe: str,
-              run_dir: str) -> int:
+def main_py_command(args, latent: str, paths: dict, eval_table: str, pre_dir: str, clip_name: str, bpe: str,
+                    run_dir: str, order_negatives: str = "none") -> list[str]:
+    """The main.py command line of one demo run (``order_negatives``: that run's --order_negatives)."""
     cmd = [sys.executable, os.path.join(REPO, "main.py"), "--do_train", "1", "--do_eval", "1",
-           "--datatype", "msrvtt", "--train_csv", paths["train_csv"], "--val_csv", eval_csv,
-           "--data_path", paths["data_path"], "--features_path", paths["features_path"],
+           "--datatype", "custom", "--train_csv", paths["train_table"], "--val_csv", eval_table,
+           "--features_path", paths["features_path"],
            "--expand_msrvtt_sentences", "--feature_framerate", "3", "--slice_framepos", "2",
            "--max_words", str(MAX_WORDS), "--max_frames", str(args.max_frames),
            "--pretrained_dir", pre_dir, "--pretrained_clip_name", clip_name, "--bpe_path", bpe,
@@ -259,11 +333,19 @@ def train_dgl(args, latent: str, paths: dict, eval_csv: str, pre_dir: str, clip_
            "--lr", str(args.lr), "--wd", "0.2", "--warmup_proportion", "0.1", "--clip_grad_norm", "1.0",
            "--precision", "fp32", "--seed", str(args.seed), "--n_display", "10",
            "--device", "cpu", "--save_sim_matrix", "--frame_cache", paths["frame_cache"], "--output_dir", run_dir,
-           "--overwrite_output_dir"]  # a second demo starts its run over
+           "--overwrite_output_dir", *FIXED_KERNELS]  # a second demo starts its run over
+    if order_negatives != "none":
+        cmd += ["--order_negatives", order_negatives, "--order_negative_weight", str(args.order_negative_weight)]
+        if args.batch_groups:
+            cmd += ["--batch_groups"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.eval_precision:
         cmd += ["--eval_precision", args.eval_precision]
+    return cmd
+
+
+def train_dgl(cmd: list[str]) -> int:
     print("[demo] " + " ".join(cmd[1:]), flush=True)
     r = subprocess.run(cmd, cwd=REPO, check=False)
     if r.returncode != 0:
@@ -300,6 +382,7 @@ def main(argv=None) -> int:
     # 1. data: a folder per configuration
     cfg = data_config(args)
     paths = prepare_data(out, cfg)
+    write_custom_tables(paths)
     paths["frame_cache"] = prepare_frame_cache(paths, args.max_frames)
 
     # 2. BPE vocabulary
@@ -328,25 +411,32 @@ def main(argv=None) -> int:
               flush=True)
         return 0
 
-    # 4. train + evaluate DGL with main.py (the default latent space; --compare: the other one too)
+    # 4. train + evaluate DGL with main.py: the default run; --compare: without order negatives, and the
+    #    other latent space (without them)
     eval_csv = paths["val_csv"] if args.eval_on == "test" else paths["heldout_csv"]
-    latents = [args.shared_latent_space]
+    eval_table = paths["test_table"] if args.eval_on == "test" else paths["val_table"]
+    planned = [("run", args.shared_latent_space, args.order_negatives)]
     if args.compare:
-        latents.append("linear" if args.shared_latent_space == "transformer" else "transformer")
-    runs = {}
-    for latent in latents:
-        runs[latent] = run_folder(out, cfg, latent, args.eval_on,
-                                  None if args.run_name is None else f"{args.run_name}_{latent}")
-        rc = train_dgl(args, latent, paths, eval_csv, pre_dir, clip_name, bpe, runs[latent])
+        if args.order_negatives != "none":
+            planned.append(("run_plain", args.shared_latent_space, "none"))
+        other = "linear" if args.shared_latent_space == "transformer" else "transformer"
+        planned.append(("run_linear" if other == "linear" else "run_transformer", other, "none"))
+    runs = []
+    for name, latent, order in planned:
+        folder = run_folder(out, cfg, latent, args.eval_on,
+                            name if args.run_name is None else f"{args.run_name}_{name}")
+        rc = train_dgl(main_py_command(args, latent, paths, eval_table, pre_dir, clip_name, bpe, folder, order))
         if rc:
             return rc
-    run_dir = runs[args.shared_latent_space]
+        label = f"DGL-{latent.capitalize()}" + (" + order negatives" if order != "none" else "")
+        runs.append((label, folder))
+    run_dir = runs[0][1]
 
     # 5. QB-norm on the default run
-    qb = [sys.executable, os.path.join(REPO, "search_for_best_r1_with_qb_norm.py"), "--dataset", "msrvtt",
-          "--sim_matrix", os.path.join(run_dir, "msrvtt_sim_matrix.npy"),
-          "--train_test_t2v", os.path.join(run_dir, "msrvtt_train_test_t2v.npy"),
-          "--train_test_v2t", os.path.join(run_dir, "msrvtt_train_test_v2t.npy"),
+    qb = [sys.executable, os.path.join(REPO, "search_for_best_r1_with_qb_norm.py"), "--dataset", "custom",
+          "--sim_matrix", os.path.join(run_dir, "custom_sim_matrix.npy"),
+          "--train_test_t2v", os.path.join(run_dir, "custom_train_test_t2v.npy"),
+          "--train_test_v2t", os.path.join(run_dir, "custom_train_test_v2t.npy"),
           "--t2v_theta", "2", "--v2t_theta", "2", "--beta_step", "0.05"]
     print("[demo] " + " ".join(qb[1:]), flush=True)
     q = subprocess.run(qb, cwd=REPO, capture_output=True, text=True, check=False)
@@ -363,10 +453,9 @@ def main(argv=None) -> int:
     split = read_split(eval_csv, paths["probe_csv"], paths["features_path"], args.eval_on)
     rows = [("zero-shot: frozen CLIP, frames mean-pooled",
              zero_shot(build_clip(load_clip_state_dict(clip_path)), tok, split, args.max_frames, MAX_WORDS))]
-    for latent in ("transformer", "linear"):
-        if latent in runs:
-            loaded = load_model(clip_path, os.path.join(runs[latent], "ckpt.pth.tar"), bpe_path=bpe)
-            rows.append((f"DGL-{latent.capitalize()}, {args.epochs} epochs", trained_dgl(loaded.model, tok, split)))
+    for label, folder in sorted(runs, key=lambda r: ("Linear" in r[0], "order" in r[0])):
+        loaded = load_model(clip_path, os.path.join(folder, "ckpt.pth.tar"), bpe_path=bpe)
+        rows.append((f"{label}, {args.epochs} epochs", trained_dgl(loaded.model, tok, split)))
     table = format_table(rows, len(split.video_ids), args.eval_on)
     with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as f:
         results = json.load(f)

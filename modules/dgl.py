@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backends import same_attention_backends
 from .clip import CLIP, QuickGELU, ResidualAttentionBlock, build_clip, load_clip_state_dict
+from .order import order_column_bias, order_contrastive_loss, reorder_frames
 
 LATENT_SPACES = ("linear", "transformer")
 VISUAL_OUTPUT_TYPES = ("global_prompt0", "average_global_prompt", "average_frame_cls_token",
@@ -389,13 +390,30 @@ class DGL(nn.Module):
             v = F.normalize(video_features.float(), dim=-1)
             return self.clip.logit_scale.exp().float() * t @ v.t()
 
-    def forward(self, ids: torch.Tensor, video: torch.Tensor, video_mask: torch.Tensor) -> dict:
-        """Training step: symmetric InfoNCE over the batch gathered from every process."""
+    def forward(self, ids: torch.Tensor, video: torch.Tensor, video_mask: torch.Tensor,
+                frame_order: torch.Tensor | None = None, order_weight: float = 1.0) -> dict:
+        """Training step: symmetric InfoNCE over the batch gathered from every process.
+
+        ``frame_order`` (n, T), optional: order negatives (modules/order.py): each video is encoded again
+        with its frames in this order, and every caption scores those copies as extra text-to-video
+        negatives, their logits raised by log(order_weight). None: the published loss.
+        """
         prompts = self.prompts()
         text = self.encode_text(ids, prompts)
-        vid = self.encode_video(video, video_mask, prompts)
-        sim = self.similarity(gather_with_grad(text), gather_with_grad(vid))
-        return {"loss": contrastive_loss(sim), "sim": sim, "text_features": text, "video_features": vid}
+        if frame_order is None:
+            vid = self.encode_video(video, video_mask, prompts)
+            sim = self.similarity(gather_with_grad(text), gather_with_grad(vid))
+            return {"loss": contrastive_loss(sim), "sim": sim, "text_features": text, "video_features": vid}
+        n = video.shape[0]
+        both = self.encode_video(torch.cat([video, reorder_frames(video, frame_order)]),
+                                 torch.cat([video_mask, video_mask]), prompts)
+        vid, reordered = both[:n], both[n:]
+        all_text = gather_with_grad(text)
+        sim = self.similarity(all_text, gather_with_grad(vid))
+        order_sim = self.similarity(all_text, gather_with_grad(reordered))
+        bias = gather_with_grad(order_column_bias(frame_order, order_weight))
+        return {"loss": order_contrastive_loss(sim, order_sim, bias), "sim": sim, "order_sim": order_sim,
+                "text_features": text, "video_features": vid, "reordered_video_features": reordered}
 
     # ----------------------------------------------------------------------------- checkpoints
     @staticmethod

@@ -3,7 +3,8 @@
 # (transformer latent space, lr 2e-3, 5 epochs, 128 per GPU, 12 frames, 32 words, one sample per caption, AMP).
 # DATA_PATH holds train.csv and test.csv (or .tsv / .jsonl, one file per split: video, caption[, start, end, video_id]);
 # VIDEO_PATH is the folder their 'video' paths are relative to (default: DATA_PATH). Fine-tune a trained
-# DGL with --init_checkpoint <ckpt>. See docs/custom-data.md.
+# DGL with --init_checkpoint <ckpt>. Extra flags go to main.py, e.g. --order_negatives reverse --batch_groups
+# (a 'group' column in train.csv; docs/order.md). See docs/custom-data.md.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DATASET=custom
 parse_mode "$@"

@@ -66,6 +66,10 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
                         "test query at once (as TS2-Net / T-MASS report it)")
     g.add_argument("--dsl_temperature", type=finite_float, default=1.0,
                    help="DSL softmax temperature on the logit matrix (100 x cosine): 1 as published")
+    g.add_argument("--order_metric", type=int, default=1, choices=[0, 1],
+                   help="at every evaluation, the share of test captions whose video scores above the same video "
+                        "with its frames reversed (and, with an 'order_twin' column, above the order-swapped "
+                        "caption); costs one more pass over the test videos (0: skip it)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch compute threads per process (default: this process's cores minus the data-loader "
                         "workers; under torchrun the machine's cores are shared among its processes)")
@@ -138,6 +142,17 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
                    help="encode at most this many samples at once and cache the loss gradients (gradient "
                         "caching): the contrastive loss and gradients stay those of the whole batch of all "
                         "processes, on the memory of this chunk (0 = the whole micro-batch at once)")
+    g.add_argument("--order_negatives", type=str, default="none", choices=["none", "reverse", "shuffle"],
+                   help="opt-in (changes results): every training video is encoded again with its frames reversed "
+                        "(or shuffled, a seeded permutation that is never the identity) and each copy is one more "
+                        "text-to-video negative for every caption of the batch (TACT); about 1.5-2x the step time. "
+                        "none: the published loss")
+    g.add_argument("--order_negative_weight", type=float, default=1.0,
+                   help="alpha of the order negatives: log(alpha) is added to their logits (below 1 softens "
+                        "captions that fit the reversed video too, e.g. 'a man stands')")
+    g.add_argument("--batch_groups", type=int, nargs="?", const=1, default=0, choices=[0, 1],
+                   help="--datatype custom: put the training rows of one 'group' (a column of --train_csv) in "
+                        "the same global batch every epoch, e.g. a clip and its order-swapped twin")
     g.add_argument("--grad_checkpointing", type=int, nargs="?", const=1, default=0, choices=[0, 1],
                    help="recompute the vision blocks' activations in the backward pass instead of keeping "
                         "them (less memory, more compute; same results)")
@@ -152,6 +167,10 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
                         "exact and faster, the faster attention backend, the frozen backbone stored in bf16 "
                         "with --precision bf16 (0: PyTorch's defaults)")
 
+    g.add_argument("--fp32_path", type=str, default="auto", choices=["auto", "onednn", "mkl"],
+                   help="CPU fp32 matrix products: auto = oneDNN where a check shows it exact and a timing faster "
+                        "(with --cpu_tuning 1), or the path recorded in the --resume checkpoint; onednn (where "
+                        "exact) / mkl = that path on every run, whatever a timing would say")
     g.add_argument("--attention_backend", type=str, default="auto", choices=["auto", "math", "flash"],
                    help="attention kernel for training and evaluation: auto = on CPU the faster one, measured at "
                         "start-up (with --cpu_tuning 1), or the one recorded in the --resume checkpoint; math / "
@@ -269,6 +288,16 @@ def validate(args, parser) -> argparse.Namespace:
         err("--clip_grad_norm must be >= 0 (0 disables clipping)")
     if args.contrastive_chunk_size < 0:
         err("--contrastive_chunk_size must be >= 0 (0 = the whole micro-batch at once)")
+    if args.order_negatives != "none":
+        if not args.order_negative_weight > 0:
+            err(f"--order_negative_weight must be > 0, got {args.order_negative_weight}")
+        if args.max_frames < 2:
+            err(f"--order_negatives {args.order_negatives} needs at least 2 frames per video to reorder; "
+                f"--max_frames is {args.max_frames}")
+    if args.batch_groups and args.datatype != "custom":
+        err("--batch_groups needs --datatype custom (a 'group' column in --train_csv)")
+    if args.fp32_path == "auto":
+        args.fp32_path = None  # chosen at start-up (runtime.cpu), or the --resume checkpoint's
     if args.n_display < 1:
         err("--n_display must be >= 1")
     if args.num_thread_reader is not None and args.num_thread_reader < 0:

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from dataloaders.frame_cache import FrameCacheUse, describe_use
+from modules.order import format_order, frame_orders, order_metrics, reorder_frames, tie_tolerance
 from modules.metrics import DSL_LABEL, dsl_metrics, format_metrics, metrics_from_ranks, retrieval_ranks
 from training import distributed as D
 from training.gradcache import gradcache_step
@@ -41,18 +42,21 @@ def _to(batch: dict, device) -> dict:
 
 # ------------------------------------------------------------------------------------------ training
 def forward_backward(model, input_ids, video, video_mask, *, autocast, scale_loss,
-                     contrastive_chunk_size: int = 0, sync_grads: bool = True) -> torch.Tensor:
+                     contrastive_chunk_size: int = 0, sync_grads: bool = True,
+                     frame_order: torch.Tensor | None = None, order_weight: float = 1.0) -> torch.Tensor:
     """One micro-batch's loss and backward pass; returns the (unscaled) loss.
 
     The plain step, or gradient caching (training/gradcache.py) when ``contrastive_chunk_size`` is
     smaller than the micro-batch: the same loss and gradients with that many samples encoded at a time.
     ``scale_loss`` maps the loss to what is back-propagated (accumulation share, AMP scaling).
+    ``frame_order`` (n, T): order negatives (modules/order.py), None for the published loss.
     """
+    order = {} if frame_order is None else {"frame_order": frame_order, "order_weight": order_weight}
     if 0 < contrastive_chunk_size < input_ids.shape[0]:
         return gradcache_step(model, input_ids, video, video_mask, contrastive_chunk_size, autocast=autocast,
-                              scale_loss=scale_loss, sync_grads=sync_grads)
+                              scale_loss=scale_loss, sync_grads=sync_grads, **order)
     with autocast():
-        out = model(input_ids, video, video_mask)
+        out = model(input_ids, video, video_mask, **order)
         loss = out["loss"] if isinstance(out, dict) else out
     scale_loss(loss).backward()
     return loss
@@ -61,11 +65,12 @@ def forward_backward(model, input_ids, video, video_mask, *, autocast, scale_los
 def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, scaler, *, epoch: int,
                     global_step: int, accumulation: int, clip_grad_norm: float | None, n_display: int,
                     device, board=None, progress: bool = True, step_callback=None,
-                    contrastive_chunk_size: int = 0) -> dict:
+                    contrastive_chunk_size: int = 0, order_negatives=None) -> dict:
     """Train for one pass over ``loader``; returns dict(loss, global_step, replaced, steps, time).
 
     contrastive_chunk_size > 0 (smaller than the micro-batch): gradient caching (training/gradcache.py),
     the same loss and gradients with the encoders' activations of that many samples at a time.
+    order_negatives: a modules.order.OrderNegatives (extra text-to-video negatives), or None.
     """
     model.train()
     core = unwrap(model)
@@ -94,6 +99,7 @@ def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, sc
             replaced += int(flags.sum())
             seen += int(flags.numel())
         cache_use.update(batch)
+        frame_order = None if order_negatives is None else order_negatives.frame_order(batch, epoch)
         batch = _to(batch, device)
         data_time = time.time() - end
         if i % accumulation == 0:
@@ -103,7 +109,9 @@ def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, sc
         with sync:
             loss = forward_backward(model, batch["input_ids"], batch["video"], batch["video_mask"],
                                     autocast=precision.autocast, scale_loss=scale_loss,
-                                    contrastive_chunk_size=contrastive_chunk_size, sync_grads=update)
+                                    contrastive_chunk_size=contrastive_chunk_size, sync_grads=update,
+                                    frame_order=None if frame_order is None else frame_order.to(device),
+                                    order_weight=1.0 if order_negatives is None else order_negatives.weight)
             loss_value = float(loss.detach().float())
             if not math.isfinite(loss_value):
                 if scaler is None:
@@ -188,11 +196,13 @@ def encode_texts(core, text_dataset, batch_size, workers, device, precision, pro
 
 @torch.no_grad()
 def encode_videos(core, video_dataset, batch_size, workers, device, precision, progress=True, desc="video",
-                  cache_use: FrameCacheUse | None = None):
+                  cache_use: FrameCacheUse | None = None, with_reversed: bool = False):
     """Features of every video, each computed once; returns ((N, D) float32 CPU, sorted indices of the
-    videos flagged unreadable, which the caller leaves out). ``cache_use`` counts the frame cache's hits."""
+    videos flagged unreadable, which the caller leaves out). ``cache_use`` counts the frame cache's hits.
+    ``with_reversed``: a third item, the features of every video with its valid frames in reverse order
+    (the order metric; the frames are read once)."""
     idx = _shard(len(video_dataset))
-    feats, order, unreadable = [], [], []
+    feats, order, unreadable, reversed_feats = [], [], [], []
     it = _loader(Subset(video_dataset, idx), batch_size, workers, device)
     if progress:
         from tqdm import tqdm
@@ -205,10 +215,16 @@ def encode_videos(core, video_dataset, batch_size, workers, device, precision, p
             cache_use.update(batch)
         with precision.eval_video_autocast():
             f = core.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
+            if with_reversed:
+                backwards = reorder_frames(batch["video"], frame_orders(batch["video_mask"], "reverse"))
+                reversed_feats.append(core.encode_video(backwards.to(device), batch["video_mask"].to(device)).float())
         feats.append(f.float())
         order.append(torch.as_tensor(batch.get("video_index", torch.zeros(0))).to(device).long())
     out = _gather_in_order(feats, order, idx, device)
-    return out, sorted(D.all_gather_list(unreadable))
+    unreadable = sorted(D.all_gather_list(unreadable))
+    if with_reversed:
+        return out, unreadable, _gather_in_order(reversed_feats, order, idx, device)
+    return out, unreadable
 
 
 def _gather_in_order(feats, order, idx, device) -> torch.Tensor:
@@ -245,12 +261,14 @@ def similarity_matrix(core, text_feats: torch.Tensor, video_feats: torch.Tensor,
 
 
 def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, precision: Precision,
-             progress: bool = True, chunk: int = 1024, dsl: bool = False, dsl_temperature: float = 1.0) -> dict:
+             progress: bool = True, chunk: int = 1024, dsl: bool = False, dsl_temperature: float = 1.0,
+             order_metric: bool = False) -> dict:
     """Text-to-video and video-to-text metrics on a test dataset (every caption against every video).
 
     Returns dict(t2v, v2t, sim (np.ndarray, main process), ranks (0-based rank of the ground truth per
     caption / per video, main process), text_features, video_features, time, ...); with ``dsl`` also
-    ``dsl`` = dict(t2v, v2t, temperature) of the dual-softmax re-scored matrix (next to the plain metrics).
+    ``dsl`` = dict(t2v, v2t, temperature) of the dual-softmax re-scored matrix (next to the plain metrics);
+    with ``order_metric`` also ``order`` (see :func:`order_metrics`).
     """
     core = unwrap(model)
     was_training = core.training
@@ -258,11 +276,20 @@ def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, prec
     t0 = time.time()
     show = progress and D.is_main_process()
     cache_use = FrameCacheUse()
-    video_feats, unreadable = encode_videos(core, test_dataset.video_dataset(), batch_size, workers, device,
-                                            precision, show, cache_use=cache_use)
+    encoded = encode_videos(core, test_dataset.video_dataset(), batch_size, workers, device, precision, show,
+                            cache_use=cache_use, with_reversed=order_metric)
+    video_feats, unreadable = encoded[:2]
+    reversed_feats = encoded[2] if order_metric else None
     text_feats = encode_texts(core, test_dataset.text_dataset(), batch_size, workers, device, precision, show)
     cap_idx = torch.as_tensor(test_dataset.caption_video_index).long()
+    twins = list(getattr(test_dataset, "order_twins", None) or [None] * len(cap_idx))
     if unreadable:  # left out with their captions (--skip_bad_videos), never replaced
+        if reversed_feats is not None:
+            keep = torch.ones(reversed_feats.shape[0], dtype=torch.bool)
+            keep[unreadable] = False
+            reversed_feats = reversed_feats[keep]
+        dropped = set(unreadable)
+        twins = [t for t, v in zip(twins, cap_idx.tolist()) if v not in dropped]
         text_feats, video_feats, cap_idx = _without_videos(text_feats, video_feats, cap_idx, unreadable)
     result = {"num_captions": int(text_feats.shape[0]), "num_videos": int(video_feats.shape[0]),
               "unreadable_videos": unreadable, "captions_left_out": int(len(test_dataset.caption_video_index)
@@ -279,11 +306,36 @@ def evaluate(model, test_dataset, *, batch_size: int, workers: int, device, prec
                       v2t=metrics_from_ranks(ranks["v2t"]), multi_sentence=multi)
         if dsl:
             result["dsl"] = dsl_metrics(sim, *groups, temperature=dsl_temperature, return_ranks=True)
+        if order_metric:
+            twin_feats = None
+            if any(t is not None for t in twins):
+                twin_feats = encode_twin_captions(core, test_dataset, twins, batch_size, device, precision)
+            result["order"] = order_metrics(core, text_feats, video_feats, reversed_feats, cap_idx, twin_feats,
+                                            tie_tolerance(precision.eval_video_dtype))
     result = _share_metrics(result)
     result["time"] = time.time() - t0
     if was_training:
         core.train()
     return result
+
+
+@torch.no_grad()
+def encode_twin_captions(core, test_dataset, twins: list, batch_size: int, device, precision) -> torch.Tensor:
+    """(N, D) features of each caption's order-swapped twin (``order_twin`` column); NaN rows for none."""
+    rows = [i for i, t in enumerate(twins) if t]
+    dim = None
+    feats = {}
+    for s in range(0, len(rows), batch_size):
+        part = rows[s:s + batch_size]
+        ids = torch.stack([test_dataset.encode_text(twins[i]) for i in part]).to(device)
+        with precision.eval_autocast():
+            f = core.encode_text(ids).float().cpu()
+        dim = f.shape[1]
+        feats.update(zip(part, f))
+    out = torch.full((len(twins), dim or 1), float("nan"))
+    for i, f in feats.items():
+        out[i] = f
+    return out
 
 
 def _without_videos(text_feats, video_feats, cap_idx, drop: list[int]):
@@ -298,7 +350,7 @@ def _without_videos(text_feats, video_feats, cap_idx, drop: list[int]):
 def _share_metrics(result: dict) -> dict:
     if D.get_world_size() == 1:
         return result
-    shared = D.broadcast_object({k: result.get(k) for k in ("t2v", "v2t", "multi_sentence", "dsl")})
+    shared = D.broadcast_object({k: result.get(k) for k in ("t2v", "v2t", "multi_sentence", "dsl", "order")})
     result.update(shared)
     return result
 
@@ -315,7 +367,10 @@ def log_eval(result: dict, header: str) -> None:
     described = describe_use(result.get("frame_cache"), "evaluation")
     if described:
         log.log(*described)
+    if result.get("order"):
+        log.info("Order: %s", format_order(result["order"]))
     if result.get("unreadable_videos"):
         log.warning("%d test videos could not be decoded and were left out with their %d captions "
                     "(--skip_bad_videos): these metrics are not comparable to those on the full test set",
                     len(result["unreadable_videos"]), result["captions_left_out"])
+

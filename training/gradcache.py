@@ -37,12 +37,14 @@ import torch
 import torch.distributed as dist
 
 from modules.dgl import Prompts, contrastive_loss
+from modules.order import order_column_bias, order_contrastive_loss, reorder_frames
 
 
 def gradcache_step(model, ids: torch.Tensor, video: torch.Tensor, video_mask: torch.Tensor, chunk_size: int, *,
                    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
                    scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   sync_grads: bool = True) -> torch.Tensor:
+                   sync_grads: bool = True, frame_order: torch.Tensor | None = None,
+                   order_weight: float = 1.0) -> torch.Tensor:
     """Forward and backward of DGL's contrastive loss, encoding at most ``chunk_size`` samples at once.
 
     model: a DGL (or a DDP-wrapped one); ids (n, max_words), video (n, T, 3, H, W), video_mask (n, T):
@@ -54,6 +56,8 @@ def gradcache_step(model, ids: torch.Tensor, video: torch.Tensor, video_mask: to
         (a GradScaler's scale, a gradient-accumulation divisor). Default: the loss itself.
     sync_grads: sum the gradients over the processes after the backward (with gradient accumulation,
         pass True only on the micro-batch before the optimiser step, like DDP's ``no_sync``).
+    frame_order, order_weight: order negatives, as in ``DGL.forward``: the reordered copies are encoded
+        with their videos, chunk by chunk, and their columns gathered like the others.
     Returns the loss (detached, fp32), the same value on every process.
     """
     core = model.module if hasattr(model, "module") else model
@@ -70,9 +74,13 @@ def gradcache_step(model, ids: torch.Tensor, video: torch.Tensor, video_mask: to
         prompts = core.prompts()
     leaves = Prompts(*(_detached_leaf(p) for p in prompts))
 
+    if frame_order is not None:  # each video followed by its reordered copy: (n, 2, T, ...)
+        video = torch.stack([video, reorder_frames(video, frame_order)], dim=1)
+        video_mask = torch.stack([video_mask, video_mask], dim=1)
     text, vid, rng_states = _encode_without_graph(core, ids, video, video_mask, leaves, chunks, autocast)
     after_first_pass = _rng_state(device)
-    loss, text_grad, video_grad = _feature_gradients(core, text, vid, scale_loss)
+    bias = None if frame_order is None else order_column_bias(frame_order, order_weight)
+    loss, text_grad, video_grad = _feature_gradients(core, text, vid, scale_loss, bias)
     _backward_through_encoders(core, ids, video, video_mask, leaves, chunks, rng_states, text_grad, video_grad,
                                autocast)
     _set_rng_state(after_first_pass, device)
@@ -98,17 +106,32 @@ def _encode_without_graph(core, ids, video, video_mask, prompts, chunks, autocas
             states.append(_rng_state(video.device))
             with autocast():
                 text.append(core.encode_text(ids[s], prompts))
-                vid.append(core.encode_video(video[s], video_mask[s], prompts))
+                vid.append(_encode_videos(core, video[s], video_mask[s], prompts))
     return torch.cat(text), torch.cat(vid), states
 
 
-def _feature_gradients(core, text: torch.Tensor, vid: torch.Tensor, scale_loss):
-    """Step 2: the loss over the gathered batch and its gradient w.r.t. this process's features."""
+def _encode_videos(core, video, video_mask, prompts):
+    """(c, D) features of (c, T, ...) videos; (c, 2, D) of videos with their reordered copies (c, 2, T, ...)."""
+    if video_mask.dim() == 2:
+        return core.encode_video(video, video_mask, prompts)
+    c = video.shape[0]
+    feats = core.encode_video(video.transpose(0, 1).flatten(0, 1), video_mask.transpose(0, 1).flatten(0, 1),
+                              prompts)
+    return feats.view(2, c, -1).transpose(0, 1)
+
+
+def _feature_gradients(core, text: torch.Tensor, vid: torch.Tensor, scale_loss, order_bias=None):
+    """Step 2: the loss over the gathered batch and its gradient w.r.t. this process's features.
+    With order negatives ``vid`` is (n, 2, D) (each video and its reordered copy) and ``order_bias`` (n,)."""
     rank, world = _rank_and_world()
     all_text = _gather(text).requires_grad_()   # (R*n, D)
-    all_video = _gather(vid).requires_grad_()   # (R*n, D)
+    all_video = _gather(vid).requires_grad_()   # (R*n, D) or (R*n, 2, D)
     with torch.enable_grad():
-        loss = contrastive_loss(core.similarity(all_text, all_video))
+        if order_bias is None:
+            loss = contrastive_loss(core.similarity(all_text, all_video))
+        else:
+            loss = order_contrastive_loss(core.similarity(all_text, all_video[:, 0]),
+                                          core.similarity(all_text, all_video[:, 1]), _gather(order_bias))
         (scale_loss(loss) if scale_loss is not None else loss).backward()
     own = slice(rank * text.shape[0], (rank + 1) * text.shape[0])
     return loss.detach().float(), all_text.grad[own], all_video.grad[own]
@@ -121,7 +144,7 @@ def _backward_through_encoders(core, ids, video, video_mask, prompts, chunks, rn
         _set_rng_state(state, video.device)
         with autocast():
             t = core.encode_text(ids[s], prompts)
-            v = core.encode_video(video[s], video_mask[s], prompts)
+            v = _encode_videos(core, video[s], video_mask[s], prompts)
         torch.autograd.backward([t, v], [text_grad[s].to(t.dtype), video_grad[s].to(v.dtype)])
 
 

@@ -21,6 +21,7 @@ from dataloaders.base import BadVideoError
 from dataloaders.frame_cache import FrameCacheUse, describe_use
 from modules.backends import backend_name, backends_from_name
 from modules.checkpoints import CheckpointError, checkpoint_latent_space, is_own_checkpoint, load_checkpoint_file
+from modules.order import OrderNegatives
 from runtime.cpu import apply_cpu_settings, restore as restore_cpu_settings
 from runtime.errors import fail
 from runtime.files import OutputWriteError, atomic_np_save, atomic_torch_save
@@ -146,6 +147,9 @@ class Run:
         self.epochs_saved = None  # epochs completed in the newest ckpt.pth.tar of this folder
         self.left_out: dict = {}  # bad videos left out up front (--skip_bad_videos), per split
         self.resume_ckpt: dict | None = None
+        order = getattr(args, "order_negatives", "none") or "none"
+        self.order_negatives = (None if order == "none" else
+                                OrderNegatives(order, getattr(args, "order_negative_weight", 1.0), args.seed))
 
     # ---------------------------------------------------------------------------------- setup
     def describe_setup(self) -> None:
@@ -158,17 +162,20 @@ class Run:
         if self.precision.note:
             log.warning(self.precision.note)
         settings_args, recorded = self.args, None
+        given_path = getattr(self.args, "fp32_path", None)
         if self.args.resume:  # read first: its recorded fp32 product path is chosen before any product runs
             self.resume_ckpt = self._read_checkpoint(self.args.resume, "--resume")
             recorded = self.resume_ckpt.get("fp32_products")
-            if isinstance(recorded, dict) and recorded.get("device") == self.device.type and \
-                    recorded.get("path") in ("onednn", "mkl"):
+            if given_path is None and isinstance(recorded, dict) and recorded.get("device") == self.device.type \
+                    and recorded.get("path") in ("onednn", "mkl"):
                 settings_args = argparse.Namespace(**{**vars(self.args), "fp32_path": recorded["path"]})
             else:
                 recorded = None
         apply_cpu_settings(settings_args, self.device, self.core, self.precision)  # threads, BLAS, attention, bf16
         if recorded is not None and self.precision.fp32_path == recorded["path"]:
             self.precision.fp32_source = f"recorded in {self.args.resume}"
+        elif given_path is not None and self.precision.fp32_path == given_path:
+            self.precision.fp32_source = "--fp32_path"
         if info.distributed:  # one choice for all processes: each measured its own
             self._use_rank0_fp32_path(settings_args)
             self._use_attention_backends(rank0_attention_backends(self.precision), "rank 0's choice")
@@ -215,8 +222,11 @@ class Run:
             self.model = torch.nn.parallel.DistributedDataParallel(self.core, find_unused_parameters=True,
                                                                    **ddp_kwargs)
         if args.do_train:
-            self.sampler = DistributedSampler(self.train_ds, num_replicas=info.world_size, rank=info.rank,
-                                              shuffle=True, seed=args.seed, drop_last=True)
+            if getattr(args, "batch_groups", 0):
+                self.sampler = self._group_sampler()
+            else:
+                self.sampler = DistributedSampler(self.train_ds, num_replicas=info.world_size, rank=info.rank,
+                                                  shuffle=True, seed=args.seed, drop_last=True)
             self.loader = DataLoader(self.train_ds, batch_size=self.micro_batch, sampler=self.sampler,
                                      drop_last=True, num_workers=args.num_thread_reader,
                                      pin_memory=self.device.type == "cuda")
@@ -229,6 +239,26 @@ class Run:
                                          (args.beta1, args.beta2), args.eps)
         self.schedule = WarmupCosineSchedule(args.lr, total_steps, args.warmup_proportion, args.wd)
         self.scaler = self.precision.make_scaler()
+
+    def _group_sampler(self):
+        """--batch_groups: the rows of one 'group' in the same global batch (dataloaders/groups.py)."""
+        from dataloaders.base import AnnotationError
+        from dataloaders.groups import GroupBatchSampler
+
+        args, info = self.args, self.info
+        if not hasattr(self.train_ds, "item_groups"):
+            fail("--batch_groups needs --datatype custom (a 'group' column in --train_csv)")
+        try:
+            groups = self.train_ds.item_groups()
+            sampler = GroupBatchSampler(groups, self.micro_batch, info.world_size, info.rank, args.seed,
+                                        describe_batch=f" (--batch_size {args.batch_size} / "
+                                        f"--gradient_accumulation_steps {args.gradient_accumulation_steps} x "
+                                        f"{info.world_size} processes)")
+        except (AnnotationError, ValueError) as e:
+            fail(str(e))
+        log.info("--batch_groups: %d groups of the %d training items kept in one global batch of %d",
+                 len(sampler.members), len(groups), sampler.global_batch)
+        return sampler
 
     def load_resume_weights(self) -> None:
         """--resume: read the checkpoint and load its weights (before the data, so that a wrong file is found
@@ -384,7 +414,7 @@ class Run:
         args = self.args
         res = evaluate(self.model, self.test_ds, batch_size=args.batch_size_val, workers=args.num_thread_reader,
                        device=self.device, precision=self.precision, progress=self.progress, dsl=args.dsl,
-                       dsl_temperature=args.dsl_temperature)
+                       dsl_temperature=args.dsl_temperature, order_metric=bool(getattr(args, "order_metric", 1)))
         log_eval(res, f"evaluation ({tag}, epoch {epoch}, step {self.global_step})")
         if self.info.is_main:
             res["ranks_file"] = write_query_ranks(self.out_dir, res, self.test_ds, tag, epoch, self.global_step)
@@ -410,6 +440,8 @@ class Run:
             entry["frame_cache"] = res["frame_cache"]
         if train_stats and train_stats.get("frame_cache"):
             entry["train_frame_cache"] = train_stats["frame_cache"]
+        if res.get("order"):
+            entry["order"] = res["order"]
         entry.update(evaluation_extras(res))
         self.results["evaluations"].append(entry)
         if self.left_out:
@@ -444,6 +476,14 @@ class Run:
                  self.info.world_size, args.batch_size, self.micro_batch, args.gradient_accumulation_steps,
                  self.batches_per_epoch // args.gradient_accumulation_steps, self.start_epoch + 1, stop,
                  args.epochs, args.lr, args.precision)
+        if self.order_negatives is not None:
+            log.info("order negatives: every training video also %s as a text-to-video negative, weight %g",
+                     "reversed" if self.order_negatives.kind == "reverse" else "shuffled (seeded, never in order)",
+                     self.order_negatives.weight)
+            if getattr(getattr(self.core, "config", None), "shared_latent_space", None) == "linear":
+                log.warning("--order_negatives with the linear latent space: its video features do not depend on "
+                            "the frame order, so each copy scores like its own video (a negative equal to the "
+                            "positive); use --shared_latent_space transformer")
         for epoch in range(self.start_epoch, stop):
             stats = self.train_epoch(epoch)
             res = self.evaluate("epoch", epoch + 1, stats, final=(epoch + 1 == stop))
@@ -461,7 +501,8 @@ class Run:
                                 accumulation=args.gradient_accumulation_steps, clip_grad_norm=args.clip_grad_norm,
                                 n_display=args.n_display, device=self.device, board=self.board,
                                 progress=self.progress, step_callback=self._remember_loss,
-                                contrastive_chunk_size=args.contrastive_chunk_size)
+                                contrastive_chunk_size=args.contrastive_chunk_size,
+                                order_negatives=self.order_negatives)
         self.global_step = stats["global_step"]
         log.info("epoch %d/%d finished: train loss %.4f, %d steps, %.1fs", epoch + 1, args.epochs,
                  stats["loss"], stats["steps"], stats["time"])
