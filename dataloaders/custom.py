@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 EXTENSIONS = (".csv", ".tsv", ".jsonl")
 REQUIRED = ("video", "caption")
 COLUMNS = REQUIRED + ("start", "end", "video_id", "query", "group", "order_twin")  # the keys the tools read
-TEXT_COLUMNS = ("video", "caption", "query")
+TEXT_COLUMNS = ("video", "caption", "query", "group", "order_twin")
 MISSING_WRITTEN_OUT = ("nan", "none", "null")  # e.g. pandas' astype(str) of a missing value
 SEPARATORS = (("\t", "tab"), (",", "comma"), (";", "semicolon"))
 

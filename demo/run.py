@@ -76,7 +76,7 @@ def build_parser():
                    help="global visual prompts, which attend to every frame (default 4)")
     p.add_argument("--order_negatives", default="reverse", choices=["none", "reverse", "shuffle"],
                    help="order negatives of the default run (main.py --order_negatives; default reverse)")
-    p.add_argument("--order_negative_weight", type=float, default=1.0,
+    p.add_argument("--order_negative_weight", type=finite_float, default=1.0,
                    help="their weight (main.py --order_negative_weight; default 1)")
     p.add_argument("--batch_groups", type=int, default=1, choices=[0, 1],
                    help="with order negatives, put each training caption in the same batch as the same caption "

@@ -144,7 +144,7 @@ def match_entries(queries: list[dict], entries: list[dict], queries_path: str, i
         span = [r for r in candidates if _same_time(entries[r].get("start"), q["start"])
                 and _same_time(entries[r].get("end"), q["end"])]
         if not span:
-            held = [f"{entries[r]['start']:g}-{entries[r]['end']:g}" for r in candidates
+            held = [f"{entries[r]['start']!r}-{entries[r]['end']!r}" for r in candidates
                     if entries[r].get("start") is not None]
             what = f"its segments are {', '.join(held[:5])} s" if held else "it is indexed as a whole file only"
             raise _search_error(f"{queries_path} {q['line']} column 'start': the span {q['start']:g}-{q['end']:g} s "

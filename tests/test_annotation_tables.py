@@ -144,6 +144,8 @@ def test_other_columns_and_keys_are_kept_out_of_the_way(media, tmp_path):
 @pytest.mark.parametrize("text,message", [
     ("video,caption\na.mp4,nan\n", "a.csv line 2 column 'caption': 'nan' is a missing value written out"),
     ("video,caption\nNone,a yellow screen\n", "a.csv line 2 column 'video': 'None' is a missing value"),
+    ("video,caption,order_twin\na.mp4,left then up,NaN\n", "a.csv line 2 column 'order_twin': 'NaN' is a missing"),
+    ("video,caption,group\na.mp4,left then up,null\n", "a.csv line 2 column 'group': 'null' is a missing"),
 ])
 def test_missing_values_written_out_as_text_are_refused(media, tmp_path, text, message):
     with pytest.raises(AnnotationError, match=message):

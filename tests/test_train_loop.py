@@ -155,6 +155,8 @@ def test_schedule_matches_published_formula():
     t = 100
     assert s.lr_at(t) == pytest.approx(0.5 * 2e-3 * (1 + math.cos(math.pi * (t - 17.5) / (175 - 17.5))))
     assert s.lr_at(175) == pytest.approx(1e-8)
+    # steps past the end (epochs of --batch_groups can pack into more batches) stay at the floor
+    assert s.lr_at(200) == pytest.approx(1e-8) and s.lr_at(330) == pytest.approx(1e-8)
     assert total_optimization_steps(35, 2, 5) == 18 * 5
 
 

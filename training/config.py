@@ -147,7 +147,7 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
                         "(or shuffled, a seeded permutation that is never the identity) and each copy is one more "
                         "text-to-video negative for every caption of the batch (TACT); about 1.5-2x the step time. "
                         "none: the published loss")
-    g.add_argument("--order_negative_weight", type=float, default=1.0,
+    g.add_argument("--order_negative_weight", type=finite_float, default=1.0,
                    help="alpha of the order negatives: log(alpha) is added to their logits (below 1 softens "
                         "captions that fit the reversed video too, e.g. 'a man stands')")
     g.add_argument("--batch_groups", type=int, nargs="?", const=1, default=0, choices=[0, 1],

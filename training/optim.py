@@ -69,7 +69,9 @@ class WarmupCosineSchedule:
         self.floor = float(floor)
 
     def lr_at(self, step: int) -> float:
-        t = float(step)
+        # past total_steps (an epoch of --batch_groups can pack into more batches than the first one) the
+        # rate stays at the floor instead of climbing the cosine again
+        t = float(min(step, self.total_steps))
         w = self.warmup_steps
         if w > 0 and t <= w:
             lr = (t / w) * (self.base_lr - self.floor)
