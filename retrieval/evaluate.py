@@ -122,6 +122,12 @@ def _same_time(a, b) -> bool:
     return a is not None and b is not None and abs(float(a) - float(b)) <= TIME_TOLERANCE
 
 
+def _seconds_text(seconds: float) -> str:
+    """A time as short as it prints and still matches (frame-accurate ranges have times like 1234.566667)."""
+    short = f"{seconds:g}"
+    return short if _same_time(float(short), seconds) else repr(seconds)
+
+
 def match_entries(queries: list[dict], entries: list[dict], queries_path: str, index_dir: str) -> list[int]:
     """The index row of each query's relevant video: the entry of that path (whole-file entries carry no
     start/end) or, for a query with start/end, the segment entry of that path and span."""
@@ -144,7 +150,7 @@ def match_entries(queries: list[dict], entries: list[dict], queries_path: str, i
         span = [r for r in candidates if _same_time(entries[r].get("start"), q["start"])
                 and _same_time(entries[r].get("end"), q["end"])]
         if not span:
-            held = [f"{entries[r]['start']!r}-{entries[r]['end']!r}" for r in candidates
+            held = [f"{_seconds_text(entries[r]['start'])}-{_seconds_text(entries[r]['end'])}" for r in candidates
                     if entries[r].get("start") is not None]
             what = f"its segments are {', '.join(held[:5])} s" if held else "it is indexed as a whole file only"
             raise _search_error(f"{queries_path} {q['line']} column 'start': the span {q['start']:g}-{q['end']:g} s "

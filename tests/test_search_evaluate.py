@@ -182,6 +182,11 @@ def test_segments_are_matched_by_path_and_span():
                                           r"index \(its segments are 0-4, 4-8 s\)"):
         match_entries([{"line": "line 5", "video": "long.mp4", "path": "/v/long.mp4", "start": 2.0, "end": 6.0}],
                       entries, "q.csv", "idx")
+    # a frame-accurate range late in a long file: the span the refusal lists is one a query can copy
+    late = [{"id": "long.mp4#1", "path": "/v/long.mp4", "start": 1234.566667, "end": 1236.4}]
+    with pytest.raises(SearchError, match=r"its segments are 1234\.566667-1236\.4 s"):
+        match_entries([{"line": "line 6", "video": "long.mp4", "path": "/v/long.mp4", "start": 1234.0, "end": 1236.4}],
+                      late, "q.csv", "idx")
     with pytest.raises(SearchError, match=r"q.csv line 6 column 'video': the index holds long.mp4 only as "
                                           r"time-range segments"):
         match_entries([{"line": "line 6", "video": "long.mp4", "path": "/v/long.mp4", "start": None, "end": None}],
