@@ -36,25 +36,54 @@ class SplitError(AnnotationError):
     """Bad input; the message is one line naming the file and the line."""
 
 
-def read_rows(path: str, video_root: str = "") -> tuple[str, list[str] | None, list[tuple[int, object, str]]]:
-    """``(kind, header, rows)``; rows are ``(line number, row as read, video file)``: a list of values for
-    .csv/.tsv, the original text line for .jsonl (written back unchanged); the file is the canonical path
-    of the ``video`` value taken relative to ``video_root`` (``dataloaders.custom.video_file``). Read and
-    checked as ``--datatype custom`` reads and checks it, so a file that splits is a file that trains."""
+def read_rows(path: str, video_root: str = "") -> tuple[str, list[str] | None, list[tuple[int, object, str, str]]]:
+    """``(kind, header, rows)``; rows are ``(line number, row as read, video file, group)``: a list of values
+    for .csv/.tsv, the original text line for .jsonl (written back unchanged); the file is the canonical path
+    of the ``video`` value taken relative to ``video_root`` (``dataloaders.custom.video_file``); the group is
+    the ``group`` value ("" without one). Read and checked as ``--datatype custom`` reads and checks it, so a
+    file that splits is a file that trains."""
     group_videos(path, read_annotation_rows(path, video_root, warn=False))  # every check of training's
     kind, header, parsed = parse_rows(path, required=("video",))
-    return kind, header, [(number, raw, video_file(values["video"], video_root)) for number, raw, values in parsed]
+    return kind, header, [(number, raw, video_file(values["video"], video_root), values.get("group") or "")
+                          for number, raw, values in parsed]
 
 
-def split_files(videos: list[str], test_fraction: float, seed: int) -> set[str]:
-    """The video files of the test side: a seeded shuffle of the distinct files, the first
-    ``round(test_fraction * n)`` (clamped to 1 .. n - 1)."""
-    files = sorted(set(videos))
-    if len(files) < 2:
-        raise SplitError(f"need at least 2 distinct video files to split, found {len(files)}")
-    random.Random(seed).shuffle(files)
-    n_test = min(max(1, round(test_fraction * len(files))), len(files) - 1)
-    return set(files[:n_test])
+def split_units(rows) -> list[tuple[str, ...]]:
+    """The files that must stay on one side together, sorted: each file alone, except that files whose rows
+    share a ``group`` value (a clip and its order-swapped twin) are one unit, so that no group is split
+    between training and test."""
+    parent: dict[str, str] = {}
+
+    def root(f: str) -> str:
+        while parent[f] != f:
+            parent[f] = parent[parent[f]]
+            f = parent[f]
+        return f
+
+    first_of_group: dict[str, str] = {}
+    for _, _, file, group in rows:
+        parent.setdefault(file, file)
+        if group:
+            other = first_of_group.setdefault(group, file)
+            a, b = root(file), root(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    units: dict[str, list[str]] = {}
+    for f in parent:
+        units.setdefault(root(f), []).append(f)
+    return sorted(tuple(sorted(u)) for u in units.values())
+
+
+def split_files(units: list[tuple[str, ...]], test_fraction: float, seed: int) -> set[str]:
+    """The video files of the test side: a seeded shuffle of the units (:func:`split_units`; one file each
+    without groups), the files of the first ``round(test_fraction * n)`` (clamped to 1 .. n - 1)."""
+    units = sorted(units)
+    if len(units) < 2:
+        what = "video files" if all(len(u) == 1 for u in units) else "video files or groups of them"
+        raise SplitError(f"need at least 2 distinct {what} to split, found {len(units)}")
+    random.Random(seed).shuffle(units)
+    n_test = min(max(1, round(test_fraction * len(units))), len(units) - 1)
+    return {f for unit in units[:n_test] for f in unit}
 
 
 def render(kind: str, header: Optional[list[str]], rows: list[tuple[int, object, str]]) -> str:
@@ -63,8 +92,8 @@ def render(kind: str, header: Optional[list[str]], rows: list[tuple[int, object,
     buf = io.StringIO()
     writer = csv.writer(buf, delimiter="," if kind == "csv" else "\t", lineterminator="\n")
     writer.writerow(header)
-    for _, values, _ in rows:
-        writer.writerow(values)
+    for row in rows:
+        writer.writerow(row[1])
     return buf.getvalue()
 
 
@@ -102,7 +131,7 @@ def split_annotations(path: str, out_dir: str, test_fraction: float = 0.2, seed:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SplitError(f"--out_dir {out_dir} is a file, not a folder")
     kind, header, rows = read_rows(path, out_dir if video_root is None else video_root)
-    test_files = split_files([r[2] for r in rows], test_fraction, seed)
+    test_files = split_files(split_units(rows), test_fraction, seed)
     train = [r for r in rows if r[2] not in test_files]
     test = [r for r in rows if r[2] in test_files]
     out = {"train": os.path.join(out_dir, f"train.{kind}"), "test": os.path.join(out_dir, f"test.{kind}")}

@@ -253,6 +253,27 @@ def test_split_keeps_every_spelling_of_a_file_on_one_side(tmp_path, capsys):
         assert not names[0] & names[1] and len(names[0]) == len(names[1]) == 3
 
 
+def test_split_keeps_each_group_on_one_side(tmp_path, capsys):
+    """A clip and its order-swapped twin (two files, one group) never land on both sides."""
+    root = tmp_path / "videos"
+    root.mkdir()
+    lines = ["video,caption,group"]
+    for g in range(10):
+        lines += [f"c{g}a.mp4,left then up {g},g{g}", f"c{g}b.mp4,up then left {g},g{g}"]
+    lines += ["lone.mp4,a clip of its own,"]
+    ann = _write(tmp_path / "all.csv", "\n".join(lines) + "\n")
+    for seed in range(4):
+        out = tmp_path / f"s{seed}"
+        assert split_main([ann, "--out_dir", str(out), "--video_root", str(root), "--seed", str(seed),
+                           "--test_fraction", "0.5"]) == 0
+        capsys.readouterr()
+        sides = [{r[3] for r in read_rows(str(out / f"{side}.csv"), str(root))[2] if r[3]}
+                 for side in ("train", "test")]
+        assert sides[0] and sides[1] and not sides[0] & sides[1], sides
+        files = sum(len(read_rows(str(out / f"{side}.csv"), str(root))[2]) for side in ("train", "test"))
+        assert files == 21
+
+
 @pytest.mark.parametrize("text,message", [
     ("video,caption\na.mp4,one\nb.mp4,\n", "t.csv line 3 column 'caption': empty value"),
     ("video,caption,start,end\na.mp4,one,4,2\nb.mp4,two,,\n", "t.csv line 2 column 'start': 4 is not before end 2"),
