@@ -229,9 +229,7 @@ def cmd_index(args) -> int:
         fail("index needs --checkpoint (the DGL checkpoint training wrote, e.g. OUTPUT_DIR/ckpt.best.pth.tar): "
              "without trained prompts DGL draws them at random on every start, so its features mean nothing "
              "and no later query could use the index")
-    segmentation = _segmentation(args)
-    if segmentation is None and not os.path.isfile(os.path.join(args.index, "index.json")):
-        segmentation = DEFAULT
+    segmentation = _segmentation(args)  # None: the index's own, or DEFAULT for a new one (decided under its lock)
     loaded = _load(args)
     device = _device(args.device)
     recorded = _recorded_kernels(args.index)
@@ -248,7 +246,7 @@ def cmd_index(args) -> int:
                                      model_record=loaded.info, log=_log, segmentation=segmentation,
                                      resize_short_side=None if args.resize_short_side is None
                                      else bool(args.resize_short_side), decoder=args.video_decoder,
-                                     kernels=kernels, ranges=args.ranges)
+                                     kernels=kernels, ranges=args.ranges, new_index_segmentation=DEFAULT)
     finally:
         restore()
     videos = len({e["path"] for e in index.entries})

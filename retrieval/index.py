@@ -319,7 +319,8 @@ class VideoIndex:
               workers: int = 0, precision: str = "auto", shard_size: int = 256, progress: bool = False,
               model_record: dict | None = None, on_shard=None, log=print, segmentation: Segmentation | None = None,
               resize_short_side: bool | None = None, decoder: str | None = None,
-              kernels: dict | None = None, ranges: str | None = None) -> "VideoIndex":
+              kernels: dict | None = None, ranges: str | None = None,
+              new_index_segmentation: Segmentation | None = None) -> "VideoIndex":
         """Encode the videos under ``paths`` (files or folders, recursively) with ``model``.
 
         With ``index_dir`` the index is written there in shards of ``shard_size`` entries and an
@@ -331,7 +332,9 @@ class VideoIndex:
         read by the datasets' span rule): None takes an existing index's record; a value other than the
         record is refused. ``kernels``: the attention backend and fp32
         product path the entries are computed with, recorded by the first run (later runs read them back,
-        so that a resumed or grown index equals one uninterrupted run).
+        so that a resumed or grown index equals one uninterrupted run). ``new_index_segmentation``: the
+        segmentation a new index gets when ``segmentation`` is None, decided under the writer lock (a run
+        that waited for another may find the index that run created).
         """
         if batch_size < 1 or shard_size < 1 or workers < 0:
             raise SearchError(f"batch_size and shard_size must be >= 1 and workers >= 0 "
@@ -357,6 +360,14 @@ class VideoIndex:
         # after the first run's commit), so both runs' entries end in the index
         with writer_lock(index_dir, log) if index_dir else contextlib.nullcontext():
             if index_dir:
+                if segmentation is None and not os.path.isfile(os.path.join(index_dir, "index.json")):
+                    segmentation = new_index_segmentation
+                recorded = (cls._read_meta(index_dir).get("kernels")
+                            if kernels is not None and os.path.isfile(os.path.join(index_dir, "index.json")) else None)
+                if recorded and recorded.get("device") == kernels.get("device") and recorded != kernels:
+                    raise SearchError(f"{index_dir} records other kernels ({recorded}) than this run computes with "
+                                      f"({kernels}): another index run created it while this one waited; run "
+                                      "the same command again (it then computes with the recorded ones)")
                 index = cls._open_for_update(index_dir, record, wanted, segmentation, log, kernels)
             else:
                 sampling = transform_record(**{k: (TRANSFORM_DEFAULTS.get(k) if v is None else v)

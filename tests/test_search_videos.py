@@ -323,3 +323,27 @@ def test_bad_inputs_one_line_each(world, tmp_path, capsys):
     (idx / "index.json").write_text("{not json")
     one_line_error(["query", "a red square", *q], "index.json is unreadable")
     assert len(list((idx / "shards").glob("shard-*.npz"))) >= 1
+
+
+def test_a_run_that_waited_takes_the_index_it_finds(world, tmp_path, loaded):
+    """What a run that waited for the writer lock decides is decided under the lock: with no segmentation
+    flags it takes the index another run created meanwhile (not the default of a new index), and kernels
+    other than the ones that run recorded are refused in one line, nothing written."""
+    from retrieval.index import SearchError
+    from retrieval.segments import Segmentation
+
+    idx = str(tmp_path / "idx")
+    made_first = Segmentation(mode="windows", window=1.0, stride=1.0)
+    first = {"device": "cpu", "attention": "math", "fp32_products": None}
+    VideoIndex.build(loaded.model, [world.videos], index_dir=idx, precision="fp32", log=None,
+                     segmentation=made_first, kernels=first)
+    before = open(os.path.join(idx, "index.json")).read()
+    again = VideoIndex.build(loaded.model, [world.videos], index_dir=idx, precision="fp32", log=None,
+                             new_index_segmentation=Segmentation(), kernels=first)
+    assert again.segmentation.to_dict() == made_first.to_dict()
+    assert json.loads(before)["segmentation"] == json.loads(open(os.path.join(idx, "index.json")).read())["segmentation"]
+    before = open(os.path.join(idx, "index.json")).read()
+    with pytest.raises(SearchError, match="records other kernels"):
+        VideoIndex.build(loaded.model, [world.videos], index_dir=idx, precision="fp32", log=None,
+                         kernels={**first, "attention": "flash"})
+    assert open(os.path.join(idx, "index.json")).read() == before
