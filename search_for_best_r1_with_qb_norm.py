@@ -27,6 +27,8 @@ import sys
 
 import numpy as np
 
+from analysis.evaluate_sim_matrix import read_score_matrix
+
 
 def build_parser() -> argparse.ArgumentParser:
     from runtime.errors import OneLineArgumentParser, finite_float
@@ -63,27 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(parser, path: str, what: str) -> np.ndarray:
-    if not os.path.isfile(path):
-        parser.error(f"{what} file not found: {path}")
-    try:
-        a = np.load(path)
-    except Exception as e:  # noqa: BLE001 - reported as one line
-        parser.error(f"cannot read {what} {path}: {e}")
-    if not isinstance(a, np.ndarray):  # an .npz archive (or a checkpoint, which is a zip file)
-        parser.error(f"{what} {path}: not a .npy array (an .npz or zip archive)")
-    if a.ndim != 2:
-        parser.error(f"{what} {path} must be a 2-D matrix, got shape {a.shape}")
-    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
-        parser.error(f"{what} {path} must hold real similarities, got {a.dtype}")
-    bad = np.argwhere(~np.isfinite(a))
-    if len(bad):
-        r, c = (int(x) for x in bad[0])
-        parser.error(f"{what} {path} row {r} column {c} is {a[r, c]} ({len(bad)} entries are not finite): the "
-                     f"similarities must be finite numbers")
-    return a
-
-
 def check_bank_is_not_the_test(parser, bank, queries, bank_flag: str, bank_path: str, queries_what: str):
     """Refuse a bank whose rows include every test query's row of scores (the test matrix passed as the bank:
     QB-norm would normalise each test query with itself), one line naming the bank row; returns a note saying
@@ -116,7 +97,7 @@ def select_beta_on_bank(args, parser, sim_path, sim, betas, log):
     tt_path = args.train_train or os.path.join(folder, f"{args.dataset}_train_train_t2v.npy")
     gt_path = args.train_train_gt or (tt_path[:-len("_t2v.npy")] + "_gt.npy" if tt_path.endswith("_t2v.npy")
                                       else os.path.splitext(tt_path)[0] + "_gt.npy")
-    train_train = _load(parser, tt_path, "--train_train")
+    train_train = read_score_matrix(parser, tt_path, "--train_train")
     if not os.path.isfile(gt_path):
         parser.error(f"--train_train_gt file not found: {gt_path}")
     gt = np.load(gt_path)
@@ -186,9 +167,9 @@ def main(argv=None) -> int:
         parser.error("--t2v_k and --v2t_k must be >= 1")
     if args.cv_folds < 2 or (args.cv_gallery_size is not None and args.cv_gallery_size < 1):
         parser.error("need --cv_folds >= 2 and --cv_gallery_size >= 1")
-    sim = _load(parser, sim_path, "--sim_matrix")
-    t2v = _load(parser, t2v_path, "--train_test_t2v")
-    v2t = _load(parser, v2t_path, "--train_test_v2t")
+    sim = read_score_matrix(parser, sim_path, "--sim_matrix")
+    t2v = read_score_matrix(parser, t2v_path, "--train_test_t2v")
+    v2t = read_score_matrix(parser, v2t_path, "--train_test_v2t")
     if sim.shape[0] != sim.shape[1]:
         parser.error(f"--sim_matrix must be square (caption i <-> video i), got {sim.shape}")
     if t2v.shape[1] != sim.shape[1]:

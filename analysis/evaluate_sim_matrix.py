@@ -51,19 +51,26 @@ def _read_array(parser, path: str, flag: str) -> np.ndarray:
     return array
 
 
-def _load_inputs(parser, args):
-    if not os.path.isfile(args.sim_matrix):
-        parser.error(f"--sim_matrix file not found: {args.sim_matrix}")
-    sim = _read_array(parser, args.sim_matrix, "--sim_matrix")
+def read_score_matrix(parser, path: str, flag: str) -> np.ndarray:
+    """A 2-D matrix of finite real scores from a .npy file, or one line naming the flag, the file and (for a
+    score that is not finite) its row and column."""
+    if not os.path.isfile(path):
+        parser.error(f"{flag} file not found: {path}")
+    sim = _read_array(parser, path, flag)
     if sim.ndim != 2:
-        parser.error(f"--sim_matrix {args.sim_matrix} must be a 2-D matrix, got shape {sim.shape}")
+        parser.error(f"{flag} {path} must be a 2-D matrix, got shape {sim.shape}")
     if not np.issubdtype(sim.dtype, np.number) or np.issubdtype(sim.dtype, np.complexfloating):
-        parser.error(f"--sim_matrix {args.sim_matrix} must hold real similarities, got {sim.dtype}")
+        parser.error(f"{flag} {path} must hold real similarities, got {sim.dtype}")
     bad = np.argwhere(~np.isfinite(sim))
     if len(bad):
         r, c = (int(x) for x in bad[0])
-        parser.error(f"--sim_matrix {args.sim_matrix} row {r} column {c} is {sim[r, c]} ({len(bad)} entries are "
-                     f"not finite): the similarities must be finite numbers")
+        parser.error(f"{flag} {path} row {r} column {c} is {sim[r, c]} ({len(bad)} entries are not finite): the "
+                     f"similarities must be finite numbers")
+    return sim
+
+
+def _load_inputs(parser, args):
+    sim = read_score_matrix(parser, args.sim_matrix, "--sim_matrix")
     index_path = args.caption_video_index or _default_index_path(args.sim_matrix)
     index = None
     if index_path is not None:
