@@ -84,6 +84,9 @@ def build_parser():
     p.add_argument("--compare", action="store_true",
                    help="also train the same latent space without order negatives, and DGL-Linear, with the same "
                         "settings, and add them to the table")
+    p.add_argument("--retrain", action="store_true",
+                   help="train every run again, even one already trained with the same settings (a rerun reuses "
+                        "a finished run whose main.py command, data and CLIP file are unchanged)")
     p.add_argument("--eval_on", default="test", choices=["test", "val"],
                    help="evaluate (and print the table) on the test clips or on the validation clips")
     p.add_argument("--run_name", default=None,
@@ -345,12 +348,51 @@ def main_py_command(args, latent: str, paths: dict, eval_table: str, pre_dir: st
     return cmd
 
 
-def train_dgl(cmd: list[str]) -> int:
+RUN_RECORD = "demo_run.json"
+
+
+def run_record(cmd: list[str], paths: dict, clip_path: str) -> dict:
+    """What a demo run was trained from: main.py's arguments (the interpreter aside) and the identity of the
+    data and of the pre-trained CLIP file (regenerated files have new modification times)."""
+    def identity(path):
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+
+    return {"main_py": cmd[1:], "data": identity(os.path.join(paths["root"], DATA_MANIFEST)),
+            "clip": identity(clip_path)}
+
+
+def finished_run(folder: str, record: dict) -> bool:
+    """True when ``folder`` holds a run that finished with exactly ``record``'s settings: its record (written
+    after main.py succeeded), final checkpoint and results are all there."""
+    try:
+        with open(os.path.join(folder, RUN_RECORD), encoding="utf-8") as f:
+            if json.load(f) != record:
+                return False
+    except (OSError, ValueError):
+        return False
+    return all(os.path.isfile(os.path.join(folder, n)) for n in ("ckpt.pth.tar", "results.json"))
+
+
+def train_dgl(cmd: list[str], folder: str, record: dict, retrain: bool) -> int:
+    """Train and evaluate one run with main.py, or reuse the finished run with the same record."""
+    from runtime.files import atomic_write_text
+
+    if not retrain and finished_run(folder, record):
+        print(f"[demo] {folder}: already trained with these settings, reused (--retrain trains it again)",
+              flush=True)
+        return 0
+    try:  # the record goes first: an interrupted or failed run is never taken for a finished one
+        os.remove(os.path.join(folder, RUN_RECORD))
+    except FileNotFoundError:
+        pass
     print("[demo] " + " ".join(cmd[1:]), flush=True)
     r = subprocess.run(cmd, cwd=REPO, check=False)
     if r.returncode != 0:
         print(f"[demo] main.py failed with exit status {r.returncode}", file=sys.stderr)
-    return r.returncode
+        return r.returncode
+    atomic_write_text(os.path.join(folder, RUN_RECORD), json.dumps(record, indent=1))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -425,7 +467,8 @@ def main(argv=None) -> int:
     for name, latent, order in planned:
         folder = run_folder(out, cfg, latent, args.eval_on,
                             name if args.run_name is None else f"{args.run_name}_{name}")
-        rc = train_dgl(main_py_command(args, latent, paths, eval_table, pre_dir, clip_name, bpe, folder, order))
+        cmd = main_py_command(args, latent, paths, eval_table, pre_dir, clip_name, bpe, folder, order)
+        rc = train_dgl(cmd, folder, run_record(cmd, paths, clip_path), args.retrain)
         if rc:
             return rc
         label = f"DGL-{latent.capitalize()}" + (" + order negatives" if order != "none" else "")

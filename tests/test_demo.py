@@ -204,6 +204,43 @@ def test_a_folder_from_an_earlier_demo_version_is_regenerated(tmp_path, capsys):
     assert json.loads((folder / "demo_data.json").read_text())["version"] != 1
 
 
+def test_a_rerun_reuses_a_run_trained_with_the_same_settings_only(tmp_path, capsys):
+    """A finished demo run is reused when main.py's command, the data and the CLIP file are unchanged; any
+    change, --retrain, or a run that failed trains again (a fake main.py that counts its runs)."""
+    import sys
+
+    from demo.run import RUN_RECORD, run_record, train_dgl
+
+    root, folder, clip = tmp_path / "data", tmp_path / "run", tmp_path / "clip.pt"
+    root.mkdir()
+    (root / "demo_data.json").write_text("{}")
+    clip.write_bytes(b"weights")
+    counter, status = tmp_path / "count", tmp_path / "status"
+    status.write_text("0")
+    fake_main = ("import os, sys; f, c, s = sys.argv[1:4]; os.makedirs(f, exist_ok=True); "
+                 "open(c, 'a').write('x'); [open(os.path.join(f, n), 'w').close() "
+                 "for n in ('ckpt.pth.tar', 'results.json')]; sys.exit(int(open(s).read()))")
+    cmd = [sys.executable, "-c", fake_main, str(folder), str(counter), str(status)]
+    runs = lambda: len(counter.read_text()) if counter.exists() else 0  # noqa: E731
+
+    def train(retrain=False, command=cmd):
+        return train_dgl(command, str(folder), run_record(command, {"root": str(root)}, str(clip)), retrain)
+
+    assert train() == 0 and runs() == 1 and (folder / RUN_RECORD).is_file()
+    assert train() == 0 and runs() == 1                     # same settings: reused
+    assert "already trained with these settings, reused" in capsys.readouterr().out
+    assert train(command=cmd + ["--epochs", "3"]) == 0 and runs() == 2   # another command line
+    assert train(command=cmd + ["--epochs", "3"]) == 0 and runs() == 2
+    assert train(retrain=True, command=cmd + ["--epochs", "3"]) == 0 and runs() == 3
+    os.utime(clip, ns=(1, 1))                                # the CLIP file was made again
+    assert train(command=cmd + ["--epochs", "3"]) == 0 and runs() == 4
+    status.write_text("3")                                  # a run that fails leaves no record behind
+    assert train(retrain=True, command=cmd + ["--epochs", "3"]) == 3 and runs() == 5
+    assert not (folder / RUN_RECORD).exists()
+    status.write_text("0")
+    assert train(command=cmd + ["--epochs", "3"]) == 0 and runs() == 6
+
+
 def test_bad_demo_options_are_one_line_errors(capsys):
     for argv in (["--max_frames", "3"], ["--eval_on", "val", "--num_val", "0"], ["--num_test", "0"]):
         with pytest.raises(SystemExit) as e:
@@ -252,6 +289,7 @@ def test_demo_small(tmp_path):
     # a rerun reuses the data and the pre-trained CLIP and prints the same table
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     assert again.returncode == 0 and "pre-training the tiny CLIP" not in again.stdout
+    assert again.stdout.count("already trained with these settings, reused") == 3   # no run trained again
     assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == table
 
 
