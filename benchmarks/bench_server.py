@@ -131,6 +131,7 @@ def drive(base: str, queries: list[str], clients: int, time_limit: float) -> tup
     lock = threading.Lock()
     todo = list(queries)
     latencies, errors = [], [0]
+    parts = {"encode": [], "search": []}  # the server's own split (Server-Timing), seconds
     deadline = time.time() + time_limit
 
     def client():
@@ -146,6 +147,10 @@ def drive(base: str, queries: list[str], clients: int, time_limit: float) -> tup
                 with lock:
                     if r.status_code == 200:
                         latencies.append(dt)
+                        for item in r.headers.get("server-timing", "").split(","):
+                            name, _, dur = item.strip().partition(";dur=")
+                            if name in parts:
+                                parts[name].append(float(dur) / 1e3)
                     else:
                         errors[0] += 1
 
@@ -155,6 +160,7 @@ def drive(base: str, queries: list[str], clients: int, time_limit: float) -> tup
         t.start()
     for t in threads:
         t.join()
+    drive.parts = parts
     return latencies, time.perf_counter() - start, errors[0]
 
 
@@ -173,16 +179,31 @@ def server_recall(base: str, folder: str, model, tokenizer, queries: list[str], 
     import httpx
 
     from modules.tokenizer import tokenize
-    from retrieval.index import VideoIndex, entry_id
+    from retrieval.index import entry_id, read_shard
     from retrieval.search import exact_topk, recall_at_k
 
-    index = VideoIndex.open(folder)
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(folder, "shards", "shard-*.npz")))
     ids = tokenize(queries, max_words=model.config.max_words, tokenizer=tokenizer)
     with torch.no_grad():
         feats = torch.nn.functional.normalize(model.encode_text(ids, prompts=model.prompts()).float(), dim=-1)
-    _, rows = exact_topk(feats, (s.load_features() for s in index.shards), k)
-    entries = index.entries
-    exact = np.array([[entry_id(entries[r]) for r in row] for row in rows.tolist()])
+    counts = []
+
+    def shard_features():  # entries are not kept: 5M of them would not fit beside the server
+        for path in paths:
+            features, entries = read_shard(path)
+            counts.append(len(entries))
+            yield features
+
+    _, rows = exact_topk(feats, shard_features(), k)
+    starts = np.cumsum([0] + counts)
+
+    def entry(row: int) -> dict:
+        s = int(np.searchsorted(starts, row, side="right") - 1)
+        return read_shard(paths[s], entries_only=True)[1][row - starts[s]]
+
+    exact = np.array([[entry_id(entry(r)) for r in row] for row in rows.tolist()])
     with httpx.Client(base_url=base, timeout=120) as h:
         served = np.array([[hit["id"] for hit in h.get("/api/search", params={"q": q, "k": k}).json()["results"]]
                            for q in queries])
@@ -216,7 +237,9 @@ def bench_server(args, tmp: str, bpe: str) -> None:
           f"{'p95 / encoder':>13} | errors | start-up s | peak RSS MiB | recall@10 | search")
     for n in args.sizes:
         t = time.perf_counter()
-        folder = random_index(os.path.join(tmp, f"idx{n}"), n, model)
+        folder = os.path.join(args.index_dir or tmp, f"idx{n}")
+        if not os.path.isfile(os.path.join(folder, "index.json")):
+            random_index(folder, n, model)
         made_s = time.perf_counter() - t
         port = free_port()
         started = time.perf_counter()
@@ -239,6 +262,7 @@ def bench_server(args, tmp: str, bpe: str) -> None:
             drive(base, texts(8, 99 + n), 1, 60)  # warm-up
             single, _, e1 = drive(base, texts(args.requests // 4 if args.clients else args.requests, 11 + n), 1,
                                   args.time_limit)
+            split = dict(drive.parts)
             if args.clients:
                 many, wall, e8 = drive(base, texts(args.requests, 12 + n), args.clients, args.time_limit)
             recall = server_recall(base, folder, model, tokenizer, texts(args.recall_queries, 13 + n)) \
@@ -260,6 +284,9 @@ def bench_server(args, tmp: str, bpe: str) -> None:
         print(f"{n:>8} | {pct(single, 50):>9.1f} ms {pct(single, 95):>4.1f} ms | {many_cols} | {ratio:>13.1f} | "
               f"{e1 + e8:>6} | {startup_s:>10.1f} | {peak:>12.0f} | {recall:>9.3f} | {described}  "
               f"(index written in {made_s:.0f} s)", flush=True)
+        print(f"{'':>8}   1 client, the server's split (Server-Timing): text encoding p50 {pct(split['encode'], 50):.1f} / "
+              f"p95 {pct(split['encode'], 95):.1f} ms, search p50 {pct(split['search'], 50):.1f} / p95 "
+              f"{pct(split['search'], 95):.1f} ms", flush=True)
 
 
 def bench_indexing(args, tmp: str, bpe: str) -> None:
@@ -313,6 +340,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--clients", type=int, default=8, help="concurrent clients of the second run (0: none)")
+    p.add_argument("--index_dir", default=None, help="keep the random indexes (and their approximate search) "
+                                                     "in this folder and reuse them on the next run")
     p.add_argument("--backend", default="auto", choices=["auto", "exact", "approximate"], help="the server's --backend")
     p.add_argument("--recall_queries", type=int, default=50,
                    help="texts whose server answers are compared with exact search (0: no recall check)")

@@ -2,7 +2,8 @@
 
 * ``GET /``: the page (search box, result cards with score, range, frame strip and a player that starts
   at the range, "more like this"); it uses only the API below.
-* ``GET /api/search?q=TEXT&k=K&per_video=N`` -> ``{"results": [hit, ...]}``; a hit carries ``id``,
+* ``GET /api/search?q=TEXT&k=K&per_video=N`` -> ``{"results": [hit, ...]}`` (header ``Server-Timing``: the
+  milliseconds spent encoding the text and searching); a hit carries ``id``,
   ``path``, ``start``, ``end`` (seconds; None for a whole file), ``score``, ``range`` and the URLs of its
   video, frame strip and similar ranges.
 * ``GET /api/similar/{id}?k=K&per_video=N``: the ranges most like entry ``id`` (its stored feature).
@@ -32,6 +33,7 @@ import logging
 import mimetypes
 import os
 import threading
+import time
 from collections import OrderedDict
 
 import torch
@@ -140,14 +142,19 @@ class SearchService:
             self._texts.popitem(last=False)
         return feature
 
-    def search(self, text: str, k: int, per_video: int | None) -> dict:
+    def search(self, text: str, k: int, per_video: int | None, timings: dict | None = None) -> dict:
+        """``timings`` (when given) receives the seconds spent encoding the text and searching."""
         snap = self.current()
         with self._compute:
             try:
-                hits = snap.index.search_features(self._text_feature(snap, text), k, backend=snap.backend,
-                                                  per_video=per_video)[0]
+                started = time.perf_counter()
+                feature = self._text_feature(snap, text)
+                encoded = time.perf_counter()
+                hits = snap.index.search_features(feature, k, backend=snap.backend, per_video=per_video)[0]
             except SearchError as err:
                 raise ApiError(400, str(err)) from err
+            if timings is not None:
+                timings.update(encode=encoded - started, search=time.perf_counter() - encoded)
         return with_note({"query": text, "results": [self.hit_json(h) for h in hits]})
 
     def similar(self, eid: str, k: int, per_video: int | None) -> dict:
@@ -385,8 +392,11 @@ def create_app(service: SearchService, token: str | None = None, allowed_hosts: 
             raise ApiError(400, "q (the query text) is missing or empty")
         if len(q) > MAX_QUERY_CHARS:
             raise ApiError(400, f"q is longer than {MAX_QUERY_CHARS} characters")
-        return service.search(q.strip(), _int_param(k, "k", 10, 1, MAX_K),
-                              _int_param(per_video, "per_video", None, 1, MAX_K))
+        timings = {}
+        body = service.search(q.strip(), _int_param(k, "k", 10, 1, MAX_K),
+                              _int_param(per_video, "per_video", None, 1, MAX_K), timings)
+        return JSONResponse(body, headers={"Server-Timing": ", ".join(f"{name};dur={1e3 * seconds:.2f}"
+                                                                      for name, seconds in timings.items())})
 
     @app.get("/api/similar/{eid}")
     def api_similar(eid: str, k: str | None = None, per_video: str | None = None):

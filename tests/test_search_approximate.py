@@ -189,8 +189,10 @@ def test_server_status_says_which_search_answers(tmp_path):
         service = SearchService(folder, model, tokenizer, record["fingerprint"], log=lambda _: None, **options)
         client = TestClient(create_app(service, allowed_hosts=["testserver"]))
         status = client.get("/api/status").json()
-        found = client.get("/api/search", params={"q": "a red square", "k": 5}).json()["results"]
-        return service, client, status, found
+        answer = client.get("/api/search", params={"q": "a red square", "k": 5})
+        timing = dict(item.strip().split(";dur=") for item in answer.headers["server-timing"].split(","))
+        assert set(timing) == {"encode", "search"} and all(float(v) >= 0 for v in timing.values())
+        return service, client, status, answer.json()["results"]
 
     _, _, exact_status, exact_found = status_and_search()
     assert exact_status["search"] == {"mode": "exact", "reason": "below 200000 entries", "approximate_from": 200000}
@@ -206,3 +208,14 @@ def test_server_status_says_which_search_answers(tmp_path):
     forced = status_and_search(backend="exact", approximate_from=5000)[2]["search"]
     assert forced["mode"] == "exact" and forced["reason"] == "--backend exact"
     assert x.shape == (6000, 64)
+
+
+@pytest.mark.parametrize("command", ["query", "serve"])
+def test_approximate_from_must_be_positive(tmp_path, capsys, command):
+    from retrieval.cli import main
+
+    argv = [command, *(["a text"] if command == "query" else []), "--index", str(tmp_path), "--approximate_from", "0"]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err == ["search_videos.py: error: --approximate_from must be at least 1, got 0"]
