@@ -257,7 +257,8 @@ class ApproximateSearch:
     def recall_line(self) -> str:
         d = self.describe()
         settings = ", ".join(f"{key} {d[key]}" for key in ("nlist", "nprobe", "refine") if key in d)
-        return (f"approximate search (faiss {self.meta['kind']}, {settings}): recall@10 {d['recall_at_10']:.3f} "
+        return (f"approximate search (faiss {self.meta['kind']}{', ' + settings if settings else ''}): "
+                f"recall@{self.meta['recall']['k']} {d['recall_at_10']:.3f} "
                 f"against exact search, measured on {d['recall_queries']} held-out indexed entries when it was "
                 "built; --backend exact searches exactly")
 
