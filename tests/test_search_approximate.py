@@ -38,10 +38,18 @@ def commit(folder: str, model_record: dict, dim: int) -> None:
         "segmentation": Segmentation(mode="windows", window=8, stride=8).to_dict(), "dim": dim, "shards": shards})
 
 
+def clustered_rows(rng, n: int, d: int, clusters: int = 40) -> np.ndarray:
+    """Unit features around ``clusters`` centres (as real features cluster): a cheap index to search."""
+    centres = unit_rows(rng, clusters, d)
+    x = centres[rng.integers(clusters, size=n)] + 0.5 * unit_rows(rng, n, d)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 def random_index(folder: str, n: int, d: int, seed: int = 0, shard: int = 2048,
-                 model_record: dict | None = None) -> np.ndarray:
+                 model_record: dict | None = None, clustered: bool = False) -> np.ndarray:
     os.makedirs(os.path.join(folder, "shards"))
-    x = unit_rows(np.random.default_rng(seed), n, d)
+    rng = np.random.default_rng(seed)
+    x = clustered_rows(rng, n, d) if clustered else unit_rows(rng, n, d)
     for number, start in enumerate(range(0, n, shard)):
         add_shard(folder, number, x[start:start + shard], start)
     commit(folder, model_record or {"fingerprint": "f" * 64}, d)
@@ -112,14 +120,14 @@ def test_exact_path_unchanged_below_the_threshold(large):
 
 def small_copy(tmp_path, n: int = 6000, d: int = 32) -> tuple[str, np.ndarray]:
     folder = str(tmp_path / "idx")
-    return folder, random_index(folder, n, d, seed=1)
+    return folder, random_index(folder, n, d, seed=1, clustered=True)
 
 
 def test_an_index_that_grows_or_changes_is_never_searched_stale(tmp_path):
     folder, x = small_copy(tmp_path)
     VideoIndex.open(folder).approximate_search()
     # an index run adds a shard: the next reader rebuilds, and the new entries are found
-    new = unit_rows(np.random.default_rng(9), 500, 32)
+    new = clustered_rows(np.random.default_rng(9), 500, 32)
     add_shard(folder, 99, new, len(x))
     commit(folder, {"fingerprint": "f" * 64}, 32)
     index = VideoIndex.open(folder)
@@ -131,7 +139,7 @@ def test_an_index_that_grows_or_changes_is_never_searched_stale(tmp_path):
     hit = index.search_features(torch.from_numpy(new[123:124]), k=1)[0][0]
     assert hit.entry["start"] == ((6000 + 123) % 50) * 8.0 and abs(hit.score - 1) < 1e-5
     # an index run rewrites a shard (same count, other features): rebuilt again, not used
-    add_shard(folder, 0, unit_rows(np.random.default_rng(10), 2048, 32), 0)
+    add_shard(folder, 0, clustered_rows(np.random.default_rng(10), 2048, 32), 0)
     commit(folder, {"fingerprint": "f" * 64}, 32)
     lines = []
     VideoIndex.open(folder).approximate_search(log=lines.append)
@@ -183,7 +191,7 @@ def test_server_status_says_which_search_answers(tmp_path):
                 DGLConfig(max_frames=4, shared_latent_space="linear", unified_transformer_layers=1)).eval()
     record = describe_model(model)
     folder = str(tmp_path / "idx")
-    x = random_index(folder, 6000, model.clip.config.embed_dim, model_record=record)
+    x = random_index(folder, 6000, model.clip.config.embed_dim, model_record=record, clustered=True)
 
     def status_and_search(**options):
         service = SearchService(folder, model, tokenizer, record["fingerprint"], log=lambda _: None, **options)
