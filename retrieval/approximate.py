@@ -27,6 +27,7 @@ import json
 import math
 import os
 import struct
+import threading
 import time
 import zipfile
 from collections import OrderedDict
@@ -57,40 +58,43 @@ def choose_nlist(n: int) -> int:
 
 
 # ----------------------------------------------------------------------------------- exact rows on demand
-def _features_location(path: str) -> tuple[int, tuple, np.dtype]:
-    """(byte offset, shape, dtype) of the ``features`` array inside a shard (.npz, stored uncompressed)."""
-    with zipfile.ZipFile(path) as z:
+def _features_location(f) -> tuple[int, tuple, np.dtype]:
+    """(byte offset, shape, dtype) of the ``features`` array inside a shard (.npz, stored uncompressed),
+    read from the open binary file ``f``."""
+    with zipfile.ZipFile(f) as z:
         info = z.getinfo("features.npy")
         if info.compress_type != zipfile.ZIP_STORED:
             raise ValueError("features are compressed")
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        header = f.read(30)
-        if header[:4] != b"PK\x03\x04":
-            raise ValueError("bad zip member header")
-        name_len, extra_len = struct.unpack("<HH", header[26:30])
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        if fortran or len(shape) != 2:
-            raise ValueError("features are not a C-ordered matrix")
-        return f.tell(), shape, dtype
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if header[:4] != b"PK\x03\x04":
+        raise ValueError("bad zip member header")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    f.seek(info.header_offset + 30 + name_len + extra_len)
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if fortran or len(shape) != 2:
+        raise ValueError("features are not a C-ordered matrix")
+    return f.tell(), shape, dtype
 
 
 class ShardRows:
     """Rows of the features of an index's shard files, read on demand (``os.pread`` of the rows asked for).
 
-    The identity of each shard file (inode, size, modification time) is taken when it is first opened; a
-    file replaced since (an index run committed) is refused, as :meth:`retrieval.index.Shard.load_features`
-    refuses it."""
+    ``identities``: each shard file's (size, modification time) when the index was read; a file that is
+    not that one any more (an index run committed since and rewrote it) is refused, as
+    :meth:`retrieval.index.Shard.load_features` refuses it, and so is a file replaced after it was opened."""
 
-    def __init__(self, paths: list[str], counts: list[int], dim: int, max_open: int = 64):
+    def __init__(self, paths: list[str], counts: list[int], dim: int, identities: list[tuple] | None = None,
+                 max_open: int = 64):
         self.paths, self.dim = list(paths), int(dim)
+        self.identities = identities
         self.starts = np.cumsum([0, *counts])
         self._open: OrderedDict[int, tuple[int, int, np.dtype]] = OrderedDict()
         self._ident: dict[int, tuple] = {}
         self.max_open = max_open
+        self._lock = threading.Lock()  # the server's threads share the open files
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -100,16 +104,22 @@ class ShardRows:
             self._open.move_to_end(s)
             return self._open[s]
         path = self.paths[s]
+        fd = None
         try:
-            offset, shape, dtype = _features_location(path)
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            with os.fdopen(os.dup(fd), "rb") as f:  # the location is read from the very file kept open
+                offset, shape, dtype = _features_location(f)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-            raise SearchError(f"corrupt index shard {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            if fd is not None:
+                os.close(fd)
+            reason = str(err).splitlines()[0] if str(err) else "damaged or truncated"
+            raise SearchError(f"corrupt index shard {path} ({type(err).__name__}: {reason}); "
                               "run `search_videos.py index` again to re-encode its videos") from err
         st = os.fstat(fd)
         ident = (st.st_ino, st.st_size, st.st_mtime_ns)
         expected = int(self.starts[s + 1] - self.starts[s])
-        if self._ident.setdefault(s, ident) != ident or shape != (expected, self.dim):
+        if self._ident.setdefault(s, ident) != ident or shape != (expected, self.dim) or \
+                (self.identities is not None and tuple(self.identities[s]) != (st.st_size, st.st_mtime_ns)):
             os.close(fd)
             raise SearchError(f"the index shard {path} changed while it was being read (an index run finished "
                               "meanwhile): run the command again")
@@ -122,6 +132,10 @@ class ShardRows:
     def read(self, rows) -> np.ndarray:
         """float32 (len(rows), D) of the given row numbers (any order; -1 gives zeros): one ``preadv`` per
         row straight into the result, in file order."""
+        with self._lock:
+            return self._read(rows)
+
+    def _read(self, rows) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         out = np.zeros((len(rows), self.dim), np.float32)
         valid = np.flatnonzero(rows >= 0)
@@ -147,8 +161,9 @@ class ShardRows:
         return out
 
     def close(self) -> None:
-        while self._open:
-            os.close(self._open.popitem()[1][0])
+        with self._lock:
+            while self._open:
+                os.close(self._open.popitem()[1][0])
 
     def __del__(self):
         try:

@@ -11,8 +11,9 @@ Index folder::
                             frames_used, start and end (seconds of the range; None for a whole file),
                             segment ([i, n]: range i of the file's n)
     failed.json             the videos (or ranges) the last run could not read, with the reason
-    approximate.npz         the approximate search of a large index (retrieval.approximate): faiss
-                            codes, the index content they were built over, measured recall
+    approximate.faiss/.json the approximate search of a large index (retrieval.approximate): faiss
+                            codes, and the record of the index content they were built over, the
+                            settings and the recall measured against exact search
     ann-<kind>.faiss/.json  cached faiss index of --backend faiss-ivf / faiss-hnsw and its measured recall
     .index.lock             held by the run that writes (retrieval.locks): a second run waits
     .commit.lock            shared by readers, exclusive while a run commits
@@ -789,8 +790,9 @@ class VideoIndex:
             rows = MemoryRows(self.features().numpy())
             self._approximate = load_or_build(None, rows, lambda: [rows.features], self.shards_id(), log)
         else:
+            stats = [os.stat(s.path) for s in self.shards]
             rows = ShardRows([s.path for s in self.shards], [len(s.entries) for s in self.shards],
-                             self.features_dim())
+                             self.features_dim(), [(st.st_size, st.st_mtime_ns) for st in stats])
             chunks = (lambda: (s.load_features().numpy() for s in self.shards))
             self._approximate = load_or_build(self.root, rows, chunks, self.shards_id(), log)
         return self._approximate

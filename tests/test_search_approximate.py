@@ -150,6 +150,20 @@ def test_an_index_that_grows_or_changes_is_never_searched_stale(tmp_path):
     assert lines == []
 
 
+def test_a_shard_rewritten_under_a_searcher_is_refused(tmp_path):
+    from retrieval.model_io import SearchError
+
+    folder, x = small_copy(tmp_path)
+    VideoIndex.open(folder).approximate_search()
+    searcher = VideoIndex.open(folder).approximate_search()        # loaded: no shard opened yet
+    assert np.array_equal(searcher.rows.read([3, 2050]), x[[3, 2050]])  # shards 0 and 1 opened
+    add_shard(folder, 2, clustered_rows(np.random.default_rng(11), 1904, 32), 4096)  # an index run rewrites
+    with pytest.raises(SearchError, match="shard-000002.npz changed while it was being read"):
+        searcher.rows.read([4100])                                   # never opened before the rewrite
+    add_shard(folder, 0, clustered_rows(np.random.default_rng(12), 2048, 32), 0)
+    assert np.array_equal(searcher.rows.read([3]), x[[3]])         # still the file opened before
+
+
 def test_a_damaged_approximate_file_is_rebuilt_with_a_clear_line(tmp_path):
     folder, x = small_copy(tmp_path)
     VideoIndex.open(folder).approximate_search()
