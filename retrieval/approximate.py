@@ -172,26 +172,6 @@ class ShardRows:
             pass
 
 
-class MemoryRows:
-    """Rows of an in-memory feature matrix (an index that has no folder)."""
-
-    def __init__(self, features: np.ndarray):
-        self.features = np.ascontiguousarray(features, dtype=np.float32)
-        self.dim = self.features.shape[1]
-
-    def __len__(self) -> int:
-        return self.features.shape[0]
-
-    def read(self, rows) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        out = self.features[np.maximum(rows, 0)]
-        out[rows < 0] = 0
-        return out
-
-    def close(self) -> None:
-        pass
-
-
 # ----------------------------------------------------------------------------------- the search
 class MemoryRows:
     """Rows of an in-memory feature matrix (an index that has no folder)."""

@@ -241,3 +241,22 @@ def test_approximate_from_must_be_positive(tmp_path, capsys, command):
         main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and err == ["search_videos.py: error: --approximate_from must be at least 1, got 0"]
+
+
+def test_an_index_in_memory_searches_approximately_without_a_folder():
+    from retrieval.index import Shard
+
+    x = clustered_rows(np.random.default_rng(4), 5000, 16)
+    entries = [{"path": f"/videos/v{i // 50:05d}.mp4", "size": 1, "mtime_ns": 1, "start": (i % 50) * 8.0,
+                "end": (i % 50) * 8.0 + 8.0, "segment": [i % 50, 50]} for i in range(len(x))]
+    record = {"format": FORMAT, "model": {"fingerprint": "f" * 64}, "sampling": transform_record(4, 32),
+              "segmentation": Segmentation(mode="windows", window=8, stride=8).to_dict(), "dim": 16}
+    index = VideoIndex(None, record, [Shard(None, entries[:3000], torch.from_numpy(x[:3000])),
+                                      Shard(None, entries[3000:], torch.from_numpy(x[3000:]))])
+    index.approximate_from = 1000
+    queries = torch.from_numpy(x[[10, 3500]])
+    approx = index.search_features(queries, k=5)
+    assert index.describe_search()["mode"] == "approximate"
+    assert [[h.entry["start"] for h in q][0] for q in approx] == [80.0, 0.0]  # each query finds itself first
+    exact = index.search_features(queries, k=5, backend="exact")
+    assert recall_at_k(np.array(hits_rows(approx, index)), np.array(hits_rows(exact, index))) >= 0.8
