@@ -359,7 +359,7 @@ def build(rows, chunks, content_id: str, log=None, seed: int = 0, target: float 
             f" (below the target {target}: the most thorough settings tried)"
         log(f"approximate search built over {n} entries in {meta['build_seconds']} s: faiss {kind}"
             f"{''.join(f', {a} {b}' for a, b in meta['params'].items())}, recall@{k} "
-            f"{meta['recall']['recall_at_k']:.3f} on {len(held_out)} held-out entries{below}")
+            f"{meta['recall']['recall_at_k']:.4f} on {len(held_out)} held-out entries{below}")
     return searcher
 
 
