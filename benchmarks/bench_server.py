@@ -4,8 +4,13 @@ Server: an index of N random unit 512-d features (ranges of 50-range videos) ser
 application (retrieval.server, uvicorn, one process) on 127.0.0.1, with a DGL of CLIP ViT-B/32's shape
 (random weights: the text tower's cost is its shape's). Every request is a new text (the server caches
 text features; a repeated text would not be encoded). Reported per size: latency p50/p95 of
-``GET /api/search`` with 1 client and with 8 concurrent clients, requests/s with 8, and as the baseline
-measured in the same run, the text encoder alone (in this process).
+``GET /api/search`` with 1 client and with 8 concurrent clients (``--clients 0``: 1 client only),
+requests/s with 8, and as the baseline measured in the same run, the text encoder alone (in this process).
+Also per size: which search answered (``/api/status``: exact, or approximate with its settings and the
+recall it measured when built), the server's start-up time (reading the index and, for a large one,
+building the approximate search), its peak resident memory (VmHWM), and the recall@10 of the server's
+answers against exact search over the same features for ``--recall_queries`` texts (encoded here by the
+same model).
 
 Indexing: a generated long video (shots of known length) indexed with ``--segments windows`` and
 ``shots`` by a tiny DGL and by the ViT-B/32-shaped one, in ranges/s, against decoding the same ranges
@@ -13,6 +18,7 @@ only (``load_video(start=, end=)``, no model): the ratio says how much of indexi
 
     python benchmarks/bench_server.py                          # 10k and 100k ranges, 8 clients
     python benchmarks/bench_server.py --sizes 10000 --requests 80 --skip_indexing
+    python benchmarks/bench_server.py --sizes 1000000 --clients 0 --requests 200 --skip_indexing
 """
 from __future__ import annotations
 
@@ -97,7 +103,7 @@ def random_index(folder: str, n: int, model, shard: int = 8192, seed: int = 0) -
     return folder
 
 
-def serve_worker(index_dir: str, bpe: str, port: int, threads: int) -> None:
+def serve_worker(index_dir: str, bpe: str, port: int, threads: int, backend: str = "auto") -> None:
     """The server process: the same seeded model, the index, uvicorn on 127.0.0.1:port."""
     import uvicorn
 
@@ -107,7 +113,8 @@ def serve_worker(index_dir: str, bpe: str, port: int, threads: int) -> None:
     model, tokenizer = b32_model(bpe)
     from retrieval.model_io import model_fingerprint
 
-    service = SearchService(index_dir, model, tokenizer, model_fingerprint(model))
+    service = SearchService(index_dir, model, tokenizer, model_fingerprint(model), backend=backend,
+                            log=lambda message: print(message, file=sys.stderr, flush=True))
     uvicorn.run(create_app(service, allowed_hosts=["127.0.0.1"]), host="127.0.0.1", port=port, log_level="error")
 
 
@@ -124,6 +131,7 @@ def drive(base: str, queries: list[str], clients: int, time_limit: float) -> tup
     lock = threading.Lock()
     todo = list(queries)
     latencies, errors = [], [0]
+    parts = {"encode": [], "search": []}  # the server's own split (Server-Timing), seconds
     deadline = time.time() + time_limit
 
     def client():
@@ -139,6 +147,10 @@ def drive(base: str, queries: list[str], clients: int, time_limit: float) -> tup
                 with lock:
                     if r.status_code == 200:
                         latencies.append(dt)
+                        for item in r.headers.get("server-timing", "").split(","):
+                            name, _, dur = item.strip().partition(";dur=")
+                            if name in parts:
+                                parts[name].append(float(dur) / 1e3)
                     else:
                         errors[0] += 1
 
@@ -148,7 +160,54 @@ def drive(base: str, queries: list[str], clients: int, time_limit: float) -> tup
         t.start()
     for t in threads:
         t.join()
+    drive.parts = parts
     return latencies, time.perf_counter() - start, errors[0]
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def server_recall(base: str, folder: str, model, tokenizer, queries: list[str], k: int = 10) -> float:
+    """recall@k of the server's answers against exact search over the index's features (this process
+    encodes the texts with the same model; the ranges of the random index never overlap, so the server's
+    top-k ranges are its top-k entries)."""
+    import httpx
+
+    from modules.tokenizer import tokenize
+    from retrieval.index import entry_id, read_shard
+    from retrieval.search import exact_topk, recall_at_k
+
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(folder, "shards", "shard-*.npz")))
+    ids = tokenize(queries, max_words=model.config.max_words, tokenizer=tokenizer)
+    with torch.no_grad():
+        feats = torch.nn.functional.normalize(model.encode_text(ids, prompts=model.prompts()).float(), dim=-1)
+    counts = []
+
+    def shard_features():  # entries are not kept: 5M of them would not fit beside the server
+        for path in paths:
+            features, entries = read_shard(path)
+            counts.append(len(entries))
+            yield features
+
+    _, rows = exact_topk(feats, shard_features(), k)
+    starts = np.cumsum([0] + counts)
+
+    def entry(row: int) -> dict:
+        s = int(np.searchsorted(starts, row, side="right") - 1)
+        return read_shard(paths[s], entries_only=True)[1][row - starts[s]]
+
+    exact = np.array([[entry_id(entry(r)) for r in row] for row in rows.tolist()])
+    with httpx.Client(base_url=base, timeout=120) as h:
+        served = np.array([[hit["id"] for hit in h.get("/api/search", params={"q": q, "k": k}).json()["results"]]
+                           for q in queries])
+    return recall_at_k(served, exact)
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -175,30 +234,59 @@ def bench_server(args, tmp: str, bpe: str) -> None:
     print(f"baseline: text encoder alone (ViT-B/32 text tower shape, {args.threads} threads), median "
           f"{encode_ms:.1f} ms")
     print(f"{'ranges':>8} | {'1 client p50':>12} {'p95':>7} | {'8 clients p50':>13} {'p95':>7} {'req/s':>6} | "
-          f"{'p95 / encoder':>13} | errors")
+          f"{'p95 / encoder':>13} | errors | start-up s | peak RSS MiB | recall@10 | search")
     for n in args.sizes:
-        folder = random_index(os.path.join(tmp, f"idx{n}"), n, model)
+        t = time.perf_counter()
+        folder = os.path.join(args.index_dir or tmp, f"idx{n}")
+        if not os.path.isfile(os.path.join(folder, "index.json")):
+            random_index(folder, n, model)
+        made_s = time.perf_counter() - t
         port = free_port()
+        started = time.perf_counter()
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve_worker", folder, "--bpe_path", bpe,
-                                 "--port", str(port), "--threads", str(args.threads)], cwd=REPO)
+                                 "--port", str(port), "--threads", str(args.threads), "--backend", args.backend],
+                                cwd=REPO)
         base = f"http://127.0.0.1:{port}"
+        status, many, wall, e8 = {}, [], float("nan"), 0
         try:
-            deadline = time.time() + 300
-            while time.time() < deadline:
+            deadline = time.time() + args.start_limit
+            while time.time() < deadline and proc.poll() is None:
                 try:
-                    if httpx.get(base + "/api/status", timeout=5).status_code == 200:
+                    r = httpx.get(base + "/api/status", timeout=5)
+                    if r.status_code == 200:
+                        status = r.json()
                         break
                 except httpx.HTTPError:
                     time.sleep(0.5)
+            startup_s = time.perf_counter() - started
             drive(base, texts(8, 99 + n), 1, 60)  # warm-up
-            single, _, e1 = drive(base, texts(args.requests // 4, 11 + n), 1, args.time_limit)
-            many, wall, e8 = drive(base, texts(args.requests, 12 + n), args.clients, args.time_limit)
+            single, _, e1 = drive(base, texts(args.requests // 4 if args.clients else args.requests, 11 + n), 1,
+                                  args.time_limit)
+            split = dict(drive.parts)
+            if args.clients:
+                many, wall, e8 = drive(base, texts(args.requests, 12 + n), args.clients, args.time_limit)
+            recall = server_recall(base, folder, model, tokenizer, texts(args.recall_queries, 13 + n)) \
+                if args.recall_queries else float("nan")
+            peak = peak_rss_mib(proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-        print(f"{n:>8} | {pct(single, 50):>9.1f} ms {pct(single, 95):>4.1f} ms | {pct(many, 50):>10.1f} ms "
-              f"{pct(many, 95):>4.1f} ms {len(many) / wall:>6.1f} | {pct(many, 95) / encode_ms:>13.1f} | {e1 + e8}",
-              flush=True)
+        search = status.get("search", {})
+        described = search.get("mode", "?") + ("" if search.get("mode") != "approximate" else
+                                               f" ({search.get('kind')}; nprobe {search.get('nprobe')}/"
+                                               f"{search.get('nlist')}, refine {search.get('refine')}; built in "
+                                               f"{search.get('build_seconds')} s, recall@10 at build "
+                                               f"{search.get('recall_at_10')}; faiss file "
+                                               f"{search.get('index_mib')} MiB)")
+        many_cols = (f"{pct(many, 50):>10.1f} ms {pct(many, 95):>4.1f} ms {len(many) / wall:>6.1f}" if many
+                     else f"{'-':>13} {'-':>7} {'-':>6}")
+        ratio = pct(many, 95) / encode_ms if many else pct(single, 95) / encode_ms
+        print(f"{n:>8} | {pct(single, 50):>9.1f} ms {pct(single, 95):>4.1f} ms | {many_cols} | {ratio:>13.1f} | "
+              f"{e1 + e8:>6} | {startup_s:>10.1f} | {peak:>12.0f} | {recall:>9.3f} | {described}  "
+              f"(index written in {made_s:.0f} s)", flush=True)
+        print(f"{'':>8}   1 client, the server's split (Server-Timing): text encoding p50 {pct(split['encode'], 50):.1f} / "
+              f"p95 {pct(split['encode'], 95):.1f} ms, search p50 {pct(split['search'], 50):.1f} / p95 "
+              f"{pct(split['search'], 95):.1f} ms", flush=True)
 
 
 def bench_indexing(args, tmp: str, bpe: str) -> None:
@@ -251,7 +339,14 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients of the second run (0: none)")
+    p.add_argument("--index_dir", default=None, help="keep the random indexes (and their approximate search) "
+                                                     "in this folder and reuse them on the next run")
+    p.add_argument("--backend", default="auto", choices=["auto", "exact", "approximate"], help="the server's --backend")
+    p.add_argument("--recall_queries", type=int, default=50,
+                   help="texts whose server answers are compared with exact search (0: no recall check)")
+    p.add_argument("--start_limit", type=finite_float, default=3600.0,
+                   help="seconds at most for the server to start (reading the index, building its search)")
     p.add_argument("--requests", type=int, default=160, help="requests with --clients clients (a quarter with 1)")
     p.add_argument("--time_limit", type=finite_float, default=120.0, help="seconds at most per load run")
     p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
@@ -264,7 +359,7 @@ def main() -> int:
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_worker:
-        serve_worker(args.serve_worker, args.bpe_path, args.port, args.threads)
+        serve_worker(args.serve_worker, args.bpe_path, args.port, args.threads, args.backend)
         return 0
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; cpu flags: "
           + " ".join(sorted({f for f in ("avx512_bf16", "amx_bf16") if f in open("/proc/cpuinfo").read()})))

@@ -40,6 +40,13 @@ def _add_model_flags(p, required: bool) -> None:
     g.add_argument("--mask_padding_frames", type=int, choices=[0, 1], default=None)
 
 
+def _add_approximate_from(p) -> None:
+    from retrieval.approximate import APPROXIMATE_FROM
+
+    p.add_argument("--approximate_from", type=int, default=APPROXIMATE_FROM,
+                   help=f"--backend auto searches approximately from this many entries (default {APPROXIMATE_FROM})")
+
+
 def build_parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog=PROG, description="Search your own videos with a trained DGL.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineArgumentParser)
@@ -85,10 +92,13 @@ def build_parser() -> OneLineArgumentParser:
     q.add_argument("--video", default=None, help="a video as the query: the most similar videos")
     q.add_argument("-k", "--top_k", type=int, default=10, help="results (time ranges) per query")
     q.add_argument("--per_video", type=int, default=None, help="at most this many ranges of one video")
-    q.add_argument("--backend", default="auto", choices=["auto", "exact", "faiss", "faiss-ivf", "faiss-hnsw"],
-                   help="auto / exact: the built-in exact search (bounded memory); faiss: faiss's exact index; "
-                        "faiss-ivf / faiss-hnsw: approximate, for millions of videos (recall against exact is "
-                        "reported); faiss* need faiss-cpu")
+    q.add_argument("--backend", default="auto", choices=["auto", "exact", "approximate", "faiss", "faiss-ivf",
+                                                         "faiss-hnsw"],
+                   help="auto: exact below --approximate_from entries, approximate from there; exact: the built-in "
+                        "exact search (bounded memory); approximate: the index's approximate search (built once, "
+                        "kept beside the shards; its measured recall is printed); faiss: faiss's exact index; "
+                        "faiss-ivf / faiss-hnsw: other approximate indexes; all but exact need faiss-cpu")
+    _add_approximate_from(q)
     q.add_argument("--json", default=None, help="write the results as JSON to this file ('-': stdout, no table)")
     q.add_argument("--html", default=None, help="write a self-contained results page")
     _add_model_flags(q, required=False)
@@ -102,6 +112,10 @@ def build_parser() -> OneLineArgumentParser:
                                                   f"of the machine in `ps`: prefer --token_file or ${TOKEN_ENV}")
     sv.add_argument("--token_file", default=None, help="read the token from this file (its first line)")
     sv.add_argument("--no_auth", action="store_true", help="allow binding off loopback without --token")
+    sv.add_argument("--backend", default="auto", choices=["auto", "exact", "approximate"],
+                    help="auto: exact below --approximate_from entries, approximate from there (needs faiss-cpu); "
+                         "exact or approximate: always that one")
+    _add_approximate_from(sv)
     _add_model_flags(sv, required=False)
 
     v = sub.add_parser("visualize", help="a PNG of what the global prompts attend to in a video")
@@ -254,6 +268,7 @@ def cmd_index(args) -> int:
           f"{len(index.shards)} shard(s), {index.record.get('precision', 'fp32')} features")
     print(f"kernels: attention {kernels['attention']}, fp32 products {kernels['fp32_products'] or 'default'} "
           f"({'as recorded in the index' if recorded else 'chosen by timing, recorded in the index'})")
+    _approximate_after_indexing(args.index)
     if index.failed:
         print(f"{len(index.failed)} video(s) or range(s) could not be read and were skipped "
               f"(listed in {os.path.join(args.index, 'failed.json')}):")
@@ -261,6 +276,26 @@ def cmd_index(args) -> int:
             where = f" {format_range(f['start'], f['end'])}" if f.get("start") is not None else ""
             print(f"  {f['path']}{where}: {f['reason']}")
     return 0
+
+
+def _approximate_after_indexing(index_dir: str) -> None:
+    """A large index gets its approximate search built now (retrieval.approximate), not at the first query;
+    a failure leaves the index as it is (the first search builds it again) and says so."""
+    from retrieval.approximate import APPROXIMATE_FROM
+    from retrieval.index import VideoIndex
+    from retrieval.locks import reading
+    from retrieval.model_io import SearchError
+    from retrieval.search import faiss_available
+    from runtime.files import OutputWriteError
+
+    try:
+        with reading(index_dir):
+            index = VideoIndex.open(index_dir)
+            if len(index) >= APPROXIMATE_FROM and faiss_available():
+                index.approximate_search(log=_log)
+    except (SearchError, OutputWriteError) as err:
+        _log(f"warning: the approximate search was not built ({str(err).splitlines()[0]}); the first search "
+             "builds it")
 
 
 def _read_queries(args) -> list[str]:
@@ -313,6 +348,11 @@ def stale_hits_note(hits) -> str | None:
             "the index")
 
 
+def _check_approximate_from(args) -> None:
+    if args.approximate_from < 1:
+        fail(f"--approximate_from must be at least 1, got {args.approximate_from}")
+
+
 def cmd_query(args) -> int:
     from retrieval.index import VideoIndex
 
@@ -324,6 +364,7 @@ def cmd_query(args) -> int:
         fail(f"-k must be at least 1, got {args.top_k}")
     if args.per_video is not None and args.per_video < 1:
         fail(f"--per_video must be at least 1, got {args.per_video}")
+    _check_approximate_from(args)
     from retrieval.locks import reading
 
     record = VideoIndex._read_meta(args.index)
@@ -332,6 +373,7 @@ def cmd_query(args) -> int:
     with reading(args.index):  # an index run does not commit while this reads the shards
         index = VideoIndex.open(args.index, model=loaded.model, tokenizer=loaded.tokenizer,
                                 fingerprint=loaded.info["fingerprint"])
+        index.approximate_from = args.approximate_from
         if texts:
             for text, hits in zip(texts, index.search(texts, args.top_k, args.backend, log=_log,
                                                       per_video=args.per_video)):
@@ -403,6 +445,7 @@ def cmd_serve(args) -> int:
 
     if not 0 < args.port < 65536:
         fail(f"--port must be 1..65535, got {args.port}")
+    _check_approximate_from(args)
     args.token = _server_token(args)
     if args.token and args.no_auth:
         fail("give a token (--token, --token_file or $" + TOKEN_ENV + ") or --no_auth, not both")
@@ -414,7 +457,8 @@ def cmd_serve(args) -> int:
 
     record = VideoIndex._read_meta(args.index)
     loaded = _load(args, record)
-    service = SearchService(args.index, loaded.model, loaded.tokenizer, loaded.info["fingerprint"], log=_log)
+    service = SearchService(args.index, loaded.model, loaded.tokenizer, loaded.info["fingerprint"], log=_log,
+                            backend=args.backend, approximate_from=args.approximate_from)
     # no token on loopback: only this machine's names in the Host header (a rebound domain cannot reach it)
     hosts = ["127.0.0.1", "localhost", "[::1]", "::1", args.host] if loopback and not args.token else None
     app = create_app(service, token=args.token, allowed_hosts=hosts)

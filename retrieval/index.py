@@ -11,7 +11,10 @@ Index folder::
                             frames_used, start and end (seconds of the range; None for a whole file),
                             segment ([i, n]: range i of the file's n)
     failed.json             the videos (or ranges) the last run could not read, with the reason
-    ann-<kind>.faiss/.json  cached approximate faiss index (optional) and its measured recall
+    approximate.faiss/.json the approximate search of a large index (retrieval.approximate): faiss
+                            codes, and the record of the index content they were built over, the
+                            settings and the recall measured against exact search
+    ann-<kind>.faiss/.json  cached faiss index of --backend faiss-ivf / faiss-hnsw and its measured recall
     .index.lock             held by the run that writes (retrieval.locks): a second run waits
     .commit.lock            shared by readers, exclusive while a run commits
 
@@ -42,6 +45,7 @@ import torch
 
 from retrieval.encode import (TRANSFORM_DEFAULTS, VIDEO_EXTENSIONS, autocast_dtype, encode_batch, file_identity,
                               find_videos, plan_loader, video_loader)
+from retrieval.approximate import APPROXIMATE_FROM, ApproximateSearch, MemoryRows, ShardRows, load_or_build
 from retrieval.locks import commit_lock, reading, writer_lock
 from retrieval.model_io import SearchError, describe_model
 from retrieval.segments import NMS_IOU, Segmentation, merge_ranked, suppress_overlaps
@@ -274,6 +278,8 @@ class VideoIndex:
         self._rewrite: set[str] = set()  # shard files to rewrite / remove at the commit
         self._remove: set[str] = set()
         self.model, self.tokenizer = model, tokenizer
+        self.approximate_from = APPROXIMATE_FROM  # entries from which `auto` searches approximately
+        self._approximate: ApproximateSearch | None = None
 
     # ------------------------------------------------------------------------------- properties
     def __len__(self) -> int:
@@ -302,10 +308,12 @@ class VideoIndex:
         dim = self.record.get("dim") or 0
         return torch.cat(loaded) if loaded else torch.zeros(0, dim)
 
-    def keep_in_memory(self) -> "VideoIndex":
-        """Read every shard's features once (a server searches many times)."""
+    def keep_in_memory(self, features: bool = True) -> "VideoIndex":
+        """Read every shard's features once (a server searches many times); ``features=False``: the entries
+        only (the approximate search reads the features it needs from the shard files)."""
         for s in self.shards:
-            s.features = s.load_features()
+            if features:
+                s.features = s.load_features()
         self._entries = [e for s in self.shards for e in s.entries]  # a snapshot that no longer changes
         return self
 
@@ -729,6 +737,12 @@ class VideoIndex:
             if backend == "exact":
                 scores, rows = exact_topk(queries, (s.load_features() for s in self.shards), pool)
                 scores, rows = scores.numpy(), rows.numpy()
+            elif backend == "approximate":
+                searcher = self.approximate_search(log)
+                if log and not getattr(self, "_said_recall", False):
+                    log(searcher.recall_line())
+                    self._said_recall = True
+                scores, rows = searcher.search(queries.numpy(), pool)
             else:
                 searcher = self.faiss_searcher(APPROXIMATE.get(backend, "flat"), log=log)
                 scores, rows = searcher.search(queries.numpy(), pool)
@@ -753,16 +767,58 @@ class VideoIndex:
                 return results
             pool = min(n, pool * 4)
 
-    @staticmethod
-    def _choose_backend(backend: str, n: int) -> str:
-        # auto is exact: faiss's exact index measured no faster than the built-in search (which streams
-        # the shards in bounded memory, while faiss holds every feature); approximate search changes
-        # results, so it is only used when asked for.
+    def _choose_backend(self, backend: str, n: int) -> str:
+        # auto: exact below `approximate_from` entries (the exact path as it always was: faiss's exact index
+        # measured no faster than the built-in search, and approximate search changes results), the
+        # approximate search from there when faiss is installed
         if backend == "auto":
-            return "exact"
-        if backend.startswith("faiss") and not faiss_available():
+            return "approximate" if n >= self.approximate_from and faiss_available() else "exact"
+        if (backend.startswith("faiss") or backend == "approximate") and not faiss_available():
             raise SearchError(f"--backend {backend} needs faiss (pip install faiss-cpu)")
         return backend
+
+    def chosen_backend(self, backend: str = "auto") -> str:
+        """The search that ``backend`` answers with on this index: exact, approximate, or a faiss one."""
+        return self._choose_backend(backend, len(self))
+
+    def approximate_search(self, log=None) -> ApproximateSearch:
+        """The approximate search of this index (retrieval.approximate): the saved one when it was built
+        over the index as it is now, else built (and saved beside the shards), saying why."""
+        if self._approximate is not None:
+            return self._approximate
+        if self.root is None:
+            rows = MemoryRows(self.features().numpy())
+            self._approximate = load_or_build(None, rows, lambda: [rows.features], self.shards_id(), log)
+        else:
+            stats = [os.stat(s.path) for s in self.shards]
+            rows = ShardRows([s.path for s in self.shards], [len(s.entries) for s in self.shards],
+                             self.features_dim(), [(st.st_size, st.st_mtime_ns) for st in stats])
+            chunks = (lambda: (s.load_features().numpy() for s in self.shards))
+            self._approximate = load_or_build(self.root, rows, chunks, self.shards_id(), log)
+        return self._approximate
+
+    def describe_search(self, backend: str = "auto") -> dict:
+        """Which search answers (``/api/status``): exact, or approximate with its kind, settings and recall."""
+        chosen = self._choose_backend(backend, len(self))
+        if chosen == "approximate":
+            return self.approximate_search().describe()
+        if chosen == "exact":
+            why = ("--backend exact" if backend == "exact" else
+                   f"below {self.approximate_from} entries" if len(self) < self.approximate_from else
+                   "faiss is not installed (pip install faiss-cpu)")
+            return {"mode": "exact", "reason": why, "approximate_from": self.approximate_from}
+        return {"mode": chosen}
+
+    def shards_id(self) -> str:
+        """The index's content as the manifest lists it: the model, and each shard's name, entry count, size
+        and modification time (an index run that adds or rewrites a shard changes it; the folder's path
+        does not)."""
+        h = hashlib.sha256(self.fingerprint.encode())
+        for s in self.shards:
+            st = os.stat(s.path) if s.path else None
+            name = os.path.basename(s.path) if s.path else "memory"
+            h.update(f"|{name}:{len(s.entries)}:{st.st_size if st else 0}:{st.st_mtime_ns if st else 0}".encode())
+        return h.hexdigest()
 
     def content_id(self) -> str:
         h = hashlib.sha256()

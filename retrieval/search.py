@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-BACKENDS = ("auto", "exact", "faiss", "faiss-ivf", "faiss-hnsw")
+BACKENDS = ("auto", "exact", "approximate", "faiss", "faiss-ivf", "faiss-hnsw")
 APPROXIMATE = {"faiss-ivf": "ivf", "faiss-hnsw": "hnsw"}
 
 

@@ -2,11 +2,14 @@
 
 * ``GET /``: the page (search box, result cards with score, range, frame strip and a player that starts
   at the range, "more like this"); it uses only the API below.
-* ``GET /api/search?q=TEXT&k=K&per_video=N`` -> ``{"results": [hit, ...]}``; a hit carries ``id``,
+* ``GET /api/search?q=TEXT&k=K&per_video=N`` -> ``{"results": [hit, ...]}`` (header ``Server-Timing``: the
+  milliseconds spent encoding the text and searching); a hit carries ``id``,
   ``path``, ``start``, ``end`` (seconds; None for a whole file), ``score``, ``range`` and the URLs of its
   video, frame strip and similar ranges.
 * ``GET /api/similar/{id}?k=K&per_video=N``: the ranges most like entry ``id`` (its stored feature).
-* ``GET /api/status``: the index's size, segmentation and model.
+* ``GET /api/status``: the index's size, segmentation and model, and which search answers (``search``:
+  ``exact``, or ``approximate`` with its faiss kind, settings and the recall@10 against exact search
+  measured when it was built; retrieval.approximate).
 * ``GET /video/{id}``: the file of entry ``id`` with byte ranges (the player seeks); ``GET /frames/{id}.jpg``:
   the frames the model saw for that entry. Files are reached only through entry ids of the index, and
   only while the file is the one indexed: it is opened once, its identity (device, inode, size,
@@ -30,6 +33,7 @@ import logging
 import mimetypes
 import os
 import threading
+import time
 from collections import OrderedDict
 
 import torch
@@ -51,10 +55,18 @@ class ApiError(Exception):
 
 
 class Snapshot:
-    """One complete reading of the index: entries, features in memory and the id -> row map."""
+    """One complete reading of the index: entries, the id -> row map, and the search that answers: exact
+    over the features in memory, or (a large index) the approximate search, loaded or built here, which
+    reads the few features it scores from the shard files."""
 
-    def __init__(self, index: VideoIndex, signature):
-        self.index, self.signature = index.keep_in_memory(), signature
+    def __init__(self, index: VideoIndex, signature, backend: str = "auto", log=None):
+        self.backend = index.chosen_backend(backend)
+        self.index, self.signature = index.keep_in_memory(features=self.backend != "approximate"), signature
+        if self.backend == "approximate":
+            index.approximate_search(log)
+            if log:
+                log(index.approximate_search().recall_line())
+        self.search_info = index.describe_search(backend)
         self.rows = index.entry_rows()
         self.entries = index.entries
         self.videos = len({e["path"] for e in self.entries})
@@ -63,8 +75,12 @@ class Snapshot:
 class SearchService:
     """The model (loaded once) and the newest complete reading of the index."""
 
-    def __init__(self, index_dir: str, model, tokenizer, fingerprint: str, log=None, text_cache: int = 256):
+    def __init__(self, index_dir: str, model, tokenizer, fingerprint: str, log=None, text_cache: int = 256,
+                 backend: str = "auto", approximate_from: int | None = None):
+        """``backend``: auto (exact below ``approximate_from`` entries, default
+        retrieval.approximate.APPROXIMATE_FROM; approximate from there), exact or approximate."""
         self.index_dir, self.model, self.tokenizer, self.fingerprint = index_dir, model, tokenizer, fingerprint
+        self.backend, self.approximate_from = backend, approximate_from
         self.log = log or (lambda message: logger.warning(message))
         self._compute = threading.Lock()   # one search at a time: torch already uses every core
         self._reload = threading.Lock()
@@ -85,7 +101,9 @@ class SearchService:
             before = self._signature()
             index = VideoIndex.open(self.index_dir, model=self.model, tokenizer=self.tokenizer,
                                     fingerprint=self.fingerprint)
-            snapshot = Snapshot(index, before)
+            if self.approximate_from is not None:
+                index.approximate_from = self.approximate_from
+            snapshot = Snapshot(index, before, self.backend, self.log)
         if self._signature() != before:  # the manifest changed while reading: read again next time
             snapshot.signature = None
         return snapshot
@@ -124,13 +142,19 @@ class SearchService:
             self._texts.popitem(last=False)
         return feature
 
-    def search(self, text: str, k: int, per_video: int | None) -> dict:
+    def search(self, text: str, k: int, per_video: int | None, timings: dict | None = None) -> dict:
+        """``timings`` (when given) receives the seconds spent encoding the text and searching."""
         snap = self.current()
         with self._compute:
             try:
-                hits = snap.index.search_features(self._text_feature(snap, text), k, per_video=per_video)[0]
+                started = time.perf_counter()
+                feature = self._text_feature(snap, text)
+                encoded = time.perf_counter()
+                hits = snap.index.search_features(feature, k, backend=snap.backend, per_video=per_video)[0]
             except SearchError as err:
                 raise ApiError(400, str(err)) from err
+            if timings is not None:
+                timings.update(encode=encoded - started, search=time.perf_counter() - encoded)
         return with_note({"query": text, "results": [self.hit_json(h) for h in hits]})
 
     def similar(self, eid: str, k: int, per_video: int | None) -> dict:
@@ -140,11 +164,14 @@ class SearchService:
             raise ApiError(404, f"no entry {eid!r} in the index")
         feature = self._feature(snap, row)
         with self._compute:
-            hits = snap.index.search_features(feature, k, per_video=per_video, exclude_rows=[row])[0]
+            hits = snap.index.search_features(feature, k, backend=snap.backend, per_video=per_video,
+                                              exclude_rows=[row])[0]
         return with_note({"query": self.entry_json(snap.entries[row]), "results": [self.hit_json(h) for h in hits]})
 
     @staticmethod
     def _feature(snap: Snapshot, row: int) -> torch.Tensor:
+        if snap.backend == "approximate":  # features are not in memory: the one row from its shard file
+            return torch.from_numpy(snap.index.approximate_search().rows.read([row]))
         for shard in snap.index.shards:
             if row < len(shard.entries):
                 return shard.load_features()[row:row + 1]
@@ -183,7 +210,8 @@ class SearchService:
         return {"index": os.path.abspath(self.index_dir), "entries": len(snap.entries), "videos": snap.videos,
                 "segmentation": snap.index.segmentation.to_dict(), "sampling": snap.index.transform,
                 "model": {"fingerprint": record["model"]["fingerprint"][:12],
-                          "checkpoint": os.path.basename(record["model"].get("checkpoint") or "")}}
+                          "checkpoint": os.path.basename(record["model"].get("checkpoint") or "")},
+                "search": snap.search_info}
 
     def frame_strip(self, eid: str) -> bytes:
         entry = self.entry(eid)
@@ -364,8 +392,11 @@ def create_app(service: SearchService, token: str | None = None, allowed_hosts: 
             raise ApiError(400, "q (the query text) is missing or empty")
         if len(q) > MAX_QUERY_CHARS:
             raise ApiError(400, f"q is longer than {MAX_QUERY_CHARS} characters")
-        return service.search(q.strip(), _int_param(k, "k", 10, 1, MAX_K),
-                              _int_param(per_video, "per_video", None, 1, MAX_K))
+        timings = {}
+        body = service.search(q.strip(), _int_param(k, "k", 10, 1, MAX_K),
+                              _int_param(per_video, "per_video", None, 1, MAX_K), timings)
+        return JSONResponse(body, headers={"Server-Timing": ", ".join(f"{name};dur={1e3 * seconds:.2f}"
+                                                                      for name, seconds in timings.items())})
 
     @app.get("/api/similar/{eid}")
     def api_similar(eid: str, k: str | None = None, per_video: str | None = None):

@@ -259,6 +259,26 @@ def test_faiss_exact_equals_builtin_and_ann_recall(world, tmp_path, loaded, caps
     assert 0.3 < recall_at_k(ivf.search(q, 10)[1], e_rows.numpy()) <= 1.0
 
 
+@needs_faiss
+def test_index_builds_the_approximate_search_of_a_large_index_and_query_uses_it(world, tmp_path, capsys,
+                                                                                  monkeypatch):
+    import retrieval.approximate
+
+    monkeypatch.setattr(retrieval.approximate, "APPROXIMATE_FROM", 1)  # every index is "large"
+    idx = str(tmp_path / "idx")
+    code, _, err = index_cli(world, world.videos, idx, capsys)
+    assert code == 0 and "approximate search built over 6 entries" in err, err
+    assert os.path.isfile(os.path.join(idx, "approximate.faiss"))
+    base = ["query", "a red square moves left", "--index", idx, "--json", "-", "--device", "cpu"]
+    code, out, err = run_cli([*base, "--approximate_from", "1"], capsys)
+    assert code == 0 and "approximate search (faiss Flat): recall@5 1.000" in err, err
+    assert "building" not in err  # the one index built
+    approx = json.loads(out)
+    code, out, err = run_cli([*base, "--backend", "exact"], capsys)
+    assert code == 0 and "approximate" not in err
+    assert json.loads(out) == approx  # 6 entries: the search is exhaustive, the scores exact
+
+
 # ------------------------------------------------------------------------------------ bad input
 def test_bad_inputs_one_line_each(world, tmp_path, capsys):
     def one_line_error(argv, *needles):
