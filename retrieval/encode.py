@@ -105,10 +105,14 @@ def _first_line(err: BaseException) -> str:
 
 
 class FilePlans(Dataset):
-    """Item i: the ranges of ``paths[i]`` under ``segmentation`` (retrieval.segments), or the reason why not."""
+    """Item i: the ranges of ``paths[i]`` under ``segmentation`` (retrieval.segments), or the reason why not.
+    ``durations``: a whole file also gets its duration ("duration", None when unknown), which a run split
+    between processes balances by."""
 
-    def __init__(self, paths: list[str], segmentation, decoder: str, ranges: str = "seconds"):
+    def __init__(self, paths: list[str], segmentation, decoder: str, ranges: str = "seconds",
+                 durations: bool = False):
         self.paths, self.segmentation, self.decoder, self.ranges = paths, segmentation, decoder, ranges
+        self.durations = durations
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -119,7 +123,13 @@ class FilePlans(Dataset):
         path = self.paths[i]
         try:
             if self.segmentation.mode == "whole":
-                return {"index": i, "ranges": [(None, None)]}
+                plan = {"index": i, "ranges": [(None, None)]}
+                if self.durations:
+                    try:  # an unreadable file is the decoder's to report, as in a single-process run
+                        plan["duration"] = probe_duration(path, self.decoder)
+                    except Exception:  # noqa: BLE001
+                        plan["duration"] = None
+                return plan
             if self.ranges == "frames":
                 frames, fps = probe_frames(path, self.decoder)
                 return {"index": i, "ranges": plan_frame_ranges(self.segmentation, path, frames, fps)}
@@ -133,9 +143,39 @@ def _only_item(items: list) -> dict:
     return items[0]
 
 
-def plan_loader(paths: list[str], segmentation, decoder: str, workers: int, ranges: str = "seconds") -> DataLoader:
-    return DataLoader(FilePlans(paths, segmentation, decoder, ranges), batch_size=1, shuffle=False,
+def plan_loader(paths: list[str], segmentation, decoder: str, workers: int, ranges: str = "seconds",
+                durations: bool = False) -> DataLoader:
+    return DataLoader(FilePlans(paths, segmentation, decoder, ranges, durations), batch_size=1, shuffle=False,
                       num_workers=workers, collate_fn=_only_item)
+
+
+def assign_shares(weights: list[float], batch_size: int, processes: int) -> list[tuple[int, int]]:
+    """Each process's share of the items to encode: ``processes`` contiguous runs ``(lo, hi)`` of the item
+    list, disjoint and together the whole list, with about the same total weight (seconds of video).
+
+    Shares are made of whole batches of the list (``lo`` is a multiple of ``batch_size``), so every batch
+    the model sees holds the same items whatever the number of processes: the features do not depend on
+    how the work was split. A share may be empty (fewer batches than processes). Each cut is the batch
+    boundary nearest to its fraction of the total weight; a share is off balance by at most about one
+    batch's weight."""
+    n = len(weights)
+    starts = list(range(0, n, batch_size))
+    known = [float(w) for w in weights if w is not None and w > 0]
+    fill = sum(known) / len(known) if known else 1.0  # an unknown duration counts as an average one
+    cumulative = [0.0]
+    for lo in starts:
+        cumulative.append(cumulative[-1] + sum(float(w) if w is not None and w > 0 else fill
+                                               for w in weights[lo:lo + batch_size]))
+    total = cumulative[-1]
+    cuts, j = [0], 0
+    for k in range(1, processes):
+        target = total * k / processes
+        while j + 1 < len(cumulative) and abs(cumulative[j + 1] - target) <= abs(cumulative[j] - target):
+            j += 1
+        cuts.append(j)
+    cuts.append(len(starts))
+    bounds = [min(n, c * batch_size) for c in cuts]
+    return [(bounds[k], bounds[k + 1]) for k in range(processes)]
 
 
 class VideoFiles(Dataset):
@@ -172,10 +212,17 @@ def collate_videos(items: list[dict]) -> dict:
     }
 
 
+PREFETCH_BATCHES = 4  # batches each decoding worker keeps ready ahead of the model
+
+
 def video_loader(items: list, max_frames: int, size: int, batch_size: int, workers: int,
-                 resize_short_side: bool = False, decoder: str = "decord", ranges: str = "seconds") -> DataLoader:
+                 resize_short_side: bool = False, decoder: str = "decord", ranges: str = "seconds",
+                 pin_memory: bool = False) -> DataLoader:
+    """Batches of :class:`VideoFiles` in item order, decoded by ``workers`` processes ahead of the model
+    (``pin_memory``: page-locked batches, for a quick copy to a GPU)."""
+    ahead = {"prefetch_factor": PREFETCH_BATCHES} if workers > 0 else {}
     return DataLoader(VideoFiles(items, max_frames, size, resize_short_side, decoder, ranges), batch_size=batch_size,
-                      shuffle=False, num_workers=workers, collate_fn=collate_videos)
+                      shuffle=False, num_workers=workers, collate_fn=collate_videos, pin_memory=pin_memory, **ahead)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
