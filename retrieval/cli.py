@@ -52,6 +52,10 @@ def build_parser() -> OneLineArgumentParser:
     ix.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto: bf16 where the GPU or CPU computes it natively (AMX / AVX512-BF16), else fp32")
     ix.add_argument("--shard_size", type=int, default=256, help="entries per shard file (the resume granularity)")
+    ix.add_argument("--compile", action="store_true",
+                    help="torch.compile the video encoder: faster encoding after tens of seconds of compilation "
+                         "per batch shape and process; features equal to float rounding (recorded in the index: "
+                         "its later runs need the same choice)")
     ix.add_argument("--threads", type=int, default=None,
                     help="compute threads of each process (default: its cores, those of the machine shared among "
                          "the processes torchrun starts on it, less --workers)")
@@ -305,13 +309,26 @@ def cmd_index(args) -> int:
     recorded = _recorded_kernels(args.index) if group.is_main else None
     if recorded and recorded.get("device") != device.type:  # chosen on another device type: choose anew
         recorded = None
+    answer = None
     if group.is_main:
-        settings = _encoding_settings(loaded.model, device, args.workers, args.precision, recorded, args.threads)
-        kernels = {"device": device.type, "attention": backend_name(settings.eval_attention),
-                   "fp32_products": settings.fp32_path}
-    kernels = group.broadcast(kernels if group.is_main else None)  # every process computes as process 0 does
+        if recorded and bool(recorded.get("compiled")) != args.compile:
+            answer = ("error", f"the index {args.index} was computed {'with' if recorded.get('compiled') else 'without'}"
+                               " --compile (features that differ by float rounding): run "
+                               f"{'with' if recorded.get('compiled') else 'without'} it, or index into a new folder")
+        else:
+            settings = _encoding_settings(loaded.model, device, args.workers, args.precision, recorded, args.threads)
+            kernels = {"device": device.type, "attention": backend_name(settings.eval_attention),
+                       "fp32_products": settings.fp32_path, **({"compiled": True} if args.compile else {})}
+            answer = ("ok", kernels)
+    kind, kernels = group.broadcast(answer)  # every process computes as process 0 does
+    if kind == "error":
+        raise (GroupError if group.distributed else SearchError)(kernels)
     if not group.is_main:
         settings = _encoding_settings(loaded.model, device, args.workers, args.precision, kernels, args.threads)
+    if args.compile:
+        from retrieval.encode import compile_video_encoder
+
+        compile_video_encoder(loaded.model, log=_log if group.is_main else None)
     try:
         with backends_context(settings.eval_attention):
             index = VideoIndex.build(loaded.model, args.videos, index_dir=args.index, tokenizer=loaded.tokenizer,

@@ -240,6 +240,30 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
+def compile_video_encoder(model, log=None):
+    """``torch.compile`` of ``model.encode_video`` in place (``search_videos.py index --compile``). The first
+    batch of each shape compiles (tens of seconds on a CPU; the time goes to ``log``), so it pays on long
+    runs only. Features equal the plain ones to float rounding, not bit for bit."""
+    import time
+
+    compiled = torch.compile(model.encode_video)
+    seen = set()
+
+    def encode_video(video, mask, *args, **kwargs):
+        if tuple(video.shape) in seen:
+            return compiled(video, mask, *args, **kwargs)
+        start = time.perf_counter()
+        out = compiled(video, mask, *args, **kwargs)
+        seen.add(tuple(video.shape))
+        if log:
+            log(f"torch.compile: video encoder, batch {'x'.join(map(str, video.shape))}: first call "
+                f"{time.perf_counter() - start:.1f}s (compilation included)")
+        return out
+
+    model.encode_video = encode_video
+    return model
+
+
 @torch.no_grad()
 def encode_batch(model, video: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """L2-normalised float32 CPU video features (B, D)."""

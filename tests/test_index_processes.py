@@ -347,3 +347,50 @@ def test_a_full_disk_on_one_process_is_one_line_and_changes_nothing(run_script, 
     done = run_processes(run_script, world, idx, 2)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same(rows(idx), reference, ordered=False)
+
+
+# ------------------------------------------------------------------------------------------ --compile
+def test_compile_is_recorded_and_an_update_with_the_other_choice_is_refused(world, tmp_path, capsys, monkeypatch):
+    """--compile changes the features' rounding: the index records it, and a later run into the index that
+    chooses otherwise is refused in one line, the index untouched. (The compilation itself is replaced by
+    the plain encoder here: tests/test_index_processes.py's slow test compiles.)"""
+    import retrieval.encode as encode_module
+    from tests.search_fixtures import one_line_error, run_cli
+
+    import modules.backends as backends
+    from modules.backends import MATH, Fp32Check
+
+    monkeypatch.setattr(encode_module.torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(backends, "choose_attention", lambda shape, dtype: ([MATH], [MATH], {}))  # no timing
+    monkeypatch.setattr(backends, "choose_fp32_path",
+                        lambda *undo: Fp32Check(exact=False, error_mkl=0.0, error_onednn=0.0, speedup=0.0))
+    idx = tmp_path / "idx"
+    argv = ["index", world.videos, "--index", idx, *world.model_args(), "--workers", 0, "--precision", "fp32",
+            "--no_progress"]
+    code, out, err = run_cli(argv + ["--compile"], capsys)
+    assert code == 0, err
+    assert json.loads((idx / "index.json").read_text())["kernels"]["compiled"] is True
+    before = (idx / "index.json").read_bytes()
+    one_line_error(argv, capsys, f"the index {idx} was computed with --compile", "run with it")
+    assert (idx / "index.json").read_bytes() == before
+    import shutil
+
+    plain = tmp_path / "plain"  # the same index as a run without --compile records it
+    shutil.copytree(idx, plain)
+    meta = json.loads((plain / "index.json").read_text())
+    del meta["kernels"]["compiled"]
+    (plain / "index.json").write_text(json.dumps(meta))
+    one_line_error(["index", world.videos, "--index", plain, *argv[4:], "--compile"], capsys,
+                   f"the index {plain} was computed without --compile", "run without it")
+
+
+@pytest.mark.slow
+def test_compiled_encoder_gives_the_plain_features_to_rounding(run_script, world, reference, tmp_path):
+    idx = tmp_path / "idx"
+    done = run_processes(run_script, world, idx, 1, "--compile")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch.compile: video encoder, batch 2x" in done.stderr
+    compiled = rows(idx)
+    assert [e for e, _ in compiled] == [e for e, _ in reference]
+    for (_, a), (_, b) in zip(compiled, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
