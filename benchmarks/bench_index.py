@@ -131,6 +131,7 @@ def main() -> None:
     p.add_argument("--feed_workers", type=int, default=1, help="feed: decoding workers of the process")
     p.add_argument("--feed_threads", type=int, default=1, help="feed: compute threads of the process")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--parts", default="split,feed", help="the measurements to make: split, feed or both")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("index", "result", "collection", "clip", "checkpoint", "bpe", "mode"):
         p.add_argument("--" + name, help=argparse.SUPPRESS)
@@ -150,27 +151,32 @@ def main() -> None:
                   "--bpe", bpe, "--batch_size", str(args.batch_size), "--shard_size", str(args.shard_size)]
         n = args.processes
         runs = {"split": [], "together": [], "feed": []}
+        parts = set(args.parts.split(","))
         for r in range(args.repeats):
             order = [("split", n, 1), ("together", 1, n)] if r % 2 == 0 else [("together", 1, n), ("split", n, 1)]
-            for name, processes, threads in order:
+            for name, processes, threads in order if "split" in parts else ():
                 runs[name].append(timed_run(common, os.path.join(tmp, f"{name}{r}"), processes, threads, 0, "split",
                                             os.path.join(tmp, f"{name}{r}.json")))
-            runs["feed"].append(timed_run(common, os.path.join(tmp, f"feed{r}"), 1, args.feed_threads,
-                                          args.feed_workers, "feed", os.path.join(tmp, f"feed{r}.json")))
-    best = {k: max(v, key=lambda x: x["ranges_per_s"]) for k, v in runs.items()}
-    feed = best["feed"]
-    model_only = max(x["model_only"] for x in runs["feed"])
-    decode_only = max(x["decode_only"] for x in runs["feed"])
+            if "feed" in parts:
+                runs["feed"].append(timed_run(common, os.path.join(tmp, f"feed{r}"), 1, args.feed_threads,
+                                              args.feed_workers, "feed", os.path.join(tmp, f"feed{r}.json")))
+    best = {k: max(v, key=lambda x: x["ranges_per_s"]) for k, v in runs.items() if v}
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
     print(f"model {args.shape}{'' if args.shape == 'tiny' else f' ({args.layers} layers)'}, {args.frames} frames, "
-          f"{best['split']['ranges']} ranges, batch {args.batch_size}; best of {args.repeats}; "
+          f"{args.videos} ranges, batch {args.batch_size}; best of {args.repeats}; "
           f"load average {load:.1f} on {os.cpu_count()} cores")
-    print(f"split: {n} processes x 1 thread {best['split']['ranges_per_s']:.2f} ranges/s, 1 process x {n} threads "
-          f"{best['together']['ranges_per_s']:.2f} ranges/s: ratio "
-          f"{best['split']['ranges_per_s'] / best['together']['ranges_per_s']:.2f}")
+    if "split" in best:
+        print(f"split: {n} processes x 1 thread {best['split']['ranges_per_s']:.2f} ranges/s, 1 process x {n} "
+              f"threads {best['together']['ranges_per_s']:.2f} ranges/s: ratio "
+              f"{best['split']['ranges_per_s'] / best['together']['ranges_per_s']:.2f}")
+    if "feed" not in best:
+        return
+    feed = best["feed"]
+    model_only = max(x["model_only"] for x in runs["feed"])
+    decode_only = max(x["decode_only"] for x in runs["feed"])
     print(f"feed: 1 process x {args.feed_threads} thread(s) with {args.feed_workers} decoding worker(s) "
           f"{feed['ranges_per_s']:.2f} ranges/s; the model alone {model_only:.2f} ranges/s: ratio "
           f"{feed['ranges_per_s'] / model_only:.2f}; decoding alone ({args.feed_workers} worker(s)) "
