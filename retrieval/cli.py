@@ -282,7 +282,7 @@ def cmd_index(args) -> int:
 
     group, device = _join_index_group(args)
     for flag, value, low in (("--batch_size", args.batch_size, 1), ("--shard_size", args.shard_size, 1),
-                             ("--workers", args.workers, 0), ("--threads", args.threads or 1, 1)):
+                             ("--workers", args.workers, 0), ("--threads", 1 if args.threads is None else args.threads, 1)):
         if value < low:
             fail(f"{flag} must be at least {low}, got {value}")
     if not args.checkpoint:

@@ -212,17 +212,13 @@ def collate_videos(items: list[dict]) -> dict:
     }
 
 
-PREFETCH_BATCHES = 4  # batches each decoding worker keeps ready ahead of the model
-
-
 def video_loader(items: list, max_frames: int, size: int, batch_size: int, workers: int,
                  resize_short_side: bool = False, decoder: str = "decord", ranges: str = "seconds",
                  pin_memory: bool = False) -> DataLoader:
-    """Batches of :class:`VideoFiles` in item order, decoded by ``workers`` processes ahead of the model
-    (``pin_memory``: page-locked batches, for a quick copy to a GPU)."""
-    ahead = {"prefetch_factor": PREFETCH_BATCHES} if workers > 0 else {}
+    """Batches of :class:`VideoFiles` in item order, decoded by ``workers`` processes ahead of the model (two
+    batches each, DataLoader's default); ``pin_memory``: page-locked batches, for a quick copy to a GPU."""
     return DataLoader(VideoFiles(items, max_frames, size, resize_short_side, decoder, ranges), batch_size=batch_size,
-                      shuffle=False, num_workers=workers, collate_fn=collate_videos, pin_memory=pin_memory, **ahead)
+                      shuffle=False, num_workers=workers, collate_fn=collate_videos, pin_memory=pin_memory)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -270,7 +266,7 @@ def encode_batch(model, video: torch.Tensor, mask: torch.Tensor, dtype: torch.dt
     device = next(model.parameters()).device
     ctx = torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     with ctx:
-        features = model.encode_video(video.to(device), mask.to(device))
+        features = model.encode_video(video.to(device, non_blocking=True), mask.to(device, non_blocking=True))
     return F.normalize(features.float(), dim=-1).cpu()
 
 

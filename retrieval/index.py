@@ -413,7 +413,8 @@ class VideoIndex:
                                      list_shards=True)
             index.model, index.tokenizer = model, tokenizer
             todo, have = index._drop_stale(files, log)
-            index._encoding_dtype(precision)
+            if todo:
+                index._encoding_dtype(precision)
             return {"record": index.record, "files": len(files), "todo": todo,
                     "have": {p: sorted(v) for p, v in have.items()}, "first_number": index._next_shard_number()}
 
@@ -431,10 +432,10 @@ class VideoIndex:
                 if "error" in file_plan:
                     plan_failed.append({"path": path, "start": None, "end": None, "reason": file_plan["error"]})
                     continue
-                done, ranges = have.get(path, set()), file_plan["ranges"]
-                for i, ((a, b), w) in enumerate(zip(ranges, file_plan["weights"])):
+                done, file_ranges = have.get(path, set()), file_plan["ranges"]
+                for i, ((a, b), w) in enumerate(zip(file_ranges, file_plan["weights"])):
                     if i not in done:
-                        items.append((path, a, b, i, len(ranges)))
+                        items.append((path, a, b, i, len(file_ranges)))
                         weights.append(w)
             lo, hi = assign_shares(weights, batch_size, group.world_size)[group.rank]
             dtype = autocast_dtype(precision, next(model.parameters()).device)

@@ -172,6 +172,25 @@ def test_the_manifest_waits_for_every_share_and_the_index_equals_one_process(wor
     assert_same(rows(two), rows(one))
 
 
+def test_ranges_of_files_split_between_processes_equal_one_process(world, loaded, tmp_path):
+    """Files cut into time ranges (windows): the processes plan every other file, share the ranges, and the
+    index is the one-process index."""
+    from retrieval.segments import Segmentation
+
+    windows = Segmentation(mode="windows", window=2, stride=1)
+    videos = os.path.join(world.videos, "more")  # 3 of the videos
+    one = tmp_path / "one"
+    build(loaded, videos, one, segmentation=windows)
+    threads, results, _ = run_in_threads(2, lambda g: build(loaded, videos, tmp_path / "two", group=g,
+                                                            segmentation=windows))
+    for t in threads:
+        t.join(120)
+    assert isinstance(results[0], VideoIndex) and results[1] is None, results
+    two = rows(tmp_path / "two")
+    assert len(two) > 3 and {e["segment"][1] for e, _ in two} != {1}
+    assert_same(two, rows(one))
+
+
 def test_a_failed_write_on_one_process_changes_nothing_and_the_rerun_completes(world, loaded, tmp_path, monkeypatch):
     """A full disk on process 1 (its shard write raises ENOSPC): every process stops with process 1's
     reason, the index (an existing one, grown by new videos) is as it was; the same build then completes."""
