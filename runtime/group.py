@@ -1,5 +1,5 @@
 """The processes of one program run: a single process, or the processes torchrun starts (one or many
-machines), joined in a gloo (CPU) or NCCL (GPU) group.
+machines), joined in a gloo group.
 
 A program that splits work between processes asks its :class:`Group` for its ``rank`` and ``world_size``
 and exchanges small Python objects with ``gather`` (every process gets every process's object) and
@@ -73,9 +73,14 @@ def launched_processes() -> int:
         return 1
 
 
-def join(cuda: bool, timeout_minutes: int = 60) -> Group:
-    """This process's group: a :class:`TorchGroup` under torchrun (NCCL when ``cuda``, else gloo; the CUDA
-    device is cuda:LOCAL_RANK), else the single-process :class:`Group`."""
+def join(cuda: bool, timeout_hours: float = 48.0) -> Group:
+    """This process's group: a :class:`TorchGroup` under torchrun, else the single-process :class:`Group`.
+    With ``cuda`` the process's device is cuda:LOCAL_RANK.
+
+    The group only carries small Python objects, so it is a gloo group on GPUs too (no NCCL communicator,
+    no GPU memory). Its ``timeout_hours`` is long: a process that finishes its share waits in the last
+    exchange for the slowest one, and process 0 may wait for another run's writer lock; a process that
+    dies is noticed by torchrun, which stops the others."""
     world = launched_processes()
     if world == 1:
         return Group()
@@ -83,13 +88,10 @@ def join(cuda: bool, timeout_minutes: int = 60) -> Group:
     import torch.distributed as dist
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    kwargs = dict(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     if cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        kwargs["device_id"] = device
+        torch.cuda.set_device(torch.device("cuda", local_rank))
     if not dist.is_initialized():
-        dist.init_process_group(**kwargs)
+        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(hours=timeout_hours))
     return TorchGroup(rank, world, local_rank)
 
 
