@@ -59,6 +59,13 @@ def build_parser() -> OneLineArgumentParser:
     ix.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto: bf16 where the GPU or CPU computes it natively (AMX / AVX512-BF16), else fp32")
     ix.add_argument("--shard_size", type=int, default=256, help="entries per shard file (the resume granularity)")
+    ix.add_argument("--compile", action="store_true",
+                    help="torch.compile the video encoder: faster encoding after tens of seconds of compilation "
+                         "per batch shape and process; features equal to float rounding (recorded in the index: "
+                         "its later runs need the same choice)")
+    ix.add_argument("--threads", type=int, default=None,
+                    help="compute threads of each process (default: its cores, those of the machine shared among "
+                         "the processes torchrun starts on it, less --workers)")
     ix.add_argument("--no_progress", action="store_true")
     sg = ix.add_argument_group("time ranges (recorded in the index; an update takes the recorded ones)")
     sg.add_argument("--segments", choices=list(MODES), default=None,
@@ -132,8 +139,12 @@ def build_parser() -> OneLineArgumentParser:
     return p
 
 
+_SILENT = {"errors": False}  # a process of a group other than process 0: process 0 reports the group's errors
+
+
 def fail(message: str) -> None:
-    sys.stderr.write(f"{PROG}: error: {message}\n")
+    if not _SILENT["errors"]:
+        sys.stderr.write(f"{PROG}: error: {message}\n")
     raise SystemExit(2)
 
 
@@ -165,8 +176,9 @@ def _progress_wanted(no_progress: bool) -> bool:
     """A progress bar for a person watching: not with --no_progress, not when stderr goes to a file or pipe."""
     return not no_progress and sys.stderr.isatty()
 
-def _load(args, index_record: dict | None = None):
-    """The model of the command line, or (no --clip) the one recorded in the index."""
+def _load(args, index_record: dict | None = None, device=None):
+    """The model of the command line, or (no --clip) the one recorded in the index; on ``device`` (default:
+    --device's)."""
     from retrieval.model_io import load_model
 
     clip, ckpt, bpe, flags = args.clip, args.checkpoint, args.bpe_path, _model_flags(args)
@@ -178,20 +190,24 @@ def _load(args, index_record: dict | None = None):
         flags = {**model.get("dgl_config", {}), **{k: v for k, v in flags.items() if v is not None}}
     if clip is None:
         fail("give the model: --clip CLIP.pt --checkpoint CKPT (or --index of an index built with it)")
-    return load_model(clip, ckpt, bpe, flags, _device(args.device))
+    return load_model(clip, ckpt, bpe, flags, device if device is not None else _device(args.device))
 
 
-def _encoding_settings(model, device, workers: int, precision: str, kernels: dict | None = None):
+def _encoding_settings(model, device, workers: int, precision: str, kernels: dict | None = None,
+                       threads: int | None = None):
     """main.py's start-up choices for encoding videos (runtime.cpu): compute threads next to the decoding
-    workers, and on CPU the fp32 product path and the attention backend (measured in about a second), or
-    ``kernels``, the choices recorded in the index on this device type, so that every entry is computed
-    the same way."""
+    workers (``threads``, default: this process's cores less the workers; torchrun's processes on one
+    machine share its cores), and on CPU the fp32 product path and the attention backend (measured in
+    about a second), or ``kernels``, the choices recorded in the index on this device type (or process 0's
+    choices), so that every entry is computed the same way."""
     from retrieval.encode import autocast_dtype
-    from runtime.cpu import available_cores, inference_settings
+    from runtime.cpu import available_cores, inference_settings, processes_on_this_machine
 
     bf16 = autocast_dtype(precision, device) is not None
     kernels = kernels or {}
-    return inference_settings(model, device, threads=max(1, available_cores() - workers),
+    if threads is None:
+        threads = max(1, available_cores() // processes_on_this_machine() - workers)
+    return inference_settings(model, device, threads=threads,
                               eval_precision="bf16" if bf16 else "fp32",
                               attention_backend=kernels.get("attention", "auto"), fp32_path=kernels.get("fp32_products"))
 
@@ -231,12 +247,56 @@ def _segmentation(args) -> Segmentation | None:
     return seg
 
 
+# flags that may differ between the processes of one run (they change nothing in the index)
+LOCAL_FLAGS = ("no_progress",)
+
+
+def _join_index_group(args):
+    """The processes of this run (runtime.group): one, or those torchrun started, which must all have been
+    given the same command (refused in one line otherwise, before anything is written)."""
+    import hashlib
+
+    import torch
+
+    from retrieval.index import GroupError
+    from runtime.group import join, launched_processes
+
+    if launched_processes() == 1:
+        from runtime.group import Group
+
+        return Group(), _device(args.device)
+    device = _device(args.device)
+    group = join(cuda=device.type == "cuda")
+    if device.type == "cuda":
+        device = torch.device("cuda", group.local_rank)
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in LOCAL_FLAGS}
+    digest = hashlib.sha256(json.dumps(flags, default=str).encode()).hexdigest()
+    everyone = group.gather((digest, flags))
+    _SILENT["errors"] = not group.is_main  # from here on process 0 speaks for the group
+    for rank, (other, theirs) in enumerate(everyone):
+        if other != everyone[0][0]:
+            ours = everyone[0][1]
+            differ = [f"{'the videos' if k == 'videos' else '--' + k} {_shown(theirs.get(k))} "
+                      f"(process 0: {_shown(ours.get(k))})" for k in sorted(set(ours) | set(theirs))
+                      if ours.get(k) != theirs.get(k)]
+            raise GroupError(f"process {rank} of {group.world_size} was started with other flags than process 0: "
+                             f"{', '.join(differ)}; start every process with the same command (nothing was "
+                             "written)")
+    return group, device
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def cmd_index(args) -> int:
     from modules.backends import backend_name, backends_context, restore
-    from retrieval.index import VideoIndex
+    from retrieval.index import GroupError, VideoIndex
+    from retrieval.model_io import SearchError
 
+    group, device = _join_index_group(args)
     for flag, value, low in (("--batch_size", args.batch_size, 1), ("--shard_size", args.shard_size, 1),
-                             ("--workers", args.workers, 0)):
+                             ("--workers", args.workers, 0), ("--threads", 1 if args.threads is None else args.threads, 1)):
         if value < low:
             fail(f"{flag} must be at least {low}, got {value}")
     if not args.checkpoint:
@@ -244,25 +304,61 @@ def cmd_index(args) -> int:
              "without trained prompts DGL draws them at random on every start, so its features mean nothing "
              "and no later query could use the index")
     segmentation = _segmentation(args)  # None: the index's own, or DEFAULT for a new one (decided under its lock)
-    loaded = _load(args)
-    device = _device(args.device)
-    recorded = _recorded_kernels(args.index)
+    loaded, problem = None, None
+    try:
+        loaded = _load(args, device=device)
+    except SearchError as err:
+        if not group.distributed:
+            raise
+        problem = str(err)
+    if group.distributed:  # every process loads the same model, or none starts
+        answers = group.gather(("error", problem) if problem else ("model", loaded.info["fingerprint"]))
+        for rank, (kind, value) in enumerate(answers):
+            if kind == "error":
+                raise GroupError(f"process {rank} of {group.world_size}: {value}")
+            if value != answers[0][1]:
+                raise GroupError(f"process {rank} of {group.world_size} loaded another model (fingerprint "
+                                 f"{value[:12]}) than process 0 ({answers[0][1][:12]}): every machine needs the same "
+                                 "--clip and --checkpoint files")
+    recorded = _recorded_kernels(args.index) if group.is_main else None
     if recorded and recorded.get("device") != device.type:  # chosen on another device type: choose anew
         recorded = None
-    settings = _encoding_settings(loaded.model, device, args.workers, args.precision, recorded)
-    kernels = {"device": device.type, "attention": backend_name(settings.eval_attention),
-               "fp32_products": settings.fp32_path}
+    answer = None
+    if group.is_main:
+        if recorded and bool(recorded.get("compiled")) != args.compile:
+            answer = ("error", f"the index {args.index} was computed {'with' if recorded.get('compiled') else 'without'}"
+                               " --compile (features that differ by float rounding): run "
+                               f"{'with' if recorded.get('compiled') else 'without'} it, or index into a new folder")
+        else:
+            settings = _encoding_settings(loaded.model, device, args.workers, args.precision, recorded, args.threads)
+            kernels = {"device": device.type, "attention": backend_name(settings.eval_attention),
+                       "fp32_products": settings.fp32_path, **({"compiled": True} if args.compile else {})}
+            answer = ("ok", kernels)
+    kind, kernels = group.broadcast(answer)  # every process computes as process 0 does
+    if kind == "error":
+        raise (GroupError if group.distributed else SearchError)(kernels)
+    if not group.is_main:
+        settings = _encoding_settings(loaded.model, device, args.workers, args.precision, kernels, args.threads)
+    if args.compile:
+        from retrieval.encode import compile_video_encoder
+
+        compile_video_encoder(loaded.model, log=_log if group.is_main else None)
     try:
         with backends_context(settings.eval_attention):
             index = VideoIndex.build(loaded.model, args.videos, index_dir=args.index, tokenizer=loaded.tokenizer,
                                      batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-                                     shard_size=args.shard_size, progress=_progress_wanted(args.no_progress),
-                                     model_record=loaded.info, log=_log, segmentation=segmentation,
+                                     shard_size=args.shard_size,
+                                     progress=group.is_main and _progress_wanted(args.no_progress),
+                                     model_record=loaded.info, log=_log if group.is_main else None,
+                                     segmentation=segmentation,
                                      resize_short_side=None if args.resize_short_side is None
                                      else bool(args.resize_short_side), decoder=args.video_decoder,
-                                     kernels=kernels, ranges=args.ranges, new_index_segmentation=DEFAULT)
+                                     kernels=kernels, ranges=args.ranges, new_index_segmentation=DEFAULT,
+                                     group=group)
     finally:
         restore()
+    if not group.is_main:
+        return 0
     videos = len({e["path"] for e in index.entries})
     print(f"index {args.index}: {len(index)} entries of {videos} videos ({index.segmentation.describe()}) in "
           f"{len(index.shards)} shard(s), {index.record.get('precision', 'fp32')} features")
@@ -498,14 +594,32 @@ def cmd_evaluate(args) -> int:
 
 
 def main(argv=None) -> int:
-    from retrieval.model_io import SearchError
-    from runtime.files import OutputWriteError
-
     args = build_parser().parse_args(argv)
     commands = {"index": cmd_index, "query": cmd_query, "serve": cmd_serve, "visualize": cmd_visualize,
                 "evaluate": cmd_evaluate}
+    from runtime.group import exit_now, launched_processes
+
+    if args.command == "index" and launched_processes() > 1:
+        # a process of a torchrun launch ends at once with its status (runtime.group.exit_now)
+        try:
+            status = _run(commands[args.command], args)
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001 - a bug: its traceback, then out, so the others are stopped
+            import traceback
+
+            traceback.print_exc()
+            status = 1
+        exit_now(status)
+    return _run(commands[args.command], args)
+
+
+def _run(command, args) -> int:
+    from retrieval.model_io import SearchError
+    from runtime.files import OutputWriteError
+
     try:
-        return commands[args.command](args)
+        return command(args)
     except (SearchError, OutputWriteError) as err:  # OutputWriteError: a file (shard, page) could not be written
         fail(str(err))
     except KeyboardInterrupt:

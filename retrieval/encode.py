@@ -105,10 +105,14 @@ def _first_line(err: BaseException) -> str:
 
 
 class FilePlans(Dataset):
-    """Item i: the ranges of ``paths[i]`` under ``segmentation`` (retrieval.segments), or the reason why not."""
+    """Item i: the ranges of ``paths[i]`` under ``segmentation`` (retrieval.segments), or the reason why not.
+    ``durations``: a whole file also gets its duration ("duration", None when unknown), which a run split
+    between processes balances by."""
 
-    def __init__(self, paths: list[str], segmentation, decoder: str, ranges: str = "seconds"):
+    def __init__(self, paths: list[str], segmentation, decoder: str, ranges: str = "seconds",
+                 durations: bool = False):
         self.paths, self.segmentation, self.decoder, self.ranges = paths, segmentation, decoder, ranges
+        self.durations = durations
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -119,7 +123,13 @@ class FilePlans(Dataset):
         path = self.paths[i]
         try:
             if self.segmentation.mode == "whole":
-                return {"index": i, "ranges": [(None, None)]}
+                plan = {"index": i, "ranges": [(None, None)]}
+                if self.durations:
+                    try:  # an unreadable file is the decoder's to report, as in a single-process run
+                        plan["duration"] = probe_duration(path, self.decoder)
+                    except Exception:  # noqa: BLE001
+                        plan["duration"] = None
+                return plan
             if self.ranges == "frames":
                 frames, fps = probe_frames(path, self.decoder)
                 return {"index": i, "ranges": plan_frame_ranges(self.segmentation, path, frames, fps)}
@@ -133,9 +143,39 @@ def _only_item(items: list) -> dict:
     return items[0]
 
 
-def plan_loader(paths: list[str], segmentation, decoder: str, workers: int, ranges: str = "seconds") -> DataLoader:
-    return DataLoader(FilePlans(paths, segmentation, decoder, ranges), batch_size=1, shuffle=False,
+def plan_loader(paths: list[str], segmentation, decoder: str, workers: int, ranges: str = "seconds",
+                durations: bool = False) -> DataLoader:
+    return DataLoader(FilePlans(paths, segmentation, decoder, ranges, durations), batch_size=1, shuffle=False,
                       num_workers=workers, collate_fn=_only_item)
+
+
+def assign_shares(weights: list[float], batch_size: int, processes: int) -> list[tuple[int, int]]:
+    """Each process's share of the items to encode: ``processes`` contiguous runs ``(lo, hi)`` of the item
+    list, disjoint and together the whole list, with about the same total weight (seconds of video).
+
+    Shares are made of whole batches of the list (``lo`` is a multiple of ``batch_size``), so every batch
+    the model sees holds the same items whatever the number of processes: the features do not depend on
+    how the work was split. A share may be empty (fewer batches than processes). Each cut is the batch
+    boundary nearest to its fraction of the total weight; a share is off balance by at most about one
+    batch's weight."""
+    n = len(weights)
+    starts = list(range(0, n, batch_size))
+    known = [float(w) for w in weights if w is not None and w > 0]
+    fill = sum(known) / len(known) if known else 1.0  # an unknown duration counts as an average one
+    cumulative = [0.0]
+    for lo in starts:
+        cumulative.append(cumulative[-1] + sum(float(w) if w is not None and w > 0 else fill
+                                               for w in weights[lo:lo + batch_size]))
+    total = cumulative[-1]
+    cuts, j = [0], 0
+    for k in range(1, processes):
+        target = total * k / processes
+        while j + 1 < len(cumulative) and abs(cumulative[j + 1] - target) <= abs(cumulative[j] - target):
+            j += 1
+        cuts.append(j)
+    cuts.append(len(starts))
+    bounds = [min(n, c * batch_size) for c in cuts]
+    return [(bounds[k], bounds[k + 1]) for k in range(processes)]
 
 
 class VideoFiles(Dataset):
@@ -173,9 +213,12 @@ def collate_videos(items: list[dict]) -> dict:
 
 
 def video_loader(items: list, max_frames: int, size: int, batch_size: int, workers: int,
-                 resize_short_side: bool = False, decoder: str = "decord", ranges: str = "seconds") -> DataLoader:
+                 resize_short_side: bool = False, decoder: str = "decord", ranges: str = "seconds",
+                 pin_memory: bool = False) -> DataLoader:
+    """Batches of :class:`VideoFiles` in item order, decoded by ``workers`` processes ahead of the model (two
+    batches each, DataLoader's default); ``pin_memory``: page-locked batches, for a quick copy to a GPU."""
     return DataLoader(VideoFiles(items, max_frames, size, resize_short_side, decoder, ranges), batch_size=batch_size,
-                      shuffle=False, num_workers=workers, collate_fn=collate_videos)
+                      shuffle=False, num_workers=workers, collate_fn=collate_videos, pin_memory=pin_memory)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -193,13 +236,37 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
+def compile_video_encoder(model, log=None):
+    """``torch.compile`` of ``model.encode_video`` in place (``search_videos.py index --compile``). The first
+    batch of each shape compiles (tens of seconds on a CPU; the time goes to ``log``), so it pays on long
+    runs only. Features equal the plain ones to float rounding, not bit for bit."""
+    import time
+
+    compiled = torch.compile(model.encode_video)
+    seen = set()
+
+    def encode_video(video, mask, *args, **kwargs):
+        if tuple(video.shape) in seen:
+            return compiled(video, mask, *args, **kwargs)
+        start = time.perf_counter()
+        out = compiled(video, mask, *args, **kwargs)
+        seen.add(tuple(video.shape))
+        if log:
+            log(f"torch.compile: video encoder, batch {'x'.join(map(str, video.shape))}: first call "
+                f"{time.perf_counter() - start:.1f}s (compilation included)")
+        return out
+
+    model.encode_video = encode_video
+    return model
+
+
 @torch.no_grad()
 def encode_batch(model, video: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """L2-normalised float32 CPU video features (B, D)."""
     device = next(model.parameters()).device
     ctx = torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     with ctx:
-        features = model.encode_video(video.to(device), mask.to(device))
+        features = model.encode_video(video.to(device, non_blocking=True), mask.to(device, non_blocking=True))
     return F.normalize(features.float(), dim=-1).cpu()
 
 

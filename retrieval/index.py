@@ -43,14 +43,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrieval.encode import (TRANSFORM_DEFAULTS, VIDEO_EXTENSIONS, autocast_dtype, encode_batch, file_identity,
-                              find_videos, plan_loader, video_loader)
 from retrieval.approximate import APPROXIMATE_FROM, ApproximateSearch, MemoryRows, ShardRows, load_or_build
+from retrieval.encode import (TRANSFORM_DEFAULTS, VIDEO_EXTENSIONS, assign_shares, autocast_dtype, encode_batch,
+                              file_identity, find_videos, plan_loader, video_loader)
 from retrieval.locks import commit_lock, reading, writer_lock
 from retrieval.model_io import SearchError, describe_model
 from retrieval.segments import NMS_IOU, Segmentation, merge_ranked, suppress_overlaps
 from retrieval.search import APPROXIMATE, BACKENDS, FaissSearcher, exact_topk, faiss_available, recall_at_k
-from runtime.files import atomic_write  # temp file + fsync + os.replace
+from runtime.files import OutputWriteError, atomic_write  # temp file + fsync + os.replace
+from runtime.group import Group
 
 FORMAT = "dgl-video-index/2"
 OLD_FORMATS = ("dgl-video-index/1",)  # whole files, decord, no resize: read as such
@@ -113,6 +114,13 @@ def read_shard(path: str, entries_only: bool = False) -> tuple[torch.Tensor | No
         raise SearchError(f"corrupt index shard {path} ({reason}); "
                           "run `search_videos.py index` again to re-encode its videos") from err
     return features, entries
+
+
+def shard_order(path: str) -> tuple:
+    """Shards in the order of their numbers (a run of several processes numbers its shards by their place
+    in the run's work, with gaps; numbers may outgrow six digits)."""
+    m = SHARD_NUMBER.match(os.path.basename(path))
+    return (0, int(m.group(1)), "") if m else (1, 0, os.path.basename(path))
 
 
 def entry_id(entry: dict) -> str:
@@ -328,7 +336,7 @@ class VideoIndex:
               model_record: dict | None = None, on_shard=None, log=print, segmentation: Segmentation | None = None,
               resize_short_side: bool | None = None, decoder: str | None = None,
               kernels: dict | None = None, ranges: str | None = None,
-              new_index_segmentation: Segmentation | None = None) -> "VideoIndex":
+              new_index_segmentation: Segmentation | None = None, group: Group | None = None) -> "VideoIndex":
         """Encode the videos under ``paths`` (files or folders, recursively) with ``model``.
 
         With ``index_dir`` the index is written there in shards of ``shard_size`` entries and an
@@ -343,7 +351,141 @@ class VideoIndex:
         so that a resumed or grown index equals one uninterrupted run). ``new_index_segmentation``: the
         segmentation a new index gets when ``segmentation`` is None, decided under the writer lock (a run
         that waited for another may find the index that run created).
+
+        ``group`` (runtime.group): the processes of a torchrun launch, each calling ``build`` with the same
+        arguments; the work is split between them (:meth:`_build_together`). Every process returns the
+        index as committed.
         """
+        if group is not None and group.distributed:
+            if not index_dir:
+                raise SearchError("an index built by several processes needs an index folder")
+            return cls._build_together(group, model, paths, index_dir, tokenizer, batch_size, workers, precision,
+                                       shard_size, progress, model_record, on_shard, log, segmentation,
+                                       resize_short_side, decoder, kernels, ranges, new_index_segmentation)
+        files, record, wanted = cls._check_request(model, paths, index_dir, batch_size, shard_size, workers,
+                                                   segmentation, model_record, resize_short_side, decoder, ranges)
+        if index_dir:
+            make_index_folder(index_dir)
+        # one run at a time writes into a folder: a second one waits for the first (its entries are read
+        # after the first run's commit), so both runs' entries end in the index
+        with writer_lock(index_dir, log) if index_dir else contextlib.nullcontext():
+            if index_dir:
+                index = cls._open_locked(index_dir, record, wanted, segmentation, new_index_segmentation, kernels,
+                                         log)
+            else:
+                sampling = transform_record(**{k: (TRANSFORM_DEFAULTS.get(k) if v is None else v)
+                                               for k, v in wanted.items()})
+                index = cls(None, {"format": FORMAT, "model": record, "sampling": sampling,
+                                   "segmentation": (segmentation or WHOLE).to_dict()}, [])
+            index.model, index.tokenizer = model, tokenizer
+            todo, have = index._drop_stale(files, log)
+            index._encode(todo, have, batch_size, workers, precision, shard_size, progress, on_shard)
+            if index_dir:
+                index._commit()
+        if len(index) == 0:
+            first = index.failed[0] if index.failed else {"path": "?", "reason": "?"}
+            raise SearchError(f"none of the {len(files)} video files could be read "
+                              f"(e.g. {first['path']}: {first['reason']})")
+        return index
+
+    @classmethod
+    def _build_together(cls, group: Group, model, paths, index_dir: str, tokenizer, batch_size: int, workers: int,
+                        precision: str, shard_size: int, progress: bool, model_record, on_shard, log, segmentation,
+                        resize_short_side, decoder, kernels, ranges, new_index_segmentation) -> "VideoIndex | None":
+        """:meth:`build` by the processes of ``group``, each with the same arguments.
+
+        1. Process 0 takes the folder's writer lock (held to the end), opens the index for the update and
+           finds what is left to encode (as one process would); the others wait for its answer.
+        2. Each process plans every N-th of those files (their ranges and lengths); all of them then hold
+           the same list of ranges to encode, in file order, and take their share of it
+           (retrieval.encode.assign_shares: contiguous, balanced by seconds of video, in whole batches).
+        3. Each process encodes its share on its device into shards of its own (written atomically,
+           numbered by their place in the list).
+        4. Once every process has reported its share done, process 0 commits: the manifest lists the kept
+           shards and every process's new ones. A process that fails (a full disk) makes every process
+           stop with its message and nothing is committed; a killed process leaves the shards it finished
+           on disk, and the same command encodes only what no shard holds (with any number of processes).
+
+        Process 0 returns the index; the others None (the manifest on disk is the result).
+        """
+        lock = contextlib.ExitStack()
+        index = None
+
+        def prepare():
+            nonlocal index
+            files, record, wanted = cls._check_request(model, paths, index_dir, batch_size, shard_size, workers,
+                                                       segmentation, model_record, resize_short_side, decoder, ranges)
+            make_index_folder(index_dir)
+            lock.enter_context(writer_lock(index_dir, log))
+            index = cls._open_locked(index_dir, record, wanted, segmentation, new_index_segmentation, kernels, log,
+                                     list_shards=True)
+            index.model, index.tokenizer = model, tokenizer
+            todo, have = index._drop_stale(files, log)
+            if todo:
+                index._encoding_dtype(precision)
+            return {"record": index.record, "files": len(files), "todo": todo,
+                    "have": {p: sorted(v) for p, v in have.items()}, "first_number": index._next_shard_number()}
+
+        try:
+            plan = _on_main(group, prepare)
+            if not group.is_main:
+                index = cls(index_dir, plan["record"], [], model=model, tokenizer=tokenizer)
+            todo, have = plan["todo"], {p: set(v) for p, v in plan["have"].items()}
+            planned = {}
+            for part in _everywhere(group, lambda: index._plan_files(todo[group.rank::group.world_size], workers)):
+                planned.update(part)
+            items, weights, plan_failed = [], [], []
+            for path in todo:
+                file_plan = planned[path]
+                if "error" in file_plan:
+                    plan_failed.append({"path": path, "start": None, "end": None, "reason": file_plan["error"]})
+                    continue
+                done, file_ranges = have.get(path, set()), file_plan["ranges"]
+                for i, ((a, b), w) in enumerate(zip(file_ranges, file_plan["weights"])):
+                    if i not in done:
+                        items.append((path, a, b, i, len(file_ranges)))
+                        weights.append(w)
+            lo, hi = assign_shares(weights, batch_size, group.world_size)[group.rank]
+            dtype = autocast_dtype(precision, next(model.parameters()).device)
+            kept = len(index.shards)
+
+            def encode():
+                index.failed = []
+                index._encode_items(items[lo:hi], batch_size, workers, dtype, shard_size, progress, on_shard,
+                                    first_number=plan["first_number"], position=lo)
+                return {"shards": [os.path.basename(s.path) for s in index.shards[kept:]], "failed": index.failed}
+
+            shares = _everywhere(group, encode, after="nothing was committed: the index is as it was (the shards "
+                                                      "finished so far are kept; the same command continues)")
+
+            def commit():  # every share is done (the gather above waited for all of them)
+                del index.shards[kept:]
+                for share in shares:
+                    for name in share["shards"]:
+                        path = os.path.join(index_dir, "shards", name)
+                        if not os.path.isfile(path):
+                            raise SearchError(f"the shard {path} another process wrote is not in {index_dir} here: "
+                                              "the index folder must be on a file system every machine shares")
+                        index.shards.append(Shard(path, read_shard(path, entries_only=True)[1]))
+                index.failed = plan_failed + [f for share in shares for f in share["failed"]]
+                index._commit()
+                return len(index)
+
+            entries = _on_main(group, commit)
+        finally:
+            lock.close()
+        if entries == 0:
+            failed = plan_failed + [f for share in shares for f in share["failed"]]
+            first = failed[0] if failed else {"path": "?", "reason": "?"}
+            raise SearchError(f"none of the {plan['files']} video files could be read "
+                              f"(e.g. {first['path']}: {first['reason']})")
+        return index if group.is_main else None
+
+    @classmethod
+    def _check_request(cls, model, paths, index_dir, batch_size, shard_size, workers, segmentation, model_record,
+                       resize_short_side, decoder, ranges) -> tuple[list[str], dict, dict]:
+        """(the video files under ``paths``, the model record, the transform asked for); SearchError when
+        the request cannot be done."""
         if batch_size < 1 or shard_size < 1 or workers < 0:
             raise SearchError(f"batch_size and shard_size must be >= 1 and workers >= 0 "
                               f"(got {batch_size}, {shard_size}, {workers})")
@@ -362,42 +504,30 @@ class VideoIndex:
         record = model_record or describe_model(model)
         wanted = {"max_frames": model.config.max_frames, "image_resolution": model.image_resolution,
                   "resize_short_side": resize_short_side, "decoder": decoder, "ranges": ranges}
-        if index_dir:
-            make_index_folder(index_dir)
-        # one run at a time writes into a folder: a second one waits for the first (its entries are read
-        # after the first run's commit), so both runs' entries end in the index
-        with writer_lock(index_dir, log) if index_dir else contextlib.nullcontext():
-            if index_dir:
-                if segmentation is None and not os.path.isfile(os.path.join(index_dir, "index.json")):
-                    segmentation = new_index_segmentation
-                recorded = (cls._read_meta(index_dir).get("kernels")
-                            if kernels is not None and os.path.isfile(os.path.join(index_dir, "index.json")) else None)
-                if recorded and recorded.get("device") == kernels.get("device") and recorded != kernels:
-                    raise SearchError(f"{index_dir} records other kernels ({recorded}) than this run computes with "
-                                      f"({kernels}): another index run created it while this one waited; run "
-                                      "the same command again (it then computes with the recorded ones)")
-                index = cls._open_for_update(index_dir, record, wanted, segmentation, log, kernels)
-            else:
-                sampling = transform_record(**{k: (TRANSFORM_DEFAULTS.get(k) if v is None else v)
-                                               for k, v in wanted.items()})
-                index = cls(None, {"format": FORMAT, "model": record, "sampling": sampling,
-                                   "segmentation": (segmentation or WHOLE).to_dict()}, [])
-            index.model, index.tokenizer = model, tokenizer
-            if kernels is not None and index.record.get("kernels", {}).get("device") != kernels.get("device"):
-                index.record["kernels"] = dict(kernels)  # an index from before kernels were recorded: saved at the end
-            todo, have = index._drop_stale(files, log)
-            index._encode(todo, have, batch_size, workers, precision, shard_size, progress, on_shard)
-            if index_dir:
-                index._commit()
-        if len(index) == 0:
-            first = index.failed[0] if index.failed else {"path": "?", "reason": "?"}
-            raise SearchError(f"none of the {len(files)} video files could be read "
-                              f"(e.g. {first['path']}: {first['reason']})")
+        return files, record, wanted
+
+    @classmethod
+    def _open_locked(cls, index_dir, record, wanted, segmentation, new_index_segmentation, kernels, log,
+                     list_shards: bool = False) -> "VideoIndex":
+        """The index folder opened for an update by the run holding its writer lock (created when new).
+        ``list_shards``: a new index's manifest lists no shard until the run's commit (else readers of a new
+        index see every shard file, as it is written)."""
+        if segmentation is None and not os.path.isfile(os.path.join(index_dir, "index.json")):
+            segmentation = new_index_segmentation
+        recorded = (cls._read_meta(index_dir).get("kernels")
+                    if kernels is not None and os.path.isfile(os.path.join(index_dir, "index.json")) else None)
+        if recorded and recorded.get("device") == kernels.get("device") and recorded != kernels:
+            raise SearchError(f"{index_dir} records other kernels ({recorded}) than this run computes with "
+                              f"({kernels}): another index run created it while this one waited; run "
+                              "the same command again (it then computes with the recorded ones)")
+        index = cls._open_for_update(index_dir, record, wanted, segmentation, log, kernels, list_shards)
+        if kernels is not None and index.record.get("kernels", {}).get("device") != kernels.get("device"):
+            index.record["kernels"] = dict(kernels)  # an index from before kernels were recorded: saved at the end
         return index
 
     @classmethod
     def _open_for_update(cls, index_dir: str, record: dict, wanted: dict, segmentation: Segmentation | None,
-                         log, kernels: dict | None = None) -> "VideoIndex":
+                         log, kernels: dict | None = None, list_shards: bool = False) -> "VideoIndex":
         os.makedirs(os.path.join(index_dir, "shards"), exist_ok=True)
         meta_path = os.path.join(index_dir, "index.json")
         if os.path.exists(meta_path):
@@ -424,13 +554,15 @@ class VideoIndex:
                     "segmentation": (segmentation or WHOLE).to_dict(), "created": time.time()}
             if kernels is not None:  # recorded before the first shard, so a killed first run keeps them too
                 meta["kernels"] = dict(kernels)
+            if list_shards:
+                meta["shards"] = []
             _write_json(meta_path, meta)
         for pattern in (".*.tmp", os.path.join("shards", ".*.tmp")):  # left by a killed run
             for tmp in glob.glob(os.path.join(index_dir, pattern)):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(tmp)
         shards = []
-        for path in sorted(glob.glob(os.path.join(index_dir, "shards", SHARD_GLOB))):
+        for path in sorted(glob.glob(os.path.join(index_dir, "shards", SHARD_GLOB)), key=shard_order):
             try:  # read whole (not only the entries): a damaged shard is found and re-encoded here
                 _, entries = read_shard(path)
             except SearchError as err:
@@ -498,19 +630,23 @@ class VideoIndex:
         todo = [p for p in files if p in current and len(have.get(p, ())) < total.get(p, 1)]
         return todo, {p: have[p] for p in todo if p in have}
 
-    def _next_shard_path(self) -> str:
+    def _next_shard_number(self) -> int:
         # past every shard file in the folder, those dropped from this run's list too: a shard the last
         # commit listed is never overwritten before the next commit
         names = [os.path.basename(s.path) for s in self.shards if s.path]
         names += os.listdir(os.path.join(self.root, "shards"))
         numbers = [int(m.group(1)) for m in map(SHARD_NUMBER.match, names) if m]
-        return os.path.join(self.root, "shards", f"shard-{max(numbers, default=-1) + 1:06d}.npz")
+        return max(numbers, default=-1) + 1
 
-    def _add_shard(self, features: torch.Tensor, entries: list[dict], on_shard) -> None:
+    def _next_shard_path(self) -> str:
+        return os.path.join(self.root, "shards", f"shard-{self._next_shard_number():06d}.npz")
+
+    def _add_shard(self, features: torch.Tensor, entries: list[dict], on_shard, number: int | None = None) -> None:
         if self.root is None:
             self.shards.append(Shard(None, entries, features))
             return
-        path = self._next_shard_path()
+        path = self._next_shard_path() if number is None else os.path.join(self.root, "shards",
+                                                                             f"shard-{number:06d}.npz")
         write_shard(path, features, entries)
         self.shards.append(Shard(path, entries))
         if on_shard is not None:
@@ -532,26 +668,60 @@ class VideoIndex:
             items += [(path, a, b, i, len(ranges)) for i, (a, b) in enumerate(ranges) if i not in done]
         return items
 
+    def _plan_files(self, files: list[str], workers: int) -> dict[str, dict]:
+        """{path: {"ranges": [(start, end)], "weights": [seconds]} or {"error": reason}}: every range of each
+        file (those already indexed too) and its length, which a run split between processes balances by
+        (a whole file: its duration; None when unknown)."""
+        plans = {}
+        for plan in plan_loader(files, self.segmentation, self.transform["decoder"], workers, self.transform["ranges"],
+                                durations=True):
+            path = files[plan["index"]]
+            if "error" in plan:
+                plans[path] = {"error": plan["error"]}
+                continue
+            ranges = [tuple(r) for r in plan["ranges"]]
+            weights = ([plan.get("duration")] if ranges == [(None, None)]
+                       else [float(b) - float(a) for a, b in ranges])
+            plans[path] = {"ranges": ranges, "weights": weights}
+        return plans
+
+    def _encoding_dtype(self, precision: str) -> torch.dtype | None:
+        """The autocast dtype of ``precision`` on the model's device; records it ("mixed" when an index
+        grows with another one)."""
+        dtype = autocast_dtype(precision, next(self.model.parameters()).device)
+        used = "bf16" if dtype == torch.bfloat16 else "fp32"
+        earlier = self.record.get("precision")
+        self.record["precision"] = used if earlier in (None, used) or not len(self) else "mixed"
+        return dtype
+
     def _encode(self, files: list[str], have: dict[str, set], batch_size: int, workers: int, precision: str,
                 shard_size: int, progress: bool, on_shard) -> None:
         self.failed = []
         if not files:
             return
-        model = self.model
-        device = next(model.parameters()).device
-        dtype = autocast_dtype(precision, device)
-        used = "bf16" if dtype == torch.bfloat16 else "fp32"
-        earlier = self.record.get("precision")
-        self.record["precision"] = used if earlier in (None, used) or not len(self) else "mixed"
+        dtype = self._encoding_dtype(precision)
         items = self._plan(files, have, workers)
+        self._encode_items(items, batch_size, workers, dtype, shard_size, progress, on_shard)
+
+    def _encode_items(self, items: list[tuple], batch_size: int, workers: int, dtype, shard_size: int,
+                      progress: bool, on_shard, first_number: int | None = None, position: int = 0) -> None:
+        """Encode ``items`` ([(path, start, end, i, n)]) in batches of ``batch_size``, into shards of
+        ``shard_size`` entries; unreadable ones go to ``self.failed``.
+
+        ``first_number`` (a share of a run split between processes, whose items start at ``position`` in
+        the run's list): a shard ends with a batch once it holds ``shard_size`` entries or more (so a
+        resumed run starts on a batch of the same list) and is numbered ``first_number`` + the position of
+        its first item (numbers of different processes never meet, and their order is the list's)."""
+        model = self.model
         transform = self.transform
         loader = video_loader(items, model.config.max_frames, model.image_resolution, batch_size, workers,
-                              transform["resize_short_side"], transform["decoder"], transform["ranges"])
+                              transform["resize_short_side"], transform["decoder"], transform["ranges"],
+                              pin_memory=next(model.parameters()).device.type == "cuda")
         bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=len(items), desc="indexing", unit="segment", dynamic_ncols=True)
-        feats, entries = [], []
+        feats, entries, places = [], [], []
         identities = {}
         for batch in loader:
             for i, reason in batch["errors"]:
@@ -564,14 +734,20 @@ class VideoIndex:
                     if path not in identities:
                         identities[path] = file_record(path)
                     entries.append({**identities[path], **meta, "start": start, "end": end, "segment": [seg_i, seg_n]})
-            while len(entries) >= shard_size:
-                block = torch.cat(feats)
-                self._add_shard(block[:shard_size].clone(), entries[:shard_size], on_shard)
-                feats, entries = [block[shard_size:]], entries[shard_size:]
+                    places.append(position + i)
+            if first_number is None:
+                while len(entries) >= shard_size:
+                    block = torch.cat(feats)
+                    self._add_shard(block[:shard_size].clone(), entries[:shard_size], on_shard)
+                    feats, entries = [block[shard_size:]], entries[shard_size:]
+            elif len(entries) >= shard_size:
+                self._add_shard(torch.cat(feats), entries, on_shard, number=first_number + places[0])
+                feats, entries, places = [], [], []
             if bar is not None:
                 bar.update(len(batch["errors"]) + len(batch["index"]))
         if entries:
-            self._add_shard(torch.cat(feats), entries, on_shard)
+            self._add_shard(torch.cat(feats), entries, on_shard,
+                            number=None if first_number is None else first_number + places[0])
         if bar is not None:
             bar.close()
 
@@ -864,6 +1040,50 @@ class VideoIndex:
         _, exact_rows = exact_topk(queries, [features], k)
         _, approx_rows = searcher.search(queries.numpy(), k)
         return {"recall_at_k": recall_at_k(approx_rows, exact_rows.numpy()), "k": k, "queries": len(pick)}
+
+
+class GroupError(SearchError):
+    """An error every process of a group knows (process 0 reports it)."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _on_main(group: Group, fn):
+    """``fn()`` on process 0, its result on every process; its error (SearchError, a failed write) raised
+    on every process as :class:`GroupError`."""
+    outcome = None
+    if group.is_main:
+        try:
+            outcome = ("ok", fn())
+        except (SearchError, OutputWriteError) as err:
+            outcome = ("error", str(err))
+        except Exception as err:  # the others must not wait for an answer that never comes
+            group.broadcast(("error", f"process 0 stopped ({type(err).__name__}: {_first_line(err)})"))
+            raise
+    kind, value = group.broadcast(outcome)
+    if kind == "error":
+        raise GroupError(value)
+    return value
+
+
+def _everywhere(group: Group, fn, after: str = "") -> list:
+    """``fn()`` on every process; every process's result, in rank order, on every process once all are done.
+    A process's error is raised on every process as :class:`GroupError`, naming the process (``after``
+    is added to the message)."""
+    try:
+        outcome = ("ok", fn())
+    except (SearchError, OutputWriteError) as err:
+        outcome = ("error", _first_line(err))
+    except Exception as err:  # noqa: BLE001 - reported by every process, so none waits forever
+        outcome = ("error", f"{type(err).__name__}: {_first_line(err)}")
+    outcomes = group.gather(outcome)
+    for rank, (kind, value) in enumerate(outcomes):
+        if kind == "error":
+            raise GroupError(f"process {rank} of {group.world_size}: {value}" + (f"; {after}" if after else ""))
+    return [value for _, value in outcomes]
 
 
 def _faiss_bytes(searcher: FaissSearcher) -> bytes:
