@@ -64,19 +64,14 @@ def _checkpoint(run_dir: str, given: str | None) -> str:
 def compute(run_dir: str, checkpoint: str | None = None, val_csv: str | None = None, batch_size: int = 32) -> dict:
     """{"reversed_video": {...}, "swapped_caption": {...} (with twins), "checkpoint", "num_captions"}."""
     from dataloaders import build_test_dataset
-    from modules.dgl import DGL
+    from modules.dgl import DGL, DGLConfig
     from modules.tokenizer import get_tokenizer
 
     args = _run_config(run_dir)
     ckpt_path = _checkpoint(run_dir, checkpoint)
     if val_csv:
         args.val_csv = val_csv
-    dgl_flags = {k: getattr(args, k) for k in ("shared_latent_space", "max_words", "max_frames",
-                                                "text_prompt_length", "local_each_frame_prompt_length",
-                                                "global_visual_prompt_length", "unified_transformer_layers",
-                                                "visual_output_type")}
-    model = DGL.from_pretrained(args.clip_path, mask_padding_frames=bool(getattr(args, "mask_padding_frames", 0)),
-                                **dgl_flags)
+    model = DGL.from_pretrained(args.clip_path, **DGLConfig.from_options(args).to_dict())
     model.load_checkpoint(ckpt_path)
     model.eval()
     tokenizer = get_tokenizer(bpe_path=getattr(args, "bpe_path", None), pretrained_dir=getattr(args, "pretrained_dir", None))

@@ -10,10 +10,9 @@ import json
 import os
 
 from runtime.errors import OneLineArgumentParser, fail, finite_float
+from runtime.model_flags import add_model_flags, model_flag_error
 
 DATATYPES = ("msrvtt", "vatex", "lsmdc", "activity", "msvd", "didemo", "custom")
-VISUAL_OUTPUT_TYPES = ("global_prompt0", "average_global_prompt", "average_frame_cls_token",
-                       "average_global_prompt_and_frame_cls_token")
 PRECISIONS = ("amp", "fp32", "bf16")
 
 
@@ -93,8 +92,6 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     g.add_argument("--clip_spans_to_video", type=int, nargs="?", const=1, default=0, choices=[0, 1],
                    help="--datatype custom: cut a start/end span that ends past the end of its video at the end "
                         "of the video (default: such a span is an error naming the file and row)")
-    g.add_argument("--max_words", type=int, default=32)
-    g.add_argument("--max_frames", type=int, default=12)
     g.add_argument("--feature_framerate", type=int, default=1)
     g.add_argument("--expand_msrvtt_sentences", action="store_true")
     g.add_argument("--slice_framepos", type=int, default=0, choices=[0, 1, 2])
@@ -177,16 +174,8 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
                         "flash = that kernel on every run (the two round differently in the last digits)")
 
     g = p.add_argument_group("model (DGL)")
-    g.add_argument("--shared_latent_space", type=str, default="transformer", choices=["transformer", "linear"])
-    g.add_argument("--text_prompt_length", type=int, default=8)
-    g.add_argument("--local_each_frame_prompt_length", type=int, default=4)
-    g.add_argument("--global_visual_prompt_length", type=int, default=4)
-    g.add_argument("--unified_transformer_layers", "--unified_prompt_layers", dest="unified_transformer_layers",
-                   type=int, default=12)
-    g.add_argument("--visual_output_type", type=str, default="global_prompt0", choices=VISUAL_OUTPUT_TYPES)
+    add_model_flags(g)  # one flag per DGLConfig field: its default, choices, bounds and help
     g.add_argument("--freeze_clip", type=int, default=1, help="must be 1: the CLIP backbone is frozen")
-    g.add_argument("--mask_padding_frames", type=int, default=0, choices=[0, 1],
-                   help="opt-in (changes results): keep padding frames out of attention and averages")
 
     g = p.add_argument_group("distributed (use torchrun; these exist for the published scripts)")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None)
@@ -309,19 +298,9 @@ def validate(args, parser) -> argparse.Namespace:
     # model
     if args.freeze_clip != 1:
         err("--freeze_clip must be 1: DGL trains prompts on a frozen CLIP (fine-tuning CLIP is not implemented)")
-    for name in ("max_words", "max_frames", "unified_transformer_layers"):
-        if getattr(args, name) < 1:
-            err(f"--{name} must be >= 1")
-    for name in ("text_prompt_length", "local_each_frame_prompt_length", "global_visual_prompt_length"):
-        if getattr(args, name) < 1:
-            err(f"--{name} must be >= 1")
-    if args.text_prompt_length % 2:
-        err("--text_prompt_length must be even (half prefix, half postfix prompts)")
-    if args.shared_latent_space == "linear" and args.text_prompt_length != 2 * args.local_each_frame_prompt_length:
-        err("--shared_latent_space linear needs --text_prompt_length == 2 * --local_each_frame_prompt_length "
-            f"(got {args.text_prompt_length} and {args.local_each_frame_prompt_length})")
-    if args.max_words < 3:
-        err("--max_words must be >= 3 ([SOT], a token, [EOT])")
+    problem = model_flag_error(args)  # DGLConfig's check, the one every program makes
+    if problem:
+        err(problem)
     # distributed / devices
     if args.dp or args.multigpu:
         err("--dp / --multigpu (DataParallel) are not supported; launch with torchrun --nproc_per_node N")

@@ -21,6 +21,7 @@ from dataloaders.base import BadVideoError
 from dataloaders.frame_cache import FrameCacheUse, describe_use
 from modules.backends import backend_name, backends_from_name
 from modules.checkpoints import CheckpointError, checkpoint_latent_space, is_own_checkpoint, load_checkpoint_file
+from modules.dgl import DGLConfig
 from modules.order import OrderNegatives
 from runtime.cpu import apply_cpu_settings, restore as restore_cpu_settings
 from runtime.errors import fail
@@ -40,9 +41,6 @@ from training.qb_bank import report_test_captions_in_bank, save_caption_video_in
 from training.repro import write_run_record
 
 log = logging.getLogger("dgl")
-DGL_FIELDS = ("shared_latent_space", "max_words", "max_frames", "text_prompt_length",
-              "local_each_frame_prompt_length", "global_visual_prompt_length", "unified_transformer_layers",
-              "visual_output_type")
 
 
 def seed_all(seed: int) -> None:
@@ -62,8 +60,7 @@ def build_model_and_tokenizer(args):
     except FileNotFoundError as e:
         fail(str(e).splitlines()[0] if str(e) else "CLIP's BPE vocabulary not found; pass --bpe_path")
     try:
-        model = DGL.from_pretrained(clip_path, mask_padding_frames=bool(args.mask_padding_frames),
-                                    **{k: getattr(args, k) for k in DGL_FIELDS})
+        model = DGL.from_pretrained(clip_path, **DGLConfig.from_options(args).to_dict())
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         fail(f"cannot build DGL on {clip_path}: {str(e).splitlines()[0]}")
     vocab = model.clip.config.vocab_size
@@ -577,27 +574,16 @@ class Run:
         return summary
 
 
-MATCHING_FLAGS = DGL_FIELDS + ("mask_padding_frames",)
-
-
 def checkpoint_flag_mismatch(ckpt: dict, args) -> tuple[str, object, object] | None:
     """``(--flag, checkpoint's value, this run's value)`` of the first model flag that our checkpoint's
     recorded configuration (``ckpt["config"]``) gives differently from ``args``; None when all agree or
     nothing is recorded (official checkpoints: their latent space and shapes are checked on loading)."""
-    config = ckpt.get("config")
-    if not isinstance(config, dict):
-        return None
-    for name in MATCHING_FLAGS:
-        if config.get(name) is None or getattr(args, name, None) is None:
+    for name, recorded in DGLConfig.recorded_in(ckpt).items():
+        wanted = getattr(args, name, None)
+        if wanted is None:
             continue
-        recorded, wanted = config[name], getattr(args, name)
-        if isinstance(wanted, bool) or name == "mask_padding_frames":
-            recorded, wanted = int(bool(recorded)), int(bool(wanted))
-        elif isinstance(wanted, int):
-            try:
-                recorded = int(recorded)
-            except (TypeError, ValueError):
-                pass
+        if isinstance(recorded, bool):  # a 0/1 flag on the command line
+            recorded, wanted = int(recorded), int(bool(wanted))
         if recorded != wanted:
             return f"--{name}", recorded, wanted
     return None
