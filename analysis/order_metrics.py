@@ -108,13 +108,13 @@ def compute(run_dir: str, checkpoint: str | None = None, val_csv: str | None = N
 
 
 def main(argv=None) -> int:
-    from runtime.errors import fail
+    from runtime.errors import fail, first_line
 
     args = build_parser().parse_args(argv)
     try:
         result = compute(args.run_dir, args.checkpoint, args.val_csv, args.batch_size)
     except (ValueError, FileNotFoundError, KeyError, OSError, RuntimeError) as e:
-        fail(f"{args.run_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+        fail(f"{args.run_dir}: {first_line(e)}",
              prog="python -m analysis.order_metrics")
     print(f"{result['checkpoint']}: {result['num_captions']} test captions; order: {format_order(result)}")
     if args.json:

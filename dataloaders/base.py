@@ -405,10 +405,6 @@ class ReplacementCounter:
         return msg
 
 
-def dedupe_in_order(items: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(items))
-
-
 def require_columns(path: str, header: Sequence[str], needed: Sequence[str]) -> None:
     missing = [c for c in needed if c not in header]
     if missing:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .backends import same_attention_backends
+from .checkpoints import strip_module_prefix
 from .clip import CLIP, QuickGELU, ResidualAttentionBlock, build_clip, load_clip_state_dict
 from .order import order_column_bias, order_contrastive_loss, reorder_frames
 from .tokenizer import MIN_WORDS
@@ -522,7 +523,7 @@ class DGL(nn.Module):
         state_dict = checkpoint.get("state_dict", checkpoint)
         if not isinstance(state_dict, dict):
             raise ValueError(f"{name}: no state dict found")
-        state_dict = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+        state_dict = strip_module_prefix(state_dict)
         own = self.state_dict()
         mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                       for k, v in state_dict.items() if k in own and k != _POSITION_IDS and v.shape != own[k].shape]

@@ -24,10 +24,6 @@ def _none_str(v):
     return v
 
 
-def _flag_int(v):
-    return int(v)
-
-
 def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog=prog, description="DGL: train / evaluate prompt tuning of a frozen CLIP "
                                                      "for text-video retrieval")
