@@ -8,7 +8,7 @@ recipe by default: transformer latent space, 12 frames, 32 words) are measured i
 
 * train: the training step (forward, backward, AdamW on the prompts) at the published per-GPU batch
   (MSR-VTT: 128) in fp32, AMP (fp16 autocast + GradScaler) and bf16, for this implementation and the
-  published-style computation (benchmarks/published_reference.py) on the same weights: median step
+  published-style computation (reference/published.py) on the same weights: median step
   time after warm-up, videos/s, peak memory. Where a batch does not fit, it is halved until both
   implementations fit, so the ratios are always at equal batch. Targets: at least 1.3x faster and at
   most 0.7x the peak memory of the published computation.
