@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from analysis.query_ranks import load_query_ranks
+    from runtime.errors import first_line
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
         a, b = load_query_ranks(args.run_a), load_query_ranks(args.run_b)
         diff = compare(a, b, top=args.top, dsl=args.dsl)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        parser.error(first_line(e))
     print(format_report(diff))
     if args.json:
         from runtime.files import atomic_write_text

@@ -42,10 +42,12 @@ def _default_index_path(sim_path: str) -> str | None:
 
 def _read_array(parser, path: str, flag: str) -> np.ndarray:
     """One array of a .npy file (no pickled objects), or one line naming the file."""
+    from runtime.errors import first_line
+
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        parser.error(f"{flag} {path}: not a readable .npy array ({str(exc).splitlines()[0] if str(exc) else exc})")
+        parser.error(f"{flag} {path}: not a readable .npy array ({first_line(exc)})")
     if not isinstance(array, np.ndarray):  # an .npz archive (or a checkpoint, which is a zip file)
         parser.error(f"{flag} {path}: not a .npy array (an .npz or zip archive)")
     return array

@@ -64,19 +64,14 @@ def _checkpoint(run_dir: str, given: str | None) -> str:
 def compute(run_dir: str, checkpoint: str | None = None, val_csv: str | None = None, batch_size: int = 32) -> dict:
     """{"reversed_video": {...}, "swapped_caption": {...} (with twins), "checkpoint", "num_captions"}."""
     from dataloaders import build_test_dataset
-    from modules.dgl import DGL
+    from modules.dgl import DGL, DGLConfig
     from modules.tokenizer import get_tokenizer
 
     args = _run_config(run_dir)
     ckpt_path = _checkpoint(run_dir, checkpoint)
     if val_csv:
         args.val_csv = val_csv
-    dgl_flags = {k: getattr(args, k) for k in ("shared_latent_space", "max_words", "max_frames",
-                                                "text_prompt_length", "local_each_frame_prompt_length",
-                                                "global_visual_prompt_length", "unified_transformer_layers",
-                                                "visual_output_type")}
-    model = DGL.from_pretrained(args.clip_path, mask_padding_frames=bool(getattr(args, "mask_padding_frames", 0)),
-                                **dgl_flags)
+    model = DGL.from_pretrained(args.clip_path, **DGLConfig.from_options(args).to_dict())
     model.load_checkpoint(ckpt_path)
     model.eval()
     tokenizer = get_tokenizer(bpe_path=getattr(args, "bpe_path", None), pretrained_dir=getattr(args, "pretrained_dir", None))
@@ -113,13 +108,13 @@ def compute(run_dir: str, checkpoint: str | None = None, val_csv: str | None = N
 
 
 def main(argv=None) -> int:
-    from runtime.errors import fail
+    from runtime.errors import fail, first_line
 
     args = build_parser().parse_args(argv)
     try:
         result = compute(args.run_dir, args.checkpoint, args.val_csv, args.batch_size)
     except (ValueError, FileNotFoundError, KeyError, OSError, RuntimeError) as e:
-        fail(f"{args.run_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+        fail(f"{args.run_dir}: {first_line(e)}",
              prog="python -m analysis.order_metrics")
     print(f"{result['checkpoint']}: {result['num_captions']} test captions; order: {format_order(result)}")
     if args.json:

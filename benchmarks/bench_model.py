@@ -1,6 +1,6 @@
 """Speed of DGL's training step and evaluation forward, against two baselines on the same weights.
 
-* published: the computation as the published code writes it (benchmarks/published_reference.py:
+* published: the computation as the published code writes it (reference/published.py:
   sequence-first tensors, a loop over frames filling zeroed key buffers, separate query and key/value
   projections);
 * loop: our model with only the global-local attention replaced by a Python loop over frames, each
@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import modules.dgl as dgl_module  # noqa: E402
-from benchmarks import published_reference as published  # noqa: E402
+from reference import published  # noqa: E402
 from modules.clip import CLIP, CLIPConfig  # noqa: E402
 from modules.dgl import DGL, DGLConfig, contrastive_loss  # noqa: E402
 from modules import backends as cpu  # noqa: E402

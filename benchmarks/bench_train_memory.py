@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_model import build, inputs, peak_rss_mb, reset_peak_rss, time_it  # noqa: E402
-from training.engine import forward_backward  # noqa: E402
+from training.engine import apply_update, forward_backward  # noqa: E402
 from training.model_options import compile_encoders, compile_seconds  # noqa: E402
 
 
@@ -73,12 +73,7 @@ def run_worker(args) -> dict:
 
     def train_step():
         step_backward()
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_update(optimizer, scaler)
 
     # The memory window opens before the first step: memory freed by a step may stay in the process.
     if args.device.startswith("cuda"):

@@ -8,7 +8,7 @@ recipe by default: transformer latent space, 12 frames, 32 words) are measured i
 
 * train: the training step (forward, backward, AdamW on the prompts) at the published per-GPU batch
   (MSR-VTT: 128) in fp32, AMP (fp16 autocast + GradScaler) and bf16, for this implementation and the
-  published-style computation (benchmarks/published_reference.py) on the same weights: median step
+  published-style computation (reference/published.py) on the same weights: median step
   time after warm-up, videos/s, peak memory. Where a batch does not fit, it is halved until both
   implementations fit, so the ratios are always at equal batch. Targets: at least 1.3x faster and at
   most 0.7x the peak memory of the published computation.
@@ -48,6 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import bench_model  # noqa: E402
 from modules.clip import CLIP, CLIPConfig, tiny_clip_config  # noqa: E402
 from modules.dgl import DGL, DGLConfig, contrastive_loss  # noqa: E402
+from runtime.errors import first_line  # noqa: E402
+from runtime.precision import Precision  # noqa: E402
+from training.engine import apply_update  # noqa: E402
 
 SHAPES = {  # CLIP shapes (text tower: CLIP's 12 layers x 512)
     "B/32": lambda: CLIPConfig(vision_patch_size=32),
@@ -107,8 +110,7 @@ def _json_safe(value):
 
 
 def _error_line(error: BaseException) -> str:
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    return f"{type(error).__name__}: {first_line(error, empty='')}"[:300]
 
 
 def guarded(fn, *fn_args, **fn_kwargs) -> dict:
@@ -149,21 +151,6 @@ def peak_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / MB if device.type == "cuda" else None
 
 
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "amp" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def make_scaler(precision: str, device: torch.device):
-    if precision != "amp":
-        return None
-    if hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler(device.type)
-    return torch.cuda.amp.GradScaler(enabled=device.type == "cuda")  # torch < 2.3
-
-
 def timed_median(fn, warmup: int, iters: int, device: torch.device) -> float:
     """Median wall time of fn over ``iters`` calls after ``warmup`` calls, synchronised."""
     for _ in range(warmup):
@@ -202,16 +189,10 @@ def random_batch(arch: str, batch: int, args, seed: int = 1):
 
 def train_step(model, impl: str, precision: str, optimizer, scaler, ids, video, mask) -> torch.Tensor:
     """One training step as training/engine.py takes it; returns the loss (not synchronised)."""
-    with autocast(precision, ids.device):
+    with Precision(precision, ids.device).autocast():  # main.py's autocast for --precision
         loss = bench_model.training_loss(model, impl, ids, video, mask)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    apply_update(optimizer, scaler)
     return loss.detach()
 
 
@@ -224,7 +205,7 @@ def measure_training(model, arch: str, impl: str, precision: str, batch: int, ar
     model.train()
     model.zero_grad(set_to_none=True)  # an out-of-memory in a backward pass can leave gradients behind
     ids, video, mask = random_batch(arch, batch, args)
-    optimizer, scaler = make_optimizer(model, args), make_scaler(precision, args.device)
+    optimizer, scaler = make_optimizer(model, args), Precision(precision, args.device).make_scaler()
     before = reset_peak(args.device)
     losses = []
 
@@ -241,7 +222,7 @@ def measure_eval(model, arch: str, impl: str, precision: str, batch: int, args) 
     ids, video, mask = random_batch(arch, batch, args)
     encode_text, encode_video = bench_model.encoders(model, impl)
     model.eval()
-    with torch.no_grad(), autocast(precision, args.device):
+    with torch.no_grad(), Precision(precision, args.device).autocast():
         before = reset_peak(args.device)
         video_s = timed_median(lambda: encode_video(video, mask), args.warmup, args.iters, args.device)
         video_peak = peak_mb(args.device)
@@ -322,24 +303,29 @@ def eval_section(model, arch: str, args, report: Report) -> None:
 
 
 def run_stability(model, arch: str, args, report: Report, deadline: float) -> dict:
-    """AMP steps with the GradScaler on fresh batches: count non-finite losses and skipped updates."""
+    """AMP steps as main.py takes them (fp16 autocast with the GradScaler on CUDA; bf16 autocast, no scaler, on
+    CPU) on fresh batches: count non-finite losses and skipped updates."""
     model.train()
     model.zero_grad(set_to_none=True)
-    optimizer, scaler = make_optimizer(model, args), make_scaler("amp", args.device)
+    optimizer, scaler = make_optimizer(model, args), Precision("amp", args.device).make_scaler()
     losses, skipped = [], 0
+
+    def scale() -> float | None:
+        return None if scaler is None else scaler.get_scale()
+
     for step in range(args.stability_steps):
         if report.elapsed() > deadline:
             break
         ids, video, mask = random_batch(arch, args.stability_batch, args, seed=100 + step)
-        scale = scaler.get_scale()
+        before = scale()
         losses.append(float(train_step(model, "ours", "amp", optimizer, scaler, ids, video, mask).float()))
-        skipped += scaler.get_scale() < scale  # the scaler lowers its scale when it skips an update
+        skipped += scaler is not None and scale() < before  # the scaler lowers its scale when it skips an update
         if (step + 1) % 50 == 0:
-            report.log(f"  stability step {step + 1}: loss {losses[-1]:.4f}, scale {scaler.get_scale():.0f}")
+            report.log(f"  stability step {step + 1}: loss {losses[-1]:.4f}, scale {scale()}")
     params_finite = all(bool(torch.isfinite(p).all()) for _, p in model.trainable_parameters())
     nonfinite = sum(not math.isfinite(v) for v in losses)
     return {"steps": len(losses), "requested_steps": args.stability_steps, "batch": args.stability_batch,
-            "nonfinite_losses": nonfinite, "skipped_updates": int(skipped), "final_scale": scaler.get_scale(),
+            "nonfinite_losses": nonfinite, "skipped_updates": int(skipped), "final_scale": scale(),
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "params_finite": params_finite,
             "passed": bool(losses) and params_finite and math.isfinite(losses[-1]) and nonfinite <= skipped}

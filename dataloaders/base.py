@@ -14,6 +14,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from modules.dgl import DGLConfig
+
 from .frame_cache import open_frame_cache
 from .video import FRAME_ORDERS, VideoDecodeError, load_video, video_options
 
@@ -134,9 +136,8 @@ class VideoTextDataset(Dataset):
             raise ValueError(f"--{order_flag} must be 0 (normal), 1 (reverse) or 2 (random), got {self.frame_order}")
         if self.slice_framepos not in (0, 1, 2):
             raise ValueError(f"--slice_framepos must be 0, 1 or 2, got {self.slice_framepos}")
-        if self.max_frames < 1 or self.max_words < 3:
-            raise ValueError(f"--max_frames must be >= 1 and --max_words >= 3 "
-                             f"(got {self.max_frames}, {self.max_words})")
+        # the model's check of the two (a loader reads what the model takes)
+        DGLConfig.check({"max_words": self.max_words, "max_frames": self.max_frames}, spell=lambda name: "--" + name)
         self.args = args
         self._file_index: Optional[dict[str, str]] = None
 
@@ -402,10 +403,6 @@ class ReplacementCounter:
         (self.log.warning if self.replaced else self.log.info)(msg)
         self.replaced = self.seen = 0
         return msg
-
-
-def dedupe_in_order(items: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(items))
 
 
 def require_columns(path: str, header: Sequence[str], needed: Sequence[str]) -> None:

@@ -20,6 +20,7 @@ def with_module_prefix(sd: dict) -> dict:
 
 
 def strip_module_prefix(sd: dict) -> dict:
+    """The state dict without DistributedDataParallel's "module." before its names (official checkpoints have it)."""
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
 
 
@@ -58,7 +59,7 @@ _LATENT_SPACE_MARKERS = {
 
 def checkpoint_latent_space(ckpt: dict) -> str | None:
     """'linear' or 'transformer': the shared latent space a DGL checkpoint was trained with (None: unknown)."""
-    names = [k[len("module."):] if k.startswith("module.") else k for k in ckpt.get("state_dict", {})]
+    names = strip_module_prefix(ckpt.get("state_dict", {}))
     found = [space for space, prefixes in _LATENT_SPACE_MARKERS.items()
              if any(n.startswith(prefixes) for n in names)]
     return found[0] if len(found) == 1 else None

@@ -175,10 +175,13 @@ def get_tokenizer(bpe_path: str | os.PathLike | None = None,
     return _tokenizer_for(os.path.abspath(find_bpe_path(bpe_path, pretrained_dir)))
 
 
+MIN_WORDS = 2  # [SOT] and [EOT]: the published tokenizer keeps both, so two positions are the least
+
+
 def token_ids(tokenizer: SimpleTokenizer, text: str, max_words: int) -> list[int]:
     """[SOT] + BPE ids cut to ``max_words - 2`` + [EOT], not padded."""
-    if max_words < 2:
-        raise ValueError(f"max_words must be at least 2 (room for SOT and EOT), got {max_words}")
+    if max_words < MIN_WORDS:
+        raise ValueError(f"max_words must be at least {MIN_WORDS} (room for SOT and EOT), got {max_words}")
     return [tokenizer.sot_token_id, *tokenizer.encode(text)[: max_words - 2], tokenizer.eot_token_id]
 
 

@@ -39,7 +39,7 @@ from dataloaders.frame_cache import (ENCODINGS, FORMAT, FRAME_SETS, MANIFEST, SH
                                      FrameCacheError, complete_shards, file_stamp, needed_frames, read_manifest,
                                      shard_paths, video_key)
 from dataloaders.video import DECODERS, VideoDecodeError, center_crop, decode_planned
-from runtime.errors import OneLineArgumentParser, fail, finite_float
+from runtime.errors import OneLineArgumentParser, fail, finite_float, first_line
 from runtime.files import atomic_write, remove_stale_temporary_files
 
 
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
         summary = build_frame_cache(a.out, videos, a.frames, a.max_frames, a.size, a.decoder, a.encoding,
                                     a.quality, a.shard_mb)
     except (ValueError, OSError) as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, prog="python -m preprocess.frame_cache")
+        fail(first_line(exc), prog="python -m preprocess.frame_cache")
     return 1 if summary["failed"] and not (summary["cached"] or summary["skipped"]) else 0
 
 

@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from runtime.errors import OneLineArgumentParser
+from runtime.errors import OneLineArgumentParser, first_line
 from runtime.files import OutputWriteError, atomic_write_text
 
 from .ffmpeg_tools import write_video
@@ -150,7 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         info = make_custom_example(args.out_dir, args.num_short, args.num_long, args.seed)
     except (ValueError, RuntimeError, OutputWriteError) as exc:
-        sys.stderr.write(f"make_custom_example: error: {str(exc).splitlines()[0]}\n")
+        sys.stderr.write(f"make_custom_example: error: {first_line(exc)}\n")
         return 2
     print(f"{info['videos']} videos ({info['clips']} clips or spans), {info['captions']} captions: "
           f"{info['annotations']}; labelled queries: {info['queries']}")

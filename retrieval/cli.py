@@ -17,6 +17,7 @@ import sys
 
 from retrieval.segments import MODES, Segmentation, format_range
 from runtime.errors import OneLineArgumentParser, finite_float
+from runtime.model_flags import add_model_flags
 
 DEFAULT = Segmentation()
 
@@ -31,13 +32,8 @@ def _add_model_flags(p, required: bool) -> None:
     g.add_argument("--bpe_path", default=None, help="CLIP's BPE vocabulary (default: next to --clip, "
                                                     "the checkpoint's, $DGL_BPE_PATH)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--shared_latent_space", choices=["transformer", "linear"], default=None,
-                   help="model flags: needed for official checkpoints; ours record them")
-    for name in ("max_words", "max_frames", "text_prompt_length", "local_each_frame_prompt_length",
-                 "global_visual_prompt_length", "unified_transformer_layers"):
-        g.add_argument("--" + name, type=int, default=None)
-    g.add_argument("--visual_output_type", default=None)
-    g.add_argument("--mask_padding_frames", type=int, choices=[0, 1], default=None)
+    # main.py's model flags (DGLConfig's fields): needed for official checkpoints; ours record them
+    add_model_flags(g, defaults=False)
 
 
 def _add_approximate_from(p) -> None:
@@ -163,12 +159,9 @@ def _device(name: str):
 
 
 def _model_flags(args) -> dict:
-    from retrieval.model_io import DGL_FLAGS
+    from runtime.model_flags import MODEL_FLAGS
 
-    flags = {k: getattr(args, k, None) for k in DGL_FLAGS}
-    if flags.get("mask_padding_frames") is not None:
-        flags["mask_padding_frames"] = bool(flags["mask_padding_frames"])
-    return flags
+    return {k: getattr(args, k, None) for k in MODEL_FLAGS}
 
 
 

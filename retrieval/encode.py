@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from dataloaders.video import load_video
+from runtime.errors import first_line
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp",
                     ".ts", ".ogv")
@@ -99,11 +100,6 @@ def probe_frames(path: str, decoder: str = "decord") -> tuple[int, float]:
     return frames, fps
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 class FilePlans(Dataset):
     """Item i: the ranges of ``paths[i]`` under ``segmentation`` (retrieval.segments), or the reason why not.
     ``durations``: a whole file also gets its duration ("duration", None when unknown), which a run split
@@ -136,7 +132,7 @@ class FilePlans(Dataset):
             duration = probe_duration(path, self.decoder)
             return {"index": i, "ranges": plan_ranges(self.segmentation, path, duration)}
         except Exception as err:  # noqa: BLE001 - an unreadable file is skipped and listed
-            return {"index": i, "error": _first_line(err)}
+            return {"index": i, "error": first_line(err)}
 
 
 def _only_item(items: list) -> dict:
@@ -197,7 +193,7 @@ class VideoFiles(Dataset):
             video, mask, meta = read_for_model(path, self.max_frames, self.size, start, end,
                                                self.resize_short_side, self.decoder, self.ranges)
         except Exception as err:  # noqa: BLE001 - any unreadable file is skipped and listed
-            return {"index": i, "error": _first_line(err)}
+            return {"index": i, "error": first_line(err)}
         return {"index": i, "video": video, "mask": mask, "meta": meta}
 
 

@@ -33,6 +33,8 @@ import os
 
 import numpy as np
 
+from runtime.errors import first_line
+
 QUERY_COLUMNS = ("query", "caption")
 TIME_TOLERANCE = 1e-3  # seconds: a query's start/end equal an entry's up to this
 
@@ -203,7 +205,7 @@ def read_bank(path: str):
         try:
             feats = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as exc:
-            raise _search_error(f"--qb_norm {path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
+            raise _search_error(f"--qb_norm {path}: not a readable .npy array ({first_line(exc)})") from None
         if feats.ndim != 2 or feats.shape[0] == 0 or not np.issubdtype(feats.dtype, np.floating):
             raise _search_error(f"--qb_norm {path}: expected float text features (n, D), got {feats.dtype} "
                                 f"{feats.shape}")

@@ -50,6 +50,7 @@ from retrieval.locks import commit_lock, reading, writer_lock
 from retrieval.model_io import SearchError, describe_model
 from retrieval.segments import NMS_IOU, Segmentation, merge_ranked, suppress_overlaps
 from retrieval.search import APPROXIMATE, BACKENDS, FaissSearcher, exact_topk, faiss_available, recall_at_k
+from runtime.errors import first_line
 from runtime.files import OutputWriteError, atomic_write  # temp file + fsync + os.replace
 from runtime.group import Group
 
@@ -107,8 +108,7 @@ def read_shard(path: str, entries_only: bool = False) -> tuple[torch.Tensor | No
             raise ValueError("features and entries disagree")
     except Exception as err:  # noqa: BLE001 - any damage is the same problem for the user
         if _is_zip(path):
-            detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            reason = f"{type(err).__name__}: {detail}"
+            reason = f"{type(err).__name__}: {first_line(err, empty='')}"
         else:  # numpy's message here advises unpickling the file; say what the file is instead
             reason = "not an .npz archive: damaged or truncated"
         raise SearchError(f"corrupt index shard {path} ({reason}); "
@@ -793,7 +793,7 @@ class VideoIndex:
             if not isinstance(meta.get("model"), dict) or "fingerprint" not in meta["model"]:
                 raise ValueError("no model fingerprint (model.fingerprint) in it")
         except (ValueError, OSError) as err:
-            raise SearchError(f"{path} is unreadable ({str(err).splitlines()[0]})") from err
+            raise SearchError(f"{path} is unreadable ({first_line(err)})") from err
         return meta
 
     @classmethod
@@ -880,7 +880,7 @@ class VideoIndex:
                                             resize_short_side=transform["resize_short_side"],
                                             decoder=transform["decoder"])
         except Exception as err:  # noqa: BLE001
-            raise SearchError(str(err).splitlines()[0]) from err
+            raise SearchError(first_line(err)) from err
         precision = "bf16" if self.record.get("precision") == "bf16" else "fp32"
         dtype = autocast_dtype(precision, next(self.model.parameters()).device)
         return encode_batch(self.model, video[None], mask[None], dtype)

@@ -5,16 +5,17 @@ flags come from the caller (the command line). Explicit flags win over recorded 
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
 from modules.dgl import DGL, DGLConfig
-
-DGL_FLAGS = tuple(f.name for f in fields(DGLConfig))
+from runtime.errors import first_line
+from runtime.model_flags import MODEL_FLAGS, model_flag_error
 
 
 class SearchError(Exception):
@@ -50,22 +51,6 @@ def describe_model(model: DGL, **paths) -> dict:
             **{k: (os.path.abspath(v) if v else None) for k, v in paths.items()}}
 
 
-def _recorded_flags(ckpt: dict) -> dict:
-    """DGL flags our checkpoints record in ckpt["config"] (main.py's resolved flags)."""
-    config = ckpt.get("config")
-    if not isinstance(config, dict):
-        return {}
-    flags = {k: config[k] for k in DGL_FLAGS if config.get(k) is not None}
-    if "mask_padding_frames" in flags:
-        flags["mask_padding_frames"] = bool(flags["mask_padding_frames"])
-    return flags
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_model(clip_path: str, checkpoint: str | None, bpe_path: str | None = None,
                flags: dict | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """DGL on ``clip_path`` with the prompts of ``checkpoint`` (None: untrained prompts), in eval mode.
@@ -85,18 +70,21 @@ def load_model(clip_path: str, checkpoint: str | None, bpe_path: str | None = No
         try:
             ckpt = load_checkpoint_file(checkpoint)
         except Exception as err:  # noqa: BLE001 - reported as one line naming the file
-            raise SearchError(f"cannot read the checkpoint {checkpoint}: {_first_line(err)}") from err
-    options = _recorded_flags(ckpt)
-    options.update({k: v for k, v in (flags or {}).items() if v is not None and k in DGL_FLAGS})
+            raise SearchError(f"cannot read the checkpoint {checkpoint}: {first_line(err)}") from err
+    options = DGLConfig.recorded_in(ckpt)
+    options.update({k: v for k, v in (flags or {}).items() if v is not None and k in MODEL_FLAGS})
+    problem = model_flag_error(argparse.Namespace(**options))  # main.py's check of the same flags
+    if problem:
+        raise SearchError(problem)
     try:
         model = DGL.from_pretrained(clip_path, **options)
     except Exception as err:  # noqa: BLE001
-        raise SearchError(f"cannot build DGL on {clip_path}: {_first_line(err)}") from err
+        raise SearchError(f"cannot build DGL on {clip_path}: {first_line(err)}") from err
     if checkpoint:
         try:
             model.load_checkpoint(ckpt)
         except Exception as err:  # noqa: BLE001
-            raise SearchError(f"cannot load {checkpoint}: {_first_line(err)} (the model flags must match "
+            raise SearchError(f"cannot load {checkpoint}: {first_line(err)} (the model flags must match "
                               "the checkpoint: --shared_latent_space, --max_frames, ...)") from err
     recorded_bpe = (ckpt.get("config") or {}).get("bpe_path") if isinstance(ckpt.get("config"), dict) else None
     try:
@@ -104,7 +92,7 @@ def load_model(clip_path: str, checkpoint: str | None, bpe_path: str | None = No
                                                         else None),
                                   pretrained_dir=os.path.dirname(os.path.abspath(clip_path)))
     except FileNotFoundError as err:
-        raise SearchError(_first_line(err)) from err
+        raise SearchError(first_line(err)) from err
     vocab = model.clip.config.vocab_size
     if getattr(tokenizer, "vocab_size", vocab) > vocab:
         raise SearchError(f"the BPE vocabulary has {tokenizer.vocab_size} tokens but the CLIP in {clip_path} "

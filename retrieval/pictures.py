@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from modules.attention_maps import attention_maps
 from retrieval.encode import frames_as_seen, read_for_model
 from retrieval.model_io import SearchError
+from runtime.errors import first_line
 
 
 @torch.no_grad()
@@ -35,7 +36,7 @@ def draw_attention(model, video_path: str, out_png: str, caption: str | None = N
         video, mask, meta = read_for_model(os.path.abspath(video_path), model.config.max_frames,
                                            model.image_resolution)
     except Exception as err:  # noqa: BLE001
-        raise SearchError(str(err).splitlines()[0]) from err
+        raise SearchError(first_line(err)) from err
     device = next(model.parameters()).device
     maps = attention_maps(model, video[None].to(device), mask[None].to(device))
     if not -maps.num_layers <= layer < maps.num_layers:

@@ -42,6 +42,7 @@ from retrieval.index import IndexedFileError, VideoIndex, entry_id, open_indexed
 from retrieval.locks import reading
 from retrieval.model_io import SearchError
 from retrieval.segments import format_range
+from runtime.errors import first_line
 
 MAX_K = 500
 MAX_QUERY_CHARS = 1000
@@ -125,7 +126,7 @@ class SearchService:
                 self.snapshot = fresh  # cached text features stay valid: the model is the same (fingerprint)
                 self.log(f"index reloaded: {len(fresh.entries)} entries")
             except (SearchError, OSError, ValueError) as err:
-                self.log(f"index not reloaded (kept the previous one): {str(err).splitlines()[0]}")
+                self.log(f"index not reloaded (kept the previous one): {first_line(err)}")
             finally:
                 self._reload.release()
         return self.snapshot

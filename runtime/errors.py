@@ -31,3 +31,18 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def first_line(exc: BaseException, empty: str | None = None) -> str:
+    """The message of ``exc`` in one line: its first line, without a repeated "ValueError: " prefix; for an
+    error re-raised from a DataLoader worker (whose message carries the worker's traceback) the original
+    message, which is the text's last line. Without a message: ``empty``, else the exception's type name."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__ if empty is None else empty
+    text = lines[-1] if lines[0].startswith("Caught ") else lines[0]
+    name = type(exc).__name__
+    for prefix in (f"{type(exc).__module__}.{name}: ", f"{name}: "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    return text

@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from benchmarks import published_reference as published
+from reference import published
 from modules.clip import CLIP, CLIPConfig, build_clip, load_clip_state_dict, tiny_clip_config
 from modules.dgl import DGL
 

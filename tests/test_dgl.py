@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import published_reference as published
+from reference import published
 from modules.clip import CLIP, CLIPConfig, tiny_clip_config
 from modules.dgl import DGL, DGLConfig, VISUAL_OUTPUT_TYPES, global_local_block
 

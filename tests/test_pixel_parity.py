@@ -347,8 +347,8 @@ def official_checkpoint(path, clip_path, latent):
 
 def oracle_similarity(model, root, bpe, captions):
     """The published evaluation: published pixels (PyAV, this file's transform), the published-style
-    computation (``benchmarks/published_reference.py``), exp(logit_scale) * cosine."""
-    from benchmarks import published_reference as published
+    computation (``reference/published.py``), exp(logit_scale) * cosine."""
+    from reference import published
     from modules.tokenizer import tokenize
 
     video = torch.stack([ref_load(root / "videos" / f"{name}.mp4", 4, 32)[0] for name in EVAL_VIDEOS])

@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
-from runtime.errors import OneLineArgumentParser, fail, finite_float
+from runtime.errors import OneLineArgumentParser, fail, finite_float, first_line
+from runtime.model_flags import add_model_flags, model_flag_error
 
 DATATYPES = ("msrvtt", "vatex", "lsmdc", "activity", "msvd", "didemo", "custom")
-VISUAL_OUTPUT_TYPES = ("global_prompt0", "average_global_prompt", "average_frame_cls_token",
-                       "average_global_prompt_and_frame_cls_token")
 PRECISIONS = ("amp", "fp32", "bf16")
 
 
@@ -22,10 +22,6 @@ def _none_str(v):
     if v is None or str(v).strip() in ("", "None", "none", "null"):
         return None
     return v
-
-
-def _flag_int(v):
-    return int(v)
 
 
 def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
@@ -38,6 +34,9 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     g.add_argument("--do_eval", type=int, default=0, choices=[0, 1],
                    help="evaluate; alone (or with --do_train 0) it only evaluates, e.g. --resume <checkpoint>")
     g.add_argument("--output_dir", type=str, required=True, help="checkpoints, logs, results.json, TensorBoard")
+    g.add_argument("--config", type=str, default=None,
+                   help="a run's config.json: a new run with exactly that run's settings, the flags given on the "
+                        "command line overriding them (--output_dir must be given: a new folder)")
     g.add_argument("--resume", type=_none_str, default=None,
                    help="checkpoint to continue from (ours or an official DGL checkpoint)")
     g.add_argument("--load_from_pretrained", type=int, default=0, choices=[0, 1],
@@ -93,8 +92,6 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     g.add_argument("--clip_spans_to_video", type=int, nargs="?", const=1, default=0, choices=[0, 1],
                    help="--datatype custom: cut a start/end span that ends past the end of its video at the end "
                         "of the video (default: such a span is an error naming the file and row)")
-    g.add_argument("--max_words", type=int, default=32)
-    g.add_argument("--max_frames", type=int, default=12)
     g.add_argument("--feature_framerate", type=int, default=1)
     g.add_argument("--expand_msrvtt_sentences", action="store_true")
     g.add_argument("--slice_framepos", type=int, default=0, choices=[0, 1, 2])
@@ -177,16 +174,8 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
                         "flash = that kernel on every run (the two round differently in the last digits)")
 
     g = p.add_argument_group("model (DGL)")
-    g.add_argument("--shared_latent_space", type=str, default="transformer", choices=["transformer", "linear"])
-    g.add_argument("--text_prompt_length", type=int, default=8)
-    g.add_argument("--local_each_frame_prompt_length", type=int, default=4)
-    g.add_argument("--global_visual_prompt_length", type=int, default=4)
-    g.add_argument("--unified_transformer_layers", "--unified_prompt_layers", dest="unified_transformer_layers",
-                   type=int, default=12)
-    g.add_argument("--visual_output_type", type=str, default="global_prompt0", choices=VISUAL_OUTPUT_TYPES)
+    add_model_flags(g)  # one flag per DGLConfig field: its default, choices, bounds and help
     g.add_argument("--freeze_clip", type=int, default=1, help="must be 1: the CLIP backbone is frozen")
-    g.add_argument("--mask_padding_frames", type=int, default=0, choices=[0, 1],
-                   help="opt-in (changes results): keep padding frames out of attention and averages")
 
     g = p.add_argument_group("distributed (use torchrun; these exist for the published scripts)")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None)
@@ -309,19 +298,9 @@ def validate(args, parser) -> argparse.Namespace:
     # model
     if args.freeze_clip != 1:
         err("--freeze_clip must be 1: DGL trains prompts on a frozen CLIP (fine-tuning CLIP is not implemented)")
-    for name in ("max_words", "max_frames", "unified_transformer_layers"):
-        if getattr(args, name) < 1:
-            err(f"--{name} must be >= 1")
-    for name in ("text_prompt_length", "local_each_frame_prompt_length", "global_visual_prompt_length"):
-        if getattr(args, name) < 1:
-            err(f"--{name} must be >= 1")
-    if args.text_prompt_length % 2:
-        err("--text_prompt_length must be even (half prefix, half postfix prompts)")
-    if args.shared_latent_space == "linear" and args.text_prompt_length != 2 * args.local_each_frame_prompt_length:
-        err("--shared_latent_space linear needs --text_prompt_length == 2 * --local_each_frame_prompt_length "
-            f"(got {args.text_prompt_length} and {args.local_each_frame_prompt_length})")
-    if args.max_words < 3:
-        err("--max_words must be >= 3 ([SOT], a token, [EOT])")
+    problem = model_flag_error(args)  # DGLConfig's check, the one every program makes
+    if problem:
+        err(problem)
     # distributed / devices
     if args.dp or args.multigpu:
         err("--dp / --multigpu (DataParallel) are not supported; launch with torchrun --nproc_per_node N")
@@ -367,10 +346,93 @@ def validate(args, parser) -> argparse.Namespace:
     return args
 
 
+# Flags that name files or folders: a replayed run (--config) names those that no longer exist before it starts.
+PATH_FLAGS = ("data_path", "features_path", "train_csv", "val_csv", "resume", "init_checkpoint", "pretrained_dir",
+              "bpe_path", "frame_cache")
+# What config.json records besides the flags: found by the run (the CLIP file, the model's input size).
+RECORDED_NOT_FLAGS = ("clip_path", "image_resolution")
+# Flags a replay never takes from the record: where the new run writes, whether it may remove a run there, and
+# the record it was itself replayed from.
+NOT_REPLAYED = ("output_dir", "overwrite_output_dir", "config")
+
+
 def parse_args(argv=None, prog: str = "main.py") -> argparse.Namespace:
     parser = build_parser(prog)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+
+    def given(flag: str) -> bool:
+        return any(t == flag or t.startswith(flag + "=") for t in argv)
+
+    if given("--config") and not given("--output_dir"):
+        parser.error("--config replays a run into a new folder: give --output_dir (the recorded one holds that run)")
     args = parser.parse_args(argv)
+    recorded = {}
+    if args.config is not None:
+        recorded = read_run_config(args.config, parser)
+        parser.set_defaults(**recorded)
+        args = parser.parse_args(argv)  # the flags given on the command line override the record
+    if recorded:
+        missing = [f"--{name} {recorded[name]}" for name in PATH_FLAGS
+                   if recorded.get(name) is not None and getattr(args, name) == recorded[name]
+                   and not os.path.exists(recorded[name])]
+        if missing:
+            parser.error(f"--config {args.config}: these paths no longer exist: {', '.join(missing)} (give each "
+                         "anew after --config)")
     return validate(args, parser)
+
+
+def read_run_config(path: str, parser) -> dict:
+    """The flags a run's config.json records, as values of this parser's flags (one-line error, status 2, for
+    a file that cannot be read, a key that is no flag, or a value no flag takes)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        parser.error(f"--config {path}: cannot read it ({os.strerror(e.errno).lower() if e.errno else e})")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        parser.error(f"--config {path} is not a run's config.json ({first_line(e)})")
+    if not isinstance(data, dict):
+        parser.error(f"--config {path} is not a run's config.json (it holds a JSON {type(data).__name__})")
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    unknown = sorted(k for k in data if k not in actions and k not in RECORDED_NOT_FLAGS)
+    if unknown:
+        parser.error(f"--config {path}: unknown or removed settings: {', '.join(unknown)} (this main.py has no "
+                     "such flags; remove them from the file)")
+    values, bad = {}, []
+    for name, value in data.items():
+        if name in RECORDED_NOT_FLAGS or name in NOT_REPLAYED:
+            continue
+        problem, values[name] = _recorded_value(actions[name], value)
+        if problem:
+            bad.append(f"{name} {json.dumps(value)} ({problem})")
+    if bad:
+        parser.error(f"--config {path}: values the flags do not take: {'; '.join(bad)}")
+    return values
+
+
+def _recorded_value(action: argparse.Action, value):
+    """(problem or None, the value for ``action``) of a value config.json records for the flag ``action``."""
+    if action.dest == "fp32_path" and value is None:
+        return None, "auto"  # validate() records "auto" as None (chosen at start-up)
+    if value is None:
+        return (None if action.default is None else "a value is needed"), value
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return (None if isinstance(value, bool) else "true or false"), value
+    if action.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "an integer", value
+    elif action.type is finite_float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "a number", value
+        try:
+            value = finite_float(value)
+        except argparse.ArgumentTypeError as e:
+            return str(e), value
+    elif not isinstance(value, str):
+        return "a string", value
+    if action.choices is not None and value not in action.choices:
+        return f"one of {', '.join(map(str, action.choices))}", value
+    return None, value
 
 
 def resolve_clip_path(args) -> str:

@@ -62,6 +62,17 @@ def forward_backward(model, input_ids, video, video_mask, *, autocast, scale_los
     return loss
 
 
+def apply_update(optimizer, scaler) -> None:
+    """The optimiser's update from the accumulated gradients (through the GradScaler under CUDA AMP, which
+    skips an update whose gradients are not finite), then the gradients are cleared."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, scaler, *, epoch: int,
                     global_step: int, accumulation: int, clip_grad_norm: float | None, n_display: int,
                     device, board=None, progress: bool = True, step_callback=None,
@@ -125,12 +136,7 @@ def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, sc
             grad_norm = None
             if clip_grad_norm:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_update(optimizer, scaler)
             global_step += 1
             batch_time = time.time() - end
             if step_callback is not None:

@@ -21,9 +21,10 @@ from dataloaders.base import BadVideoError
 from dataloaders.frame_cache import FrameCacheUse, describe_use
 from modules.backends import backend_name, backends_from_name
 from modules.checkpoints import CheckpointError, checkpoint_latent_space, is_own_checkpoint, load_checkpoint_file
+from modules.dgl import DGLConfig
 from modules.order import OrderNegatives
 from runtime.cpu import apply_cpu_settings, restore as restore_cpu_settings
-from runtime.errors import fail
+from runtime.errors import fail, first_line
 from runtime.files import OutputWriteError, atomic_np_save, atomic_torch_save
 from runtime.logs import close_logging, log_to_file_only, progress_bars_wanted, setup_logging
 from runtime.precision import Precision
@@ -40,9 +41,6 @@ from training.qb_bank import report_test_captions_in_bank, save_caption_video_in
 from training.repro import write_run_record
 
 log = logging.getLogger("dgl")
-DGL_FIELDS = ("shared_latent_space", "max_words", "max_frames", "text_prompt_length",
-              "local_each_frame_prompt_length", "global_visual_prompt_length", "unified_transformer_layers",
-              "visual_output_type")
 
 
 def seed_all(seed: int) -> None:
@@ -60,12 +58,11 @@ def build_model_and_tokenizer(args):
     try:
         tokenizer = get_tokenizer(bpe_path=args.bpe_path, pretrained_dir=args.pretrained_dir)
     except FileNotFoundError as e:
-        fail(str(e).splitlines()[0] if str(e) else "CLIP's BPE vocabulary not found; pass --bpe_path")
+        fail(first_line(e))
     try:
-        model = DGL.from_pretrained(clip_path, mask_padding_frames=bool(args.mask_padding_frames),
-                                    **{k: getattr(args, k) for k in DGL_FIELDS})
+        model = DGL.from_pretrained(clip_path, **DGLConfig.from_options(args).to_dict())
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        fail(f"cannot build DGL on {clip_path}: {str(e).splitlines()[0]}")
+        fail(f"cannot build DGL on {clip_path}: {first_line(e)}")
     vocab = model.clip.config.vocab_size
     if getattr(tokenizer, "vocab_size", vocab) > vocab:
         fail(f"the BPE vocabulary has {tokenizer.vocab_size} tokens but the CLIP in {clip_path} embeds only "
@@ -82,7 +79,7 @@ def build_datasets(args, tokenizer, need_train: bool):
             train_ds = build_train_dataset(args, tokenizer)
         test_ds = build_test_dataset(args, tokenizer, "test")
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-        fail(f"cannot load the {args.datatype} data: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        fail(f"cannot load the {args.datatype} data: {first_line(e)}")
     return train_ds, test_ds
 
 
@@ -181,7 +178,7 @@ class Run:
             self._use_attention_backends(rank0_attention_backends(self.precision), "rank 0's choice")
         if getattr(self.args, "clip_path", None):
             log.info("CLIP weights: %s", self.args.clip_path)
-        n_train = sum(p.numel() for _, p in self.core.trainable_parameters() if p.requires_grad)
+        n_train = self.core.num_trainable_parameters()
         n_all = sum(p.numel() for p in self.core.parameters())
         log.info("trainable parameters: %d (%.2fM) of %d (%.2f%%)", n_train, n_train / 1e6, n_all,
                  100.0 * n_train / max(n_all, 1))
@@ -365,7 +362,7 @@ class Run:
         try:
             self.core.load_checkpoint(ckpt)
         except (ValueError, KeyError, RuntimeError) as e:
-            fail(f"cannot load {flag} {path}: {str(e).splitlines()[0][:400]}")
+            fail(f"cannot load {flag} {path}: {first_line(e)[:400]}")
 
     def _restore_progress(self, ckpt: dict, own: bool) -> None:
         args = self.args
@@ -550,7 +547,7 @@ class Run:
     def stop(self, exc: BaseException) -> None:
         """A video that fails to decode, or a file that cannot be written: one line, exit status 2; the
         files already saved stay as they are (every write is atomic)."""
-        message = one_line(exc)
+        message = first_line(exc)
         if isinstance(exc, BadVideoError) and not self.args.skip_bad_videos:
             message += "; fix or remove the file, or pass --skip_bad_videos"
         ckpt = os.path.join(self.out_dir, CKPT)
@@ -577,27 +574,16 @@ class Run:
         return summary
 
 
-MATCHING_FLAGS = DGL_FIELDS + ("mask_padding_frames",)
-
-
 def checkpoint_flag_mismatch(ckpt: dict, args) -> tuple[str, object, object] | None:
     """``(--flag, checkpoint's value, this run's value)`` of the first model flag that our checkpoint's
     recorded configuration (``ckpt["config"]``) gives differently from ``args``; None when all agree or
     nothing is recorded (official checkpoints: their latent space and shapes are checked on loading)."""
-    config = ckpt.get("config")
-    if not isinstance(config, dict):
-        return None
-    for name in MATCHING_FLAGS:
-        if config.get(name) is None or getattr(args, name, None) is None:
+    for name, recorded in DGLConfig.recorded_in(ckpt).items():
+        wanted = getattr(args, name, None)
+        if wanted is None:
             continue
-        recorded, wanted = config[name], getattr(args, name)
-        if isinstance(wanted, bool) or name == "mask_padding_frames":
-            recorded, wanted = int(bool(recorded)), int(bool(wanted))
-        elif isinstance(wanted, int):
-            try:
-                recorded = int(recorded)
-            except (TypeError, ValueError):
-                pass
+        if isinstance(recorded, bool):  # a 0/1 flag on the command line
+            recorded, wanted = int(recorded), int(bool(wanted))
         if recorded != wanted:
             return f"--{name}", recorded, wanted
     return None
@@ -612,20 +598,6 @@ def _merge_left_out(first: dict | None, second: dict) -> dict:
     merged["captions"] = first["captions"] + second["captions"]
     merged["files"] = (first.get("files", []) + second.get("files", []))[:100]
     return merged
-
-
-def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` in one line; for an error re-raised from a DataLoader worker (whose message
-    carries the worker's traceback) the original message, which is the text's last line."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    text = lines[-1] if lines[0].startswith("Caught ") else lines[0]
-    name = type(exc).__name__
-    for prefix in (f"{type(exc).__module__}.{name}: ", f"{name}: "):
-        if text.startswith(prefix):
-            text = text[len(prefix):]
-    return text
 
 
 def rank0_attention_backends(precision) -> dict:
@@ -657,7 +629,7 @@ def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, p
         try:
             bank_ds = build_test_dataset(args, tokenizer, "train")
         except Exception as e:  # noqa: BLE001 - the bank is optional
-            log.warning("no training set for the QB-norm query bank (%s)", str(e).splitlines()[0] if str(e) else e)
+            log.warning("no training set for the QB-norm query bank (%s)", first_line(e))
             bank_ds = None
     if bank_ds is None or not hasattr(bank_ds, "text_dataset"):
         log.info("QB-norm query bank not written: no training set")
