@@ -11,6 +11,16 @@ import os
 
 from runtime.errors import OneLineArgumentParser, fail, finite_float
 
+
+def compile_choice(text: str):
+    """--compile 0 / 1 / auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 0, 1 or auto, got {text!r}") from None
+
 DATATYPES = ("msrvtt", "vatex", "lsmdc", "activity", "msvd", "didemo", "custom")
 VISUAL_OUTPUT_TYPES = ("global_prompt0", "average_global_prompt", "average_frame_cls_token",
                        "average_global_prompt_and_frame_cls_token")
@@ -156,9 +166,11 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     g.add_argument("--grad_checkpointing", type=int, nargs="?", const=1, default=0, choices=[0, 1],
                    help="recompute the vision blocks' activations in the backward pass instead of keeping "
                         "them (less memory, more compute; same results)")
-    g.add_argument("--compile", type=int, nargs="?", const=1, default=0, choices=[0, 1],
+    g.add_argument("--compile", type=compile_choice, nargs="?", const=1, default=0, choices=[0, 1, "auto"],
                    help="torch.compile the text and video encoders (training and evaluation; the first "
-                        "calls compile, their time is logged)")
+                        "calls compile, their time is logged; compiled shapes are cached under "
+                        "~/.cache/dgl/torch-compile or $TORCHINDUCTOR_CACHE_DIR); auto = compile for training "
+                        "runs of at least 500 training steps, else eager (one log line says which)")
     g.add_argument("--eval_precision", type=str, default=None, choices=["fp32", "bf16"],
                    help="precision of evaluation (default: bf16 with --precision bf16, else fp32); bf16 "
                         "encodes the videos with bf16 autocast (worth it on CPUs with AMX or AVX512-BF16)")

@@ -32,7 +32,7 @@ from training.checkpoint import make_checkpoint, rng_state, set_rng_state
 from training.config import config_to_json, resolve_clip_path
 from training.data_checks import check_spans, leave_out_bad_video_files, warn_test_videos_in_training
 from training.engine import evaluate, log_eval, train_one_epoch, unwrap
-from training.model_options import apply_model_options
+from training.model_options import apply_auto_compile, apply_model_options
 from training.optim import WarmupCosineSchedule, build_optimizer, total_optimization_steps
 from training.outputs import (CKPT, CKPT_BEST, Board, check_output_dir, prepare_output_dir, unlock_output_dir,
                               write_results)
@@ -231,6 +231,7 @@ class Run:
                 fail(f"the training set ({len(self.train_ds)} samples) is smaller than one global batch "
                      f"({args.batch_size} x {info.world_size} processes); lower --batch_size")
             self.batches_per_epoch = len(self.loader)
+        apply_auto_compile(self.core, args, self.batches_per_epoch * args.epochs if args.do_train else 0)
         total_steps = total_optimization_steps(self.batches_per_epoch, args.gradient_accumulation_steps, args.epochs)
         self.optimizer = build_optimizer(self.core.trainable_parameters(), args.lr, args.wd, args.coef_lr,
                                          (args.beta1, args.beta2), args.eps)
