@@ -686,7 +686,7 @@ def tune_dtypes(model, device, train_dtype=None, eval_dtype=None, eval_text_dtyp
 
 
 def tune(model, device: torch.device | str = "cpu", precision: str = "fp32", threads: int | None = None,
-         batch: int = MODEL_TIMING_BATCH) -> Tuning:
+         batch: int = MODEL_TIMING_BATCH, uses: tuple = USES) -> Tuning:
     """Apply ``main.py``'s kernel choices for ``model`` on ``device`` in ``precision`` ("fp32" or "bf16").
 
     On CPU, for training and for evaluation separately: the candidates (oneDNN fp32 products where a check
@@ -695,10 +695,11 @@ def tune(model, device: torch.device | str = "cpu", precision: str = "fp32", thr
     beat PyTorch's defaults there by 2 %; else the defaults. With "bf16", the frozen backbone's matrices are
     stored in bf16 (the results of bf16 autocast alone). fp32 results are unchanged (to rounding, 1e-5). On
     other devices only the autocast dtype is set. ``threads``: torch compute threads (default: unchanged).
-    Takes a few forwards and training steps (``tuning.choices`` holds the timings). Compute under
+    Takes a few forwards and training steps (``tuning.choices`` holds the timings; ``uses=("eval",)`` times
+    the evaluation forward alone, for a program that never trains). Compute under
     ``tuning.inference()`` / ``tuning.autocast()``; ``tuning.restore()`` undoes.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     train_dtype, eval_dtype = PRECISIONS[precision]
-    return tune_dtypes(model, device, train_dtype, eval_dtype, threads=threads, batch=batch)
+    return tune_dtypes(model, device, train_dtype, eval_dtype, threads=threads, batch=batch, uses=uses)

@@ -48,6 +48,7 @@ def _model_timing(monkeypatch, seconds_by_use):
 def _no_timing(monkeypatch):
     def refuse(runs, rounds):
         raise AssertionError(f"timed again: {sorted(runs)}")
+    monkeypatch.setattr(modules.backends, "choose_for_use", REAL_CHOOSE)
     monkeypatch.setattr(modules.backends, "time_candidates", refuse)
 
 
