@@ -4,10 +4,13 @@
   reduced precision (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``). On CPUs without
   AMX oneDNN then still computes in fp32, often much faster than MKL; on CPUs with AMX it computes
   in bf16. So the setting is taken only when a check against float64 shows fp32 accuracy (an error
-  no larger than a few times MKL's own) and a timing shows it is faster.
+  no larger than a few times MKL's own), and used where the model's own timing shows it faster.
 * Attention: the CPU's flash-attention kernel and the plain ("math") composition of matrix products
-  differ in speed by shape and precision; the faster one is measured on the model's own attention
-  shape, separately for the forward alone (evaluation) and forward + backward (training).
+  differ in speed by shape and precision; math is a candidate where the bare call at the model's own
+  attention shape is faster with it.
+* Per use: the candidates are timed on the model's own training step and evaluation forward, and a use
+  computes with a candidate only where it beat PyTorch's defaults there (a single product or attention
+  call does not tell what the whole model does: :func:`choose_for_use`).
 * bf16: with bf16 autocast everywhere, the frozen backbone's matrices can be stored in bf16 once,
   instead of autocast casting every frozen weight again at every call. Only the tensors that autocast
   would cast to bf16 anyway are stored so, which gives the same numbers as plain bf16 autocast. The
