@@ -18,15 +18,19 @@ from tests.search_fixtures import NUM_VIDEOS, make_world
 REPO = Path(__file__).resolve().parents[1]
 
 # search_videos.py in a process of its own. The attention backend is fixed (the CLI would time it, and
-# backends round differently), and so is the fp32 product path: the runs compared compute the same way.
+# backends round differently: PyTorch's choice), and so is the fp32 product path (MKL): the runs compared
+# compute the same way.
 # With KILL_AT set, the process sends itself SIGKILL when half of the KILL_AT-th write of a file named
 # KILL_NAME has reached the disk.
 INDEX_RUN = r"""
 import io, os, runpy, signal, sys
 import modules.backends as backends
-from modules.backends import MATH, Fp32Check
-backends.choose_attention = lambda shape, dtype: ([MATH], [MATH], {})
-backends.choose_fp32_path = lambda *undo: Fp32Check(exact=False, error_mkl=0.0, error_onednn=0.0, speedup=0.0)
+from modules.backends import Fp32Check
+# no candidate but PyTorch's defaults: nothing is timed
+backends._cached_attention_times = lambda shape, dtype, threads: {(b, d): 1.0 for b in ("math", "flash")
+                                                                  for d in ("eval", "train")}
+backends._cached_fp32_check = lambda threads: Fp32Check(exact=False, error_mkl=0.0, error_onednn=0.0, speedup=0.0)
+backends.time_candidates = None  # a timing would fail
 import retrieval.index as index_module
 kill_at, kill_name = int(os.environ.get("KILL_AT", "0")), os.environ.get("KILL_NAME", "")
 real_atomic_write, writes = index_module.atomic_write, [0]
