@@ -4,10 +4,13 @@
   reduced precision (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``). On CPUs without
   AMX oneDNN then still computes in fp32, often much faster than MKL; on CPUs with AMX it computes
   in bf16. So the setting is taken only when a check against float64 shows fp32 accuracy (an error
-  no larger than a few times MKL's own) and a timing shows it is faster.
+  no larger than a few times MKL's own), and used where the model's own timing shows it faster.
 * Attention: the CPU's flash-attention kernel and the plain ("math") composition of matrix products
-  differ in speed by shape and precision; the faster one is measured on the model's own attention
-  shape, separately for the forward alone (evaluation) and forward + backward (training).
+  differ in speed by shape and precision; math is a candidate where the bare call at the model's own
+  attention shape is faster with it.
+* Per use: the candidates are timed on the model's own training step and evaluation forward, and a use
+  computes with a candidate only where it beat PyTorch's defaults there (a single product or attention
+  call does not tell what the whole model does: :func:`choose_for_use`).
 * bf16: with bf16 autocast everywhere, the frozen backbone's matrices can be stored in bf16 once,
   instead of autocast casting every frozen weight again at every call. Only the tensors that autocast
   would cast to bf16 anyway are stored so, which gives the same numbers as plain bf16 autocast. The
@@ -101,6 +104,19 @@ def onednn_fp32(enabled: bool = True):
         matmul.fp32_precision = before
 
 
+@contextlib.contextmanager
+def fp32_path_context(path: str):
+    """Within: fp32 products on ``path`` ("onednn" / "mkl"), the process's setting back on leaving."""
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    wanted = "bf16" if path == "onednn" else ("ieee" if before == "bf16" else before)
+    matmul.fp32_precision = wanted
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 def _products(generator: torch.Generator) -> list:
     """The product kinds the model uses (linear layers, 3-D matmul, attention bmm) at its sizes."""
     def rand(*shape):
@@ -138,6 +154,16 @@ class Fp32Check:
     @property
     def path(self) -> str:
         return "onednn" if self.use_onednn else "mkl"
+
+    def describe_check(self) -> str:
+        """What the accuracy check and the single-product timing found (the per-use choice is timed apart)."""
+        if self.error_onednn != self.error_onednn:
+            return "fp32 products through oneDNN: not possible with this PyTorch"
+        if not self.exact:
+            return (f"fp32 products through oneDNN: reduced precision here (error {self.error_onednn:.1e} against "
+                    f"float64, MKL {self.error_mkl:.1e}): MKL only")
+        return (f"fp32 products through oneDNN: exact here (error {self.error_onednn:.1e} against float64, MKL "
+                f"{self.error_mkl:.1e}), {self.speedup:.2f}x MKL's rate on one product")
 
     def describe(self) -> str:
         path = "oneDNN" if self.use_onednn else "MKL"
@@ -205,12 +231,15 @@ def backends_context(backends: list | None):
     return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
 
 
-def compute_context(device_type: str, dtype: torch.dtype | None, backends: list | None):
-    """Autocast to ``dtype`` (None: none, fp32) under the attention ``backends`` (None: PyTorch's choice)."""
+def compute_context(device_type: str, dtype: torch.dtype | None, backends: list | None, fp32_path: str | None = None):
+    """Autocast to ``dtype`` (None: none, fp32) under the attention ``backends`` (None: PyTorch's choice) and,
+    on CPU, the fp32 product path ``fp32_path`` ("onednn" / "mkl"; None: as set for the process)."""
     stack = contextlib.ExitStack()
     if dtype is not None:
         stack.enter_context(torch.autocast(device_type=device_type, dtype=dtype))
     stack.enter_context(backends_context(backends))
+    if fp32_path is not None and device_type == "cpu":
+        stack.enter_context(fp32_path_context(fp32_path))
     return stack
 
 
@@ -399,6 +428,123 @@ def restore() -> None:
         _undo.pop()()
 
 
+# ------------------------------------------------------------------------------------------ per use
+USES = ("train", "eval")  # the training step (forward + backward) and the evaluation forward (videos)
+
+# A candidate replaces the default kernels of a use only when its time on the whole forward (evaluation) or
+# training step is at least this much better than the default's there: ties and noise keep the default, so
+# that no use is computed with kernels whose own timing lost. Measured on 2 cores of an AMD EPYC (AVX512-BF16,
+# no AMX), where the single-product and single-attention timings picked oneDNN and math attention that made
+# the whole fp32 evaluation forward 0.87x as fast as PyTorch's defaults.
+MODEL_MIN_SPEEDUP = 1.02
+
+# Interleaved rounds of the whole-model timing (after one warm-up call of each candidate); the best round counts.
+MODEL_TIMING_ROUNDS = 3
+
+# Videos per timed call (at most the run's own batch): per-frame shapes are the run's whatever the batch.
+MODEL_TIMING_BATCH = 2
+
+
+def candidate_name(fp32: str, attention: list | None) -> str:
+    return f"{fp32} + {backend_name(attention)}"
+
+
+@dataclass
+class UseChoice:
+    """The kernels of one use (``train`` or ``eval``) and how they were chosen."""
+    fp32: str  # "onednn" / "mkl"
+    attention: list | None  # None: PyTorch's choice
+    source: str  # "measured", "recorded", "default (nothing else to try)"
+    seconds: dict = dataclasses.field(default_factory=dict)  # candidate name -> best time of the timed call
+
+    @property
+    def name(self) -> str:
+        return candidate_name(self.fp32, self.attention)
+
+    def record(self) -> dict:
+        """As checkpoints, run records and indexes keep it (JSON)."""
+        return {"fp32_products": self.fp32, "attention": backend_name(self.attention), "source": self.source,
+                "seconds": {k: round(v, 6) for k, v in self.seconds.items()}}
+
+    def describe(self, use: str) -> str:
+        what = {"train": "training step", "eval": "evaluation forward"}[use]
+        line = (f"{what}: fp32 matrix products {self.fp32}, attention backend {backend_name(self.attention)} "
+                f"({self.source}")
+        if self.seconds:
+            line += "; " + ", ".join(f"{k} {v:.3f}s" for k, v in sorted(self.seconds.items(), key=lambda kv: kv[1]))
+        return line + ")"
+
+
+def recorded_choice(record: dict) -> tuple[str, list | None]:
+    """(fp32 path, attention backends) of a :meth:`UseChoice.record` (ValueError when malformed)."""
+    fp32 = record.get("fp32_products")
+    if fp32 not in ("onednn", "mkl"):
+        raise ValueError(f"fp32 path must be 'onednn' or 'mkl', got {fp32!r}")
+    return fp32, backends_from_name(record.get("attention"))
+
+
+def timing_inputs(model, batch: int, device: torch.device):
+    """Token ids, videos and masks of ``batch`` samples at the model's own sizes (for timing only)."""
+    cc, config = model.clip.config, model.config
+    g = torch.Generator().manual_seed(0)
+    res = cc.image_resolution
+    video = torch.randn(batch, config.max_frames, 3, res, res, generator=g)
+    ids = torch.randint(1, cc.vocab_size - 1, (batch, config.max_words), generator=g)
+    ids[:, -1] = cc.vocab_size - 1  # end of text: the largest id
+    mask = torch.ones(batch, config.max_frames, dtype=torch.long)
+    return ids.to(device), video.to(device), mask.to(device)
+
+
+def use_runner(model, use: str, dtype, inputs, fp32: str, attention: list | None):
+    """A callable computing ``use`` once under the given kernels: the video encoder's forward (``eval``), or
+    the text and video encoders' forward and the prompts' gradients of a contrastive loss (``train``; the
+    gradients are returned, never stored in ``.grad``)."""
+    ids, video, mask = inputs
+    params = [p for _, p in model.trainable_parameters() if p.requires_grad]
+    device_type = video.device.type
+
+    def run():
+        with compute_context(device_type, dtype, attention, fp32):
+            if use == "eval":
+                with torch.no_grad():
+                    model.encode_video(video, mask)
+                return
+            prompts = model.prompts()
+            sim = model.similarity(model.encode_text(ids, prompts), model.encode_video(video, mask, prompts))
+            loss = sim.logsumexp(0).sum() + sim.logsumexp(1).sum() - 2 * sim.diagonal().sum()
+            torch.autograd.grad(loss, params, allow_unused=True)
+    return run
+
+
+def time_candidates(runs: dict, rounds: int) -> dict:
+    """Best time of each callable over ``rounds`` interleaved rounds, after one warm-up call of each."""
+    return _compare(runs, repeats=rounds)
+
+
+def choose_for_use(model, use: str, dtype, fp32_options: list, attention_options: list, batch: int,
+                   rounds: int = MODEL_TIMING_ROUNDS) -> UseChoice:
+    """Time every combination of the options on ``use`` itself and keep the fastest where it beats the first
+    combination (the default) by :data:`MODEL_MIN_SPEEDUP`; else the default."""
+    candidates = [(f, a) for f in fp32_options for a in attention_options]
+    default = candidates[0]
+    if len(candidates) == 1:
+        return UseChoice(default[0], default[1], "default (nothing else to try)")
+    device = next(model.parameters()).device
+    inputs = timing_inputs(model, batch, device)
+    runs = {candidate_name(*c): use_runner(model, use, dtype, inputs, *c) for c in candidates}
+    was_training = model.training
+    model.train(use == "train")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            seconds = time_candidates(runs, rounds)
+    finally:
+        model.train(was_training)
+    best = min(candidates, key=lambda c: seconds[candidate_name(*c)])
+    if seconds[candidate_name(*default)] < MODEL_MIN_SPEEDUP * seconds[candidate_name(*best)]:
+        best = default
+    return UseChoice(best[0], best[1], "measured", seconds)
+
+
 # ------------------------------------------------------------------------------------------ the library call
 PRECISIONS = {"fp32": (None, None), "bf16": (torch.bfloat16, torch.bfloat16)}
 
@@ -407,36 +553,44 @@ class Tuning:
     """The kernel choices made for one model on one device (see :func:`tune`).
 
     ``autocast()``: the training forward (and the backward it records) under the training dtype and
-    attention backend; ``inference()``: encoding under the evaluation ones. ``restore()`` undoes every
-    setting made (threads, fp32 product path, bf16 storage), newest first; also on leaving ``with``.
+    kernels; ``inference()``: encoding under the evaluation ones. ``choices``: the :class:`UseChoice` of each
+    use (``train``, ``eval``). ``restore()`` undoes every setting made (threads, fp32 product path, bf16
+    storage), newest first; also on leaving ``with``.
     """
 
     def __init__(self, device: torch.device, train_dtype, eval_dtype, eval_text_dtype=None):
         self.device = device
         self.train_dtype, self.eval_dtype = train_dtype, eval_dtype
         self.eval_text_dtype = eval_dtype if eval_text_dtype is None else eval_text_dtype
-        self.fp32: Fp32Check | None = None
+        self.fp32: Fp32Check | None = None  # oneDNN's accuracy check (and its single-product timing)
+        self.choices: dict[str, UseChoice] = {}
         self.train_attention: list | None = None  # None: PyTorch's choice
         self.eval_attention: list | None = None
+        self.train_fp32: str | None = None  # None: the process's setting
+        self.eval_fp32: str | None = None
         self.attention_shape: tuple | None = None
         self.bf16_backbone: Bf16Backbone | None = None
         self._undo: list = []
 
     def autocast(self):
         """Training forward and backward."""
-        return compute_context(self.device.type, self.train_dtype, self.train_attention)
+        return compute_context(self.device.type, self.train_dtype, self.train_attention, self.train_fp32)
 
     def inference(self):
         """Encoding videos (and texts) for retrieval."""
-        return compute_context(self.device.type, self.eval_dtype, self.eval_attention)
+        return compute_context(self.device.type, self.eval_dtype, self.eval_attention, self.eval_fp32)
+
+    def record(self) -> dict:
+        """{use: UseChoice.record()} (JSON), for checkpoints, run records and indexes."""
+        return {use: choice.record() for use, choice in self.choices.items()}
 
     def describe(self) -> list[str]:
         lines = []
         if self.fp32 is not None:
-            lines.append(self.fp32.describe())
+            lines.append(self.fp32.describe_check())
         if self.attention_shape is not None:
-            lines.append(f"attention backend (measured on {'x'.join(map(str, self.attention_shape))}): "
-                         f"evaluation {backend_name(self.eval_attention)}, training {backend_name(self.train_attention)}")
+            lines.append(f"attention shape {'x'.join(map(str, self.attention_shape))}")
+        lines += [choice.describe(use) for use, choice in self.choices.items()]
         if self.bf16_backbone is not None:
             lines.append(f"bf16: {len(self.bf16_backbone)} frozen backbone tensors stored in bf16 "
                          f"(checkpoints keep them in fp32)")
@@ -453,14 +607,40 @@ class Tuning:
         self.restore()
 
 
+def _fp32_options(check: Fp32Check, dtype, given: str | None) -> list:
+    if given is not None:
+        if given not in ("onednn", "mkl"):
+            raise ValueError(f"fp32 path must be 'onednn' or 'mkl', got {given!r}")
+        return ["onednn" if given == "onednn" and check.exact else "mkl"]
+    # a bf16 use computes its products in bf16 (autocast): the fp32 path is left at MKL's
+    return ["mkl", "onednn"] if dtype is None and check.exact and check.speedup >= 1.0 else ["mkl"]
+
+
+def _attention_options(model, dtype, use: str, given) -> tuple[list, tuple | None]:
+    """The default (PyTorch's choice, or the caller's ``given`` backends) and, where the bare attention call
+    is faster with it, math attention. Returns (options, the timed attention shape or None)."""
+    if given != "auto":
+        return [given], None
+    shape = local_attention_shape(model)
+    times = _cached_attention_times(tuple(shape), dtype or torch.float32, torch.get_num_threads())
+    math_is_faster = times[("flash", use)] > times[("math", use)]
+    return ([None, [MATH]] if math_is_faster else [None]), shape
+
+
 def tune_dtypes(model, device, train_dtype=None, eval_dtype=None, eval_text_dtype=None,
                 threads: int | None = None, until_restore: bool = False, pick_attention: bool = True,
-                fp32_path: str | None = None) -> Tuning:
+                fp32_path: str | None = None, uses: tuple = USES, recorded: dict | None = None,
+                attention: list | None = None, batch: int = MODEL_TIMING_BATCH,
+                rounds: int = MODEL_TIMING_ROUNDS) -> Tuning:
     """:func:`tune` for given autocast dtypes (None: fp32) of training, video and text encoding; what
-    ``runtime.cpu`` calls with the dtypes of ``--precision`` / ``--eval_precision``. ``until_restore``:
-    the module's ``restore()`` also undoes this tuning. ``pick_attention=False``: leave the attention
-    backend to the caller (``--attention_backend math|flash``). ``fp32_path`` ("onednn" / "mkl"): an earlier
-    run's product path instead of a timing (oneDNN only where exact)."""
+    ``runtime.cpu`` calls with the dtypes of ``--precision`` / ``--eval_precision``.
+
+    ``until_restore``: the module's ``restore()`` also undoes this tuning. ``uses``: the uses to choose for
+    (``("eval",)`` for a tool that only encodes); the process's fp32 path is the first use's (the backward
+    pass runs outside any context). ``recorded``: {use: UseChoice.record()} of an earlier run, taken as it is
+    (no timing; oneDNN only where exact here). ``pick_attention=False``: attention under ``attention``
+    (the caller's backends; None: PyTorch's choice) instead of choosing. ``fp32_path`` ("onednn" / "mkl"):
+    that product path for every use (oneDNN only where exact). ``batch``: videos per timed call."""
     device = torch.device(device)
     tuning = Tuning(device, train_dtype, eval_dtype, eval_text_dtype)
     if until_restore:
@@ -469,32 +649,60 @@ def tune_dtypes(model, device, train_dtype=None, eval_dtype=None, eval_text_dtyp
         set_threads(threads, tuning._undo)
     if device.type != "cpu":
         return tuning
-    tuning.fp32 = choose_fp32_path(tuning._undo, fp32_path)
-    if hasattr(model, "clip") and hasattr(model, "config"):  # a DGL model
-        if pick_attention:
-            fp32 = torch.float32
-            shape = local_attention_shape(model)
-            eval_b, train_b, _ = choose_attention(shape, eval_dtype or fp32)
-            if (train_dtype or fp32) != (eval_dtype or fp32):
-                _, train_b, _ = choose_attention(shape, train_dtype or fp32)
-            tuning.attention_shape, tuning.eval_attention, tuning.train_attention = shape, eval_b, train_b
-        # only when every use of the backbone runs under bf16 autocast: same numbers as autocast alone
-        if train_dtype == eval_dtype == tuning.eval_text_dtype == torch.bfloat16:
-            tuning.bf16_backbone = store_backbone_in_bf16(model, tuning._undo)
+    check = _cached_fp32_check(torch.get_num_threads())
+    tuning.fp32 = check
+    is_dgl = hasattr(model, "clip") and hasattr(model, "config")
+    # only when every use of the backbone runs under bf16 autocast: same numbers as autocast alone
+    if is_dgl and train_dtype == eval_dtype == tuning.eval_text_dtype == torch.bfloat16:
+        tuning.bf16_backbone = store_backbone_in_bf16(model, tuning._undo)
+    recorded = recorded or {}
+    for use in uses:
+        dtype = train_dtype if use == "train" else eval_dtype
+        if use in recorded:
+            fp32, backends = recorded_choice(recorded[use])
+            choice = UseChoice("onednn" if fp32 == "onednn" and check.exact else "mkl", backends, "recorded")
+        else:
+            fp32_options = _fp32_options(check, dtype, fp32_path)
+            if not is_dgl:
+                fp32 = ("onednn" if fp32_path is None and check.use_onednn and "onednn" in fp32_options
+                        else fp32_options[0])
+                choice = UseChoice(fp32, None, "single-product timing")
+            else:
+                attention_options, shape = _attention_options(model, dtype, use,
+                                                              "auto" if pick_attention else attention)
+                tuning.attention_shape = shape or tuning.attention_shape
+                choice = choose_for_use(model, use, dtype, fp32_options, attention_options,
+                                        max(1, batch), rounds)
+        tuning.choices[use] = choice
+    if "train" in tuning.choices:
+        tuning.train_attention, tuning.train_fp32 = tuning.choices["train"].attention, tuning.choices["train"].fp32
+    if "eval" in tuning.choices:
+        tuning.eval_attention, tuning.eval_fp32 = tuning.choices["eval"].attention, tuning.choices["eval"].fp32
+    if tuning.choices:
+        primary = tuning.choices[uses[0]].fp32
+        matmul = torch.backends.mkldnn.matmul
+        if primary == "onednn" and hasattr(matmul, "fp32_precision"):
+            before = matmul.fp32_precision
+            matmul.fp32_precision = "bf16"
+            tuning._undo.append(lambda: setattr(matmul, "fp32_precision", before))
     return tuning
 
 
-def tune(model, device: torch.device | str = "cpu", precision: str = "fp32", threads: int | None = None) -> Tuning:
+def tune(model, device: torch.device | str = "cpu", precision: str = "fp32", threads: int | None = None,
+         batch: int = MODEL_TIMING_BATCH, uses: tuple = USES) -> Tuning:
     """Apply ``main.py``'s kernel choices for ``model`` on ``device`` in ``precision`` ("fp32" or "bf16").
 
-    On CPU: fp32 products through oneDNN where a check against float64 shows them exact and a timing
-    faster; the attention backend measured on the model's attention shape for training and evaluation;
-    with "bf16", the frozen backbone's matrices stored in bf16 (the results of bf16 autocast alone).
-    fp32 results are unchanged (to rounding, 1e-5). On other devices only the autocast dtype is set.
-    ``threads``: torch compute threads (default: unchanged). Takes about a second (measurements, cached
-    per process). Compute under ``tuning.inference()`` / ``tuning.autocast()``; ``tuning.restore()`` undoes.
+    On CPU, for training and for evaluation separately: the candidates (oneDNN fp32 products where a check
+    against float64 shows them exact; math attention where the bare attention call is faster) are timed on
+    the model's own training step and evaluation forward (``batch`` videos), and one is kept only where it
+    beat PyTorch's defaults there by 2 %; else the defaults. With "bf16", the frozen backbone's matrices are
+    stored in bf16 (the results of bf16 autocast alone). fp32 results are unchanged (to rounding, 1e-5). On
+    other devices only the autocast dtype is set. ``threads``: torch compute threads (default: unchanged).
+    Takes a few forwards and training steps (``tuning.choices`` holds the timings; ``uses=("eval",)`` times
+    the evaluation forward alone, for a program that never trains). Compute under
+    ``tuning.inference()`` / ``tuning.autocast()``; ``tuning.restore()`` undoes.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     train_dtype, eval_dtype = PRECISIONS[precision]
-    return tune_dtypes(model, device, train_dtype, eval_dtype, threads=threads)
+    return tune_dtypes(model, device, train_dtype, eval_dtype, threads=threads, batch=batch, uses=uses)

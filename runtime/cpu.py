@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from modules.backends import EMULATED_BF16, backends_from_name, bf16_speedup, restore, set_threads, tune_dtypes
+from modules.backends import (EMULATED_BF16, MODEL_TIMING_BATCH, USES, backends_from_name, bf16_speedup, restore,
+                              set_threads, tune_dtypes)
 from runtime.logs import LOGGER_NAME
 from runtime.precision import Precision
 
@@ -89,11 +90,15 @@ def resolve_core_split(args) -> CoreSplit:
 
 
 # ------------------------------------------------------------------------------------------ a run
-def apply_cpu_settings(args, device: torch.device, model, precision) -> None:
-    """Threads, then on CPU ``modules.backends.tune_dtypes`` (fp32 product path, attention backends, bf16
-    storage) for the dtypes of ``precision``, for a run of main.py; logs each.
+def apply_cpu_settings(args, device: torch.device, model, precision, recorded: dict | None = None,
+                       uses: tuple | None = None) -> None:
+    """Threads, then on CPU ``modules.backends.tune_dtypes`` (fp32 product path and attention backend per use,
+    each timed on the run's own training step and evaluation forward; bf16 storage) for the dtypes of
+    ``precision``, for a run of main.py; logs each.
 
-    ``precision`` (runtime.precision.Precision) gets the attention backends to use.
+    ``precision`` (runtime.precision.Precision) gets the kernels to use. ``recorded``: {use: choice record}
+    of an earlier run (a --resume checkpoint, an index), taken without timing. ``uses``: what the run
+    computes (default: training and evaluation, evaluation alone with ``args.do_train`` 0).
     """
     split = resolve_core_split(args)
     set_threads(split.threads)
@@ -108,16 +113,23 @@ def apply_cpu_settings(args, device: torch.device, model, precision) -> None:
         log.info("CPU tuning off (--cpu_tuning 0): MKL fp32 products, %s, bf16 by autocast alone",
                  "PyTorch's attention choice" if forced == "auto" else f"{forced} attention")
         return
+    if uses is None:
+        uses = USES if getattr(args, "do_train", 1) else ("eval",)
+    micro = (getattr(args, "batch_size", 0) or 0) // max(1, getattr(args, "gradient_accumulation_steps", 1) or 1)
+    batch = min(MODEL_TIMING_BATCH, micro) if micro > 0 else MODEL_TIMING_BATCH
     bf16 = torch.bfloat16
     tuning = tune_dtypes(model, device, bf16 if precision.dtype == bf16 else None, precision.eval_video_dtype,
                          precision.eval_text_dtype, until_restore=True, pick_attention=forced == "auto",
-                         fp32_path=getattr(args, "fp32_path", None))
+                         fp32_path=getattr(args, "fp32_path", None), uses=uses, recorded=recorded,
+                         attention=precision.eval_attention if forced != "auto" else None, batch=batch)
     for line in tuning.describe():
         log.info("%s", line)
-    if tuning.attention_shape is not None:
+    if forced == "auto" and tuning.choices:
         precision.eval_attention, precision.train_attention = tuning.eval_attention, tuning.train_attention
-    if tuning.fp32 is not None:
-        precision.fp32_path = tuning.fp32.path
+    if tuning.choices:
+        precision.fp32_path = tuning.choices[uses[0]].fp32
+        precision.train_fp32_path, precision.eval_fp32_path = tuning.train_fp32, tuning.eval_fp32
+        precision.kernels = tuning.record()
     _warn_if_bf16_is_slow(precision)
 
 
@@ -133,19 +145,20 @@ def _warn_if_bf16_is_slow(precision) -> None:
 
 def inference_settings(model, device: torch.device | str = "cpu", threads: int | None = None,
                        eval_precision: str | None = None, attention_backend: str = "auto",
-                       fp32_path: str | None = None):
+                       fp32_path: str | None = None, recorded: dict | None = None, batch: int | None = None):
     """The same start-up choices for a tool that only encodes (e.g. indexing a folder of videos):
     threads (all cores by default), fp32 product path, attention backend. Returns the
     runtime.precision.Precision whose ``eval_autocast()`` / ``eval_video_autocast()`` to encode under.
     ``restore()`` undoes the settings. ``attention_backend`` ("math", "flash", PyTorch's choice) and
-    ``fp32_path`` ("onednn", "mkl") repeat an earlier run's choices instead of timing them."""
+    ``fp32_path`` ("onednn", "mkl") repeat an earlier run's choices instead of timing them, as does
+    ``recorded`` ({"eval": choice record}). The evaluation forward is timed on ``batch`` videos."""
     import argparse
 
     device = torch.device(device)
     precision = Precision("fp32", device, eval_precision)
     args = argparse.Namespace(threads=threads, num_thread_reader=0, device=device.type, gpu=None, cpu_tuning=1,
-                              attention_backend=attention_backend, fp32_path=fp32_path)
-    apply_cpu_settings(args, device, model, precision)
+                              attention_backend=attention_backend, fp32_path=fp32_path, batch_size=batch or 0)
+    apply_cpu_settings(args, device, model, precision, recorded=recorded, uses=("eval",))
     return precision
 
 

@@ -41,21 +41,24 @@ class Precision:
         self.attention_source = None  # where the backends came from, when not this process's own choice
         self.fp32_path = None  # "onednn" / "mkl" where runtime.cpu chose the CPU's fp32 product path
         self.fp32_source = None  # where that path came from, when not this process's own timing
+        self.train_fp32_path = None  # per use ("onednn" / "mkl"; None: the process's setting)
+        self.eval_fp32_path = None
+        self.kernels = None  # {use: modules.backends.UseChoice.record()}: the choices and their timings
 
-    def _context(self, dtype, backends):
-        return compute_context(self.device_type, dtype, backends)
+    def _context(self, dtype, backends, fp32_path=None):
+        return compute_context(self.device_type, dtype, backends, fp32_path)
 
     def autocast(self):
         """Training forward (and the backward it records)."""
-        return self._context(self.dtype, self.train_attention)
+        return self._context(self.dtype, self.train_attention, self.train_fp32_path)
 
     def eval_autocast(self):
         """Text encoding at evaluation."""
-        return self._context(self.eval_text_dtype, self.eval_attention)
+        return self._context(self.eval_text_dtype, self.eval_attention, self.eval_fp32_path)
 
     def eval_video_autocast(self):
         """Video encoding at evaluation."""
-        return self._context(self.eval_video_dtype, self.eval_attention)
+        return self._context(self.eval_video_dtype, self.eval_attention, self.eval_fp32_path)
 
     def make_scaler(self):
         if not self.use_scaler:

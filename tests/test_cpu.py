@@ -190,7 +190,7 @@ def test_bf16_training_run_saves_fp32_checkpoints(tmp_path):
     s = run_toy(str(tmp_path / "r"), epochs=1, precision="bf16")
     assert all(np.isfinite(loss) for _, loss in s["step_losses"])
     log = (tmp_path / "r" / "log.txt").read_text()
-    assert "cores: " in log and "fp32 matrix products: " in log and "attention backend" in log
+    assert "cores: " in log and "training step: fp32 matrix products" in log and "attention backend" in log
     assert "frozen backbone tensors stored in bf16" in log
     ckpt = torch.load(tmp_path / "r" / "ckpt.pth.tar", map_location="cpu", weights_only=True)
     sd = ckpt["state_dict"]
@@ -235,7 +235,7 @@ def test_inference_settings_for_encoding_tools():
     with torch.no_grad():
         reference = model.encode_video(video, mask)
     precision = run_cpu.inference_settings(model, "cpu", threads=1)
-    assert torch.get_num_threads() == 1 and precision.eval_attention is not None
+    assert torch.get_num_threads() == 1 and set(precision.kernels) == {"eval"}  # an encoding tool never trains
     with torch.no_grad(), precision.eval_video_autocast():
         got = model.encode_video(video, mask)
     torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
@@ -284,7 +284,7 @@ def test_tune_keeps_fp32_results_and_restores_every_setting():
     with torch.no_grad():
         e_ref = (model.encode_video(video, mask), model.encode_text(ids))
     with cpu.tune(model, "cpu", "fp32", threads=1) as tuning:
-        assert torch.get_num_threads() == 1 and tuning.eval_attention is not None and tuning.bf16_backbone is None
+        assert torch.get_num_threads() == 1 and set(tuning.choices) == {"train", "eval"} and tuning.bf16_backbone is None
         assert tuning.train_dtype is None and tuning.eval_dtype is None
         with torch.no_grad(), tuning.inference():
             got = (model.encode_video(video, mask), model.encode_text(ids))
@@ -322,4 +322,4 @@ def test_main_and_search_settings_come_from_tune(monkeypatch):
     model = tiny_dgl(width=128, max_frames=3).eval()
     precision = run_cpu.inference_settings(model, "cpu", threads=1, eval_precision="bf16")
     assert len(calls) == 1 and calls[0][0] == (None, torch.bfloat16, None)
-    assert precision.eval_attention is not None
+    assert precision.kernels["eval"]["attention"] == cpu.backend_name(precision.eval_attention)

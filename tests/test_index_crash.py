@@ -18,15 +18,19 @@ from tests.search_fixtures import NUM_VIDEOS, make_world
 REPO = Path(__file__).resolve().parents[1]
 
 # search_videos.py in a process of its own. The attention backend is fixed (the CLI would time it, and
-# backends round differently), and so is the fp32 product path: the runs compared compute the same way.
+# backends round differently: PyTorch's choice), and so is the fp32 product path (MKL): the runs compared
+# compute the same way.
 # With KILL_AT set, the process sends itself SIGKILL when half of the KILL_AT-th write of a file named
 # KILL_NAME has reached the disk.
 INDEX_RUN = r"""
 import io, os, runpy, signal, sys
 import modules.backends as backends
-from modules.backends import MATH, Fp32Check
-backends.choose_attention = lambda shape, dtype: ([MATH], [MATH], {})
-backends.choose_fp32_path = lambda *undo: Fp32Check(exact=False, error_mkl=0.0, error_onednn=0.0, speedup=0.0)
+from modules.backends import Fp32Check
+# no candidate but PyTorch's defaults: nothing is timed
+backends._cached_attention_times = lambda shape, dtype, threads: {(b, d): 1.0 for b in ("math", "flash")
+                                                                  for d in ("eval", "train")}
+backends._cached_fp32_check = lambda threads: Fp32Check(exact=False, error_mkl=0.0, error_onednn=0.0, speedup=0.0)
+backends.time_candidates = None  # a timing would fail
 import retrieval.index as index_module
 kill_at, kill_name = int(os.environ.get("KILL_AT", "0")), os.environ.get("KILL_NAME", "")
 real_atomic_write, writes = index_module.atomic_write, [0]
@@ -144,18 +148,22 @@ def test_an_update_computes_with_the_kernels_the_index_recorded(world, tmp_path,
 
     import modules.backends as backends
     import retrieval.index as index_module
-    from modules.backends import FLASH, MATH, Fp32Check, current_attention_backends
+    from modules.backends import MATH, Fp32Check, current_attention_backends
     from tests.test_search_videos import index_cli
 
     timed, seen = [], []
 
-    def timing_says(attention, onednn_speedup):
-        def choose(shape, dtype):
-            timed.append(shape)
-            return attention, attention, {}
-        monkeypatch.setattr(backends, "choose_attention", choose)
+    def timing_says(winner):
+        """Math attention and oneDNN products are candidates; the whole-model timing makes ``winner`` fastest."""
+        times = {("math", "eval"): 1.0, ("math", "train"): 1.0, ("flash", "eval"): 2.0, ("flash", "train"): 2.0}
+        monkeypatch.setattr(backends, "_cached_attention_times", lambda shape, dtype, threads: times)
         monkeypatch.setattr(backends, "_cached_fp32_check",
-                            lambda threads: Fp32Check(exact=True, error_mkl=0.0, error_onednn=0.0, speedup=onednn_speedup))
+                            lambda threads: Fp32Check(exact=True, error_mkl=0.0, error_onednn=0.0, speedup=1.5))
+
+        def time_candidates(runs, rounds):
+            timed.append(sorted(runs))
+            return {name: 0.5 if name == winner else 1.0 for name in runs}
+        monkeypatch.setattr(backends, "time_candidates", time_candidates)
 
     real_encode = index_module.encode_batch
 
@@ -165,7 +173,7 @@ def test_an_update_computes_with_the_kernels_the_index_recorded(world, tmp_path,
     monkeypatch.setattr(index_module, "encode_batch", encode)
 
     idx = tmp_path / "idx"
-    timing_says([MATH], onednn_speedup=2.0)  # math attention, oneDNN products
+    timing_says("onednn + math")
     code, out, err = index_cli(world, os.path.join(world.videos, "more"), str(idx), capsys)
     assert code == 0, err
     assert "kernels: attention math, fp32 products onednn (chosen by timing" in out
@@ -174,10 +182,10 @@ def test_an_update_computes_with_the_kernels_the_index_recorded(world, tmp_path,
     first = set(seen)
     assert first == {(MATH, "bf16")}  # oneDNN's route for fp32 products
 
-    # the timing now says flash and MKL: the update keeps the recorded kernels
+    # the timing now says PyTorch's defaults: the update keeps the recorded kernels
     seen.clear()
     timed.clear()
-    timing_says([FLASH, MATH], onednn_speedup=0.5)
+    timing_says("mkl + PyTorch's choice")
     code, out, err = index_cli(world, world.videos, str(idx), capsys)
     assert code == 0, err
     assert "kernels: attention math, fp32 products onednn (as recorded in the index)" in out
@@ -188,5 +196,5 @@ def test_an_update_computes_with_the_kernels_the_index_recorded(world, tmp_path,
     seen.clear()
     code, out, err = index_cli(world, world.videos, str(tmp_path / "other"), capsys)
     assert code == 0, err
-    assert "kernels: attention flash, fp32 products mkl (chosen by timing" in out
-    assert timed and set(seen) == {(FLASH, "none")}
+    assert "kernels: attention PyTorch's choice, fp32 products mkl (chosen by timing" in out
+    assert timed and set(seen) == {(current_attention_backends()[0], "none")}

@@ -123,3 +123,79 @@ def test_training_run_with_compile_equals_plain_run(tmp_path):
         assert a == pytest.approx(b, rel=1e-5)
     assert compiled["last"]["t2v"]["R1"] == pytest.approx(plain["last"]["t2v"]["R1"])
     assert "torch.compile: encode_video" in (tmp_path / "compiled" / "log.txt").read_text()
+
+
+def test_compile_auto_stays_eager_for_short_runs_and_compiles_long_ones(tmp_path, monkeypatch):
+    from runtime import compilation
+    from training.model_options import _CompiledEncoder
+
+    assert compilation.auto_compile(0)[0] is False and compilation.auto_compile(499)[0] is False
+    on, why = compilation.auto_compile(500)
+    assert on and why.startswith("--compile auto: compiling")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))  # restored after the test
+    short = run_toy(str(tmp_path / "short"), compile="auto", epochs=1, batch_size=8,
+                    data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3})
+    assert not isinstance(short["model"].encode_video, _CompiledEncoder)
+    assert "--compile auto: eager (2 training steps < 500" in (tmp_path / "short" / "log.txt").read_text()
+    # the same run counted as long compiles (compilation itself happens at the first call: not made here)
+    monkeypatch.setattr(compilation, "AUTO_COMPILE_MIN_STEPS", 2)
+    from training.model_options import apply_auto_compile
+    import argparse
+
+    model = tiny_dgl()
+    assert apply_auto_compile(model, argparse.Namespace(compile="auto"), 2)
+    assert isinstance(model.encode_video, _CompiledEncoder)
+
+
+def test_compile_cache_goes_under_the_users_cache_folder(tmp_path, monkeypatch):
+    from runtime.compilation import use_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    folder = use_compile_cache()
+    assert folder == str(tmp_path / "xdg" / "dgl" / "torch-compile") and (tmp_path / "xdg").is_dir()
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == folder
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "given"))
+    assert use_compile_cache() == str(tmp_path / "given")
+
+
+COMPILE_TWICE = """
+import json, sys, time, torch
+sys.path.insert(0, {repo!r})
+from runtime.compilation import use_compile_cache
+from training.model_options import compile_encoders
+from tests.toy import ToyData, tiny_dgl
+use_compile_cache({cache!r})
+data = ToyData(num_videos=4)
+model = compile_encoders(tiny_dgl(seed=4))
+start = time.perf_counter()
+with torch.no_grad():
+    model.encode_video(data.videos, data.masks)
+seconds = time.perf_counter() - start
+from torch._dynamo.utils import counters
+print(json.dumps({{"seconds": seconds, "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "misses": counters["inductor"]["fxgraph_cache_miss"]}}))
+"""
+
+
+@pytest.mark.slow
+def test_second_run_of_a_shape_loads_the_compiled_graph_from_the_cache(tmp_path):
+    """Two processes compile the same encoder at the same shape with one cache folder: the first compiles
+    (misses), the second loads every graph from the folder (hits, no miss)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = COMPILE_TWICE.format(repo=str(repo), cache=str(tmp_path / "cache"))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0]["misses"] > 0 and runs[0]["hits"] == 0
+    assert runs[1]["hits"] > 0 and runs[1]["misses"] == 0
+    assert any((tmp_path / "cache").iterdir())

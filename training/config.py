@@ -13,6 +13,16 @@ import sys
 from runtime.errors import OneLineArgumentParser, fail, finite_float, first_line
 from runtime.model_flags import add_model_flags, model_flag_error
 
+
+def compile_choice(text: str):
+    """--compile 0 / 1 / auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 0, 1 or auto, got {text!r}") from None
+
 DATATYPES = ("msrvtt", "vatex", "lsmdc", "activity", "msvd", "didemo", "custom")
 PRECISIONS = ("amp", "fp32", "bf16")
 
@@ -153,9 +163,11 @@ def build_parser(prog: str = "main.py") -> OneLineArgumentParser:
     g.add_argument("--grad_checkpointing", type=int, nargs="?", const=1, default=0, choices=[0, 1],
                    help="recompute the vision blocks' activations in the backward pass instead of keeping "
                         "them (less memory, more compute; same results)")
-    g.add_argument("--compile", type=int, nargs="?", const=1, default=0, choices=[0, 1],
+    g.add_argument("--compile", type=compile_choice, nargs="?", const=1, default=0, choices=[0, 1, "auto"],
                    help="torch.compile the text and video encoders (training and evaluation; the first "
-                        "calls compile, their time is logged)")
+                        "calls compile, their time is logged; compiled shapes are cached under "
+                        "~/.cache/dgl/torch-compile or $TORCHINDUCTOR_CACHE_DIR); auto = compile for training "
+                        "runs of at least 500 training steps, else eager (one log line says which)")
     g.add_argument("--eval_precision", type=str, default=None, choices=["fp32", "bf16"],
                    help="precision of evaluation (default: bf16 with --precision bf16, else fp32); bf16 "
                         "encodes the videos with bf16 autocast (worth it on CPUs with AMX or AVX512-BF16)")

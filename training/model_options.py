@@ -72,6 +72,28 @@ def apply_model_options(model, args, world_size: int = 1) -> None:
                      "run %d at a time", world_size * micro, world_size, micro, chunk)
         else:
             log.info("--contrastive_chunk_size %d >= the micro-batch (%d): no gradient caching needed", chunk, micro)
-    if getattr(args, "compile", 0):
-        compile_encoders(model)
-        log.info("torch.compile of the text and video encoders: compiled at their first calls")
+    if getattr(args, "compile", 0) == 1:
+        compile_with_cache(model)
+
+
+def compile_with_cache(model) -> None:
+    """compile_encoders with PyTorch's compilation caches kept under the user's cache folder
+    (runtime.compilation), logged."""
+    from runtime.compilation import use_compile_cache
+
+    folder = use_compile_cache()
+    compile_encoders(model)
+    log.info("torch.compile of the text and video encoders: compiled at their first calls (cache: %s)", folder)
+
+
+def apply_auto_compile(model, args, training_steps: int) -> bool:
+    """--compile auto: compile for long training runs (runtime.compilation.auto_compile); one log line."""
+    if getattr(args, "compile", 0) != "auto":
+        return False
+    from runtime.compilation import auto_compile
+
+    wanted, why = auto_compile(training_steps)
+    log.info("%s", why)
+    if wanted:
+        compile_with_cache(model)
+    return wanted

@@ -239,6 +239,7 @@ def _precision(args, precision) -> dict:
             "fp32_products": {"path": getattr(precision, "fp32_path", None),
                               "source": getattr(precision, "fp32_source", None) or (
                                   "measured at start-up" if getattr(precision, "fp32_path", None) else None)},
+            "kernels": getattr(precision, "kernels", None),  # per use: the choice, its source and timings
             "fp32_matmul_precision_onednn": getattr(matmul, "fp32_precision", None),
             "note": getattr(precision, "note", None)}
 

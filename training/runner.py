@@ -19,7 +19,7 @@ from torch.utils.data.distributed import DistributedSampler
 from analysis.query_ranks import evaluation_extras, write_query_ranks
 from dataloaders.base import BadVideoError
 from dataloaders.frame_cache import FrameCacheUse, describe_use
-from modules.backends import backend_name, backends_from_name
+from modules.backends import USES, backend_name, backends_from_name, recorded_choice
 from modules.checkpoints import CheckpointError, checkpoint_latent_space, is_own_checkpoint, load_checkpoint_file
 from modules.dgl import DGLConfig
 from modules.order import OrderNegatives
@@ -33,7 +33,7 @@ from training.checkpoint import make_checkpoint, rng_state, set_rng_state
 from training.config import config_to_json, resolve_clip_path
 from training.data_checks import check_spans, leave_out_bad_video_files, warn_test_videos_in_training
 from training.engine import evaluate, log_eval, train_one_epoch, unwrap
-from training.model_options import apply_model_options
+from training.model_options import apply_auto_compile, apply_model_options
 from training.optim import WarmupCosineSchedule, build_optimizer, total_optimization_steps
 from training.outputs import (CKPT, CKPT_BEST, Board, check_output_dir, prepare_output_dir, unlock_output_dir,
                               write_results)
@@ -158,23 +158,20 @@ class Run:
             log.info("single process on %s", self.device)
         if self.precision.note:
             log.warning(self.precision.note)
-        settings_args, recorded = self.args, None
+        recorded = None
         given_path = getattr(self.args, "fp32_path", None)
-        if self.args.resume:  # read first: its recorded fp32 product path is chosen before any product runs
+        if self.args.resume:  # read first: its recorded kernels are used before any product runs, without timing
             self.resume_ckpt = self._read_checkpoint(self.args.resume, "--resume")
-            recorded = self.resume_ckpt.get("fp32_products")
-            if given_path is None and isinstance(recorded, dict) and recorded.get("device") == self.device.type \
-                    and recorded.get("path") in ("onednn", "mkl"):
-                settings_args = argparse.Namespace(**{**vars(self.args), "fp32_path": recorded["path"]})
-            else:
-                recorded = None
-        apply_cpu_settings(settings_args, self.device, self.core, self.precision)  # threads, BLAS, attention, bf16
-        if recorded is not None and self.precision.fp32_path == recorded["path"]:
-            self.precision.fp32_source = f"recorded in {self.args.resume}"
-        elif given_path is not None and self.precision.fp32_path == given_path:
+            recorded = recorded_kernels(self.resume_ckpt, self.device.type, given_path,
+                                        getattr(self.args, "attention_backend", "auto") or "auto")
+        apply_cpu_settings(self.args, self.device, self.core, self.precision,  # threads, BLAS, attention, bf16
+                           recorded=recorded)
+        if given_path is not None and self.precision.fp32_path == given_path:
             self.precision.fp32_source = "--fp32_path"
+        elif recorded is not None and self.precision.kernels is not None:
+            self.precision.fp32_source = f"recorded in {self.args.resume}"
         if info.distributed:  # one choice for all processes: each measured its own
-            self._use_rank0_fp32_path(settings_args)
+            self._use_rank0_kernels()
             self._use_attention_backends(rank0_attention_backends(self.precision), "rank 0's choice")
         if getattr(self.args, "clip_path", None):
             log.info("CLIP weights: %s", self.args.clip_path)
@@ -231,6 +228,7 @@ class Run:
                 fail(f"the training set ({len(self.train_ds)} samples) is smaller than one global batch "
                      f"({args.batch_size} x {info.world_size} processes); lower --batch_size")
             self.batches_per_epoch = len(self.loader)
+        apply_auto_compile(self.core, args, self.batches_per_epoch * args.epochs if args.do_train else 0)
         total_steps = total_optimization_steps(self.batches_per_epoch, args.gradient_accumulation_steps, args.epochs)
         self.optimizer = build_optimizer(self.core.trainable_parameters(), args.lr, args.wd, args.coef_lr,
                                          (args.beta1, args.beta2), args.eps)
@@ -293,19 +291,17 @@ class Run:
         log.warning("[resume] %s was trained with %s %s; this evaluation runs with %s %s", path, flag, trained,
                     flag, given)
 
-    def _use_rank0_fp32_path(self, settings_args) -> None:
-        """Compute fp32 products on rank 0's path in every process: a process whose own timing chose the
-        other path applies the CPU settings again with rank 0's (oneDNN still only where exact here)."""
+    def _use_rank0_kernels(self) -> None:
+        """Compute with rank 0's kernels in every process: a process whose own timing chose others applies the
+        CPU settings again with rank 0's choices (no timing; oneDNN still only where exact here)."""
         if self.device.type != "cpu":
             return
-        path = D.broadcast_object(self.precision.fp32_path)
-        if path is None or path == self.precision.fp32_path:
+        kernels = D.broadcast_object(self.precision.kernels)
+        if kernels is None or kernels == self.precision.kernels:
             return
         restore_cpu_settings()
-        apply_cpu_settings(argparse.Namespace(**{**vars(settings_args), "fp32_path": path}), self.device, self.core,
-                           self.precision)
-        if self.precision.fp32_path == path:
-            self.precision.fp32_source = "rank 0's choice"
+        apply_cpu_settings(self.args, self.device, self.core, self.precision, recorded=kernels)
+        self.precision.fp32_source = "rank 0's choice"
 
     def _use_attention_backends(self, names: dict, source: str) -> None:
         """Train and evaluate under the attention backends ``names`` ({"train": .., "eval": ..}) instead of
@@ -319,6 +315,17 @@ class Run:
         """The attention backends this run computes with, as checkpoints record them."""
         return {"train": backend_name(self.precision.train_attention),
                 "eval": backend_name(self.precision.eval_attention), "device": self.device.type}
+
+    def kernel_record(self) -> dict:
+        """The kernels of each use this run computes with (and the timings that chose them), as checkpoints
+        record them for --resume."""
+        timed = self.precision.kernels or {}
+        record = {"device": self.device.type}
+        for use, attention, fp32 in (("train", self.precision.train_attention, self.precision.train_fp32_path),
+                                     ("eval", self.precision.eval_attention, self.precision.eval_fp32_path)):
+            record[use] = {**timed.get(use, {}), "attention": backend_name(attention),
+                           "fp32_products": fp32 or self.precision.fp32_path or "mkl"}
+        return record
 
     def load_init_weights(self) -> None:
         """--init_checkpoint: a new run from a checkpoint's prompts. Only the weights are taken (epoch 0, a
@@ -534,7 +541,8 @@ class Run:
                                        "schedule": self.schedule.state_dict(), "config": _plain_config(self.args),
                                        "results": self.results, "attention_backends": self.attention_record(),
                                        "fp32_products": {"path": self.precision.fp32_path,
-                                                         "device": self.device.type}})
+                                                         "device": self.device.type},
+                                       "kernels": self.kernel_record()})
             atomic_torch_save(ckpt, os.path.join(self.out_dir, CKPT))
             self.epochs_saved = epochs_done
             if is_best:
@@ -598,6 +606,33 @@ def _merge_left_out(first: dict | None, second: dict) -> dict:
     merged["captions"] = first["captions"] + second["captions"]
     merged["files"] = (first.get("files", []) + second.get("files", []))[:100]
     return merged
+
+
+def recorded_kernels(ckpt: dict, device_type: str, fp32_flag: str | None, attention_flag: str) -> dict | None:
+    """{use: choice record} a --resume checkpoint recorded on this device type (older checkpoints: their
+    fp32 product path and attention backends), with --fp32_path / --attention_backend given on the command
+    line in their place; None when it recorded nothing for this device type."""
+    kernels = ckpt.get("kernels")
+    if isinstance(kernels, dict) and kernels.get("device") == device_type \
+            and all(isinstance(kernels.get(use), dict) for use in USES):
+        recorded = {use: dict(kernels[use]) for use in USES}
+    else:
+        fp32, attention = ckpt.get("fp32_products"), ckpt.get("attention_backends")
+        if not (isinstance(fp32, dict) and fp32.get("device") == device_type and fp32.get("path") in ("onednn", "mkl")
+                and isinstance(attention, dict) and attention.get("device") == device_type):
+            return None
+        recorded = {use: {"fp32_products": fp32["path"], "attention": attention.get(use)} for use in USES}
+    for record in recorded.values():
+        if fp32_flag is not None:
+            record["fp32_products"] = fp32_flag
+        if attention_flag != "auto":
+            record["attention"] = attention_flag
+        try:
+            recorded_choice(record)
+        except ValueError as e:
+            log.warning("[resume] kernels recorded in the checkpoint not used: %s", e)
+            return None
+    return recorded
 
 
 def rank0_attention_backends(precision) -> dict:
