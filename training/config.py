@@ -440,6 +440,13 @@ def _recorded_value(action: argparse.Action, value):
             value = finite_float(value)
         except argparse.ArgumentTypeError as e:
             return str(e), value
+    elif action.type not in (None, str):  # a flag with its own parser (e.g. --compile 0|1|auto)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            return "a value its flag reads", value
+        try:
+            value = action.type(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            return str(e), value
     elif not isinstance(value, str):
         return "a string", value
     if action.choices is not None and value not in action.choices:
