@@ -5,6 +5,7 @@ import csv
 import json
 import logging
 import os
+import random
 import pickle
 from argparse import Namespace
 from pathlib import Path
@@ -428,7 +429,9 @@ def make_bad(kind, path, good):
         data = open(good, "rb").read()
         open(path, "wb").write(data[: len(data) // 2])
     elif kind == "undecodable":
-        open(path, "wb").write(os.urandom(4096))
+        # bytes that are no container at all; seeded, since some random bytes read as a file with no video
+        # stream, which is reported as such
+        open(path, "wb").write(random.Random(0).randbytes(4096))
     elif kind == "zero_frames":
         import subprocess
 
