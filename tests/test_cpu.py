@@ -201,6 +201,7 @@ def test_bf16_training_run_saves_fp32_checkpoints(tmp_path):
     assert s["model"].clip.visual.proj.dtype == torch.float32  # the run restored the model
 
 
+@pytest.mark.slow  # bf16 start-up checks take minutes on CPUs without avx512_bf16
 @pytest.mark.parametrize("precision,eval_precision", [("bf16", "fp32"), ("amp", None), ("fp32", "bf16")])
 def test_backbone_stays_fp32_unless_every_use_is_bf16(tmp_path, precision, eval_precision):
     flags = {"precision": precision} | ({"eval_precision": eval_precision} if eval_precision else {})

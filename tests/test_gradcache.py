@@ -187,6 +187,7 @@ def test_training_run_with_chunks_equals_plain_run(tmp_path, accumulation):
     assert "gradient caching" in (tmp_path / "chunked" / "log.txt").read_text()
 
 
+@pytest.mark.slow  # bf16 start-up checks take minutes on CPUs without avx512_bf16
 def test_bf16_run_with_chunks_and_bf16_backbone_storage_matches_plain_bf16_run(tmp_path):
     """--precision bf16 on CPU stores the frozen backbone in bf16 (runtime/cpu.py); gradient caching runs
     both encoder passes under the same bf16 autocast, so it trains like the plain bf16 step."""

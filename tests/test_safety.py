@@ -452,6 +452,7 @@ def test_stale_temporary_files_are_removed(world, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- 6. scripts
+@pytest.mark.slow  # bf16 start-up checks take minutes on CPUs without avx512_bf16
 def test_script_error_is_main_py_line_and_status(world, tmp_path):
     data = data_copy(world, tmp_path)
     Path(data["train_csv"]).write_text("video_id\n")
