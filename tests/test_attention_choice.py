@@ -94,6 +94,31 @@ def test_choice_is_kept_only_where_its_own_timing_won():
         mp.undo()
 
 
+def test_a_candidate_must_win_every_round_of_its_timing(monkeypatch):
+    """The whole-model timing is compared round by round: a candidate far faster in two rounds but slower in
+    one (a load spike on the default's turn looks like that) leaves the defaults; of the candidates that win
+    every round by MODEL_MIN_SPEEDUP, the one with the largest smallest gain is kept."""
+    model = tiny_dgl(width=128, max_frames=3)
+    _propose_everything(monkeypatch)
+    default, math, onednn, onednn_math = ("mkl + PyTorch's choice", "mkl + math", "onednn + PyTorch's choice",
+                                          "onednn + math")
+    rounds = {"eval": {default: [1.0, 2.0, 1.0], math: [0.5, 0.5, 1.1], onednn: [1.5, 3.0, 1.5],
+                       onednn_math: [0.95, 1.9, 0.99]},  # math: best of rounds 0.5, loses round 3
+              "train": {default: [1.0, 1.0, 1.0], math: [0.9, 0.9, 0.9], onednn: [0.7, 0.97, 0.7],
+                        onednn_math: [0.95, 0.95, 0.95]}}
+
+    def choose(model, use, *args, **kwargs):
+        monkeypatch.setattr(modules.backends, "time_candidates", lambda runs, n: {k: rounds[use][k] for k in runs})
+        return REAL_CHOOSE(model, use, *args, **kwargs)
+    monkeypatch.setattr(modules.backends, "choose_for_use", choose)
+    tuning = modules.backends.tune(model, "cpu", "fp32")
+    assert (tuning.eval_fp32, tuning.eval_attention) == ("mkl", None)
+    assert tuning.choices["eval"].seconds[math] == 0.5  # recorded: each candidate's best round
+    # onednn alone wins by 3 % in its worst round, math by 11 % in every round: math
+    assert (tuning.train_fp32, tuning.train_attention) == ("mkl", [MATH])
+    tuning.restore()
+
+
 def test_forced_choices_are_results_within_tolerance_of_the_untuned_path(monkeypatch):
     """Whatever the timing picks (here: oneDNN and math for both uses), fp32 results equal the untuned
     ones to 1e-5 (features and prompt gradients)."""
