@@ -171,7 +171,7 @@ def test_multi_caption_scoring_against_a_direct_computation(media, tmp_path):
     from modules.tokenizer import get_tokenizer, write_bpe_vocab
     from runtime.precision import Precision
     from tests.toy import tiny_dgl
-    from training.engine import evaluate
+    from training.evaluation import evaluate
 
     bpe = write_bpe_vocab([r[1] for r in ROWS], tmp_path / "bpe.txt.gz", num_merges=40)
     tok = get_tokenizer(bpe_path=bpe)
@@ -407,3 +407,4 @@ def test_resume_with_another_model_flag_is_refused_for_training(tmp_path, capsys
             **fast)
     assert ("WARNING dgl: [resume] " + ckpt + " was trained with --max_frames 2; this evaluation runs with --max_frames 3"
             in (tmp_path / "eval" / "log.txt").read_text())
+
