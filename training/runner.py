@@ -62,8 +62,8 @@ def run(args, *, model=None, tokenizer=None, train_dataset=None, test_dataset=No
     try:
         r.describe_setup()
         r.load_resume_weights()
+        r.validate_data()  # before the kernels are timed (build_training): a broken input fails in seconds
         r.build_training()
-        r.validate_data()
         r.restore_state()
         r.open_logs()
         write_run_record(args, r.info, r.precision, r.out_dir)  # every process: it gathers the device names
