@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     from modules.clip import CLIP, tiny_clip_config
     from modules.dgl import DGL, DGLConfig
     from modules.order import frame_orders
-    from training.engine import forward_backward
+    from training.step import forward_backward
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=3)

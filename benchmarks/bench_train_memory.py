@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_model import build, inputs, peak_rss_mb, reset_peak_rss, time_it  # noqa: E402
-from training.engine import apply_update, forward_backward  # noqa: E402
+from training.step import forward_backward, optimizer_step  # noqa: E402
 from training.model_options import compile_encoders, compile_seconds  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def run_worker(args) -> dict:
 
     def train_step():
         step_backward()
-        apply_update(optimizer, scaler)
+        optimizer_step(optimizer, scaler)
 
     # The memory window opens before the first step: memory freed by a step may stay in the process.
     if args.device.startswith("cuda"):

@@ -50,7 +50,7 @@ from modules.clip import CLIP, CLIPConfig, tiny_clip_config  # noqa: E402
 from modules.dgl import DGL, DGLConfig, contrastive_loss  # noqa: E402
 from runtime.errors import first_line  # noqa: E402
 from runtime.precision import Precision  # noqa: E402
-from training.engine import apply_update  # noqa: E402
+from training.step import optimizer_step  # noqa: E402
 
 SHAPES = {  # CLIP shapes (text tower: CLIP's 12 layers x 512)
     "B/32": lambda: CLIPConfig(vision_patch_size=32),
@@ -188,11 +188,11 @@ def random_batch(arch: str, batch: int, args, seed: int = 1):
 
 
 def train_step(model, impl: str, precision: str, optimizer, scaler, ids, video, mask) -> torch.Tensor:
-    """One training step as training/engine.py takes it; returns the loss (not synchronised)."""
+    """One training step as training/step.py takes it; returns the loss (not synchronised)."""
     with Precision(precision, ids.device).autocast():  # main.py's autocast for --precision
         loss = bench_model.training_loss(model, impl, ids, video, mask)
     (loss if scaler is None else scaler.scale(loss)).backward()
-    apply_update(optimizer, scaler)
+    optimizer_step(optimizer, scaler)
     return loss.detach()
 
 

@@ -328,22 +328,29 @@ class VideoTextDataset(Dataset):
         return VideoView(self)
 
 
-class TextView(Dataset):
-    """Every caption once: dict(input_ids, caption_index)."""
+class _EachOnce(Dataset):
+    """Every caption (:class:`TextView`) or every video (:class:`VideoView`) of a dataset once, by index."""
 
     def __init__(self, parent: VideoTextDataset):
         self.parent = parent
 
-    def __len__(self) -> int:
-        return self.parent.num_captions
-
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)
+        return self.item(index)
+
+
+class TextView(_EachOnce):
+    """Every caption once: dict(input_ids, caption_index)."""
+
+    def __len__(self) -> int:
+        return self.parent.num_captions
+
+    def item(self, index: int) -> dict:
         return {"input_ids": self.parent.encode_text(self.parent.captions[index]), "caption_index": index}
 
 
-class VideoView(Dataset):
+class VideoView(_EachOnce):
     """Every video once: dict(video, video_mask, video_index, replaced, unreadable).
 
     A test video is never replaced by another: one that cannot be decoded raises :class:`BadVideoError`,
@@ -351,15 +358,10 @@ class VideoView(Dataset):
     leaves it and its captions out.
     """
 
-    def __init__(self, parent: VideoTextDataset):
-        self.parent = parent
-
     def __len__(self) -> int:
         return self.parent.num_videos
 
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def item(self, index: int) -> dict:
         parent = self.parent
         row = f"video {index}"
         hits = parent._cache_hits()

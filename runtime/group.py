@@ -13,8 +13,8 @@ import os
 import sys
 
 
-class Group:
-    """One process alone: rank 0 of 1."""
+class GroupMember:
+    """A process among the processes of its run: ``rank`` of ``world_size`` (``local_rank`` on its machine)."""
 
     rank, world_size, local_rank = 0, 1, 0
 
@@ -25,6 +25,10 @@ class Group:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+class Group(GroupMember):
+    """One process alone: rank 0 of 1."""
 
     def gather(self, obj) -> list:
         """Every process's ``obj``, in rank order, on every process (a barrier too)."""

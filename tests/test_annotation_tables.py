@@ -205,12 +205,12 @@ def test_train_test_overlap_counts_files_whatever_the_spelling(media, tmp_path):
 
 
 def test_interleaved_captions_are_scored_against_their_own_video(media, tmp_path):
-    """Each caption's ground truth is the video its row names, checked through training.engine.evaluate
+    """Each caption's ground truth is the video its row names, checked through training.evaluation.evaluate
     against ranks computed by hand from the table (not from the dataset's own links)."""
     from modules.tokenizer import get_tokenizer, write_bpe_vocab
     from runtime.precision import Precision
     from tests.toy import tiny_dgl
-    from training.engine import evaluate
+    from training.evaluation import evaluate
 
     rows = [("a.mp4", "a yellow screen", "", ""), ("b.mp4", "a cyan screen", "", ""),
             ("long/c.mp4", "red at first", "0", "4"), ("./a.mp4", "yellow all the time", "", ""),

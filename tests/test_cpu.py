@@ -212,7 +212,7 @@ def test_backbone_stays_fp32_unless_every_use_is_bf16(tmp_path, precision, eval_
 
 def test_bf16_video_evaluation_matches_fp32(tmp_path):
     """--eval_precision bf16: the same retrieval metrics within bf16 tolerance."""
-    from training.engine import evaluate
+    from training.evaluation import evaluate
 
     model = tiny_dgl(width=128)
     data = ToyData(num_videos=16, frames=2)

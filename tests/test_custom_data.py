@@ -171,7 +171,7 @@ def test_multi_caption_scoring_against_a_direct_computation(media, tmp_path):
     from modules.tokenizer import get_tokenizer, write_bpe_vocab
     from runtime.precision import Precision
     from tests.toy import tiny_dgl
-    from training.engine import evaluate
+    from training.evaluation import evaluate
 
     bpe = write_bpe_vocab([r[1] for r in ROWS], tmp_path / "bpe.txt.gz", num_merges=40)
     tok = get_tokenizer(bpe_path=bpe)
@@ -407,3 +407,38 @@ def test_resume_with_another_model_flag_is_refused_for_training(tmp_path, capsys
             **fast)
     assert ("WARNING dgl: [resume] " + ckpt + " was trained with --max_frames 2; this evaluation runs with --max_frames 3"
             in (tmp_path / "eval" / "log.txt").read_text())
+
+
+def test_a_broken_input_fails_before_the_kernels_are_timed(media, tmp_path, monkeypatch, capsys):
+    """main.py checks its data before it chooses kernels: the per-use timing (a few training steps per
+    candidate, up to a minute at 12 layers) and the bf16 rate check are not run for a run that ends on a
+    missing video; the same run on good data does run them (so the recording below is what main.py calls)."""
+    import main
+    import modules.backends
+    import runtime.cpu
+    from preprocess.make_tiny_clip import write_tiny_clip
+
+    calls = []
+    check = modules.backends.Fp32Check(exact=True, error_mkl=1e-7, error_onednn=1e-7, speedup=1.0)
+    monkeypatch.setattr(modules.backends, "_cached_fp32_check", lambda threads: calls.append("fp32 check") or check)
+    monkeypatch.setattr(modules.backends, "_cached_attention_times", lambda shape, dtype, threads: calls.append(
+        "attention timing") or {(kind, use): 1.0 if kind == "math" else 2.0 for kind in ("flash", "math")
+                                for use in modules.backends.USES})
+    monkeypatch.setattr(modules.backends, "time_candidates",
+                        lambda runs, rounds: calls.append("model timing") or {name: 1.0 for name in runs})
+    monkeypatch.setattr(runtime.cpu, "bf16_speedup", lambda: calls.append("bf16 rate") or 1.0)
+    clip = write_tiny_clip([r[1] for r in ROWS], str(tmp_path / "clip"), num_merges=20)
+    common = ["--datatype", "custom", "--features_path", media, "--do_eval", "1", "--pretrained_dir",
+              tmp_path / "clip", "--pretrained_clip_name", "tiny-clip.pt", "--bpe_path", clip["bpe"],
+              "--max_frames", "4", "--max_words", "16", "--unified_transformer_layers", "2", "--device", "cpu",
+              "--eval_precision", "bf16", "--no_tensorboard", "--no_progress", "--threads", "1",
+              "--num_thread_reader", "0"]
+    broken = write_rows(tmp_path / "broken.csv", [("a.mp4", "fine", "", ""), ("gone.mp4", "missing file", "", "")])
+    with pytest.raises(SystemExit) as stopped:
+        main.main([str(a) for a in [*common, "--val_csv", broken, "--output_dir", tmp_path / "o1"]])
+    assert stopped.value.code == 2
+    assert "gone.mp4 (broken.csv line 3: file not found)" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert calls == []
+    good = write_rows(tmp_path / "good.csv", [("a.mp4", "fine", "", ""), ("b.mp4", "also fine", "", "")])
+    assert main.main([str(a) for a in [*common, "--val_csv", good, "--output_dir", tmp_path / "o2"]]) == 0
+    assert {"fp32 check", "model timing", "bf16 rate"} <= set(calls)

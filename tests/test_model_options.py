@@ -60,7 +60,7 @@ def test_grad_checkpointing_recomputes_under_the_forward_attention_backend(backe
     forward's kernel (another one saves other tensors: CheckpointError), plain and chunked, every time."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from training.engine import forward_backward
+    from training.step import forward_backward
 
     backends = [SDPBackend.MATH] if backend == "math" else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
     data = ToyData(num_videos=6)

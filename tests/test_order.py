@@ -174,7 +174,7 @@ def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path, chunk_size
 def _worker(rank, world, port, out, chunk_size):
     import torch.distributed as dist
 
-    from training.engine import forward_backward
+    from training.step import forward_backward
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -13,7 +13,7 @@ from dataloaders import build_test_dataset, build_train_dataset
 from dataloaders.base import AnnotationError
 from dataloaders.groups import GroupBatchSampler
 from modules.order import order_metrics
-from training.engine import evaluate
+from training.evaluation import evaluate
 from runtime.precision import Precision
 from tests.test_custom_data import main_py, media, write_rows  # noqa: F401  (media: a fixture)
 from tests.toy import ToyData, tiny_dgl

@@ -132,3 +132,33 @@ def warn_test_videos_in_training(args, train_dataset, test_dataset) -> int:
                     "video-disjoint (python -m preprocess.split_annotations writes a disjoint split)",
                     len(shared), test_files, train_file, shared[0])
     return len(shared)
+
+
+def check_run_data(args, train_dataset, test_dataset, progress: bool) -> tuple[dict, int]:
+    """The start-up checks of a main.py run: the video files of the test split (and the training split when
+    training), the spans of custom tables, test videos shared with the training file. Returns (the videos
+    and captions left out per split, the number of test video files the training file also uses)."""
+    left_out: dict = {}
+    checks = [("test", test_dataset)] + ([("train", train_dataset)] if args.do_train else [])
+    for split, dataset in checks:
+        record = leave_out_bad_video_files(dataset, split, bool(args.skip_bad_videos), progress)
+        if record:
+            left_out[split] = record
+        if args.datatype == "custom":
+            record = check_spans(dataset, split, bool(args.skip_bad_videos),
+                                 bool(getattr(args, "clip_spans_to_video", 0)))
+            if record:
+                left_out[split] = _merge_left_out(left_out.get(split), record)
+    shared = warn_test_videos_in_training(args, train_dataset, test_dataset) if args.datatype == "custom" else 0
+    return left_out, shared
+
+
+def _merge_left_out(first: dict | None, second: dict) -> dict:
+    """Two records of videos left out of one split (missing files, then unreadable ones)."""
+    if not first:
+        return second
+    merged = dict(first)
+    merged["videos"] = first["videos"] + second["videos"]
+    merged["captions"] = first["captions"] + second["captions"]
+    merged["files"] = (first.get("files", []) + second.get("files", []))[:100]
+    return merged

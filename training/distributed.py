@@ -10,22 +10,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from runtime.group import GroupMember, exit_now as exit_member  # noqa: F401 - exit_member: main.py's name for it
+
 
 @dataclass
-class DistInfo:
+class DistInfo(GroupMember):
+    """This process of a main.py run (``distributed``, ``is_main``), its device and its group's backend."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def is_initialized() -> bool:
@@ -79,24 +74,6 @@ def setup(device: str = "auto", backend: str = "auto", gpu: int | None = None,
 def cleanup() -> None:
     if is_initialized():
         dist.destroy_process_group()
-
-
-def exit_member(status: int) -> None:
-    """End a process of a process group that is stopping on an error, with ``status``, now.
-
-    Neither ending lets it exit cleanly: destroying the group can wait forever on a member still inside a
-    collective, and leaving the group alive into interpreter shutdown lets gloo's worker threads be
-    destroyed while joinable, which aborts the process ("terminate called without an active exception",
-    SIGABRT) and replaces the error's status. What was written is flushed first; logs are closed by then.
-    """
-    import sys
-
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(status)
 
 
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 
+from analysis.query_ranks import evaluation_extras
 from runtime.errors import fail
 from runtime.files import atomic_write_text, remove_stale_temporary_files
 from runtime.logs import LOGGER_NAME
@@ -176,3 +177,34 @@ class Board:
 
 def write_results(path: str, results: dict) -> None:
     atomic_write_text(path, json.dumps(results, indent=2, sort_keys=False) + "\n")
+
+
+def evaluation_entry(res: dict, tag: str, epoch: int, global_step: int, train_stats: dict | None,
+                     test_left_out_at_start: dict) -> dict:
+    """One evaluation as results.json lists it (``res``: training.evaluation.evaluate's result)."""
+    entry = {"tag": tag, "epoch": epoch, "global_step": global_step, "t2v": res["t2v"], "v2t": res["v2t"],
+             "num_captions": res["num_captions"], "num_videos": res["num_videos"],
+             "multi_sentence": bool(res.get("multi_sentence")), "eval_time": round(res["time"], 3)}
+    left_out = _test_videos_left_out(res, test_left_out_at_start)
+    if left_out:
+        entry["test_left_out"] = left_out
+    if train_stats:
+        entry.update(train_loss=train_stats["loss"], train_time=round(train_stats["time"], 3),
+                     train_replaced=train_stats["replaced"])
+    if res.get("frame_cache"):  # clips served by --frame_cache and read from their files
+        entry["frame_cache"] = res["frame_cache"]
+    if train_stats and train_stats.get("frame_cache"):
+        entry["train_frame_cache"] = train_stats["frame_cache"]
+    if res.get("order"):
+        entry["order"] = res["order"]
+    entry.update(evaluation_extras(res))
+    return entry
+
+
+def _test_videos_left_out(res: dict, at_start: dict) -> dict | None:
+    """Test videos and captions an evaluation lacks: missing at start-up plus undecodable now."""
+    videos = at_start.get("videos", 0) + len(res.get("unreadable_videos") or [])
+    if not videos:
+        return None
+    return {"videos": videos, "captions": at_start.get("captions", 0) + res.get("captions_left_out", 0),
+            "comparable_to_full_test_set": False}

@@ -1,4 +1,5 @@
-"""Extra matrices ``main.py --save_sim_matrix`` writes for label-free QB-norm and for re-scoring a saved matrix.
+"""The matrices ``main.py --save_sim_matrix`` writes (:func:`save_sim_matrices`): the test similarity matrix,
+the QB-norm query banks, and the extra ones for label-free QB-norm and for re-scoring a saved matrix.
 
 ``<datatype>_train_train_t2v.npy``: the query-bank texts x the query-bank videos (both from the training
 split, the same rows and columns as ``_train_test_t2v.npy`` / ``_train_test_v2t.npy``), and
@@ -10,11 +11,17 @@ columns, e.g. under --qb_norm_train_queries). With them ``search_for_best_r1_wit
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
+import torch
 
+from dataloaders.frame_cache import FrameCacheUse, describe_use
+from runtime.errors import first_line
 from runtime.files import atomic_np_save
 from runtime.logs import LOGGER_NAME
+from training import distributed as D
+from training.evaluation import encode_texts, encode_videos, frame_cache_counts, similarity_matrix, unwrap
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -81,7 +88,6 @@ def save_train_train(prefix: str, core, bank_texts, bank_videos, bank_dataset, d
     """Write the train x train matrix and its ground truth (skipped, with a message, when too large).
 
     ``bank_videos`` holds the encoded videos less ``left_out`` (their dataset indices)."""
-    from training.engine import similarity_matrix
 
     n_t, n_v = int(bank_texts.shape[0]), int(bank_videos.shape[0])
     if n_t * n_v * 4 > MAX_TRAIN_TRAIN_BYTES:
@@ -98,3 +104,60 @@ def save_train_train(prefix: str, core, bank_texts, bank_videos, bank_dataset, d
     atomic_np_save(prefix + "_train_train_gt.npy", gt)
     log.info("saved %s_train_train_t2v.npy (%d x %d, %d rows with their video among the columns) and "
              "%s_train_train_gt.npy", prefix, n_t, n_v, int(np.sum(gt >= 0)), prefix)
+
+
+def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, progress, out_dir,
+                      test_ds=None) -> None:
+    """<datatype>_sim_matrix.npy (test texts x test videos) and, with a training set, the QB-norm query
+    banks <datatype>_train_test_t2v.npy (train texts x test videos) and <datatype>_train_test_v2t.npy
+    (test texts x train videos)."""
+    core = unwrap(model)
+    prefix = os.path.join(out_dir, args.datatype)
+    if D.is_main_process():
+        atomic_np_save(prefix + "_sim_matrix.npy", res["sim"])
+        save_caption_video_index(prefix, res["caption_video_index"])
+        log.info("saved %s_sim_matrix.npy %s", prefix, tuple(res["sim"].shape))
+    if tokenizer is not None and (bank_ds is None or getattr(bank_ds, "random_sampling", False)):
+        # The training split with evaluation-style frames (segment centres).
+        from dataloaders import build_test_dataset
+        try:
+            bank_ds = build_test_dataset(args, tokenizer, "train")
+        except Exception as e:  # noqa: BLE001 - the bank is optional
+            log.warning("no training set for the QB-norm query bank (%s)", first_line(e))
+            bank_ds = None
+    if bank_ds is None or not hasattr(bank_ds, "text_dataset"):
+        log.info("QB-norm query bank not written: no training set")
+        return
+    texts, videos = bank_ds.text_dataset(), bank_ds.video_dataset()
+    limit = args.qb_norm_train_queries
+    if D.is_main_process():
+        report_test_captions_in_bank(bank_ds, test_ds, limit)
+    if limit:
+        from torch.utils.data import Subset
+        texts = Subset(texts, range(min(limit, len(texts))))
+        videos = Subset(videos, range(min(limit, len(videos))))
+    was = core.training
+    core.eval()
+    bank_t = encode_texts(core, texts, args.batch_size_val, args.num_thread_reader, device, precision, progress,
+                          desc="train text (QB-norm)")
+    cache_use = FrameCacheUse()
+    bank_v, unreadable = encode_videos(core, videos, args.batch_size_val, args.num_thread_reader, device, precision,
+                                       progress, desc="train video (QB-norm)", cache_use=cache_use)
+    described = describe_use(frame_cache_counts(cache_use, device), "QB-norm query bank videos")
+    if described:
+        log.log(*described)
+    if unreadable:  # --skip_bad_videos: left out of the bank
+        keep = torch.ones(bank_v.shape[0], dtype=torch.bool)
+        keep[unreadable] = False
+        bank_v = bank_v[keep]
+        log.warning("QB-norm query bank: %d unreadable training videos left out", len(unreadable))
+    if was:
+        core.train()
+    if D.is_main_process():
+        t2v = similarity_matrix(core, bank_t, res["video_features"], device)
+        v2t = similarity_matrix(core, res["text_features"], bank_v, device)
+        atomic_np_save(prefix + "_train_test_t2v.npy", t2v)
+        atomic_np_save(prefix + "_train_test_v2t.npy", v2t)
+        log.info("saved QB-norm query banks %s_train_test_t2v.npy %s and %s_train_test_v2t.npy %s",
+                 prefix, t2v.shape, prefix, v2t.shape)
+        save_train_train(prefix, core, bank_t, bank_v, bank_ds, device, left_out=unreadable)

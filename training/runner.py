@@ -1,86 +1,46 @@
-"""What main.py runs: build everything from the flags, train / evaluate, checkpoint, log.
+"""What main.py runs, in order: the flags' pieces are built (model, data), the data checked, the kernels
+chosen, then training and evaluation, with checkpoints and logs. The training step itself is
+training/step.py; one evaluation is training/evaluation.py.
 
 ``run(args, model=..., train_dataset=..., test_dataset=...)`` accepts ready-made pieces so that the
 tests can drive the same loop with tiny models and in-memory datasets.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import random
 import time
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from analysis.query_ranks import evaluation_extras, write_query_ranks
+from analysis.query_ranks import write_query_ranks
 from dataloaders.base import BadVideoError
-from dataloaders.frame_cache import FrameCacheUse, describe_use
-from modules.backends import USES, backend_name, backends_from_name, recorded_choice
-from modules.checkpoints import CheckpointError, checkpoint_latent_space, is_own_checkpoint, load_checkpoint_file
+from modules.checkpoints import is_own_checkpoint
 from modules.dgl import DGLConfig
-from modules.order import OrderNegatives
 from runtime.cpu import apply_cpu_settings, restore as restore_cpu_settings
 from runtime.errors import fail, first_line
-from runtime.files import OutputWriteError, atomic_np_save, atomic_torch_save
+from runtime.files import OutputWriteError, atomic_torch_save
 from runtime.logs import close_logging, log_to_file_only, progress_bars_wanted, setup_logging
 from runtime.precision import Precision
 from training import distributed as D
-from training.checkpoint import make_checkpoint, rng_state, set_rng_state
+from training.checkpoint import (check_resume_flags, checkpoint_flag_mismatch, load_weights, make_checkpoint,
+                                 plain_config, read_checkpoint, rng_state, seed_all, set_rng_state)
 from training.config import config_to_json, resolve_clip_path
-from training.data_checks import check_spans, leave_out_bad_video_files, warn_test_videos_in_training
-from training.engine import evaluate, log_eval, train_one_epoch, unwrap
+from training.data_checks import check_run_data
+from training.evaluation import evaluate, log_eval
+from training.kernels import (attention_record, kernel_record, rank0_attention_backends, recorded_kernels,
+                              use_attention_backends)
 from training.model_options import apply_auto_compile, apply_model_options
 from training.optim import WarmupCosineSchedule, build_optimizer, total_optimization_steps
-from training.outputs import (CKPT, CKPT_BEST, Board, check_output_dir, prepare_output_dir, unlock_output_dir,
-                              write_results)
-from training.qb_bank import report_test_captions_in_bank, save_caption_video_index, save_train_train
+from training.outputs import (CKPT, CKPT_BEST, Board, check_output_dir, evaluation_entry, prepare_output_dir,
+                              unlock_output_dir, write_results)
+from training.qb_bank import save_sim_matrices
 from training.repro import write_run_record
+from training.step import order_negatives_from_flags, train_one_epoch
 
 log = logging.getLogger("dgl")
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-# ------------------------------------------------------------------------------------------ building
-def build_model_and_tokenizer(args):
-    from modules.dgl import DGL
-    from modules.tokenizer import get_tokenizer
-
-    clip_path = resolve_clip_path(args)
-    try:
-        tokenizer = get_tokenizer(bpe_path=args.bpe_path, pretrained_dir=args.pretrained_dir)
-    except FileNotFoundError as e:
-        fail(first_line(e))
-    try:
-        model = DGL.from_pretrained(clip_path, **DGLConfig.from_options(args).to_dict())
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        fail(f"cannot build DGL on {clip_path}: {first_line(e)}")
-    vocab = model.clip.config.vocab_size
-    if getattr(tokenizer, "vocab_size", vocab) > vocab:
-        fail(f"the BPE vocabulary has {tokenizer.vocab_size} tokens but the CLIP in {clip_path} embeds only "
-             f"{vocab}; use the vocabulary the CLIP was trained with (--bpe_path)")
-    return model, tokenizer, clip_path
-
-
-def build_datasets(args, tokenizer, need_train: bool):
-    from dataloaders import build_test_dataset, build_train_dataset
-
-    train_ds = test_ds = None
-    try:
-        if need_train:
-            train_ds = build_train_dataset(args, tokenizer)
-        test_ds = build_test_dataset(args, tokenizer, "test")
-    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-        fail(f"cannot load the {args.datatype} data: {first_line(e)}")
-    return train_ds, test_ds
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -102,7 +62,7 @@ def run(args, *, model=None, tokenizer=None, train_dataset=None, test_dataset=No
     try:
         r.describe_setup()
         r.load_resume_weights()
-        r.validate_data()
+        r.validate_data()  # before the kernels are timed (build_training): a broken input fails in seconds
         r.build_training()
         r.restore_state()
         r.open_logs()
@@ -121,7 +81,8 @@ def run(args, *, model=None, tokenizer=None, train_dataset=None, test_dataset=No
 
 
 class Run:
-    """What one invocation of main.py holds; each method is one step of :func:`run`."""
+    """What one invocation of main.py holds (model, data, optimiser, progress, results, logs); each public
+    method is one step of :func:`run`."""
 
     def __init__(self, args, info, model, tokenizer, train_ds, test_ds, bank_ds, t_start: float):
         self.args, self.info, self.device = args, info, info.device
@@ -132,8 +93,7 @@ class Run:
         self.t_start = t_start
         self.progress = info.is_main and progress_bars_wanted(args.no_progress)
         self.precision = Precision(args.precision, self.device, args.eval_precision)
-        self.loader = self.sampler = self.optimizer = self.schedule = self.scaler = self.board = None
-        self.micro_batch = args.batch_size // args.gradient_accumulation_steps
+        self.loader = self.optimizer = self.schedule = self.scaler = self.board = None
         self.batches_per_epoch = 1
         # progress, restored by --resume and advanced by training
         self.start_epoch, self.global_step = 0, 0
@@ -144,9 +104,6 @@ class Run:
         self.epochs_saved = None  # epochs completed in the newest ckpt.pth.tar of this folder
         self.left_out: dict = {}  # bad videos left out up front (--skip_bad_videos), per split
         self.resume_ckpt: dict | None = None
-        order = getattr(args, "order_negatives", "none") or "none"
-        self.order_negatives = (None if order == "none" else
-                                OrderNegatives(order, getattr(args, "order_negative_weight", 1.0), args.seed))
 
     # ---------------------------------------------------------------------------------- setup
     def describe_setup(self) -> None:
@@ -158,21 +115,6 @@ class Run:
             log.info("single process on %s", self.device)
         if self.precision.note:
             log.warning(self.precision.note)
-        recorded = None
-        given_path = getattr(self.args, "fp32_path", None)
-        if self.args.resume:  # read first: its recorded kernels are used before any product runs, without timing
-            self.resume_ckpt = self._read_checkpoint(self.args.resume, "--resume")
-            recorded = recorded_kernels(self.resume_ckpt, self.device.type, given_path,
-                                        getattr(self.args, "attention_backend", "auto") or "auto")
-        apply_cpu_settings(self.args, self.device, self.core, self.precision,  # threads, BLAS, attention, bf16
-                           recorded=recorded)
-        if given_path is not None and self.precision.fp32_path == given_path:
-            self.precision.fp32_source = "--fp32_path"
-        elif recorded is not None and self.precision.kernels is not None:
-            self.precision.fp32_source = f"recorded in {self.args.resume}"
-        if info.distributed:  # one choice for all processes: each measured its own
-            self._use_rank0_kernels()
-            self._use_attention_backends(rank0_attention_backends(self.precision), "rank 0's choice")
         if getattr(self.args, "clip_path", None):
             log.info("CLIP weights: %s", self.args.clip_path)
         n_train = self.core.num_trainable_parameters()
@@ -182,6 +124,22 @@ class Run:
         for name, p in self.core.trainable_parameters():
             log.debug("  trainable %s %s", name, tuple(p.shape))
 
+    def load_resume_weights(self) -> None:
+        """--init_checkpoint (the weights only) or --resume: read the checkpoint and load its weights (before
+        the data, so that a wrong file is found at once); its progress is restored by restore_state once the
+        optimiser exists, its kernels are taken by build_training."""
+        args = self.args
+        if getattr(args, "init_checkpoint", None):
+            load_init_weights(self.core, args)
+        if not args.resume:
+            return
+        self.resume_ckpt = read_checkpoint(args.resume, "--resume")
+        check_resume_flags(self.resume_ckpt, args, args.resume)
+        load_weights(self.core, self.resume_ckpt, args.resume, "--resume")
+        log.info("[resume] loaded weights from %s (%s checkpoint, epoch %s, step %s)", args.resume,
+                 "our" if is_own_checkpoint(self.resume_ckpt) else "official", self.resume_ckpt.get("epoch"),
+                 self.resume_ckpt.get("global_step"))
+
     def validate_data(self) -> None:
         """Build the datasets (unless given) and check that training has what it needs."""
         args = self.args
@@ -190,24 +148,15 @@ class Run:
             self.train_ds, self.test_ds = build_datasets(args, self.tokenizer, need_train=bool(args.do_train))
         if args.do_train and self.train_ds is None:
             fail("training needs a training set")
-        checks = [("test", self.test_ds)] + ([("train", self.train_ds)] if args.do_train else [])
-        for split, dataset in checks:
-            record = leave_out_bad_video_files(dataset, split, bool(args.skip_bad_videos), self.progress)
-            if record:
-                self.left_out[split] = record
-            if args.datatype == "custom":
-                record = check_spans(dataset, split, bool(args.skip_bad_videos),
-                                     bool(getattr(args, "clip_spans_to_video", 0)))
-                if record:
-                    self.left_out[split] = _merge_left_out(self.left_out.get(split), record)
-        if args.datatype == "custom":
-            shared = warn_test_videos_in_training(args, self.train_ds, self.test_ds)
-            if shared:
-                self.results["test_videos_in_training"] = shared
+        self.left_out, shared = check_run_data(args, self.train_ds, self.test_ds, self.progress)
+        if shared:
+            self.results["test_videos_in_training"] = shared
 
     def build_training(self) -> None:
-        """Model on its device (DDP-wrapped when distributed), training loader, optimiser, schedule, scaler."""
+        """Kernels, model on its device (DDP-wrapped when distributed), training loader, optimiser, schedule,
+        scaler."""
         args, info = self.args, self.info
+        choose_kernels(args, info, self.core, self.precision, self.resume_ckpt)
         self.core.to(self.device)
         apply_model_options(self.core, self.args, info.world_size)  # --grad_checkpointing, --compile
         if info.distributed:
@@ -216,17 +165,7 @@ class Run:
             self.model = torch.nn.parallel.DistributedDataParallel(self.core, find_unused_parameters=True,
                                                                    **ddp_kwargs)
         if args.do_train:
-            if getattr(args, "batch_groups", 0):
-                self.sampler = self._group_sampler()
-            else:
-                self.sampler = DistributedSampler(self.train_ds, num_replicas=info.world_size, rank=info.rank,
-                                                  shuffle=True, seed=args.seed, drop_last=True)
-            self.loader = DataLoader(self.train_ds, batch_size=self.micro_batch, sampler=self.sampler,
-                                     drop_last=True, num_workers=args.num_thread_reader,
-                                     pin_memory=self.device.type == "cuda")
-            if len(self.loader) < args.gradient_accumulation_steps:
-                fail(f"the training set ({len(self.train_ds)} samples) is smaller than one global batch "
-                     f"({args.batch_size} x {info.world_size} processes); lower --batch_size")
+            self.loader = build_train_loader(args, self.train_ds, info)
             self.batches_per_epoch = len(self.loader)
         apply_auto_compile(self.core, args, self.batches_per_epoch * args.epochs if args.do_train else 0)
         total_steps = total_optimization_steps(self.batches_per_epoch, args.gradient_accumulation_steps, args.epochs)
@@ -235,144 +174,13 @@ class Run:
         self.schedule = WarmupCosineSchedule(args.lr, total_steps, args.warmup_proportion, args.wd)
         self.scaler = self.precision.make_scaler()
 
-    def _group_sampler(self):
-        """--batch_groups: the rows of one 'group' in the same global batch (dataloaders/groups.py)."""
-        from dataloaders.base import AnnotationError
-        from dataloaders.groups import GroupBatchSampler
-
-        args, info = self.args, self.info
-        if not hasattr(self.train_ds, "item_groups"):
-            fail("--batch_groups needs --datatype custom (a 'group' column in --train_csv)")
-        try:
-            groups = self.train_ds.item_groups()
-            sampler = GroupBatchSampler(groups, self.micro_batch, info.world_size, info.rank, args.seed,
-                                        describe_batch=f" (--batch_size {args.batch_size} / "
-                                        f"--gradient_accumulation_steps {args.gradient_accumulation_steps} x "
-                                        f"{info.world_size} processes)")
-        except (AnnotationError, ValueError) as e:
-            fail(str(e))
-        log.info("--batch_groups: %d groups of the %d training items kept in one global batch of %d",
-                 len(sampler.members), len(groups), sampler.global_batch)
-        return sampler
-
-    def load_resume_weights(self) -> None:
-        """--resume: read the checkpoint and load its weights (before the data, so that a wrong file is found
-        at once); its progress is restored by restore_state once the optimiser exists. --init_checkpoint: the
-        weights only (load_init_weights)."""
-        self.load_init_weights()
-        if not self.args.resume:
-            return
-        if self.resume_ckpt is None:
-            self.resume_ckpt = self._read_checkpoint(self.args.resume, "--resume")
-        self._check_resume_flags(self.resume_ckpt, self.args.resume)
-        self._load_weights(self.resume_ckpt, self.args.resume, "--resume")
-        log.info("[resume] loaded weights from %s (%s checkpoint, epoch %s, step %s)", self.args.resume,
-                 "our" if is_own_checkpoint(self.resume_ckpt) else "official", self.resume_ckpt.get("epoch"),
-                 self.resume_ckpt.get("global_step"))
-        recorded = self.resume_ckpt.get("attention_backends")
-        if (self.args.attention_backend == "auto" and isinstance(recorded, dict)
-                and recorded.get("device") == self.device.type):
-            try:
-                self._use_attention_backends(recorded, f"recorded in {self.args.resume}")
-            except ValueError as e:
-                log.warning("[resume] attention backends of the checkpoint not used: %s", e)
-
-    def _check_resume_flags(self, ckpt: dict, path: str) -> None:
-        """--resume with a model flag the checkpoint was not trained with: refused when training (the run
-        would go on as another model; the weights load whenever the shapes agree), a warning when only
-        evaluating (a deliberate test of the trained weights under other flags)."""
-        mismatch = checkpoint_flag_mismatch(ckpt, self.args)
-        if mismatch is None:
-            return
-        flag, trained, given = mismatch
-        if self.args.do_train:
-            fail(f"--resume {path} was trained with {flag} {trained}; this run has {flag} {given} (a resumed run "
-                 f"continues with the checkpoint's model flags: pass {flag} {trained})")
-        log.warning("[resume] %s was trained with %s %s; this evaluation runs with %s %s", path, flag, trained,
-                    flag, given)
-
-    def _use_rank0_kernels(self) -> None:
-        """Compute with rank 0's kernels in every process: a process whose own timing chose others applies the
-        CPU settings again with rank 0's choices (no timing; oneDNN still only where exact here)."""
-        if self.device.type != "cpu":
-            return
-        kernels = D.broadcast_object(self.precision.kernels)
-        if kernels is None or kernels == self.precision.kernels:
-            return
-        restore_cpu_settings()
-        apply_cpu_settings(self.args, self.device, self.core, self.precision, recorded=kernels)
-        self.precision.fp32_source = "rank 0's choice"
-
-    def _use_attention_backends(self, names: dict, source: str) -> None:
-        """Train and evaluate under the attention backends ``names`` ({"train": .., "eval": ..}) instead of
-        this process's own choice, so that a rerun or a resumed run computes as the first one did."""
-        train, evaluation = backends_from_name(names["train"]), backends_from_name(names["eval"])
-        self.precision.train_attention, self.precision.eval_attention = train, evaluation
-        self.precision.attention_source = source
-        log.info("attention backend (%s): evaluation %s, training %s", source, names["eval"], names["train"])
-
-    def attention_record(self) -> dict:
-        """The attention backends this run computes with, as checkpoints record them."""
-        return {"train": backend_name(self.precision.train_attention),
-                "eval": backend_name(self.precision.eval_attention), "device": self.device.type}
-
-    def kernel_record(self) -> dict:
-        """The kernels of each use this run computes with (and the timings that chose them), as checkpoints
-        record them for --resume."""
-        timed = self.precision.kernels or {}
-        record = {"device": self.device.type}
-        for use, attention, fp32 in (("train", self.precision.train_attention, self.precision.train_fp32_path),
-                                     ("eval", self.precision.eval_attention, self.precision.eval_fp32_path)):
-            record[use] = {**timed.get(use, {}), "attention": backend_name(attention),
-                           "fp32_products": fp32 or self.precision.fp32_path or "mkl"}
-        return record
-
-    def load_init_weights(self) -> None:
-        """--init_checkpoint: a new run from a checkpoint's prompts. Only the weights are taken (epoch 0, a
-        new optimiser and schedule); the checkpoint's model flags must be this run's."""
-        path = self.args.init_checkpoint if getattr(self.args, "init_checkpoint", None) else None
-        if path is None:
-            return
-        ckpt = self._read_checkpoint(path, "--init_checkpoint")
-        own = is_own_checkpoint(ckpt)
-        mismatch = checkpoint_flag_mismatch(ckpt, self.args)
-        if mismatch:
-            fail(f"--init_checkpoint {path} was trained with {mismatch[0]} {mismatch[1]}; this run has "
-                 f"{mismatch[0]} {mismatch[2]} (the model flags must match the checkpoint: pass {mismatch[0]} "
-                 f"{mismatch[1]})")
-        self._load_weights(ckpt, path, "--init_checkpoint")
-        self.args._init_checkpoint_info = {"kind": "ours" if own else "official", "epoch": ckpt.get("epoch"),
-                                           "global_step": ckpt.get("global_step")}
-        log.info("[init] a new run from the weights of %s (%s checkpoint, trained %s epochs); optimiser, "
-                 "schedule and epochs start afresh", path, "our" if own else "official", ckpt.get("epoch"))
-
     def restore_state(self) -> None:
         """--resume without --load_from_pretrained: the progress (epoch, step, best, optimiser, scaler, RNG,
         results) of the checkpoint."""
-        if self.resume_ckpt is not None and not self.args.load_from_pretrained:
-            self._restore_progress(self.resume_ckpt, is_own_checkpoint(self.resume_ckpt))
-
-    @staticmethod
-    def _read_checkpoint(path: str, flag: str) -> dict:
-        try:
-            return load_checkpoint_file(path)
-        except CheckpointError as e:
-            fail(f"{flag} {e}")
-        except OSError as e:
-            fail(f"cannot read {flag} {path}: {os.strerror(e.errno).lower() if e.errno else e}")
-
-    def _load_weights(self, ckpt: dict, path: str, flag: str) -> None:
-        space, wanted = checkpoint_latent_space(ckpt), self.core.config.shared_latent_space
-        if space is not None and space != wanted:
-            fail(f"{flag} {path}: this checkpoint is a {space}-latent-space DGL; pass --shared_latent_space "
-                 f"{space} (the model was built with --shared_latent_space {wanted})")
-        try:
-            self.core.load_checkpoint(ckpt)
-        except (ValueError, KeyError, RuntimeError) as e:
-            fail(f"cannot load {flag} {path}: {first_line(e)[:400]}")
-
-    def _restore_progress(self, ckpt: dict, own: bool) -> None:
-        args = self.args
+        ckpt, args = self.resume_ckpt, self.args
+        if ckpt is None or args.load_from_pretrained:
+            return
+        own = is_own_checkpoint(ckpt)
         self.start_epoch = int(ckpt.get("epoch", 0) or 0)
         self.global_step = int(ckpt.get("global_step", 0) or 0)
         self.epochs_saved = self.start_epoch
@@ -422,7 +230,7 @@ class Run:
         log_eval(res, f"evaluation ({tag}, epoch {epoch}, step {self.global_step})")
         if self.info.is_main:
             res["ranks_file"] = write_query_ranks(self.out_dir, res, self.test_ds, tag, epoch, self.global_step)
-        self._record(res, tag, epoch, train_stats)
+        self._record(evaluation_entry(res, tag, epoch, self.global_step, train_stats, self.left_out.get("test", {})))
         if final and args.save_sim_matrix:
             bank = self.bank_ds if self.bank_ds is not None else self.train_ds
             save_sim_matrices(args, self.model, res, bank, self.tokenizer, self.device, self.precision,
@@ -430,100 +238,46 @@ class Run:
         self.last = res
         return res
 
-    def _record(self, res: dict, tag: str, epoch: int, train_stats: dict | None) -> None:
-        entry = {"tag": tag, "epoch": epoch, "global_step": self.global_step, "t2v": res["t2v"], "v2t": res["v2t"],
-                 "num_captions": res["num_captions"], "num_videos": res["num_videos"],
-                 "multi_sentence": bool(res.get("multi_sentence")), "eval_time": round(res["time"], 3)}
-        left_out = self._test_videos_left_out(res)
-        if left_out:
-            entry["test_left_out"] = left_out
-        if train_stats:
-            entry.update(train_loss=train_stats["loss"], train_time=round(train_stats["time"], 3),
-                         train_replaced=train_stats["replaced"])
-        if res.get("frame_cache"):  # clips served by --frame_cache and read from their files
-            entry["frame_cache"] = res["frame_cache"]
-        if train_stats and train_stats.get("frame_cache"):
-            entry["train_frame_cache"] = train_stats["frame_cache"]
-        if res.get("order"):
-            entry["order"] = res["order"]
-        entry.update(evaluation_extras(res))
+    def _record(self, entry: dict) -> None:
+        """An evaluation into results.json and TensorBoard."""
         self.results["evaluations"].append(entry)
         if self.left_out:
             self.results["left_out"] = self.left_out
         if self.info.is_main:
             write_results(os.path.join(self.out_dir, "results.json"), self.results)
             if self.board is not None:
-                vals = {f"t2v_{k}": res["t2v"][k] for k in ("R1", "R5", "R10", "MR", "MeanR")}
-                vals.update({f"v2t_{k}": res["v2t"][k] for k in ("R1", "R5", "R10", "MR", "MeanR")})
+                vals = {f"{d}_{k}": entry[d][k] for d in ("t2v", "v2t") for k in ("R1", "R5", "R10", "MR", "MeanR")}
                 self.board.scalars(vals, self.global_step, prefix="eval/")
                 self.board.flush()
 
-    def _test_videos_left_out(self, res: dict) -> dict | None:
-        """Test videos and captions this evaluation lacks: missing at start-up plus undecodable now."""
-        start = self.left_out.get("test", {})
-        videos = start.get("videos", 0) + len(res.get("unreadable_videos") or [])
-        if not videos:
-            return None
-        return {"videos": videos, "captions": start.get("captions", 0) + res.get("captions_left_out", 0),
-                "comparable_to_full_test_set": False}
-
     # ---------------------------------------------------------------------------------- training
     def train(self) -> None:
-        """Epochs start_epoch+1 .. stop: train, evaluate, save."""
+        """Epochs start_epoch+1 .. stop: train (training/step.py), evaluate, save."""
         args = self.args
         stop = args.epochs if args.max_epochs_this_run is None else min(args.epochs,
                                                                          self.start_epoch + args.max_epochs_this_run)
         if self.start_epoch >= stop:
             return  # a finished run (restore_state said so)
+        accumulation = args.gradient_accumulation_steps
         log.info("training: %d samples, %d processes x batch %d (micro-batch %d x %d accumulation), "
                  "%d optimiser steps per epoch, epochs %d..%d of %d, lr %g, %s", len(self.train_ds),
-                 self.info.world_size, args.batch_size, self.micro_batch, args.gradient_accumulation_steps,
-                 self.batches_per_epoch // args.gradient_accumulation_steps, self.start_epoch + 1, stop,
-                 args.epochs, args.lr, args.precision)
-        if self.order_negatives is not None:
-            log.info("order negatives: every training video also %s as a text-to-video negative, weight %g",
-                     "reversed" if self.order_negatives.kind == "reverse" else "shuffled (seeded, never in order)",
-                     self.order_negatives.weight)
-            if getattr(getattr(self.core, "config", None), "shared_latent_space", None) == "linear":
-                log.warning("--order_negatives with the linear latent space: its video features do not depend on "
-                            "the frame order, so each copy scores like its own video (a negative equal to the "
-                            "positive); use --shared_latent_space transformer")
+                 self.info.world_size, args.batch_size, args.batch_size // accumulation, accumulation,
+                 self.batches_per_epoch // accumulation, self.start_epoch + 1, stop, args.epochs, args.lr,
+                 args.precision)
+        order_negatives = order_negatives_from_flags(args, self.core)
         for epoch in range(self.start_epoch, stop):
-            stats = self.train_epoch(epoch)
+            self.loader.sampler.set_epoch(epoch)
+            seed_all(args.seed + 1000 * (epoch + 1) + self.info.rank)
+            stats = train_one_epoch(self.model, self.loader, self.optimizer, self.schedule, self.scaler,
+                                    self.precision, args, epoch=epoch, global_step=self.global_step,
+                                    device=self.device, board=self.board, progress=self.progress,
+                                    order_negatives=order_negatives, step_losses=self.step_losses)
+            self.global_step = stats["global_step"]
             res = self.evaluate("epoch", epoch + 1, stats, final=(epoch + 1 == stop))
             self.save(epoch + 1, res)
         if stop < args.epochs:
             log.info("stopped after epoch %d of %d (--max_epochs_this_run); continue with --resume %s",
                      stop, args.epochs, os.path.join(self.out_dir, CKPT))
-
-    def train_epoch(self, epoch: int) -> dict:
-        args = self.args
-        self.sampler.set_epoch(epoch)
-        seed_all(args.seed + 1000 * (epoch + 1) + self.info.rank)
-        stats = train_one_epoch(self.model, self.loader, self.optimizer, self.schedule, self.precision, self.scaler,
-                                epoch=epoch, global_step=self.global_step,
-                                accumulation=args.gradient_accumulation_steps, clip_grad_norm=args.clip_grad_norm,
-                                n_display=args.n_display, device=self.device, board=self.board,
-                                progress=self.progress, step_callback=self._remember_loss,
-                                contrastive_chunk_size=args.contrastive_chunk_size,
-                                order_negatives=self.order_negatives)
-        self.global_step = stats["global_step"]
-        log.info("epoch %d/%d finished: train loss %.4f, %d steps, %.1fs", epoch + 1, args.epochs,
-                 stats["loss"], stats["steps"], stats["time"])
-        if stats["samples"]:
-            msg = f"epoch {epoch + 1}: {stats['replaced']} of {stats['samples']} training samples had an " \
-                  "unreadable video and were replaced"
-            (log.warning if stats["replaced"] else log.info)(msg)
-        described = describe_use(stats.get("frame_cache"), f"epoch {epoch + 1} training")
-        if described:
-            log.log(*described)
-        if self.board is not None:
-            self.board.scalars({"epoch_loss": stats["loss"], "bad_videos_replaced": stats["replaced"]},
-                               self.global_step, prefix="train/")
-        return stats
-
-    def _remember_loss(self, step: int, loss: float) -> None:
-        self.step_losses.append((step, loss))
 
     def save(self, epochs_done: int, res: dict) -> None:
         """results.json and ckpt.pth.tar (and ckpt.best.pth.tar on a new best), written atomically."""
@@ -538,11 +292,12 @@ class Run:
             ckpt = make_checkpoint(self.core, self.optimizer, self.scaler, epochs_done, self.global_step,
                                    self.best_r1, extra={
                                        "best_epoch": self.best_epoch, "rng": rng_state(),
-                                       "schedule": self.schedule.state_dict(), "config": _plain_config(self.args),
-                                       "results": self.results, "attention_backends": self.attention_record(),
+                                       "schedule": self.schedule.state_dict(), "config": plain_config(self.args),
+                                       "results": self.results,
+                                       "attention_backends": attention_record(self.precision, self.device.type),
                                        "fp32_products": {"path": self.precision.fp32_path,
                                                          "device": self.device.type},
-                                       "kernels": self.kernel_record()})
+                                       "kernels": kernel_record(self.precision, self.device.type)})
             atomic_torch_save(ckpt, os.path.join(self.out_dir, CKPT))
             self.epochs_saved = epochs_done
             if is_best:
@@ -582,123 +337,129 @@ class Run:
         return summary
 
 
-def checkpoint_flag_mismatch(ckpt: dict, args) -> tuple[str, object, object] | None:
-    """``(--flag, checkpoint's value, this run's value)`` of the first model flag that our checkpoint's
-    recorded configuration (``ckpt["config"]``) gives differently from ``args``; None when all agree or
-    nothing is recorded (official checkpoints: their latent space and shapes are checked on loading)."""
-    for name, recorded in DGLConfig.recorded_in(ckpt).items():
-        wanted = getattr(args, name, None)
-        if wanted is None:
-            continue
-        if isinstance(recorded, bool):  # a 0/1 flag on the command line
-            recorded, wanted = int(recorded), int(bool(wanted))
-        if recorded != wanted:
-            return f"--{name}", recorded, wanted
-    return None
+# ------------------------------------------------------------------------------------------ building
+def build_model_and_tokenizer(args):
+    from modules.dgl import DGL
+    from modules.tokenizer import get_tokenizer
+
+    clip_path = resolve_clip_path(args)
+    try:
+        tokenizer = get_tokenizer(bpe_path=args.bpe_path, pretrained_dir=args.pretrained_dir)
+    except FileNotFoundError as e:
+        fail(first_line(e))
+    try:
+        model = DGL.from_pretrained(clip_path, **DGLConfig.from_options(args).to_dict())
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        fail(f"cannot build DGL on {clip_path}: {first_line(e)}")
+    vocab = model.clip.config.vocab_size
+    if getattr(tokenizer, "vocab_size", vocab) > vocab:
+        fail(f"the BPE vocabulary has {tokenizer.vocab_size} tokens but the CLIP in {clip_path} embeds only "
+             f"{vocab}; use the vocabulary the CLIP was trained with (--bpe_path)")
+    return model, tokenizer, clip_path
 
 
-def _merge_left_out(first: dict | None, second: dict) -> dict:
-    """Two records of videos left out of one split (missing files, then unreadable ones)."""
-    if not first:
-        return second
-    merged = dict(first)
-    merged["videos"] = first["videos"] + second["videos"]
-    merged["captions"] = first["captions"] + second["captions"]
-    merged["files"] = (first.get("files", []) + second.get("files", []))[:100]
-    return merged
+def build_datasets(args, tokenizer, need_train: bool):
+    from dataloaders import build_test_dataset, build_train_dataset
+
+    train_ds = test_ds = None
+    try:
+        if need_train:
+            train_ds = build_train_dataset(args, tokenizer)
+        test_ds = build_test_dataset(args, tokenizer, "test")
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        fail(f"cannot load the {args.datatype} data: {first_line(e)}")
+    return train_ds, test_ds
 
 
-def recorded_kernels(ckpt: dict, device_type: str, fp32_flag: str | None, attention_flag: str) -> dict | None:
-    """{use: choice record} a --resume checkpoint recorded on this device type (older checkpoints: their
-    fp32 product path and attention backends), with --fp32_path / --attention_backend given on the command
-    line in their place; None when it recorded nothing for this device type."""
-    kernels = ckpt.get("kernels")
-    if isinstance(kernels, dict) and kernels.get("device") == device_type \
-            and all(isinstance(kernels.get(use), dict) for use in USES):
-        recorded = {use: dict(kernels[use]) for use in USES}
+def build_train_loader(args, train_ds, info) -> DataLoader:
+    """Micro-batches of this process's share of the training set, reshuffled every epoch (``set_epoch``)."""
+    micro_batch = args.batch_size // args.gradient_accumulation_steps
+    if getattr(args, "batch_groups", 0):
+        sampler = group_sampler(args, train_ds, info, micro_batch)
     else:
-        fp32, attention = ckpt.get("fp32_products"), ckpt.get("attention_backends")
-        if not (isinstance(fp32, dict) and fp32.get("device") == device_type and fp32.get("path") in ("onednn", "mkl")
-                and isinstance(attention, dict) and attention.get("device") == device_type):
-            return None
-        recorded = {use: {"fp32_products": fp32["path"], "attention": attention.get(use)} for use in USES}
-    for record in recorded.values():
-        if fp32_flag is not None:
-            record["fp32_products"] = fp32_flag
-        if attention_flag != "auto":
-            record["attention"] = attention_flag
+        sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                     seed=args.seed, drop_last=True)
+    loader = DataLoader(train_ds, batch_size=micro_batch, sampler=sampler, drop_last=True,
+                        num_workers=args.num_thread_reader, pin_memory=info.device.type == "cuda")
+    if len(loader) < args.gradient_accumulation_steps:
+        fail(f"the training set ({len(train_ds)} samples) is smaller than one global batch "
+             f"({args.batch_size} x {info.world_size} processes); lower --batch_size")
+    return loader
+
+
+def group_sampler(args, train_ds, info, micro_batch: int):
+    """--batch_groups: the rows of one 'group' in the same global batch (dataloaders/groups.py)."""
+    from dataloaders.base import AnnotationError
+    from dataloaders.groups import GroupBatchSampler
+
+    if not hasattr(train_ds, "item_groups"):
+        fail("--batch_groups needs --datatype custom (a 'group' column in --train_csv)")
+    try:
+        groups = train_ds.item_groups()
+        sampler = GroupBatchSampler(groups, micro_batch, info.world_size, info.rank, args.seed,
+                                    describe_batch=f" (--batch_size {args.batch_size} / "
+                                    f"--gradient_accumulation_steps {args.gradient_accumulation_steps} x "
+                                    f"{info.world_size} processes)")
+    except (AnnotationError, ValueError) as e:
+        fail(str(e))
+    log.info("--batch_groups: %d groups of the %d training items kept in one global batch of %d",
+             len(sampler.members), len(groups), sampler.global_batch)
+    return sampler
+
+
+def load_init_weights(core, args) -> None:
+    """--init_checkpoint: a new run from a checkpoint's prompts. Only the weights are taken (epoch 0, a
+    new optimiser and schedule); the checkpoint's model flags must be this run's."""
+    path = args.init_checkpoint
+    ckpt = read_checkpoint(path, "--init_checkpoint")
+    own = is_own_checkpoint(ckpt)
+    mismatch = checkpoint_flag_mismatch(ckpt, args)
+    if mismatch:
+        fail(f"--init_checkpoint {path} was trained with {mismatch[0]} {mismatch[1]}; this run has "
+             f"{mismatch[0]} {mismatch[2]} (the model flags must match the checkpoint: pass {mismatch[0]} "
+             f"{mismatch[1]})")
+    load_weights(core, ckpt, path, "--init_checkpoint")
+    args._init_checkpoint_info = {"kind": "ours" if own else "official", "epoch": ckpt.get("epoch"),
+                                  "global_step": ckpt.get("global_step")}
+    log.info("[init] a new run from the weights of %s (%s checkpoint, trained %s epochs); optimiser, "
+             "schedule and epochs start afresh", path, "our" if own else "official", ckpt.get("epoch"))
+
+
+# ------------------------------------------------------------------------------------------ kernels
+def choose_kernels(args, info, core, precision, resume_ckpt: dict | None) -> None:
+    """Threads, then the kernels of each use (runtime.cpu: timed on this model at start-up, or those a
+    --resume checkpoint recorded on this device type, without timing); one choice for all processes."""
+    device = info.device
+    given_path = getattr(args, "fp32_path", None)
+    attention_flag = getattr(args, "attention_backend", "auto") or "auto"
+    recorded = None
+    if resume_ckpt is not None:
+        recorded = recorded_kernels(resume_ckpt, device.type, given_path, attention_flag)
+    apply_cpu_settings(args, device, core, precision, recorded=recorded)  # threads, BLAS, attention, bf16
+    if given_path is not None and precision.fp32_path == given_path:
+        precision.fp32_source = "--fp32_path"
+    elif recorded is not None and precision.kernels is not None:
+        precision.fp32_source = f"recorded in {args.resume}"
+    if info.distributed:  # one choice for all processes: each measured its own
+        use_rank0_kernels(args, device, core, precision)
+        use_attention_backends(precision, rank0_attention_backends(precision), "rank 0's choice")
+    recorded_attention = resume_ckpt.get("attention_backends") if resume_ckpt is not None else None
+    if (attention_flag == "auto" and isinstance(recorded_attention, dict)
+            and recorded_attention.get("device") == device.type):
         try:
-            recorded_choice(record)
+            use_attention_backends(precision, recorded_attention, f"recorded in {args.resume}")
         except ValueError as e:
-            log.warning("[resume] kernels recorded in the checkpoint not used: %s", e)
-            return None
-    return recorded
+            log.warning("[resume] attention backends of the checkpoint not used: %s", e)
 
 
-def rank0_attention_backends(precision) -> dict:
-    """Rank 0's attention backends, as names, on every process."""
-    return D.broadcast_object({"train": backend_name(precision.train_attention),
-                               "eval": backend_name(precision.eval_attention)})
-
-
-def _plain_config(args) -> dict:
-    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in vars(args).items()}
-
-
-def save_sim_matrices(args, model, res, bank_ds, tokenizer, device, precision, progress, out_dir,
-                      test_ds=None) -> None:
-    """<datatype>_sim_matrix.npy (test texts x test videos) and, with a training set, the QB-norm query
-    banks <datatype>_train_test_t2v.npy (train texts x test videos) and <datatype>_train_test_v2t.npy
-    (test texts x train videos)."""
-    from training.engine import encode_texts, encode_videos, frame_cache_counts, similarity_matrix
-
-    core = unwrap(model)
-    prefix = os.path.join(out_dir, args.datatype)
-    if D.is_main_process():
-        atomic_np_save(prefix + "_sim_matrix.npy", res["sim"])
-        save_caption_video_index(prefix, res["caption_video_index"])
-        log.info("saved %s_sim_matrix.npy %s", prefix, tuple(res["sim"].shape))
-    if tokenizer is not None and (bank_ds is None or getattr(bank_ds, "random_sampling", False)):
-        # The training split with evaluation-style frames (segment centres).
-        from dataloaders import build_test_dataset
-        try:
-            bank_ds = build_test_dataset(args, tokenizer, "train")
-        except Exception as e:  # noqa: BLE001 - the bank is optional
-            log.warning("no training set for the QB-norm query bank (%s)", first_line(e))
-            bank_ds = None
-    if bank_ds is None or not hasattr(bank_ds, "text_dataset"):
-        log.info("QB-norm query bank not written: no training set")
+def use_rank0_kernels(args, device, core, precision) -> None:
+    """Compute with rank 0's kernels in every process: a process whose own timing chose others applies the
+    CPU settings again with rank 0's choices (no timing; oneDNN still only where exact here)."""
+    if device.type != "cpu":
         return
-    texts, videos = bank_ds.text_dataset(), bank_ds.video_dataset()
-    limit = args.qb_norm_train_queries
-    if D.is_main_process():
-        report_test_captions_in_bank(bank_ds, test_ds, limit)
-    if limit:
-        from torch.utils.data import Subset
-        texts = Subset(texts, range(min(limit, len(texts))))
-        videos = Subset(videos, range(min(limit, len(videos))))
-    was = core.training
-    core.eval()
-    bank_t = encode_texts(core, texts, args.batch_size_val, args.num_thread_reader, device, precision, progress,
-                          desc="train text (QB-norm)")
-    cache_use = FrameCacheUse()
-    bank_v, unreadable = encode_videos(core, videos, args.batch_size_val, args.num_thread_reader, device, precision,
-                                       progress, desc="train video (QB-norm)", cache_use=cache_use)
-    described = describe_use(frame_cache_counts(cache_use, device), "QB-norm query bank videos")
-    if described:
-        log.log(*described)
-    if unreadable:  # --skip_bad_videos: left out of the bank
-        keep = torch.ones(bank_v.shape[0], dtype=torch.bool)
-        keep[unreadable] = False
-        bank_v = bank_v[keep]
-        log.warning("QB-norm query bank: %d unreadable training videos left out", len(unreadable))
-    if was:
-        core.train()
-    if D.is_main_process():
-        t2v = similarity_matrix(core, bank_t, res["video_features"], device)
-        v2t = similarity_matrix(core, res["text_features"], bank_v, device)
-        atomic_np_save(prefix + "_train_test_t2v.npy", t2v)
-        atomic_np_save(prefix + "_train_test_v2t.npy", v2t)
-        log.info("saved QB-norm query banks %s_train_test_t2v.npy %s and %s_train_test_v2t.npy %s",
-                 prefix, t2v.shape, prefix, v2t.shape)
-        save_train_train(prefix, core, bank_t, bank_v, bank_ds, device, left_out=unreadable)
+    kernels = D.broadcast_object(precision.kernels)
+    if kernels is None or kernels == precision.kernels:
+        return
+    restore_cpu_settings()
+    apply_cpu_settings(args, device, core, precision, recorded=kernels)
+    precision.fp32_source = "rank 0's choice"

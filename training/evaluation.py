@@ -1,9 +1,7 @@
-"""One training epoch and one evaluation pass."""
+"""One evaluation pass: every test caption against every test video (and the features it encodes)."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import time
 
 import numpy as np
@@ -14,154 +12,15 @@ from dataloaders.frame_cache import FrameCacheUse, describe_use
 from modules.order import format_order, frame_orders, order_metrics, reorder_frames, tie_tolerance
 from modules.metrics import DSL_LABEL, dsl_metrics, format_metrics, metrics_from_ranks, retrieval_ranks
 from training import distributed as D
-from training.gradcache import gradcache_step
 from runtime.logs import LOGGER_NAME
 from runtime.precision import Precision
 
 log = logging.getLogger(LOGGER_NAME)
 
 
-# ------------------------------------------------------------------------------------------ precision
 def unwrap(model):
+    """The model inside a DDP wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") else model
-
-
-def logit_scale_value(model) -> float | None:
-    core = unwrap(model)
-    for owner in (core, getattr(core, "clip", None)):
-        ls = getattr(owner, "logit_scale", None) if owner is not None else None
-        if isinstance(ls, torch.Tensor):
-            return float(ls.detach().float().exp())
-    return None
-
-
-def _to(batch: dict, device) -> dict:
-    nb = device.type == "cuda"
-    return {k: (v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-# ------------------------------------------------------------------------------------------ training
-def forward_backward(model, input_ids, video, video_mask, *, autocast, scale_loss,
-                     contrastive_chunk_size: int = 0, sync_grads: bool = True,
-                     frame_order: torch.Tensor | None = None, order_weight: float = 1.0) -> torch.Tensor:
-    """One micro-batch's loss and backward pass; returns the (unscaled) loss.
-
-    The plain step, or gradient caching (training/gradcache.py) when ``contrastive_chunk_size`` is
-    smaller than the micro-batch: the same loss and gradients with that many samples encoded at a time.
-    ``scale_loss`` maps the loss to what is back-propagated (accumulation share, AMP scaling).
-    ``frame_order`` (n, T): order negatives (modules/order.py), None for the published loss.
-    """
-    order = {} if frame_order is None else {"frame_order": frame_order, "order_weight": order_weight}
-    if 0 < contrastive_chunk_size < input_ids.shape[0]:
-        return gradcache_step(model, input_ids, video, video_mask, contrastive_chunk_size, autocast=autocast,
-                              scale_loss=scale_loss, sync_grads=sync_grads, **order)
-    with autocast():
-        out = model(input_ids, video, video_mask, **order)
-        loss = out["loss"] if isinstance(out, dict) else out
-    scale_loss(loss).backward()
-    return loss
-
-
-def apply_update(optimizer, scaler) -> None:
-    """The optimiser's update from the accumulated gradients (through the GradScaler under CUDA AMP, which
-    skips an update whose gradients are not finite), then the gradients are cleared."""
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def train_one_epoch(model, loader, optimizer, schedule, precision: Precision, scaler, *, epoch: int,
-                    global_step: int, accumulation: int, clip_grad_norm: float | None, n_display: int,
-                    device, board=None, progress: bool = True, step_callback=None,
-                    contrastive_chunk_size: int = 0, order_negatives=None) -> dict:
-    """Train for one pass over ``loader``; returns dict(loss, global_step, replaced, steps, time).
-
-    contrastive_chunk_size > 0 (smaller than the micro-batch): gradient caching (training/gradcache.py),
-    the same loss and gradients with the encoders' activations of that many samples at a time.
-    order_negatives: a modules.order.OrderNegatives (extra text-to-video negatives), or None.
-    """
-    model.train()
-    core = unwrap(model)
-    params = [p for _, p in core.trainable_parameters() if p.requires_grad]
-    ddp = hasattr(model, "no_sync")
-    n_batches = len(loader)
-    usable = (n_batches // accumulation) * accumulation
-    total_loss, n_loss, replaced, seen = 0.0, 0, 0, 0
-    cache_use = FrameCacheUse()
-    start = end = time.time()
-    optimizer.zero_grad(set_to_none=True)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=usable, desc=f"train epoch {epoch + 1}", leave=False, dynamic_ncols=True)
-    lr = schedule.lr_at(global_step)
-
-    def scale_loss(loss):  # what is back-propagated: the micro-batch's share, scaled for AMP
-        return scaler.scale(loss / accumulation) if scaler is not None else loss / accumulation
-
-    for i, batch in enumerate(loader):
-        if i >= usable:  # an incomplete accumulation group at the end of the epoch is dropped
-            break
-        if "replaced" in batch:
-            flags = torch.as_tensor(batch["replaced"])
-            replaced += int(flags.sum())
-            seen += int(flags.numel())
-        cache_use.update(batch)
-        frame_order = None if order_negatives is None else order_negatives.frame_order(batch, epoch)
-        batch = _to(batch, device)
-        data_time = time.time() - end
-        if i % accumulation == 0:
-            lr = schedule.apply(optimizer, global_step)
-        update = (i + 1) % accumulation == 0
-        sync = contextlib.nullcontext() if (update or not ddp) else model.no_sync()
-        with sync:
-            loss = forward_backward(model, batch["input_ids"], batch["video"], batch["video_mask"],
-                                    autocast=precision.autocast, scale_loss=scale_loss,
-                                    contrastive_chunk_size=contrastive_chunk_size, sync_grads=update,
-                                    frame_order=None if frame_order is None else frame_order.to(device),
-                                    order_weight=1.0 if order_negatives is None else order_negatives.weight)
-            loss_value = float(loss.detach().float())
-            if not math.isfinite(loss_value):
-                if scaler is None:
-                    raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1}, step {global_step}")
-                log.warning("loss is %s at step %d; the AMP grad scaler skips this update", loss_value, global_step)
-        total_loss += loss_value
-        n_loss += 1
-        if update:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = None
-            if clip_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm))
-            apply_update(optimizer, scaler)
-            global_step += 1
-            batch_time = time.time() - end
-            if step_callback is not None:
-                step_callback(global_step, loss_value)
-            if global_step % n_display == 0 and D.is_main_process():
-                scale = logit_scale_value(model)
-                log.info("Epoch %d [%d/%d] step %d loss %.4f lr %.3e logit_scale %s data %.3fs step %.3fs",
-                         epoch + 1, i + 1, usable, global_step, loss_value, lr,
-                         f"{scale:.3f}" if scale is not None else "n/a", data_time, batch_time)
-            if board is not None:
-                board.scalars({"loss": loss_value, "lr": lr, "logit_scale": logit_scale_value(model),
-                               "data_time": data_time, "step_time": batch_time, "grad_norm": grad_norm},
-                              global_step, prefix="train/")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        end = time.time()
-    if bar is not None:
-        bar.close()
-    optimizer.zero_grad(set_to_none=True)
-    replaced = int(D.all_reduce_sum(replaced, device))
-    seen = int(D.all_reduce_sum(seen, device))
-    return {"loss": total_loss / max(n_loss, 1), "global_step": global_step, "replaced": replaced,
-            "samples": seen, "steps": usable // accumulation, "time": time.time() - start,
-            "frame_cache": frame_cache_counts(cache_use, device)}
 
 
 def frame_cache_counts(cache_use: FrameCacheUse, device) -> dict | None:
