@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from modules.dgl import DGL, contrastive_loss
 from training.gradcache import gradcache_step
-from tests.toy import ToyData, free_port, gloo_member, tiny_dgl
+from tests.toy import FIXED_KERNELS, ToyData, free_port, gloo_member, tiny_dgl
 from tests.toy import assert_same_grads as _assert_same_grads
 from tests.toy import trainable_grads as _grads
 
@@ -148,7 +148,7 @@ def _chunked_worker(rank, world, port, out):
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_training_run_with_chunks_equals_plain_run(tmp_path, accumulation):
     flags = dict(epochs=2, batch_size=8, gradient_accumulation_steps=accumulation,
-                 data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3})
+                 data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3}, **FIXED_KERNELS)
     plain = run_toy_flags(tmp_path / "plain", **flags)
     chunked = run_toy_flags(tmp_path / "chunked", contrastive_chunk_size=3, **flags)
     assert [s for s, _ in plain["step_losses"]] == [s for s, _ in chunked["step_losses"]] == [1, 2, 3, 4]

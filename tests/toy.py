@@ -14,6 +14,12 @@ import torch
 from torch.utils.data import Dataset
 
 
+# The flags of a toy run whose test is not about the kernel choice: PyTorch's default kernels (MKL fp32
+# products, its own attention choice), without the start-up timing of each candidate on the model, which
+# costs a toy run about as much as its training does.
+FIXED_KERNELS = {"cpu_tuning": 0}
+
+
 def tiny_dgl(seed: int = 0, vocab_size: int = 64, shared_latent_space: str = "linear", max_words: int = 8,
              max_frames: int = 2, width: int = 64, **overrides):
     from modules.clip import CLIP, tiny_clip_config
