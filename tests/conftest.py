@@ -1,4 +1,4 @@
-"""Shared fixtures: where ../shared is, CLIP's BPE file, tiny random CLIPs."""
+"""Shared fixtures: where ../shared is, CLIP's BPE file, tiny random CLIPs, the search tests' world."""
 from __future__ import annotations
 
 import os
@@ -36,6 +36,22 @@ def bpe_path(shared_dir) -> str:
     if not path.is_file():
         pytest.skip(f"CLIP's BPE vocabulary not found at {path}; it is not shipped with the project")
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The search tests' tiny searchable world (tests/search_fixtures.py), made anew for each module that asks
+    for it: what the tests of one module add to it, another module's never see. A module that needs more in
+    its world defines its own ``world``."""
+    from tests.search_fixtures import make_world
+
+    return make_world(str(tmp_path_factory.mktemp("world")))
+
+
+@pytest.fixture(scope="module")
+def loaded(world):
+    """The world's model (retrieval.model_io.LoadedModel), loaded once for the module."""
+    return world.model()
 
 
 @pytest.fixture

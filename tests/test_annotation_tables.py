@@ -8,9 +8,7 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import torch
 
 from dataloaders import build_test_dataset, build_train_dataset
 from dataloaders.base import AnnotationError
@@ -208,9 +206,7 @@ def test_interleaved_captions_are_scored_against_their_own_video(media, tmp_path
     """Each caption's ground truth is the video its row names, checked through training.evaluation.evaluate
     against ranks computed by hand from the table (not from the dataset's own links)."""
     from modules.tokenizer import get_tokenizer, write_bpe_vocab
-    from runtime.precision import Precision
-    from tests.toy import tiny_dgl
-    from training.evaluation import evaluate
+    from tests.toy import evaluate_moved_tiny_dgl
 
     rows = [("a.mp4", "a yellow screen", "", ""), ("b.mp4", "a cyan screen", "", ""),
             ("long/c.mp4", "red at first", "0", "4"), ("./a.mp4", "yellow all the time", "", ""),
@@ -222,12 +218,7 @@ def test_interleaved_captions_are_scored_against_their_own_video(media, tmp_path
     tok = get_tokenizer(bpe_path=bpe)
     ds = build_test_dataset(args_for(media, write_rows(tmp_path / "ann.csv", rows)), tok)
     assert [v.video_id for v in ds.videos] == files
-    model = tiny_dgl(seed=3, vocab_size=tok.vocab_size, max_words=16, max_frames=4)
-    with torch.no_grad():
-        for _, p in model.trainable_parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    cpu = torch.device("cpu")
-    res = evaluate(model, ds, batch_size=4, workers=0, device=cpu, precision=Precision("fp32", cpu), progress=False)
+    res = evaluate_moved_tiny_dgl(ds, tok.vocab_size)
     assert res["sim"].shape == (8, 4)
     t2v, v2t = direct_ranks(res["sim"], truth, 4)
     assert (res["ranks"]["t2v"] + 1).tolist() == t2v.tolist()

@@ -169,19 +169,12 @@ def direct_ranks(sim: np.ndarray, caption_video: list[int], num_videos: int):
 
 def test_multi_caption_scoring_against_a_direct_computation(media, tmp_path):
     from modules.tokenizer import get_tokenizer, write_bpe_vocab
-    from runtime.precision import Precision
-    from tests.toy import tiny_dgl
-    from training.evaluation import evaluate
+    from tests.toy import evaluate_moved_tiny_dgl
 
     bpe = write_bpe_vocab([r[1] for r in ROWS], tmp_path / "bpe.txt.gz", num_merges=40)
     tok = get_tokenizer(bpe_path=bpe)
     ds = build_test_dataset(args_for(media, write_rows(tmp_path / "ann.csv")), tok)
-    model = tiny_dgl(seed=3, vocab_size=tok.vocab_size, max_words=16, max_frames=4)
-    with torch.no_grad():
-        for _, p in model.trainable_parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    cpu = torch.device("cpu")
-    res = evaluate(model, ds, batch_size=4, workers=0, device=cpu, precision=Precision("fp32", cpu), progress=False)
+    res = evaluate_moved_tiny_dgl(ds, tok.vocab_size)
     assert res["multi_sentence"] and res["sim"].shape == (7, 5)
     t2v, v2t = direct_ranks(res["sim"], ds.caption_video_index.tolist(), 5)
     assert (res["ranks"]["t2v"] + 1).tolist() == t2v.tolist()

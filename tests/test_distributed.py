@@ -1,17 +1,10 @@
 """2 CPU processes (gloo, like torchrun) with batch b train like 1 process with batch 2b."""
 import json
-import socket
 
 import pytest
 import torch
 
-from tests.toy import run_toy, run_toy_distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.toy import free_port, run_toy, run_toy_distributed
 
 
 def test_two_processes_equal_one_process_with_double_batch(tmp_path):
@@ -20,7 +13,7 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     flags = dict(epochs=2, gradient_accumulation_steps=2, data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3})
     single = run_toy(str(tmp_path / "one"), batch_size=8, **flags)
     (tmp_path / "res").mkdir()
-    two = run_toy_distributed(2, str(tmp_path / "two"), str(tmp_path / "res"), _free_port(), batch_size=4, **flags)
+    two = run_toy_distributed(2, str(tmp_path / "two"), str(tmp_path / "res"), free_port(), batch_size=4, **flags)
 
     # the same loss curve (every step's loss is the loss of the gathered global batch)
     r1 = json.loads((tmp_path / "one" / "results.json").read_text())["evaluations"]
@@ -53,15 +46,15 @@ def test_gradient_carrying_gather_matches_big_batch(tmp_path):
     """The model's gather: per-process gradients after DDP averaging equal the single-process ones."""
     import torch.multiprocessing as mp
 
-    port = _free_port()
+    port = free_port()
     mp.spawn(_grad_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    from tests.toy import ToyData, tiny_dgl
+    from tests.toy import ToyData, tiny_dgl, trainable_grads
 
     data = ToyData(num_videos=8)
     model = tiny_dgl(seed=1)
     loss = model(data.ids, data.videos, data.masks)["loss"]
     loss.backward()
-    ref = {n: p.grad.clone() for n, p in model.trainable_parameters() if p.grad is not None}
+    ref = trainable_grads(model)
     got = torch.load(tmp_path / "grads.pt")
     assert set(got) == set(ref)
     for n in ref:
@@ -71,28 +64,18 @@ def test_gradient_carrying_gather_matches_big_batch(tmp_path):
 def _grad_worker(rank, world, port, out):
     import os
 
-    import torch.distributed as dist
+    from tests.toy import ToyData, gloo_member, tiny_dgl, trainable_grads
 
-    from tests.toy import ToyData, exit_spawned_worker, tiny_dgl
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_member(rank, world, port):
         data = ToyData(num_videos=8)
         model = torch.nn.parallel.DistributedDataParallel(tiny_dgl(seed=1), find_unused_parameters=True)
         sl = slice(rank * 4, rank * 4 + 4)
         loss = model(data.ids[sl], data.videos[sl], data.masks[sl])["loss"]
         loss.backward()
         if rank == 0:
-            grads = {n: p.grad.clone() for n, p in model.module.trainable_parameters() if p.grad is not None}
-            torch.save(grads, os.path.join(out, "grads.pt"))
+            torch.save(trainable_grads(model.module), os.path.join(out, "grads.pt"))
         # DDP's reducer and the autograd graph hold the process group: release them before destroying it
         del model, loss
-        dist.barrier()
-        exit_spawned_worker()  # every rank is done: skip the teardown (os._exit does not run the finally)
-    finally:
-        dist.destroy_process_group()
 
 
 # A process of a 2-process gloo group that stops on a one-line error, as main.py runs it: the group is alive
@@ -131,7 +114,7 @@ def test_a_failing_process_group_member_exits_with_its_error_status_every_time(t
     repo = str(Path(__file__).resolve().parents[1])
     code = _FAILING_MEMBER.format(repo=repo)
     for trial in range(20):
-        port = _free_port()
+        port = free_port()
         procs = []
         for rank in range(2):
             env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
@@ -186,7 +169,7 @@ def _fp32_path_worker(rank: int, world: int, port: int, output_dir: str, result_
 def test_every_process_computes_fp32_products_on_rank_0s_path(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_fp32_path_worker, args=(2, _free_port(), str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_fp32_path_worker, args=(2, free_port(), str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert rank0 == {"path": "onednn", "source": None, "active": rank0["active"]}

@@ -272,6 +272,7 @@ def run_world(tmp_path_factory):
              "--bpe_path", bpe, "--max_words", "12", "--max_frames", "3", "--shared_latent_space", "linear",
              "--unified_transformer_layers", "1", "--batch_size", "4", "--batch_size_val", "4", "--epochs", "1",
              "--lr", "1e-3", "--device", "cpu", "--no_progress", "--no_tensorboard", "--seed", "0",
+             "--cpu_tuning", "0",  # the runs test the cache's counts, not the kernels a timing would choose
              "--num_thread_reader", "2"]  # two loader worker processes: the counts come back with the batches
     for key in ("train_csv", "val_csv", "data_path", "features_path"):
         flags += ["--" + key, paths[key]]

@@ -1,7 +1,6 @@
 """Gradient caching (--contrastive_chunk_size): the chunked step equals the plain full-batch step."""
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -9,32 +8,15 @@ import torch.nn.functional as F
 
 from modules.dgl import DGL, contrastive_loss
 from training.gradcache import gradcache_step
-from tests.toy import ToyData, exit_spawned_worker, tiny_dgl
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _grads(model) -> dict:
-    return {n: p.grad.clone() for n, p in model.trainable_parameters() if p.grad is not None}
+from tests.toy import FIXED_KERNELS, ToyData, free_port, gloo_member, tiny_dgl
+from tests.toy import assert_same_grads as _assert_same_grads
+from tests.toy import trainable_grads as _grads
 
 
 def _plain(model, ids, video, mask):
     loss = model(ids, video, mask)["loss"]
     loss.backward()
     return loss.detach(), _grads(model)
-
-
-def _assert_same_grads(got: dict, ref: dict, rtol=1e-4):
-    """Equal to float tolerance: rtol of each element, and of the tensor's largest element near zero."""
-    assert set(got) == set(ref)
-    assert any(g.abs().max() > 0 for g in ref.values())  # the comparison is not vacuous
-    for n in ref:
-        atol = max(float(ref[n].abs().max()) * 1e-5, 1e-8)
-        torch.testing.assert_close(got[n], ref[n], rtol=rtol, atol=atol, msg=n)
 
 
 @pytest.mark.parametrize("latent", ["linear", "transformer"])
@@ -141,7 +123,7 @@ def test_two_processes_chunked_equal_one_process_plain(tmp_path):
     """2 gloo processes x 4 samples, 3 at a time (DDP-wrapped as in main.py) = 1 process, 8 samples, plain."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_chunked_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_chunked_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     data = ToyData(num_videos=8)
     model = tiny_dgl(seed=1, shared_latent_space="transformer")
     ref_loss, ref = _plain(model, data.ids, data.videos, data.masks)
@@ -152,12 +134,7 @@ def test_two_processes_chunked_equal_one_process_plain(tmp_path):
 
 
 def _chunked_worker(rank, world, port, out):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_member(rank, world, port):
         data = ToyData(num_videos=8)
         model = torch.nn.parallel.DistributedDataParallel(tiny_dgl(seed=1, shared_latent_space="transformer"),
                                                           find_unused_parameters=True)
@@ -165,17 +142,13 @@ def _chunked_worker(rank, world, port, out):
         loss = gradcache_step(model, data.ids[own], data.videos[own], data.masks[own], 3)
         torch.save({"loss": loss, "grads": _grads(model.module)}, os.path.join(out, f"rank{rank}.pt"))
         del model, loss  # DDP's reducer holds the process group: release it before destroying the group
-        dist.barrier()
-        exit_spawned_worker()  # every rank is done: skip the teardown (os._exit does not run the finally)
-    finally:
-        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------ main.py runs
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_training_run_with_chunks_equals_plain_run(tmp_path, accumulation):
     flags = dict(epochs=2, batch_size=8, gradient_accumulation_steps=accumulation,
-                 data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3})
+                 data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3}, **FIXED_KERNELS)
     plain = run_toy_flags(tmp_path / "plain", **flags)
     chunked = run_toy_flags(tmp_path / "chunked", contrastive_chunk_size=3, **flags)
     assert [s for s, _ in plain["step_losses"]] == [s for s, _ in chunked["step_losses"]] == [1, 2, 3, 4]
@@ -211,16 +184,9 @@ def run_toy_flags(out, **flags):
 def test_two_process_run_with_chunks_and_accumulation_equals_one_process_plain(tmp_path):
     """main.py under 2 gloo processes (batch 4 each as 2 micro-batches of 2, encoded 1 at a time) trains like
     1 process with batch 8 as 2 micro-batches of 4, plain: the same micro-batch losses and weights."""
-    from tests.toy import run_toy_distributed
+    from tests.toy import one_and_two_process_runs
 
-    flags = dict(epochs=2, gradient_accumulation_steps=2, data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3})
-    one = run_toy_flags(tmp_path / "one", batch_size=8, **flags)
-    (tmp_path / "res").mkdir()
-    two = run_toy_distributed(2, str(tmp_path / "two"), str(tmp_path / "res"), _free_port(), batch_size=4,
-                              contrastive_chunk_size=1, **flags)
-    assert [s for s, _ in one["step_losses"]] == [s for s, _ in two["step_losses"]] == [1, 2, 3, 4]
-    for (_, a), (_, b) in zip(one["step_losses"], two["step_losses"]):
-        assert a == pytest.approx(b, rel=1e-5)
-    s1, s2 = one["model"].state_dict(), two["state"]
+    s1, s2 = one_and_two_process_runs(tmp_path, [1, 2, 3, 4], epochs=2, gradient_accumulation_steps=2,
+                                      data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3})
     for k in s1:
         torch.testing.assert_close(s2[k], s1[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -13,57 +13,21 @@ import pytest
 import torch
 
 from retrieval import VideoIndex
-from tests.search_fixtures import NUM_VIDEOS, make_world
+from tests.search_fixtures import NUM_VIDEOS, write_search_videos_script
 
 REPO = Path(__file__).resolve().parents[1]
 
-# search_videos.py in a process of its own. The attention backend is fixed (the CLI would time it, and
-# backends round differently: PyTorch's choice), and so is the fp32 product path (MKL): the runs compared
-# compute the same way.
-# With KILL_AT set, the process sends itself SIGKILL when half of the KILL_AT-th write of a file named
-# KILL_NAME has reached the disk.
-INDEX_RUN = r"""
-import io, os, runpy, signal, sys
-import modules.backends as backends
-from modules.backends import Fp32Check
-# no candidate but PyTorch's defaults: nothing is timed
-backends._cached_attention_times = lambda shape, dtype, threads: {(b, d): 1.0 for b in ("math", "flash")
-                                                                  for d in ("eval", "train")}
-backends._cached_fp32_check = lambda threads: Fp32Check(exact=False, error_mkl=0.0, error_onednn=0.0, speedup=0.0)
-backends.time_candidates = None  # a timing would fail
-import retrieval.index as index_module
-kill_at, kill_name = int(os.environ.get("KILL_AT", "0")), os.environ.get("KILL_NAME", "")
-real_atomic_write, writes = index_module.atomic_write, [0]
-
-def atomic_write(path, write_fn, mode="wb"):
-    if kill_at and os.path.basename(path).endswith(kill_name):
-        writes[0] += 1
-        if writes[0] == kill_at:
-            def torn(f):
-                buf = io.BytesIO() if "b" in mode else io.StringIO()
-                write_fn(buf)
-                data = buf.getvalue()
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real_atomic_write(path, torn, mode)
-    return real_atomic_write(path, write_fn, mode)
-
-index_module.atomic_write = atomic_write
-sys.argv = ["search_videos.py"] + sys.argv[1:]
-runpy.run_path(os.path.join(os.getcwd(), "search_videos.py"), run_name="__main__")
-"""
-
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(str(tmp_path_factory.mktemp("crash_world")))
+def script(tmp_path_factory):
+    return write_search_videos_script(tmp_path_factory.mktemp("script"))
 
 
-def index_run(world, index_dir, kill_at=0, kill_name=""):
+def index_run(world, script, index_dir, kill_at=0, kill_name=""):
+    """`search_videos.py index` in a process of its own (search_fixtures.SEARCH_VIDEOS_SCRIPT), killed on the
+    ``kill_at``-th write of a file named ``...kill_name`` when asked."""
     env = dict(os.environ, KILL_AT=str(kill_at), KILL_NAME=kill_name)
-    cmd = [sys.executable, "-c", INDEX_RUN, "index", world.videos, "--index", str(index_dir), *world.model_args(),
+    cmd = [sys.executable, script, "index", world.videos, "--index", str(index_dir), *world.model_args(),
            "--workers", "0", "--precision", "fp32", "--shard_size", "2", "--batch_size", "2",
            "--no_progress"]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -80,10 +44,10 @@ def contents(index_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(world, tmp_path_factory):
+def reference(world, script, tmp_path_factory):
     """One uninterrupted run."""
     ref = tmp_path_factory.mktemp("ref") / "idx"
-    r = index_run(world, ref)
+    r = index_run(world, script, ref)
     assert r.returncode == 0, r.stderr[-3000:]
     return contents(ref)
 
@@ -93,10 +57,10 @@ def same_as_reference(found: dict, reference: dict) -> None:
         assert entry == reference[path][0] and torch.equal(feature, reference[path][1]), path
 
 
-def test_sigkill_during_writes_then_rerun(world, reference, tmp_path):
+def test_sigkill_during_writes_then_rerun(world, script, reference, tmp_path):
     idx = tmp_path / "idx"
     # 1. killed while writing the second shard: the first one (2 videos) survives, the torn file is a .tmp
-    killed = index_run(world, idx, kill_at=2, kill_name=".npz")
+    killed = index_run(world, script, idx, kill_at=2, kill_name=".npz")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     torn = temporary_files(idx)
     assert len(torn) == 1 and torn[0].startswith(".shard-") and (idx / "shards" / torn[0]).is_file()
@@ -105,7 +69,7 @@ def test_sigkill_during_writes_then_rerun(world, reference, tmp_path):
     same_as_reference(partial, reference)
 
     # 2. the rerun encodes the rest and is killed while writing the manifest: every shard is complete
-    killed = index_run(world, idx, kill_at=1, kill_name="index.json")
+    killed = index_run(world, script, idx, kill_at=1, kill_name="index.json")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     torn = temporary_files(idx)
     assert len(torn) == 1 and torn[0].startswith(".index.json.") and (idx / torn[0]).is_file()
@@ -114,7 +78,7 @@ def test_sigkill_during_writes_then_rerun(world, reference, tmp_path):
     same_as_reference(complete, reference)
 
     # 3. a clean rerun: nothing torn is left, the index is the uninterrupted run's
-    done = index_run(world, idx)
+    done = index_run(world, script, idx)
     assert done.returncode == 0, done.stderr[-3000:]
     assert temporary_files(idx) == []
     final = contents(idx)

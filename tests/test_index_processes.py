@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from retrieval.encode import assign_shares
 from retrieval.index import GroupError
 from retrieval.model_io import SearchError
 from runtime.group import Group
-from tests.search_fixtures import NUM_VIDEOS, make_world
+from tests.search_fixtures import NUM_VIDEOS, write_search_videos_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,16 +99,6 @@ def run_in_threads(n: int, fn) -> list:
     for t in threads:
         t.start()
     return threads, results, shared
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(str(tmp_path_factory.mktemp("processes_world")))
-
-
-@pytest.fixture(scope="module")
-def loaded(world):
-    return world.model()
 
 
 def build(loaded, videos, index_dir, group=None, **kw):
@@ -231,42 +220,11 @@ def test_a_failed_write_on_one_process_changes_nothing_and_the_rerun_completes(w
 
 
 # ------------------------------------------------------------------------------------------ torchrun
-# search_videos.py as torchrun runs it. The kernels are fixed (the CLI would time them) so the runs compared
-# compute the same way. KILL_RANK sends itself SIGKILL while writing its KILL_AT-th shard; FULL_RANK's
-# shard writes fail with ENOSPC.
-RUN = r"""
-import errno, os, runpy, signal, sys
-sys.path.insert(0, os.getcwd())
-import modules.backends as backends
-from modules.backends import MATH, Fp32Check
-backends.choose_attention = lambda shape, dtype: ([MATH], [MATH], {})
-backends.choose_fp32_path = lambda *undo: Fp32Check(exact=False, error_mkl=0.0, error_onednn=0.0, speedup=0.0)
-import retrieval.index as index_module
-rank = os.environ.get("RANK", "0")
-real_write, writes = index_module.write_shard, [0]
-
-def write_shard(path, features, entries):
-    if rank == os.environ.get("FULL_RANK"):
-        def full(f):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return index_module.atomic_write(path, full)
-    if rank == os.environ.get("KILL_RANK"):
-        writes[0] += 1
-        if writes[0] == int(os.environ["KILL_AT"]):
-            os.kill(os.getpid(), signal.SIGKILL)
-    return real_write(path, features, entries)
-
-index_module.write_shard = write_shard
-sys.argv = ["search_videos.py"] + sys.argv[1:]
-runpy.run_path(os.path.join(os.getcwd(), "search_videos.py"), run_name="__main__")
-"""
-
-
+# search_videos.py as torchrun runs it, with fixed kernels so that the runs compared compute the same way,
+# and faults on demand (search_fixtures.SEARCH_VIDEOS_SCRIPT).
 @pytest.fixture(scope="module")
 def run_script(tmp_path_factory):
-    path = tmp_path_factory.mktemp("script") / "run_index.py"
-    path.write_text(RUN)
-    return str(path)
+    return write_search_videos_script(tmp_path_factory.mktemp("script"))
 
 
 def index_command(world, index_dir, *extra) -> list[str]:
@@ -329,7 +287,7 @@ def test_torchrun_killed_process_resumes_to_the_same_index(run_script, world, re
     shard; the same command finishes the index, and so does a resumed run with another process count."""
     for resume_with in (2, 1):
         idx = tmp_path / f"idx{resume_with}"
-        killed = run_processes(run_script, world, idx, 2, env={"KILL_RANK": "1", "KILL_AT": "1"})
+        killed = run_processes(run_script, world, idx, 2, env={"KILL_RANK": "1", "KILL_SHARD": "1"})
         assert killed.returncode != 0
         assert json.loads((idx / "index.json").read_text())["shards"] == []
         done = run_processes(run_script, world, idx, resume_with)

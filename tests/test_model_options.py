@@ -6,7 +6,7 @@ import torch
 
 from training.gradcache import gradcache_step
 from training.model_options import compile_encoders, compile_seconds
-from tests.toy import ToyData, run_toy, tiny_dgl
+from tests.toy import FIXED_KERNELS, ToyData, run_toy, tiny_dgl
 
 
 def _step(model, data):
@@ -76,7 +76,7 @@ def test_grad_checkpointing_recomputes_under_the_forward_attention_backend(backe
 
 
 def test_training_run_with_grad_checkpointing_equals_plain_run(tmp_path):
-    flags = dict(epochs=1, batch_size=8, data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3})
+    flags = dict(epochs=1, batch_size=8, data_kwargs={"num_videos": 16}, model_kwargs={"seed": 3}, **FIXED_KERNELS)
     plain = run_toy(str(tmp_path / "plain"), **flags)
     ckpt = run_toy(str(tmp_path / "ckpt"), grad_checkpointing=1, **flags)
     assert ckpt["model"].grad_checkpointing and not plain["model"].grad_checkpointing

@@ -60,15 +60,16 @@ def test_reversed_video_metric_is_exactly_one_half_for_a_model_blind_to_order(la
 
 
 def test_results_json_and_log_carry_the_order_metric(tmp_path):
-    from tests.toy import run_toy
+    from tests.toy import FIXED_KERNELS, run_toy
 
-    run_toy(str(tmp_path / "run"), epochs=1, batch_size=8, data_kwargs={"num_videos": 8})
+    run_toy(str(tmp_path / "run"), epochs=1, batch_size=8, data_kwargs={"num_videos": 8}, **FIXED_KERNELS)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     for entry in results["evaluations"]:
         assert entry["order"]["reversed_video"]["count"] == 8
         assert entry["order"]["reversed_video"]["percent"] == 50.0  # the toy model is DGL-Linear on 2 frames
     assert "Order: reversed video 50.0% (8 ties of 8 captions)" in (tmp_path / "run" / "log.txt").read_text()
-    run_toy(str(tmp_path / "off"), epochs=1, batch_size=8, data_kwargs={"num_videos": 8}, order_metric=0)
+    run_toy(str(tmp_path / "off"), epochs=1, batch_size=8, data_kwargs={"num_videos": 8}, order_metric=0,
+            **FIXED_KERNELS)
     assert "order" not in json.loads((tmp_path / "off" / "results.json").read_text())["evaluations"][0]
 
 

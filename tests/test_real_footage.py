@@ -268,69 +268,19 @@ def test_index_query_and_serve_real_footage(indexed, joined, tmp_path, capsys):
 def test_real_footage_plays_at_the_hit_in_headless_chromium(indexed):
     """`serve` in its own process on 127.0.0.1 over the real-footage index; Chromium searches from the page
     and plays a hit that starts inside its file (a real h264 video with audio, seeked by byte ranges)."""
-    import shutil
-    import socket
-    import time
-
-    webdriver = pytest.importorskip("selenium.webdriver")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_bin = shutil.which("chromedriver")
-    if not chromium or not driver_bin:
-        pytest.skip("needs Debian's chromium and chromium-driver")
     import httpx
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.search_fixtures import assert_plays_within_its_range, search_on_page, served_in_chromium
 
     world, _, idx = indexed
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, os.path.join(repo, "search_videos.py"), "serve", "--index", idx,
-                             "--port", str(port), "--device", "cpu"], cwd=repo, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--autoplay-policy=no-user-gesture-required",
-                 "--window-size=1200,900"):
-        options.add_argument(flag)
-    browser = None
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/status", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("serve did not start: " + (proc.stdout.read() if proc.poll() is not None else ""))
+    with served_in_chromium(idx) as (base, browser):
+        from selenium.webdriver.common.by import By
+
         queries = ["a rabbit in a meadow", "bikes on a road", "a man on the phone in a car", "a red square"]
         query = next(q for q in queries if any(h["start"] > 0 for h in httpx.get(
-            f"http://127.0.0.1:{port}/api/search", params={"q": q, "k": 5}).json()["results"]))
-        browser = webdriver.Chrome(service=Service(driver_bin), options=options)
-        browser.set_page_load_timeout(30)
-        browser.get(f"http://127.0.0.1:{port}/")
-        browser.find_element(By.ID, "q").send_keys(query)
-        k_box = browser.find_element(By.ID, "k")
-        k_box.clear()
-        k_box.send_keys("5")
-        browser.find_element(By.ID, "go").click()
-        WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) > 0)
-        videos = [c.find_element(By.TAG_NAME, "video") for c in browser.find_elements(By.CSS_SELECTOR, ".card")]
+            f"{base}/api/search", params={"q": q, "k": 5}).json()["results"]))
+        cards = search_on_page(browser, base, query, 5)
+        videos = [c.find_element(By.TAG_NAME, "video") for c in cards]
         video = next(v for v in videos if float(v.get_attribute("data-start")) > 0)
-        start, end = float(video.get_attribute("data-start")), float(video.get_attribute("data-end"))
-        WebDriverWait(browser, 60).until(lambda b: b.execute_script("return arguments[0].readyState", video) >= 1)
-        browser.execute_script("arguments[0].muted = true; arguments[0].play()", video)
-        WebDriverWait(browser, 60).until(lambda b: b.execute_script("return arguments[0].currentTime", video) > start)
-        now = browser.execute_script("return arguments[0].currentTime", video)
-        assert start <= now <= end + 0.5, (start, now, end)
+        assert_plays_within_its_range(browser, video, timeout=60)
         assert browser.execute_script("return arguments[0].error", video) is None
-    finally:
-        if browser is not None:
-            browser.quit()
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -51,13 +51,13 @@ def test_annotation_files_and_hashes_of_the_real_files(annotations_dir):
 @pytest.fixture(scope="module")
 def two_toy_runs(tmp_path_factory):
     """Two multi-sentence toy runs that differ in their training (seed), evaluated with --dsl."""
-    from tests.toy import run_toy
+    from tests.toy import FIXED_KERNELS, run_toy
 
     root = tmp_path_factory.mktemp("runs")
     data = dict(num_videos=8, captions_per_video=2)
     for name, seed in (("a", 0), ("b", 1)):
         run_toy(str(root / name), data_kwargs=data, epochs=1, dsl=True, no_tensorboard=True, seed=seed,
-                do_train=1, do_eval=1)
+                do_train=1, do_eval=1, **FIXED_KERNELS)
     return root / "a", root / "b"
 
 
@@ -123,7 +123,7 @@ def test_compare_runs_counts(two_toy_runs):
     assert same["t2v"]["same_rank"] == 16 and same["t2v"]["most_changed"] == [] and same["t2v"]["top1_changed"] == 0
 
 
-def test_compare_runs_cli(two_toy_runs, tmp_path):
+def test_compare_runs_cli(two_toy_runs, tmp_path, capsys):
     run_a, run_b = two_toy_runs
     cmd = [sys.executable, "-m", "analysis.compare_runs"]
     r = subprocess.run(cmd + [str(run_a), str(run_b), "--json", str(tmp_path / "d.json")], cwd=REPO,
@@ -131,9 +131,10 @@ def test_compare_runs_cli(two_toy_runs, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Text-to-video (one query per caption): 16 queries" in r.stdout and "R@1:" in r.stdout
     assert json.loads((tmp_path / "d.json").read_text())["t2v"]["num_queries"] == 16
-    dsl = subprocess.run(cmd + [str(run_a), str(run_b), "--dsl", "--json", str(tmp_path / "dsl.json")], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
-    assert dsl.returncode == 0 and "(DSL ranks)" in dsl.stdout
+    from analysis.compare_runs import main as compare_runs  # the same program in this process: --dsl's output
+
+    code = compare_runs([str(run_a), str(run_b), "--dsl", "--json", str(tmp_path / "dsl.json")])
+    assert code == 0 and "(DSL ranks)" in capsys.readouterr().out
     # --dsl compares the DSL ranks, which are not the plain ones here
     from analysis.query_ranks import load_query_ranks
 

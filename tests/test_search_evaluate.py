@@ -12,12 +12,7 @@ from modules.qb_norm import qb_norm
 from retrieval import VideoIndex
 from retrieval.evaluate import best_per_video, match_entries, video_groups
 from retrieval.model_io import SearchError
-from tests.search_fixtures import make_world, run_cli
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(str(tmp_path_factory.mktemp("evaluate_world")))
+from tests.search_fixtures import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,6 @@ def world(tmp_path_factory):
     return w
 
 
-@pytest.fixture(scope="module")
-def loaded(world):
-    return world.model()
-
-
 def common(world):
     return [*world.model_args(), "--workers", 0, "--precision", "fp32", "--no_progress"]
 

@@ -16,15 +16,9 @@ import torch.nn.functional as F
 from modules.attention_maps import attention_maps, global_local_mask
 from modules.dgl import VISUAL_OUTPUT_TYPES
 from retrieval.cli import main
-from tests.search_fixtures import make_world
 from tests.test_dgl import make_model, video_batch
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(str(tmp_path_factory.mktemp("pictures_world")))
 
 
 # ------------------------------------------------------------------------------------ attention path

@@ -14,7 +14,8 @@ import pytest
 
 from retrieval import VideoIndex
 from retrieval.segments import Segmentation
-from tests.search_fixtures import make_world, run_cli, write_shots_video
+from tests.search_fixtures import (assert_plays_within_its_range, make_world, run_cli, search_on_page,
+                                   served_in_chromium, write_shots_video)
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -279,70 +280,22 @@ def test_serve_refuses_open_binding_without_token(world, capsys, monkeypatch):
 @pytest.mark.slow
 def test_page_in_headless_chromium(world, tmp_path):
     """`serve` in its own process on 127.0.0.1; Chromium types a query, sees the cards, plays a range."""
-    import subprocess
-    import sys
+    import httpx
 
-    webdriver = pytest.importorskip("selenium.webdriver")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_bin = shutil.which("chromedriver")
-    if not chromium or not driver_bin:
-        pytest.skip("needs Debian's chromium and chromium-driver")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, os.path.join(repo, "search_videos.py"), "serve", "--index",
-                             world.index_dir, "--port", str(port), "--device", "cpu"], cwd=repo,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--autoplay-policy=no-user-gesture-required",
-                 "--window-size=1200,900"):
-        options.add_argument(flag)
-    browser = None
-    try:
-        import httpx
-
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/status", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("serve did not start: " + (proc.stdout.read() if proc.poll() is not None else ""))
-        from selenium.webdriver.chrome.service import Service
+    with served_in_chromium(world.index_dir) as (base, browser):
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
 
         # a query whose best range does not start at 0, so that starting at the range shows
         texts = [f"a {c} {s} moves {d}" for c in ("red", "blue", "green", "purple") for s in ("square", "circle")
                  for d in ("left", "up")]
-        query = next(t for t in texts if httpx.get(f"http://127.0.0.1:{port}/api/search",
+        query = next(t for t in texts if httpx.get(f"{base}/api/search",
                                                    params={"q": t, "k": 1}).json()["results"][0]["start"])
-        browser = webdriver.Chrome(service=Service(driver_bin), options=options)
-        browser.set_page_load_timeout(30)
-        browser.get(f"http://127.0.0.1:{port}/")
-        browser.find_element(By.ID, "q").send_keys(query)
-        k_box = browser.find_element(By.ID, "k")
-        k_box.clear()
-        k_box.send_keys("3")
-        browser.find_element(By.ID, "go").click()
-        WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) > 0)
-        cards = browser.find_elements(By.CSS_SELECTOR, ".card")
+        cards = search_on_page(browser, base, query, 3)
         assert "results for" in browser.find_element(By.ID, "status").text
         ranged = [c for c in cards if float(c.find_element(By.TAG_NAME, "video").get_attribute("data-start")) > 0]
         assert ranged and ranged[0] == cards[0], "the best card should be the range found through the API"
-        video = ranged[0].find_element(By.TAG_NAME, "video")
-        start, end = float(video.get_attribute("data-start")), float(video.get_attribute("data-end"))
-        WebDriverWait(browser, 30).until(lambda b: b.execute_script("return arguments[0].readyState", video) >= 1)
-        browser.execute_script("arguments[0].play()", video)
-        WebDriverWait(browser, 30).until(lambda b: b.execute_script("return arguments[0].currentTime", video) > start)
-        now = browser.execute_script("return arguments[0].currentTime", video)
-        assert start <= now <= end + 0.5, (start, now, end)
+        assert_plays_within_its_range(browser, ranged[0].find_element(By.TAG_NAME, "video"), timeout=30)
         WebDriverWait(browser, 30).until(lambda b: b.execute_script(
             "return Array.from(document.querySelectorAll('img.strip')).every(i => i.complete && i.naturalWidth > 0)"))
         shot = os.environ.get("SEARCH_SCREENSHOT") or str(tmp_path / "page.png")
@@ -351,8 +304,3 @@ def test_page_in_headless_chromium(world, tmp_path):
         # more like this: a new list
         ranged[0].find_element(By.CSS_SELECTOR, "button.more").click()
         WebDriverWait(browser, 30).until(lambda b: "results for like" in b.find_element(By.ID, "status").text)
-    finally:
-        if browser is not None:
-            browser.quit()
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -13,19 +13,9 @@ import torch
 from retrieval import VideoIndex
 from retrieval.search import exact_topk, faiss_available
 from tests import search_fixtures
-from tests.search_fixtures import CONFIG, NUM_VIDEOS, make_world, run_cli, save_checkpoint
+from tests.search_fixtures import CONFIG, NUM_VIDEOS, run_cli, save_checkpoint
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed (pip install faiss-cpu)")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(str(tmp_path_factory.mktemp("search_world")))
-
-
-@pytest.fixture(scope="module")
-def loaded(world):
-    return world.model()
 
 
 def index_cli(world, videos, index_dir, capsys, *extra):

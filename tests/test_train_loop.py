@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modules.metrics import compute_ranks, metrics_from_ranks
-from tests.toy import ToyData, run_toy, tiny_dgl
+from tests.toy import FIXED_KERNELS, ToyData, run_toy, tiny_dgl
 
 
 def _load(path):
@@ -16,7 +16,7 @@ def _load(path):
 def test_train_and_eval_end_to_end(tmp_path):
     out = tmp_path / "run"
     s = run_toy(str(out), epochs=2, do_train=1, do_eval=1, gradient_accumulation_steps=2, batch_size=4,
-                save_sim_matrix=True)
+                save_sim_matrix=True, **FIXED_KERNELS)
     for name in ("ckpt.pth.tar", "ckpt.best.pth.tar", "results.json", "config.json", "log.txt"):
         assert (out / name).is_file(), name
     assert any((out / "tensorboard").iterdir())
@@ -54,7 +54,7 @@ def test_train_and_eval_end_to_end(tmp_path):
 
 def test_only_prompts_change_and_optimizer_groups(tmp_path):
     model0 = tiny_dgl()
-    s = run_toy(str(tmp_path / "r"), epochs=1)
+    s = run_toy(str(tmp_path / "r"), epochs=1, **FIXED_KERNELS)
     model1 = s["model"]
     trainable = {n for n, _ in model1.trainable_parameters()}
     p0, p1 = dict(model0.named_parameters()), dict(model1.named_parameters())
@@ -74,7 +74,7 @@ def test_only_prompts_change_and_optimizer_groups(tmp_path):
 
 
 def test_kill_and_resume_is_exact(tmp_path):
-    flags = dict(epochs=3, augment=True, batch_size=4, gradient_accumulation_steps=1)
+    flags = dict(epochs=3, augment=True, batch_size=4, gradient_accumulation_steps=1, **FIXED_KERNELS)
     a = run_toy(str(tmp_path / "a"), **flags)
     b1 = run_toy(str(tmp_path / "b"), max_epochs_this_run=1, **flags)  # "killed" after epoch 1
     assert b1["global_step"] == 4
@@ -107,7 +107,7 @@ def test_eval_of_official_checkpoint(tmp_path):
     path = tmp_path / "ckpt.best.pth.tar"
     torch.save(official, path)
     s = run_toy(str(tmp_path / "eval"), do_eval=1, resume=str(path), model_kwargs={"seed": 9},
-                data_kwargs={"num_videos": 12})
+                data_kwargs={"num_videos": 12}, **FIXED_KERNELS)
     assert not (tmp_path / "eval" / "ckpt.pth.tar").exists()  # eval only
     with torch.no_grad():
         t = ref.encode_text(data.ids)
@@ -123,7 +123,8 @@ def test_eval_of_official_checkpoint(tmp_path):
 
 def test_multi_sentence_evaluation_ranks_every_caption(tmp_path):
     data = ToyData(num_videos=8, captions_per_video=3)
-    s = run_toy(str(tmp_path / "ms"), do_eval=1, data_kwargs={"num_videos": 8, "captions_per_video": 3})
+    s = run_toy(str(tmp_path / "ms"), do_eval=1, data_kwargs={"num_videos": 8, "captions_per_video": 3},
+                **FIXED_KERNELS)
     got = json.loads((tmp_path / "ms" / "results.json").read_text())["evaluations"][0]
     assert got["multi_sentence"] and got["num_captions"] == 24 and got["num_videos"] == 8
     assert got["t2v"]["num_queries"] == 24 and got["v2t"]["num_queries"] == 8
@@ -162,7 +163,7 @@ def test_schedule_matches_published_formula():
 
 @pytest.mark.parametrize("precision", ["bf16", "amp"])
 def test_reduced_precision_on_cpu(tmp_path, precision):
-    s = run_toy(str(tmp_path / precision), epochs=1, precision=precision)
+    s = run_toy(str(tmp_path / precision), epochs=1, precision=precision, **FIXED_KERNELS)
     assert all(np.isfinite(l) for _, l in s["step_losses"])
     log = (tmp_path / precision / "log.txt").read_text()
     if precision == "amp":
@@ -173,11 +174,11 @@ def test_reduced_precision_on_cpu(tmp_path, precision):
 
 
 def test_resume_from_finished_run_and_load_from_pretrained(tmp_path):
-    run_toy(str(tmp_path / "a"), epochs=1)
+    run_toy(str(tmp_path / "a"), epochs=1, **FIXED_KERNELS)
     ck = str(tmp_path / "a" / "ckpt.pth.tar")
     # weights only: a new schedule from epoch 0
-    s = run_toy(str(tmp_path / "b"), epochs=1, resume=ck, load_from_pretrained=1)
+    s = run_toy(str(tmp_path / "b"), epochs=1, resume=ck, load_from_pretrained=1, **FIXED_KERNELS)
     assert s["global_step"] == 4
     # a finished run resumed with the same --epochs trains no further
-    s = run_toy(str(tmp_path / "c"), epochs=1, resume=ck)
+    s = run_toy(str(tmp_path / "c"), epochs=1, resume=ck, **FIXED_KERNELS)
     assert s["global_step"] == 4 and s["step_losses"] == []

@@ -6,10 +6,18 @@ noise, its caption contains class-specific tokens, so the prompts have something
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import socket
 
 import torch
 from torch.utils.data import Dataset
+
+
+# The flags of a toy run whose test is not about the kernel choice: PyTorch's default kernels (MKL fp32
+# products, its own attention choice), without the start-up timing of each candidate on the model, which
+# costs a toy run about as much as its training does.
+FIXED_KERNELS = {"cpu_tuning": 0}
 
 
 def tiny_dgl(seed: int = 0, vocab_size: int = 64, shared_latent_space: str = "linear", max_words: int = 8,
@@ -25,6 +33,21 @@ def tiny_dgl(seed: int = 0, vocab_size: int = 64, shared_latent_space: str = "li
                unified_transformer_layers=2)
     cfg.update(overrides)
     return DGL(clip, DGLConfig(**cfg))
+
+
+def evaluate_moved_tiny_dgl(dataset, vocab_size: int, batch_size: int = 4) -> dict:
+    """training.evaluation.evaluate (CPU, fp32) of a tiny DGL (16 words, 4 frames) whose prompts are moved well
+    away from their initial values, so that its scores rank the videos rather than tie."""
+    from runtime.precision import Precision
+    from training.evaluation import evaluate
+
+    model = tiny_dgl(seed=3, vocab_size=vocab_size, max_words=16, max_frames=4)
+    with torch.no_grad():
+        for _, p in model.trainable_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    cpu = torch.device("cpu")
+    return evaluate(model, dataset, batch_size=batch_size, workers=0, device=cpu, precision=Precision("fp32", cpu),
+                    progress=False)
 
 
 class _Pairs(Dataset):
@@ -143,6 +166,43 @@ def run_toy(output_dir: str, data_kwargs: dict | None = None, model_kwargs: dict
     return run(args, model=model, train_dataset=data.train(augment), test_dataset=data)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a gloo group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trainable_grads(model) -> dict:
+    """{name: gradient} of the trainable parameters that have one."""
+    return {n: p.grad.clone() for n, p in model.trainable_parameters() if p.grad is not None}
+
+
+def assert_same_grads(got: dict, ref: dict, rtol=1e-4) -> None:
+    """Equal to float tolerance: rtol of each element, and of the tensor's largest element near zero."""
+    assert set(got) == set(ref)
+    assert any(g.abs().max() > 0 for g in ref.values())  # the comparison is not vacuous
+    for n in ref:
+        atol = max(float(ref[n].abs().max()) * 1e-5, 1e-8)
+        torch.testing.assert_close(got[n], ref[n], rtol=rtol, atol=atol, msg=n)
+
+
+def one_and_two_process_runs(tmp_path, steps: list, **flags) -> tuple[dict, dict]:
+    """The same toy training as 1 process with batch 8 and as 2 gloo processes with batch 4 each encoding 1
+    sample at a time (--contrastive_chunk_size 1); asserts the same loss at each of ``steps`` and returns the
+    final state dicts (1 process, 2 processes)."""
+    import pytest
+
+    one = run_toy(str(tmp_path / "one"), batch_size=8, **flags)
+    (tmp_path / "res").mkdir()
+    two = run_toy_distributed(2, str(tmp_path / "two"), str(tmp_path / "res"), free_port(), batch_size=4,
+                              contrastive_chunk_size=1, **flags)
+    assert [s for s, _ in one["step_losses"]] == [s for s, _ in two["step_losses"]] == steps
+    for (_, a), (_, b) in zip(one["step_losses"], two["step_losses"]):
+        assert a == pytest.approx(b, rel=1e-5)
+    return one["model"].state_dict(), two["state"]
+
+
 def exit_spawned_worker() -> None:
     """End a spawned worker whose work is done and saved without the interpreter's teardown: destructors
     of gloo's threads can abort the process there ('terminate called without an active exception'),
@@ -150,6 +210,24 @@ def exit_spawned_worker() -> None:
     from training.distributed import exit_member
 
     exit_member(0)
+
+
+@contextlib.contextmanager
+def gloo_member(rank: int, world: int, port: int):
+    """This spawned process as member ``rank`` of a ``world``-process gloo group on 127.0.0.1:``port``, with
+    one compute thread. The body drops what holds the group (a DDP model, a loss and its graph) before it
+    ends; then every member waits for the others and ends without the interpreter's teardown."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+        exit_spawned_worker()  # os._exit: the finally below runs only when the body failed
+    finally:
+        dist.destroy_process_group()
 
 
 def _dist_worker(rank: int, world: int, port: int, output_dir: str, flags: dict, result_dir: str):
