@@ -27,9 +27,10 @@ AUTO_COMPILE_MIN_STEPS = 500
 
 
 # ranges one index process encodes from which --compile auto compiles its video encoder: with an empty
-# compile cache, and with the cache holding the same shape (benchmarks/bench_index_compile.py)
-INDEX_AUTO_MIN_RANGES = 1000
-INDEX_AUTO_MIN_RANGES_WARM = 100
+# compile cache, and with the cache holding the same shape; the measured break-even points rounded up
+# (1038 and 940 ranges: benchmarks/bench_index_compile.py, docs/library-speed.md)
+INDEX_AUTO_MIN_RANGES = 1100
+INDEX_AUTO_MIN_RANGES_WARM = 1000
 
 # the shapes a compiled run has stored in the cache folder (keys of :func:`shape_key`)
 WARM_SHAPES_FILE = "dgl-compiled-shapes.json"
