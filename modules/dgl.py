@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backends import same_attention_backends
 from .checkpoints import strip_module_prefix
-from .clip import CLIP, QuickGELU, ResidualAttentionBlock, build_clip, load_clip_state_dict
+from .clip import CLIP, QuickGELU, ResidualAttentionBlock, build_clip, feed_forward, load_clip_state_dict
 from .order import order_column_bias, order_contrastive_loss, reorder_frames
 from .tokenizer import MIN_WORDS
 
@@ -226,21 +226,24 @@ def global_local_block(block: ResidualAttentionBlock, x: torch.Tensor, num_globa
                   else q[:, :, :0])  # (B, H, G, d)
 
     # Local queries: each frame over [global tokens, its own tokens]; frames join the batch.
-    def per_frame(t: torch.Tensor) -> torch.Tensor:  # (B, H, G + T*L, d) -> (B*T, H, L, d)
-        return t[:, :, G:].unflatten(2, (T, L)).transpose(1, 2).reshape(B * T, H, L, d)
+    def per_frame(t: torch.Tensor) -> torch.Tensor:  # (B, H, G + T*L, d) -> (B, T, H, L, d), a view
+        return t[:, :, G:].unflatten(2, (T, L)).transpose(1, 2)
 
     def with_globals(t: torch.Tensor) -> torch.Tensor:  # -> (B*T, H, G + L, d)
-        glob = t[:, :, :G].unsqueeze(1).expand(B, T, H, G, d).reshape(B * T, H, G, d)
-        return torch.cat([glob, per_frame(t)], dim=2)
+        # one concatenation of the strided views: each value is copied once (a reshape of each part
+        # first would copy it twice)
+        glob = t[:, :, :G].unsqueeze(1).expand(B, T, H, G, d)
+        return torch.cat([glob, per_frame(t)], dim=3).view(B * T, H, G + L, d)
 
-    out_local = F.scaled_dot_product_attention(per_frame(q), with_globals(k), with_globals(v))
+    out_local = F.scaled_dot_product_attention(per_frame(q).reshape(B * T, H, L, d), with_globals(k),
+                                               with_globals(v))
     out_local = out_local.view(B, T, H, L, d)
 
     # Back to tokens: (B, G + T*L, W).
     out = torch.cat([out_global.transpose(1, 2), out_local.permute(0, 1, 3, 2, 4).reshape(B, T * L, H, d)],
                     dim=1).reshape(B, length, W)
     x = x + attn.out_proj(out)
-    return x + block.mlp(block.ln_2(x))
+    return x + feed_forward(block.mlp, block.ln_2(x))
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import os
 import sys
 
 from retrieval.segments import MODES, Segmentation, format_range
+from runtime.compilation import compile_choice
 from runtime.errors import OneLineArgumentParser, finite_float
 from runtime.model_flags import add_model_flags
 
@@ -55,10 +56,12 @@ def build_parser() -> OneLineArgumentParser:
     ix.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto: bf16 where the GPU or CPU computes it natively (AMX / AVX512-BF16), else fp32")
     ix.add_argument("--shard_size", type=int, default=256, help="entries per shard file (the resume granularity)")
-    ix.add_argument("--compile", action="store_true",
-                    help="torch.compile the video encoder: faster encoding after tens of seconds of compilation "
-                         "per batch shape and process; features equal to float rounding (recorded in the index: "
-                         "its later runs need the same choice)")
+    ix.add_argument("--compile", type=compile_choice, nargs="?", const=1, default=0, choices=[0, 1, "auto"],
+                    help="torch.compile the video encoder: faster encoding after minutes of compilation per process "
+                         "(seconds where the compile cache holds the shape); features equal to float rounding "
+                         "(recorded in the index: its later runs need the same choice). auto (for long jobs): "
+                         "compile when the run has enough ranges for the gain to cover the compilation, one log "
+                         "line says which; an index that records a choice keeps it. Bare --compile = 1")
     ix.add_argument("--threads", type=int, default=None,
                     help="compute threads of each process (default: its cores, those of the machine shared among "
                          "the processes torchrun starts on it, less --workers)")
@@ -318,23 +321,30 @@ def cmd_index(args) -> int:
         recorded = None
     answer = None
     if group.is_main:
-        if recorded and bool(recorded.get("compiled")) != args.compile:
+        compiled = _compile_wanted(args, loaded.model, device, recorded, segmentation, group.world_size)
+        if recorded and bool(recorded.get("compiled")) != compiled:
             answer = ("error", f"the index {args.index} was computed {'with' if recorded.get('compiled') else 'without'}"
                                " --compile (features that differ by float rounding): run "
-                               f"{'with' if recorded.get('compiled') else 'without'} it, or index into a new folder")
+                               f"{'with' if recorded.get('compiled') else 'without'} it (or with --compile auto, "
+                               "which keeps the index's choice), or index into a new folder")
         else:
             settings = _encoding_settings(loaded.model, device, args.workers, args.precision, recorded, args.threads)
             kernels = {"device": device.type, "attention": backend_name(settings.eval_attention),
-                       "fp32_products": settings.fp32_path, **({"compiled": True} if args.compile else {})}
+                       "fp32_products": settings.fp32_path, **({"compiled": True} if compiled else {})}
             answer = ("ok", kernels)
     kind, kernels = group.broadcast(answer)  # every process computes as process 0 does
     if kind == "error":
         raise (GroupError if group.distributed else SearchError)(kernels)
     if not group.is_main:
         settings = _encoding_settings(loaded.model, device, args.workers, args.precision, kernels, args.threads)
-    if args.compile:
-        from retrieval.encode import compile_video_encoder
+    shape = None
+    if kernels.get("compiled"):
+        from retrieval.auto_compile import index_shape_key
+        from retrieval.encode import autocast_dtype, compile_video_encoder
+        from runtime.compilation import use_compile_cache
 
+        use_compile_cache()
+        shape = index_shape_key(loaded.model, device, args.batch_size, autocast_dtype(args.precision, device))
         compile_video_encoder(loaded.model, log=_log if group.is_main else None)
     try:
         with backends_context(settings.eval_attention):
@@ -350,6 +360,10 @@ def cmd_index(args) -> int:
                                      group=group)
     finally:
         restore()
+    if shape is not None:  # the compile cache now holds this shape: a later --compile auto run counts on it
+        from runtime.compilation import mark_warm
+
+        mark_warm(shape)
     if not group.is_main:
         return 0
     videos = len({e["path"] for e in index.entries})
@@ -365,6 +379,33 @@ def cmd_index(args) -> int:
             where = f" {format_range(f['start'], f['end'])}" if f.get("start") is not None else ""
             print(f"  {f['path']}{where}: {f['reason']}")
     return 0
+
+
+def _compile_wanted(args, model, device, recorded: dict | None, segmentation, processes: int) -> bool:
+    """--compile 0 / 1, or for auto: the index's recorded choice where it records one on this device type,
+    else compiled when the run is long enough (retrieval.auto_compile); auto says which in one line."""
+    if args.compile != "auto":
+        return bool(args.compile)
+    if recorded:
+        wanted = bool(recorded.get("compiled"))
+        _log(f"--compile auto: {'compiling the video encoder' if wanted else 'eager'} (as the index records: its "
+             f"entries were computed {'compiled' if wanted else 'eagerly'})")
+        return wanted
+    from retrieval import auto_compile
+    from retrieval.encode import autocast_dtype
+    from runtime.compilation import is_warm
+
+    decoder = args.video_decoder or "decord"
+    if os.path.isfile(os.path.join(args.index, "index.json")):
+        from retrieval.index import VideoIndex, recorded_segmentation, recorded_transform
+
+        meta = VideoIndex._read_meta(args.index)
+        segmentation = segmentation or recorded_segmentation(meta)
+        decoder = args.video_decoder or recorded_transform(meta).get("decoder") or decoder
+    warm = is_warm(auto_compile.index_shape_key(model, device, args.batch_size, autocast_dtype(args.precision, device)))
+    wanted, line = auto_compile.decide(args.videos, args.index, segmentation or DEFAULT, decoder, processes, warm)
+    _log(line)
+    return wanted
 
 
 def _approximate_after_indexing(index_dir: str) -> None:

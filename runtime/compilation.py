@@ -9,15 +9,47 @@ a temporary folder, and the ``--compile auto`` rule of when compiling pays.
   micro-batches: at 1.1-1.26x the eager speed a training step of about a second saves 0.1-0.2 s, so the
   15-50 s of a first compilation are covered after a few hundred steps; shorter runs and runs that only
   evaluate stay eager.
+* ``search_videos.py index --compile auto``: compile the video encoder when each process encodes at least
+  :data:`INDEX_AUTO_MIN_RANGES` ranges, or :data:`INDEX_AUTO_MIN_RANGES_WARM` where this cache folder holds
+  the graphs of the same shape already (recorded in :data:`WARM_SHAPES_FILE` by a compiled run); both
+  measured with ``benchmarks/bench_index_compile.py`` (docs/library-speed.md).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 # micro-batches of training (all epochs) from which --compile auto compiles
 AUTO_COMPILE_MIN_STEPS = 500
+
+
+# ranges one index process encodes from which --compile auto compiles its video encoder: with an empty
+# compile cache, and with the cache holding the same shape; the measured break-even points rounded up
+# (1038 and 940 ranges: benchmarks/bench_index_compile.py, docs/library-speed.md)
+INDEX_AUTO_MIN_RANGES = 1100
+INDEX_AUTO_MIN_RANGES_WARM = 1000
+
+# the shapes a compiled run has stored in the cache folder (keys of :func:`shape_key`)
+WARM_SHAPES_FILE = "dgl-compiled-shapes.json"
+
+
+def compile_choice(text: str):
+    """A --compile value: 0, 1 or auto."""
+    import argparse
+
+    if text in ("0", "1"):
+        return int(text)
+    if text == "auto":
+        return "auto"
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from 0, 1, auto)")
+
+
+def cache_dir() -> str:
+    """The compile cache folder :func:`use_compile_cache` uses (nothing is created)."""
+    return os.path.abspath(os.environ.get(CACHE_ENV) or default_cache_dir())
 
 
 def default_cache_dir() -> str:
@@ -52,3 +84,66 @@ def auto_compile(training_steps: int) -> tuple[bool, str]:
                       f"with a warm cache)")
     what = f"{training_steps} training steps < {AUTO_COMPILE_MIN_STEPS}" if training_steps else "no training"
     return False, f"--compile auto: eager ({what}: too short for compilation to pay)"
+
+
+def _model_sources_digest() -> str:
+    """The model code (modules/*.py): a change to it changes the compiled graphs."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "modules")
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+
+def shape_key(**parts) -> str:
+    """A key of one compiled shape: ``parts`` (model sizes, batch shape, dtype, device), PyTorch's version and
+    the model code."""
+    import torch
+
+    described = json.dumps({**parts, "torch": torch.__version__, "code": _model_sources_digest()},
+                           sort_keys=True, default=str)
+    return hashlib.sha256(described.encode()).hexdigest()
+
+
+def _warm_shapes(directory: str) -> dict:
+    try:
+        with open(os.path.join(directory, WARM_SHAPES_FILE), encoding="utf-8") as f:
+            shapes = json.load(f)
+        return shapes if isinstance(shapes, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def is_warm(key: str, directory: str | None = None) -> bool:
+    """Whether a compiled run stored the graphs of ``key`` in the cache folder (default: :func:`cache_dir`)."""
+    return key in _warm_shapes(directory or cache_dir())
+
+
+def mark_warm(key: str, directory: str | None = None) -> None:
+    """Record that the cache folder now holds the graphs of ``key`` (written atomically)."""
+    from runtime.files import atomic_write_text
+
+    directory = directory or cache_dir()
+    shapes = _warm_shapes(directory)
+    if key in shapes:
+        return
+    import time
+
+    shapes[key] = time.time()
+    os.makedirs(directory, exist_ok=True)
+    atomic_write_text(os.path.join(directory, WARM_SHAPES_FILE), json.dumps(shapes, indent=1))
+
+
+def auto_compile_index(ranges: int, warm: bool, estimated: bool = False) -> tuple[bool, str]:
+    """(compile?, one line saying why) of ``search_videos.py index --compile auto`` for a process that
+    encodes ``ranges`` ranges (``estimated``: a lower bound from the files' lengths), with the compile cache
+    warm for the shape or not."""
+    needed = INDEX_AUTO_MIN_RANGES_WARM if warm else INDEX_AUTO_MIN_RANGES
+    cache = "the compile cache holds this shape" if warm else "nothing of this shape in the compile cache"
+    count = f"{'at least ' if estimated else ''}{ranges} ranges to encode"
+    if ranges >= needed:
+        return True, (f"--compile auto: compiling the video encoder ({count} >= {needed}; {cache}: the measured "
+                      "gain covers the compilation)")
+    return False, f"--compile auto: eager ({count} < {needed}; {cache}: too short for compilation to pay)"
