@@ -848,8 +848,9 @@ class VideoIndex:
                 raise SearchError(f"query {i + 1} is empty")
         device = next(self.model.parameters()).device
         ids = tokenize(texts, max_words=self.model.config.max_words, tokenizer=self.tokenizer).to(device)
-        with torch.no_grad():
-            return torch.nn.functional.normalize(self.model.encode_text(ids, prompts=prompts).float(), dim=-1).cpu()
+        with torch.inference_mode():  # trim: only the positions the features depend on (DGL.encode_text)
+            features = self.model.encode_text(ids, prompts=prompts, trim=True)
+            return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
 
     def search(self, texts, k: int = 10, backend: str = "auto", log=None, per_video: int | None = None) -> list[list[Hit]]:
         """Top-k videos (or time ranges) for each text (a string or a list)."""
