@@ -37,15 +37,17 @@ def ids_of_lengths(lengths: list[int], words: int, seed: int = 1) -> torch.Tenso
     return ids
 
 
-def positions_seen(model: DGL, run) -> int:
-    """The sequence length the first text block receives while ``run()`` encodes."""
+def positions_seen(model: DGL, run, every: bool = False):
+    """The sequence length the first text block receives while ``run()`` encodes (``every``: of each call,
+    as (rows, positions))."""
     seen = []
-    hook = model.clip.transformer.resblocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    hook = model.clip.transformer.resblocks[0].register_forward_pre_hook(
+        lambda _m, args: seen.append(tuple(args[0].shape[:2])))
     try:
         run()
     finally:
         hook.remove()
-    return seen[0]
+    return seen if every else seen[0][1]
 
 
 @pytest.mark.parametrize("prompts,layers,latent", [(8, 2, "linear"), (4, 2, "transformer"), (0, 1, "linear")])
@@ -81,4 +83,24 @@ def test_search_path_encodes_trimmed_texts(bpe_path):
     assert seen == int(ids.argmax(dim=-1).max()) + 1 + 4 < 40
     with torch.no_grad():
         full = torch.nn.functional.normalize(model.encode_text(ids), dim=-1)
+    torch.testing.assert_close(index.encode_texts(texts), full, rtol=1e-5, atol=1e-5)
+
+
+def test_many_texts_are_encoded_in_batches_of_similar_length(bpe_path, monkeypatch):
+    import retrieval.index as index_module
+
+    model = random_dgl(32, 8, 2)
+    tokenizer = get_tokenizer(bpe_path=bpe_path)
+    index = VideoIndex(None, {}, [], model=model, tokenizer=tokenizer)
+    words = "a person plays the guitar in a small kitchen while a dog sleeps near the door of the house".split()
+    texts = [" ".join(words[:n]) for n in (12, 1, 7, 3, 18, 2, 9)]  # lengths out of order
+    from modules.tokenizer import tokenize
+
+    ids = tokenize(texts, max_words=32, tokenizer=tokenizer)
+    with torch.no_grad():
+        full = torch.nn.functional.normalize(model.encode_text(ids), dim=-1)
+    monkeypatch.setattr(index_module, "TEXT_BATCH", 3)
+    calls = positions_seen(model, lambda: index.encode_texts(texts), every=True)
+    eots = sorted(int(e) for e in ids.argmax(dim=-1))
+    assert calls == [(len(eots[lo:lo + 3]), eots[lo:lo + 3][-1] + 1 + 4) for lo in range(0, len(texts), 3)]
     torch.testing.assert_close(index.encode_texts(texts), full, rtol=1e-5, atol=1e-5)
