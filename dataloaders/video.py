@@ -223,9 +223,10 @@ def open_video(path: str, num_threads: int = 1):
 class KeptReader:
     """The decord reader of the last file read, kept open for the next read of the same file while it is
     unchanged (its device, inode, size and modification time): the ranges of one long file, read one after
-    another, open it once, and a range that starts after the last one decoded continues from there rather
-    than from its keyframe. The frames are the same (decord seeks to the keyframe at or before a frame it
-    cannot reach forward). One per process: a data worker gets its own (a copy holds no reader)."""
+    another, open it once. Each read starts where a newly opened reader starts (the reader is sought back to
+    the first frame), so a range's frames never depend on what was read before it (decord's sparse reads of
+    open-GOP files depend on where the decoder stands). One per process: a data worker gets its own (a copy
+    holds no reader)."""
 
     def __init__(self):
         self.key, self.reader = None, None
@@ -245,6 +246,7 @@ class KeptReader:
             if key is not None:
                 self.key, self.reader = key, reader
             return reader
+        self.reader.seek(0)
         return self.reader
 
     def drop(self) -> None:

@@ -98,3 +98,24 @@ def test_real_footage_ranges_through_one_reader():
         fresh = read_for_model(path, 4, 64, a, b, ranges="frames")
         v, m, info = read_for_model(path, 4, 64, a, b, ranges="frames", kept=kept)
         assert torch.equal(v, fresh[0]) and info == fresh[2], (a, b)
+
+
+def test_open_gop_ranges_through_one_reader_equal_fresh_reads(tmp_path):
+    """B-pyramid with open GOPs, where decord's sparse reads depend on where the decoder stands: ranges read
+    forward and back through one reader give the frames of a newly opened reader."""
+    import subprocess
+
+    from preprocess.ffmpeg_tools import find_ffmpeg
+
+    path = str(tmp_path / "open_gop.mp4")
+    frames = moving_frames(120, size=64)
+    cmd = [find_ffmpeg(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "64x64", "-r", "30",
+           "-i", "pipe:0", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-threads", "1", "-bf", "8",
+           "-x264-params", "b-pyramid=normal:open-gop=1:keyint=24", "-an", path]
+    subprocess.run(cmd, input=frames.tobytes(), check=True, capture_output=True)
+    ranges = windows(4.0, 1.0, 0.5)
+    kept = KeptReader()
+    for a, b in ranges + ranges[::-3]:
+        fresh = read_for_model(path, 8, 32, a, b, ranges="frames")
+        v, _, info = read_for_model(path, 8, 32, a, b, ranges="frames", kept=kept)
+        assert torch.equal(v, fresh[0]) and info == fresh[2], (a, b)
