@@ -295,6 +295,7 @@ def bench_server(args, tmp: str, bpe: str) -> None:
 
 
 def bench_indexing(args, tmp: str, bpe: str) -> None:
+    from dataloaders.video import KeptReader
     from preprocess.ffmpeg_tools import write_video
     from retrieval.encode import read_for_model
     from retrieval.index import VideoIndex
@@ -325,8 +326,9 @@ def bench_indexing(args, tmp: str, bpe: str) -> None:
         ranges = plan_ranges(seg, video, float(duration))
         plan_s = time.perf_counter() - t
         t = time.perf_counter()
+        kept = KeptReader()  # as the index's decoding: one open reader for the file's ranges
         for a, b in ranges:
-            read_for_model(video, 12, 224, a, b)
+            read_for_model(video, 12, 224, a, b, kept=kept)
         decode_rate = len(ranges) / (time.perf_counter() - t)
         for name, make in (("tiny", tiny_model), ("B/32", b32_model)):
             model, tokenizer = make(bpe)
