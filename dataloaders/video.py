@@ -220,6 +220,39 @@ def open_video(path: str, num_threads: int = 1):
     return reader
 
 
+class KeptReader:
+    """The decord reader of the last file read, kept open for the next read of the same file while it is
+    unchanged (its device, inode, size and modification time): the ranges of one long file, read one after
+    another, open it once. Each read starts where a newly opened reader starts (the reader is sought back to
+    the first frame), so a range's frames never depend on what was read before it (decord's sparse reads of
+    open-GOP files depend on where the decoder stands). One per process: a data worker gets its own (a copy
+    holds no reader)."""
+
+    def __init__(self):
+        self.key, self.reader = None, None
+
+    def __getstate__(self):
+        return {"key": None, "reader": None}
+
+    def get(self, path: str, num_threads: int):
+        try:
+            st = os.stat(path)
+            key = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, num_threads)
+        except OSError:
+            key = None
+        if key is None or key != self.key:
+            self.drop()
+            reader = open_video(path, num_threads=num_threads)
+            if key is not None:
+                self.key, self.reader = key, reader
+            return reader
+        self.reader.seek(0)
+        return self.reader
+
+    def drop(self) -> None:
+        self.key, self.reader = None, None
+
+
 def _sampled_indices(num_frames: int, fps: float, max_frames: int, train: bool, start: Optional[float],
                      end: Optional[float], frame_order: int, generator: Optional[torch.Generator],
                      listed_frames: int = 0, span_rule: str = "published") -> tuple[list[int], int]:
@@ -255,10 +288,10 @@ def _plan_or_fail(path: str, plan: FramePlan, num_frames: int, fps: float, liste
         raise VideoDecodeError(path, str(exc)) from exc
 
 
-def _decode_decord(path: str, plan: FramePlan, num_threads: int) -> tuple[torch.Tensor, list[int], list[int], int,
-                                                                         int, float]:
+def _decode_decord(path: str, plan: FramePlan, num_threads: int,
+                   kept: KeptReader | None = None) -> tuple[torch.Tensor, list[int], list[int], int, int, float]:
     """decord: only the planned frames are decoded forward from their keyframes and converted."""
-    reader = open_video(path, num_threads=num_threads)
+    reader = kept.get(path, num_threads) if kept is not None else open_video(path, num_threads=num_threads)
     try:
         num_frames = len(reader)
         fps = float(reader.get_avg_fps() or 0.0)
@@ -267,6 +300,8 @@ def _decode_decord(path: str, plan: FramePlan, num_threads: int) -> tuple[torch.
         try:
             batch = reader.get_batch(wanted)
         except Exception as exc:
+            if kept is not None:
+                kept.drop()
             raise VideoDecodeError(path, f"decoding frames {wanted[0]}..{wanted[-1]} of {num_frames} failed "
                                          f"(truncated or corrupt?): {type(exc).__name__}: {exc}") from exc
     finally:
@@ -317,17 +352,18 @@ class _RememberedPlan:
         return self.made[key]
 
 
-def decode_planned(path: str, plan: FramePlan, decoder: str = "decord",
-                   num_threads: int = 1) -> tuple[torch.Tensor, list[int], list[int], int, int, float]:
+def decode_planned(path: str, plan: FramePlan, decoder: str = "decord", num_threads: int = 1,
+                   kept: KeptReader | None = None) -> tuple[torch.Tensor, list[int], list[int], int, int, float]:
     """Decode the frames a plan asks for: ``(decoded uint8 (U, H, W, 3), wanted (the U sorted distinct
     indices), order, num_valid, num_frames, fps)``. ``plan(num_frames, fps, listed_frames=)`` returns the
-    absolute indices in output order and the number of real frames (see :func:`read_unique_frames`)."""
+    absolute indices in output order and the number of real frames (see :func:`read_unique_frames`).
+    ``kept`` (decord): read through the :class:`KeptReader`, which keeps the file open for the next read."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if decoder == "pyav":
         out = _decode_pyav(path, plan)
     else:
-        out = _decode_decord(path, plan, num_threads)
+        out = _decode_decord(path, plan, num_threads, kept)
     decoded, wanted = out[0], out[1]
     if decoded.ndim != 4 or decoded.shape[0] != len(wanted) or decoded.shape[-1] != 3:
         raise VideoDecodeError(path, f"decoder returned an array of shape {tuple(decoded.shape)}")
@@ -337,7 +373,8 @@ def decode_planned(path: str, plan: FramePlan, decoder: str = "decord",
 def read_unique_frames(path: str, max_frames: int, train: bool, start: Optional[float] = None,
                        end: Optional[float] = None, frame_order: int = FRAME_ORDER_NORMAL,
                        generator: Optional[torch.Generator] = None, num_threads: int = 1,
-                       decoder: str = "decord", frame_cache=None, span_rule: str = "published") -> DecodedFrames:
+                       decoder: str = "decord", frame_cache=None, span_rule: str = "published",
+                       kept: KeptReader | None = None) -> DecodedFrames:
     """Decode each sampled frame once, in file order.
 
     Returns :class:`DecodedFrames`: ``decoded`` uint8 ``(U, H, W, 3)`` (the ``U`` distinct sampled frames,
@@ -348,6 +385,7 @@ def read_unique_frames(path: str, max_frames: int, train: bool, start: Optional[
     them for this unchanged file (already cropped to the model's input size), else from the file.
     ``span_rule``: how ``start``/``end`` pick frames: ``"published"`` (the datasets' whole seconds,
     :func:`clip_frame_span`) or ``"frames"`` (to the frame, :func:`exact_frame_span`).
+    ``kept``: see :func:`decode_planned`.
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
@@ -359,7 +397,8 @@ def read_unique_frames(path: str, max_frames: int, train: bool, start: Optional[
     if frame_cache is not None:
         plan = _RememberedPlan(plan)
         found = frame_cache.read(path, plan)
-    decoded, wanted, order, num_valid, num_frames, fps = found or decode_planned(path, plan, decoder, num_threads)
+    decoded, wanted, order, num_valid, num_frames, fps = found or decode_planned(path, plan, decoder, num_threads,
+                                                                                          kept)
     pos = {idx: k for k, idx in enumerate(wanted)}
     mask = torch.zeros(max_frames, dtype=torch.long)
     mask[:num_valid] = 1
@@ -459,17 +498,20 @@ def video_options(args) -> dict:
 def load_video(path: str, max_frames: int, size: int, train: bool, start: Optional[float] = None,
                end: Optional[float] = None, frame_order: int = FRAME_ORDER_NORMAL,
                generator: Optional[torch.Generator] = None, resize_short_side: bool = False,
-               decoder: str = "decord", frame_cache=None, span_rule: str = "published") -> VideoClip:
+               decoder: str = "decord", frame_cache=None, span_rule: str = "published",
+               kept: KeptReader | None = None) -> VideoClip:
     """Sampled frames as the model input, with what the decoder learnt of the file: :class:`VideoClip`
     ``(video float (T, 3, size, size), mask (T,), info)``.
 
     Each distinct sampled frame is decoded, cropped and normalised once; the output order (and the
     padding of short videos) is applied to the normalised frames. ``frame_cache``: see
     :func:`read_unique_frames`; its frames are already cropped, so the model input is the same bit for bit.
-    ``span_rule``: see :func:`read_unique_frames` (the datasets use ``"published"``).
+    ``span_rule``: see :func:`read_unique_frames` (the datasets use ``"published"``); ``kept``: see
+    :func:`decode_planned`.
     """
     if frame_cache is not None and resize_short_side:
         raise ValueError("a frame cache holds frames cropped without resizing: it cannot serve resize_short_side")
     decoded, take, mask, info = read_unique_frames(path, max_frames, train, start, end, frame_order, generator,
-                                                   decoder=decoder, frame_cache=frame_cache, span_rule=span_rule)
+                                                   decoder=decoder, frame_cache=frame_cache, span_rule=span_rule,
+                                                   kept=kept)
     return VideoClip(_gather(normalize_frames(decoded, size, resize_short_side), take), mask, info)

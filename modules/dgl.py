@@ -358,18 +358,29 @@ class DGL(nn.Module):
         return self
 
     # ----------------------------------------------------------------------------- text
-    def encode_text(self, ids: torch.Tensor, prompts: Prompts | None = None) -> torch.Tensor:
-        """ids (N, max_words) in the dataloader convention -> text features (N, D)."""
+    def encode_text(self, ids: torch.Tensor, prompts: Prompts | None = None, trim: bool = False) -> torch.Tensor:
+        """ids (N, max_words) in the dataloader convention -> text features (N, D).
+
+        ``trim``: leave out what no feature depends on (the same features to float rounding, fewer
+        positions: 14 instead of 40 for a 10-token text). Under the causal mask a position's output
+        depends only on the positions up to it, and every row's EOT comes at or before the batch's last
+        EOT, so the id columns after that one (padding) and the postfix prompts, which follow it, are
+        dropped before the prompts are inserted.
+        """
+        if trim:
+            ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]
         prompts = prompts or self.prompts()
         clip, K = self.clip, self.config.text_prompt_length
         half = K // 2
+        postfix = 0 if trim else K - half
         N, L = ids.shape
         text_prompts = prompts.text.to(clip.dtype)                         # (Ly, K, Wt)
 
         def with_prompts(x: torch.Tensor, layer: int) -> torch.Tensor:
-            # [SOT], K/2 prefix, tokens 1..L-1, K/2 postfix: (N, L + K, Wt). Prompts get no positions.
+            # [SOT], K/2 prefix, tokens 1..L-1, K/2 postfix (none when trimmed): (N, L + half + postfix, Wt).
+            # Prompts get no positions.
             p = text_prompts[layer].expand(N, K, -1)
-            return torch.cat([x[:, :1], p[:, :half], x[:, 1:L], p[:, half:]], dim=1)
+            return torch.cat([x[:, :1], p[:, :half], x[:, 1:L], p[:, half:half + postfix]], dim=1)
 
         x = clip.token_embedding(ids) + clip.positional_embedding[:L].to(clip.dtype)  # (N, L, Wt)
         x = with_prompts(x, 0)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from dataloaders.video import load_video
+from dataloaders.video import KeptReader, load_video
 from runtime.errors import first_line
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp",
@@ -50,17 +50,19 @@ RANGE_RULES = {"frames": "frames", "seconds": "published"}  # an index's "ranges
 
 def read_for_model(path: str, max_frames: int, size: int, start: float | None = None, end: float | None = None,
                    resize_short_side: bool = False, decoder: str = "decord",
-                   ranges: str = "seconds") -> tuple[torch.Tensor, torch.Tensor, dict]:
+                   ranges: str = "seconds", kept: KeptReader | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(video (T, 3, size, size), mask (T,), metadata): the evaluation input of one file, or of its range
     ``start``..``end`` seconds: read to the frame with ``ranges="frames"``
     (:func:`dataloaders.video.exact_frame_span`), in whole seconds with ``"seconds"`` (the datasets' span
     rule, :func:`dataloaders.video.clip_frame_span`).
 
+    ``kept`` (dataloaders.video.KeptReader): keeps the file open for the next range of it.
+
     Raises dataloaders.video.VideoDecodeError naming the file when it cannot be read.
     """
     video, mask, info = load_video(path, max_frames, size, train=False, start=start, end=end,
                                    resize_short_side=resize_short_side, decoder=decoder,
-                                   span_rule=RANGE_RULES[ranges])  # one read of the file
+                                   span_rule=RANGE_RULES[ranges], kept=kept)  # one read of the file
     used = list(info.frame_indices[: int(mask.sum())])
     meta = {"num_frames": info.num_frames, "fps": round(info.fps, 4),
             "duration": round(info.duration, 3) if info.duration is not None else None, "frames_used": used}
@@ -176,12 +178,13 @@ def assign_shares(weights: list[float], batch_size: int, processes: int) -> list
 
 class VideoFiles(Dataset):
     """Item i: the model input of ``items[i]`` (a path, or (path, start, end) seconds), or the reason it
-    could not be read."""
+    could not be read. Consecutive ranges of a file are read through one open reader (KeptReader)."""
 
     def __init__(self, items: list, max_frames: int, size: int, resize_short_side: bool = False,
                  decoder: str = "decord", ranges: str = "seconds"):
         self.items, self.max_frames, self.size = items, max_frames, size
         self.resize_short_side, self.decoder, self.ranges = resize_short_side, decoder, ranges
+        self.kept = KeptReader()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -191,7 +194,7 @@ class VideoFiles(Dataset):
         path, start, end = (item, None, None) if isinstance(item, str) else item[:3]
         try:
             video, mask, meta = read_for_model(path, self.max_frames, self.size, start, end,
-                                               self.resize_short_side, self.decoder, self.ranges)
+                                               self.resize_short_side, self.decoder, self.ranges, self.kept)
         except Exception as err:  # noqa: BLE001 - any unreadable file is skipped and listed
             return {"index": i, "error": first_line(err)}
         return {"index": i, "video": video, "mask": mask, "meta": meta}

@@ -59,6 +59,7 @@ OLD_FORMATS = ("dgl-video-index/1",)  # whole files, decord, no resize: read as 
 WHOLE = Segmentation(mode="whole")
 SHARD_GLOB = "shard-*.npz"
 SHARD_NUMBER = re.compile(r"shard-(\d+)\.npz")
+TEXT_BATCH = 256  # texts encoded together by VideoIndex.encode_texts
 
 
 def _write_json(path: str, data) -> None:
@@ -847,9 +848,19 @@ class VideoIndex:
             if not str(t).strip():
                 raise SearchError(f"query {i + 1} is empty")
         device = next(self.model.parameters()).device
-        ids = tokenize(texts, max_words=self.model.config.max_words, tokenizer=self.tokenizer).to(device)
-        with torch.no_grad():
-            return torch.nn.functional.normalize(self.model.encode_text(ids, prompts=prompts).float(), dim=-1).cpu()
+        ids = tokenize(texts, max_words=self.model.config.max_words, tokenizer=self.tokenizer)
+        # In batches of texts of about the same length, each batch trimmed to the positions its features
+        # depend on (DGL.encode_text): many texts (an evaluation, a QB-norm bank) cost memory by the batch
+        # and time by their own lengths.
+        order = torch.argsort(ids.argmax(dim=-1), stable=True)
+        features = torch.empty(len(texts), self.model.clip.config.embed_dim)
+        with torch.inference_mode():
+            prompts = prompts or self.model.prompts()
+            for lo in range(0, len(texts), TEXT_BATCH):
+                rows = order[lo:lo + TEXT_BATCH]
+                batch = self.model.encode_text(ids[rows].to(device), prompts=prompts, trim=True)
+                features[rows] = torch.nn.functional.normalize(batch.float(), dim=-1).cpu()
+        return features
 
     def search(self, texts, k: int = 10, backend: str = "auto", log=None, per_video: int | None = None) -> list[list[Hit]]:
         """Top-k videos (or time ranges) for each text (a string or a list)."""
