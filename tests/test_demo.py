@@ -302,7 +302,8 @@ def _timing_favours(monkeypatch, first_fast: bool):
         names = list(fns)
         return {n: (1.0 if (i == 0) == first_fast else 10.0) for i, n in enumerate(names)}
 
-    monkeypatch.setattr(backends, "_compare", fake_compare)
+    monkeypatch.setattr(backends, "_compare", fake_compare)  # the single-call checks
+    monkeypatch.setattr(backends, "time_candidates", lambda runs, rounds: fake_compare(runs))  # the whole model
     backends._cached_fp32_check.cache_clear()
     backends._cached_attention_times.cache_clear()
 
