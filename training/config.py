@@ -10,18 +10,9 @@ import json
 import os
 import sys
 
+from runtime.compilation import compile_choice
 from runtime.errors import OneLineArgumentParser, fail, finite_float, first_line
 from runtime.model_flags import add_model_flags, model_flag_error
-
-
-def compile_choice(text: str):
-    """--compile 0 / 1 / auto."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 0, 1 or auto, got {text!r}") from None
 
 DATATYPES = ("msrvtt", "vatex", "lsmdc", "activity", "msvd", "didemo", "custom")
 PRECISIONS = ("amp", "fp32", "bf16")
