@@ -79,17 +79,23 @@ def _best_time(fn, repeats: int = 3) -> float:
     return best
 
 
-def _compare(fns: dict, repeats: int = 3) -> dict:
-    """Best time of each callable, measured in alternation so that load drifts hit all alike."""
+def _timed_rounds(fns: dict, rounds: int) -> dict:
+    """{name: [seconds of round 1, ...]}: each callable timed once per round, the rounds interleaved (every
+    callable once, then again) so that load drifts hit all alike, after one warm-up call of each."""
     for fn in fns.values():
         fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
+    times: dict = {name: [] for name in fns}
+    for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _compare(fns: dict, repeats: int = 3) -> dict:
+    """Best time of each callable over ``repeats`` interleaved rounds."""
+    return {name: min(times) for name, times in _timed_rounds(fns, repeats).items()}
 
 
 @contextlib.contextmanager
@@ -520,17 +526,8 @@ def use_runner(model, use: str, dtype, inputs, fp32: str, attention: list | None
 
 
 def time_candidates(runs: dict, rounds: int) -> dict:
-    """{name: [seconds of round 1, ...]}: each callable timed once per round, the rounds interleaved (every
-    callable once, then again), after one warm-up call of each."""
-    for fn in runs.values():
-        fn()
-    times: dict = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
+    """The whole-model timing of the candidates: {name: [seconds of round 1, ...]} (tests replace it)."""
+    return _timed_rounds(runs, rounds)
 
 
 def _per_round(times, rounds: int) -> list:
