@@ -93,6 +93,10 @@ class ShardRows:
         self.starts = np.cumsum([0, *counts])
         self._open: OrderedDict[int, tuple[int, int, np.dtype]] = OrderedDict()
         self._ident: dict[int, tuple] = {}
+        # where each shard's features start, kept for the file it was read from: a shard closed to stay
+        # under ``max_open`` (an index of more shards than that, hits spread over all of them) reopens
+        # without parsing its zip directory and array header again
+        self._located: dict[int, tuple[tuple, int, tuple, np.dtype]] = {}
         self.max_open = max_open
         self._lock = threading.Lock()  # the server's threads share the open files
 
@@ -107,16 +111,21 @@ class ShardRows:
         fd = None
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            with os.fdopen(os.dup(fd), "rb") as f:  # the location is read from the very file kept open
-                offset, shape, dtype = _features_location(f)
+            st = os.fstat(fd)
+            ident = (st.st_ino, st.st_size, st.st_mtime_ns)
+            located = self._located.get(s)
+            if located is not None and located[0] == ident:
+                offset, shape, dtype = located[1:]
+            else:
+                with os.fdopen(os.dup(fd), "rb") as f:  # the location is read from the very file kept open
+                    offset, shape, dtype = _features_location(f)
+                self._located[s] = (ident, offset, shape, dtype)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
             if fd is not None:
                 os.close(fd)
             reason = str(err).splitlines()[0] if str(err) else "damaged or truncated"
             raise SearchError(f"corrupt index shard {path} ({type(err).__name__}: {reason}); "
                               "run `search_videos.py index` again to re-encode its videos") from err
-        st = os.fstat(fd)
-        ident = (st.st_ino, st.st_size, st.st_mtime_ns)
         expected = int(self.starts[s + 1] - self.starts[s])
         if self._ident.setdefault(s, ident) != ident or shape != (expected, self.dim) or \
                 (self.identities is not None and tuple(self.identities[s]) != (st.st_size, st.st_mtime_ns)):

@@ -260,3 +260,30 @@ def test_an_index_in_memory_searches_approximately_without_a_folder():
     assert [[h.entry["start"] for h in q][0] for q in approx] == [80.0, 0.0]  # each query finds itself first
     exact = index.search_features(queries, k=5, backend="exact")
     assert recall_at_k(np.array(hits_rows(approx, index)), np.array(hits_rows(exact, index))) >= 0.8
+
+
+def test_shards_closed_to_stay_under_max_open_reopen_without_parsing_again(tmp_path, monkeypatch):
+    """An index of more shards than ShardRows keeps open (hits spread over all of them, as at a million
+    ranges): each query reopens shards, and must not parse their zip directory and header again."""
+    from retrieval import approximate
+
+    folder, x = small_copy(tmp_path)  # 3 shards
+    index = VideoIndex.open(folder)
+    rows = approximate.ShardRows([s.path for s in index.shards], [len(s.entries) for s in index.shards],
+                                 x.shape[1], max_open=1)
+    parsed = []
+    real = approximate._features_location
+    monkeypatch.setattr(approximate, "_features_location", lambda f: parsed.append(1) or real(f))
+    wanted = [5, 2100, 4500, 7, 4096, 2047]
+    for _ in range(3):
+        assert np.array_equal(rows.read(wanted), x[wanted])
+    assert len(parsed) == 3, parsed  # once per shard, though each was closed and reopened twice
+    assert len(rows._open) == 1
+    # a shard rewritten since is located again (and refused as changed, as before)
+    from retrieval.model_io import SearchError
+
+    add_shard(folder, 2, clustered_rows(np.random.default_rng(11), 1904, 32), 4096)
+    rows.read([5])  # shard 2 closed
+    with pytest.raises(SearchError, match="shard-000002.npz changed while it was being read"):
+        rows.read([4100])
+    assert len(parsed) == 4
