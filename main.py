@@ -29,7 +29,10 @@ def exit_status(exc: BaseException) -> int:
 def main(argv=None) -> int:
     from training.config import parse_args
 
-    args = parse_args(argv)  # bad flags stop here with one line, before torch is imported
+    # --help and bad flags stop here, with one line, before torch is imported: the flags and their checks
+    # (training.config, runtime.model_flags, modules.dgl_config) import it only where a check needs it
+    # (--device cuda, annotation tables) or the flags passed
+    args = parse_args(argv)
     from training import distributed
     from training.runner import run
 

@@ -15,7 +15,9 @@ same model).
 
 Indexing: a generated long video (shots of known length) indexed with ``--segments windows`` and
 ``shots`` by a tiny DGL and by the ViT-B/32-shaped one, in ranges/s, against decoding the same ranges
-only (``load_video(start=, end=)``, no model): the ratio says how much of indexing is decoding.
+only (``load_video(start=, end=)``, no model): the ratio says how much of indexing is decoding. The ranges
+are the index's own plan of the file (frame boundaries, as a new index plans and reads them), and the
+benchmark checks that the index holds exactly those.
 
     python benchmarks/bench_server.py                          # 10k and 100k ranges, 8 clients
     python benchmarks/bench_server.py --sizes 10000 --requests 80 --skip_indexing
@@ -294,12 +296,26 @@ def bench_server(args, tmp: str, bpe: str) -> None:
               f"{pct(split['search'], 95):.1f} ms", flush=True)
 
 
+INDEX_RANGES = "frames"  # a new index's range boundaries (VideoIndex.build's default)
+
+
+def index_ranges(video: str, seg, decoder: str = "decord") -> list[tuple]:
+    """[(start, end)] seconds: the ranges a new index encodes of ``video`` under ``seg``, planned by the
+    index's own planning (retrieval.encode.FilePlans: the file's frames and rate probed, boundaries at frames)."""
+    from retrieval.encode import FilePlans
+
+    plan = FilePlans([video], seg, decoder, INDEX_RANGES)[0]
+    if "error" in plan:
+        raise RuntimeError(f"{video}: {plan['error']}")
+    return [tuple(r) for r in plan["ranges"]]
+
+
 def bench_indexing(args, tmp: str, bpe: str) -> None:
     from dataloaders.video import KeptReader
     from preprocess.ffmpeg_tools import write_video
     from retrieval.encode import read_for_model
     from retrieval.index import VideoIndex
-    from retrieval.segments import Segmentation, plan_ranges
+    from retrieval.segments import Segmentation
 
     rng = np.random.default_rng(0)
     lengths = [int(x) for x in rng.integers(3, 12, size=args.shots)]
@@ -323,19 +339,23 @@ def bench_indexing(args, tmp: str, bpe: str) -> None:
     for mode in ("windows", "shots"):
         seg = Segmentation(mode=mode, window=8, stride=4, min_len=2, max_len=20)
         t = time.perf_counter()
-        ranges = plan_ranges(seg, video, float(duration))
+        ranges = index_ranges(video, seg)
         plan_s = time.perf_counter() - t
         t = time.perf_counter()
-        kept = KeptReader()  # as the index's decoding: one open reader for the file's ranges
+        kept = KeptReader()  # as the index's decoding: one open reader for the file's ranges, read to the frame
         for a, b in ranges:
-            read_for_model(video, 12, 224, a, b, kept=kept)
+            read_for_model(video, 12, 224, a, b, ranges=INDEX_RANGES, kept=kept)
         decode_rate = len(ranges) / (time.perf_counter() - t)
         for name, make in (("tiny", tiny_model), ("B/32", b32_model)):
             model, tokenizer = make(bpe)
             t = time.perf_counter()
             index = VideoIndex.build(model, [video], index_dir=os.path.join(tmp, f"ix-{mode}-{name}"), precision="fp32",
-                                     workers=args.workers, batch_size=4, log=None, segmentation=seg)
+                                     workers=args.workers, batch_size=4, log=None, segmentation=seg,
+                                     ranges=INDEX_RANGES)
             rate = len(index) / (time.perf_counter() - t)
+            encoded = [(e["start"], e["end"]) for e in index.entries]
+            if encoded != ranges:  # else the two rates would not be of the same ranges
+                raise RuntimeError(f"the index encoded {len(encoded)} ranges, not the {len(ranges)} decoded")
             print(f"{mode:>8} {name:>6} {len(index):>6} | {decode_rate:>7.2f} r/s | {rate:>5.2f} r/s | "
                   f"{rate / decode_rate:>14.2f}" + (f"   (shot detection alone: {plan_s:.1f} s)" if mode == "shots"
                                                     else ""), flush=True)

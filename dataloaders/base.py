@@ -384,27 +384,31 @@ class VideoView(_EachOnce):
 
 
 class ReplacementCounter:
-    """Counts samples whose video was replaced (``skip_bad_videos``) over an epoch, across workers:
-    feed it every batch, call :meth:`report` at the end of the epoch."""
+    """Training samples whose video was replaced (``skip_bad_videos``: it failed to decode and the next
+    readable video took its place) over one epoch, counted from each sample's ``replaced`` flag: the flags
+    come back with the batches from every loader worker process, so the count is the whole epoch's (sum it
+    over processes). The training loop's one count of them (``training.step``)."""
 
-    def __init__(self, log: Optional[logging.Logger] = None):
-        self.log = log or logger
-        self.replaced = 0
-        self.seen = 0
+    def __init__(self):
+        self.replaced = self.seen = 0
 
     def update(self, batch: dict) -> None:
-        flags = batch["replaced"]
-        flags = flags if isinstance(flags, torch.Tensor) else torch.as_tensor(flags)
+        flags = batch.get("replaced") if isinstance(batch, dict) else None
+        if flags is None:
+            return
+        flags = torch.as_tensor(flags)
         self.replaced += int(flags.sum())
         self.seen += int(flags.numel())
 
-    def report(self, epoch: Optional[int] = None) -> str:
-        where = f"epoch {epoch}: " if epoch is not None else ""
-        msg = (f"{where}{self.replaced} of {self.seen} samples had an unreadable video and were replaced "
-               f"(see the warnings for the files)")
-        (self.log.warning if self.replaced else self.log.info)(msg)
-        self.replaced = self.seen = 0
-        return msg
+
+def describe_replacements(replaced: int, seen: int, what: str) -> Optional[tuple[int, str]]:
+    """(logging level, one line) for ``replaced`` of ``seen`` training samples of ``what`` (an epoch); a
+    warning when any was replaced (the warnings logged as it happened name the files); None when no sample
+    carried the flag."""
+    if not seen:
+        return None
+    line = f"{what}: {replaced} of {seen} training samples had an unreadable video and were replaced"
+    return (logging.WARNING if replaced else logging.INFO), line
 
 
 def require_columns(path: str, header: Sequence[str], needed: Sequence[str]) -> None:

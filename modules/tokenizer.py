@@ -15,9 +15,10 @@ import gzip
 import html
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 BPE_ENV_VAR = "DGL_BPE_PATH"
@@ -207,6 +208,8 @@ def tokenize(texts: str | Sequence[str], max_words: int = 32, bpe_path: str | os
              pretrained_dir: str | os.PathLike | None = None,
              tokenizer: SimpleTokenizer | None = None) -> torch.Tensor:
     """Token ids in the DGL dataloader convention: ``(N, max_words)`` int64, zero padded."""
+    import torch  # here, not above: DGLConfig reads MIN_WORDS, and the command lines read DGLConfig without torch
+
     if isinstance(texts, str):
         texts = [texts]
     tokenizer = tokenizer or get_tokenizer(bpe_path, pretrained_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from modules.dgl import DGLConfig
+from modules.dgl_config import DGLConfig  # torch-free: --help and bad flags answer without importing torch
 
 MODEL_FLAGS = tuple(f.name for f in fields(DGLConfig))
 _TYPES = {"int": int, "str": str, "bool": int}  # a bool field is a 0/1 flag, as in the published scripts

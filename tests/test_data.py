@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from dataloaders import (DATASETS, AnnotationError, BadVideoError, ReplacementCounter, build_test_dataset,
                          build_train_dataset)
+from dataloaders.base import describe_replacements
 from dataloaders.lsmdc import movie_of_clip
 from dataloaders.video import (CLIP_MEAN, CLIP_STD, VideoDecodeError, apply_frame_order, load_video,
                                normalize_frames, read_frames, read_unique_frames, sample_eval_indices,
@@ -475,7 +476,8 @@ def test_skip_bad_videos_replaces_and_counts(broken_dataset, tokenizer, caplog):
     for batch in DataLoader(ds, batch_size=3, num_workers=0):
         counter.update(batch)
     assert (counter.replaced, counter.seen) == (1, NUM_TRAIN)
-    assert counter.report(epoch=0).startswith("epoch 0: 1 of 6 samples")
+    assert describe_replacements(counter.replaced, counter.seen, "epoch 1") == (
+        logging.WARNING, "epoch 1: 1 of 6 training samples had an unreadable video and were replaced")
 
     test_ds = build_test_dataset(msrvtt_args(broken_dataset, skip_bad_videos=True), tokenizer)
     assert test_ds.video_dataset()[0]["replaced"] is False

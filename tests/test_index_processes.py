@@ -335,12 +335,15 @@ def test_compile_is_recorded_and_an_update_with_the_other_choice_is_refused(worl
     from tests.search_fixtures import one_line_error, run_cli
 
     import modules.backends as backends
-    from modules.backends import MATH, Fp32Check
+    from modules.backends import Fp32Check
 
     monkeypatch.setattr(encode_module.torch, "compile", lambda fn, **kw: fn)
-    monkeypatch.setattr(backends, "choose_attention", lambda shape, dtype: ([MATH], [MATH], {}))  # no timing
-    monkeypatch.setattr(backends, "choose_fp32_path",
-                        lambda *undo: Fp32Check(exact=False, error_mkl=0.0, error_onednn=0.0, speedup=0.0))
+    # no kernel timing: one candidate each (MKL products, PyTorch's attention choice), and a timing would fail
+    monkeypatch.setattr(backends, "_cached_fp32_check",
+                        lambda threads: Fp32Check(exact=False, error_mkl=0.0, error_onednn=0.0, speedup=0.0))
+    monkeypatch.setattr(backends, "_cached_attention_times",
+                        lambda shape, dtype, threads: {("flash", "eval"): 1.0, ("math", "eval"): 2.0})
+    monkeypatch.setattr(backends, "time_candidates", None)
     idx = tmp_path / "idx"
     argv = ["index", world.videos, "--index", idx, *world.model_args(), "--workers", 0, "--precision", "fp32",
             "--no_progress"]

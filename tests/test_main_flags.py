@@ -135,3 +135,27 @@ def test_scripts_need_paths(script, tmp_path):
     env.update(DATA_PATH=str(tmp_path), PRETRAINED_DIR=str(tmp_path))
     r = subprocess.run(["bash", str(REPO / "scripts" / script)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "CLIP weights" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+_TORCH_AFTER_MAIN = """
+import json, sys
+import main
+try:
+    code = main.main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("extra,expected_code", [(["--help"], 0), (["--text_prompt_length", "7"], 2),
+                                                 (["--shared_latent_space", "mlp"], 2)])
+def test_help_and_bad_flags_answer_without_importing_torch(extra, expected_code, tmp_path):
+    """--help and a bad model flag stop main.py before anything imports torch (seconds of imports): the flags
+    are made from, and checked by, DGLConfig's torch-free module."""
+    import json
+
+    r = subprocess.run([sys.executable, "-c", _TORCH_AFTER_MAIN, "--output_dir", str(tmp_path / "o"),
+                        "--train_csv", "t.csv", *extra], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result == {"code": expected_code, "torch": False}, r.stderr

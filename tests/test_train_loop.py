@@ -182,3 +182,22 @@ def test_resume_from_finished_run_and_load_from_pretrained(tmp_path):
     # a finished run resumed with the same --epochs trains no further
     s = run_toy(str(tmp_path / "c"), epochs=1, resume=ck, **FIXED_KERNELS)
     assert s["global_step"] == 4 and s["step_losses"] == []
+
+
+def test_replaced_training_samples_are_counted_in_the_log_and_results(tmp_path, monkeypatch):
+    """Samples whose video the loader replaced (--skip_bad_videos) are what the epoch's log line and
+    results.json's train_replaced report, counted once by the training loop."""
+    from tests import toy
+
+    flagged = {1, 6}
+    real_item = toy._Pairs.__getitem__
+
+    def item(self, i):
+        return {**real_item(self, i), "replaced": i in flagged}
+
+    monkeypatch.setattr(toy._Pairs, "__getitem__", item)
+    out = tmp_path / "run"
+    run_toy(str(out), data_kwargs={"num_videos": 8}, epochs=1, **FIXED_KERNELS)
+    evals = json.loads((out / "results.json").read_text())["evaluations"]
+    assert evals[-1]["train_replaced"] == len(flagged)
+    assert "epoch 1: 2 of 8 training samples had an unreadable video and were replaced" in (out / "log.txt").read_text()

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from dataloaders.base import ReplacementCounter, describe_replacements
 from dataloaders.frame_cache import FrameCacheUse, describe_use
 from modules.order import OrderNegatives
 from runtime.logs import LOGGER_NAME
@@ -77,8 +78,8 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, precision, args,
     model.train()
     params = [p for _, p in unwrap(model).trainable_parameters() if p.requires_grad]
     usable = (len(loader) // accumulation) * accumulation
-    total_loss, n_loss, replaced, seen = 0.0, 0, 0, 0
-    cache_use = FrameCacheUse()
+    total_loss, n_loss = 0.0, 0
+    replacements, cache_use = ReplacementCounter(), FrameCacheUse()
     start = end = time.time()
     optimizer.zero_grad(set_to_none=True)
     bar = None
@@ -94,10 +95,7 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, precision, args,
         if i >= usable:  # an incomplete accumulation group at the end of the epoch is dropped
             break
         # ---- the batch (a sample whose video failed to decode was replaced by the loader; counted)
-        if "replaced" in batch:
-            flags = torch.as_tensor(batch["replaced"])
-            replaced += int(flags.sum())
-            seen += int(flags.numel())
+        replacements.update(batch)
         cache_use.update(batch)
         frame_order = None if order_negatives is None else order_negatives.frame_order(batch, epoch)
         batch = {k: (v.to(device, non_blocking=device.type == "cuda") if isinstance(v, torch.Tensor) else v)
@@ -144,7 +142,8 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, precision, args,
         bar.close()
     optimizer.zero_grad(set_to_none=True)
     stats = {"loss": total_loss / max(n_loss, 1), "global_step": global_step,
-             "replaced": int(D.all_reduce_sum(replaced, device)), "samples": int(D.all_reduce_sum(seen, device)),
+             "replaced": int(D.all_reduce_sum(replacements.replaced, device)),
+             "samples": int(D.all_reduce_sum(replacements.seen, device)),
              "steps": usable // accumulation, "time": time.time() - start,
              "frame_cache": frame_cache_counts(cache_use, device)}
     _log_epoch(stats, epoch, args.epochs, board)
@@ -154,13 +153,10 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, precision, args,
 def _log_epoch(stats: dict, epoch: int, epochs: int, board) -> None:
     log.info("epoch %d/%d finished: train loss %.4f, %d steps, %.1fs", epoch + 1, epochs, stats["loss"],
              stats["steps"], stats["time"])
-    if stats["samples"]:
-        msg = (f"epoch {epoch + 1}: {stats['replaced']} of {stats['samples']} training samples had an "
-               "unreadable video and were replaced")
-        (log.warning if stats["replaced"] else log.info)(msg)
-    described = describe_use(stats.get("frame_cache"), f"epoch {epoch + 1} training")
-    if described:
-        log.log(*described)
+    for described in (describe_replacements(stats["replaced"], stats["samples"], f"epoch {epoch + 1}"),
+                      describe_use(stats.get("frame_cache"), f"epoch {epoch + 1} training")):
+        if described:
+            log.log(*described)
     if board is not None:
         board.scalars({"epoch_loss": stats["loss"], "bad_videos_replaced": stats["replaced"]},
                       stats["global_step"], prefix="train/")
