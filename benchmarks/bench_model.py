@@ -349,6 +349,7 @@ def run_worker(args) -> dict:
     result = {"seconds": seconds, "memory_mb": memory, "first_call_s": first_call, "note": note}
     if (args.pair_rounds > 0 and args.setup in ("tuned", "api") and args.impl == "ours"
             and args.mode in ("train", "eval") and args.device.startswith("cpu")):
+        start = time.perf_counter()
         # the tuning stored the backbone in bf16: PyTorch's defaults run on a second model with the same weights
         untuned = build(args) if altered else model
         default_step = step_function(args, untuned, args.mode)
@@ -362,6 +363,7 @@ def run_worker(args) -> dict:
                 fn()
         default_fn()  # warm-up (the setup's own calls ran above)
         result["pairs"] = paired_rounds(default_fn, setup_fn, args.pair_rounds, finish=lambda: sync(args))
+        result["paired_s"] = time.perf_counter() - start  # what the pairing adds to the run
         result["kernels"] = record
         result["second_model"] = altered
     return result
@@ -589,11 +591,13 @@ def main():
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(folder)
         start = time.perf_counter()
         args.json_per_size = len(counts) > 1
+        args.paired_seconds = 0.0
         for layers in counts:
             args.layers = layers
             sweep(args)
             print()
-        print(f"(the whole benchmark took {time.perf_counter() - start:.0f} s)")
+        print(f"(the whole benchmark took {time.perf_counter() - start:.0f} s"
+              + (f", of which the paired rounds {args.paired_seconds:.0f} s)" if args.paired_seconds else ")"))
 
 
 def sweep(args) -> None:
@@ -648,8 +652,9 @@ def sweep(args) -> None:
             notes[config] = result.pop("note")
             if "pairs" in result:
                 paired.setdefault(config, []).append({key: result.pop(key)
-                                                      for key in ("pairs", "kernels", "second_model")})
+                                                      for key in ("pairs", "kernels", "second_model", "paired_s")})
             runs[config].append(result)
+    args.paired_seconds += sum(entry["paired_s"] for entries in paired.values() for entry in entries)
     results = {config: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for config, rs in runs.items()}
     for config, rs in runs.items():  # the compile cache is empty in the first round only
         results[config]["first_call_cold_s"] = rs[0]["first_call_s"]
