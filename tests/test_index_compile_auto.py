@@ -42,8 +42,9 @@ def rows(index_dir) -> list:
 
 
 def test_a_compiled_run_pads_its_short_batches_to_one_shape(world, tmp_path, capsys, monkeypatch, fixed_kernels):
-    """3 files, one unreadable, in batches of 2: both batches are short (the unreadable file's, and the last),
-    yet the compiled encoder sees one shape; the entries and features equal an eager run's."""
+    """4 files, one unreadable, in batches of 3: both batches are short, and of different sizes (2: the
+    unreadable file's; 1: the last), yet the compiled encoder sees one shape; the entries and features equal
+    an eager run's."""
     import retrieval.encode as encode_module
     from tests.search_fixtures import run_cli
 
@@ -59,17 +60,17 @@ def test_a_compiled_run_pads_its_short_batches_to_one_shape(world, tmp_path, cap
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
     videos = tmp_path / "videos"
     videos.mkdir()
-    for spec in world.specs[0:4:2]:  # two of the videos in the top folder
+    for spec in world.specs[0::2]:  # the three videos of the top folder
         shutil.copy(os.path.join(world.videos, spec.video_id + ".mp4"), videos)
     (videos / "broken.mp4").write_bytes(b"not a video")  # first in the list; whole files: found unreadable decoding
-    argv = [videos, *world.model_args(), "--workers", 0, "--precision", "fp32", "--no_progress", "--batch_size", 2,
+    argv = [videos, *world.model_args(), "--workers", 0, "--precision", "fp32", "--no_progress", "--batch_size", 3,
             "--segments", "whole"]
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         code, out, err = run_cli(["index", "--index", tmp_path / name, *argv, *extra], capsys)
         assert code == 0, err
-    assert len(shapes) == 2 and set(shapes) == {shapes[0]} and shapes[0][0] == 2, shapes
+    assert len(shapes) == 2 and set(shapes) == {shapes[0]} and shapes[0][0] == 3, shapes
     compiled, eager = rows(tmp_path / "compiled"), rows(tmp_path / "eager")
-    assert len(compiled) == 2 and [e for e, _ in compiled] == [e for e, _ in eager]
+    assert len(compiled) == 3 and [e for e, _ in compiled] == [e for e, _ in eager]
     for (_, a), (_, b) in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
