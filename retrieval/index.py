@@ -456,14 +456,16 @@ class VideoIndex:
                         weights.append(w)
             shares = assign_shares(weights, batch_size, group.world_size)
             lo, hi = shares[group.rank]
+            compiling = False
             if compile_auto is not None:
                 largest = max(end - start for start, end in shares)
-                if _on_main(group, lambda: index._choose_compiled(compile_auto, largest, group.world_size)):
-                    compile_auto.compile()
+                compiling = _on_main(group, lambda: index._choose_compiled(compile_auto, largest, group.world_size))
             dtype = autocast_dtype(precision, next(model.parameters()).device)
             kept = len(index.shards)
 
             def encode():
+                if compiling:  # here, so that a process that fails to compile stops every process
+                    compile_auto.compile()
                 index.failed = []
                 index._encode_items(items[lo:hi], batch_size, workers, dtype, shard_size, progress, on_shard,
                                     first_number=plan["first_number"], position=lo)

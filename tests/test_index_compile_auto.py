@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,9 +112,19 @@ def test_index_compile_auto_short_run_eager_long_run_compiled(world, tmp_path, c
     from runtime import compilation
     from tests.search_fixtures import run_cli
 
-    compiled = []
+    import retrieval.index as index_module
+
+    compiled, recorded_at_shard = [], []
     monkeypatch.setattr(encode_module.torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    real_write_shard = index_module.write_shard
+
+    def write_shard(path, features, entries):  # what a run killed here would leave recorded
+        meta = json.loads((Path(path).parent.parent / "index.json").read_text())
+        recorded_at_shard.append(meta["kernels"].get("compiled", False))
+        return real_write_shard(path, features, entries)
+
+    monkeypatch.setattr(index_module, "write_shard", write_shard)
     video = os.path.join(world.videos, world.specs[0].video_id + ".mp4")
     argv = [video, *world.model_args(), "--workers", 0, "--precision", "fp32", "--no_progress", "--compile", "auto"]
 
@@ -129,12 +140,13 @@ def test_index_compile_auto_short_run_eager_long_run_compiled(world, tmp_path, c
     line, on = index("short")
     assert line == ("--compile auto: eager (1 ranges to encode < 2; nothing of this shape in the compile cache: "
                     "too short for compilation to pay)")
-    assert not on and not compiled
+    assert not on and not compiled and recorded_at_shard == [False]
     monkeypatch.setattr(compilation, "INDEX_AUTO_MIN_RANGES", 1)
     line, on = index("long")
     assert line.startswith("--compile auto: compiling the video encoder (1 ranges to encode >= 1; nothing "
                            "of this shape in the compile cache")
     assert on and len(compiled) == 1
+    assert recorded_at_shard == [False, True]  # a new index records the choice before its first shard
     model = world.model().model
     assert compilation.is_warm(index_shape_key(model, torch.device("cpu"), 8, None))
     assert not compilation.is_warm(index_shape_key(model, torch.device("cpu"), 4, None))
