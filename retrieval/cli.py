@@ -321,8 +321,8 @@ def cmd_index(args) -> int:
         recorded = None
     answer = None
     if group.is_main:
-        compiled = _compile_wanted(args, loaded.model, device, recorded, segmentation, group.world_size)
-        if recorded and bool(recorded.get("compiled")) != compiled:
+        compiled = _compile_wanted(args, recorded)  # None: --compile auto, decided by the run (compile_auto)
+        if recorded and compiled is not None and bool(recorded.get("compiled")) != compiled:
             answer = ("error", f"the index {args.index} was computed {'with' if recorded.get('compiled') else 'without'}"
                                " --compile (features that differ by float rounding): run "
                                f"{'with' if recorded.get('compiled') else 'without'} it (or with --compile auto, "
@@ -331,21 +331,34 @@ def cmd_index(args) -> int:
             settings = _encoding_settings(loaded.model, device, args.workers, args.precision, recorded, args.threads)
             kernels = {"device": device.type, "attention": backend_name(settings.eval_attention),
                        "fp32_products": settings.fp32_path, **({"compiled": True} if compiled else {})}
-            answer = ("ok", kernels)
-    kind, kernels = group.broadcast(answer)  # every process computes as process 0 does
+            answer = ("ok", (kernels, compiled is None))
+    kind, value = group.broadcast(answer)  # every process computes as process 0 does
     if kind == "error":
-        raise (GroupError if group.distributed else SearchError)(kernels)
+        raise (GroupError if group.distributed else SearchError)(value)
+    kernels, auto = value
     if not group.is_main:
         settings = _encoding_settings(loaded.model, device, args.workers, args.precision, kernels, args.threads)
-    shape = None
-    if kernels.get("compiled"):
-        from retrieval.auto_compile import index_shape_key
-        from retrieval.encode import autocast_dtype, compile_video_encoder
+    from retrieval.auto_compile import AutoCompile, index_shape_key
+    from retrieval.encode import autocast_dtype
+
+    shape = index_shape_key(loaded.model, device, args.batch_size, autocast_dtype(args.precision, device))
+    compiled_shapes = []
+
+    def compile_encoder():
+        from retrieval.encode import compile_video_encoder
         from runtime.compilation import use_compile_cache
 
         use_compile_cache()
-        shape = index_shape_key(loaded.model, device, args.batch_size, autocast_dtype(args.precision, device))
-        compile_video_encoder(loaded.model, log=_log if group.is_main else None)
+        compile_video_encoder(loaded.model, log=_log if group.is_main else None, batch_size=args.batch_size)
+        compiled_shapes.append(shape)
+
+    compile_auto = None
+    if kernels.get("compiled"):
+        compile_encoder()
+    elif auto:
+        from runtime.compilation import is_warm
+
+        compile_auto = AutoCompile(warm=is_warm(shape), compile=compile_encoder, log=_log if group.is_main else None)
     try:
         with backends_context(settings.eval_attention):
             index = VideoIndex.build(loaded.model, args.videos, index_dir=args.index, tokenizer=loaded.tokenizer,
@@ -357,10 +370,10 @@ def cmd_index(args) -> int:
                                      resize_short_side=None if args.resize_short_side is None
                                      else bool(args.resize_short_side), decoder=args.video_decoder,
                                      kernels=kernels, ranges=args.ranges, new_index_segmentation=DEFAULT,
-                                     group=group)
+                                     group=group, compile_auto=compile_auto)
     finally:
         restore()
-    if shape is not None:  # the compile cache now holds this shape: a later --compile auto run counts on it
+    if compiled_shapes:  # the compile cache now holds this shape: a later --compile auto run counts on it
         from runtime.compilation import mark_warm
 
         mark_warm(shape)
@@ -381,31 +394,18 @@ def cmd_index(args) -> int:
     return 0
 
 
-def _compile_wanted(args, model, device, recorded: dict | None, segmentation, processes: int) -> bool:
-    """--compile 0 / 1, or for auto: the index's recorded choice where it records one on this device type,
-    else compiled when the run is long enough (retrieval.auto_compile); auto says which in one line."""
+def _compile_wanted(args, recorded: dict | None) -> bool | None:
+    """--compile 0 / 1, or for auto: the index's recorded choice where it records one on this device type
+    (said in one line), else None: the index run decides once it has planned its ranges
+    (retrieval.auto_compile.AutoCompile)."""
     if args.compile != "auto":
         return bool(args.compile)
     if recorded:
-        wanted = bool(recorded.get("compiled"))
-        _log(f"--compile auto: {'compiling the video encoder' if wanted else 'eager'} (as the index records: its "
-             f"entries were computed {'compiled' if wanted else 'eagerly'})")
-        return wanted
-    from retrieval import auto_compile
-    from retrieval.encode import autocast_dtype
-    from runtime.compilation import is_warm
+        from retrieval.auto_compile import recorded_line
 
-    decoder = args.video_decoder or "decord"
-    if os.path.isfile(os.path.join(args.index, "index.json")):
-        from retrieval.index import VideoIndex, recorded_segmentation, recorded_transform
-
-        meta = VideoIndex._read_meta(args.index)
-        segmentation = segmentation or recorded_segmentation(meta)
-        decoder = args.video_decoder or recorded_transform(meta).get("decoder") or decoder
-    warm = is_warm(auto_compile.index_shape_key(model, device, args.batch_size, autocast_dtype(args.precision, device)))
-    wanted, line = auto_compile.decide(args.videos, args.index, segmentation or DEFAULT, decoder, processes, warm)
-    _log(line)
-    return wanted
+        _log(recorded_line(bool(recorded.get("compiled"))))
+        return bool(recorded.get("compiled"))
+    return None
 
 
 def _approximate_after_indexing(index_dir: str) -> None:

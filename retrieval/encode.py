@@ -235,28 +235,41 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
-def compile_video_encoder(model, log=None):
+def compile_video_encoder(model, log=None, batch_size: int | None = None):
     """``torch.compile`` of ``model.encode_video`` in place (``search_videos.py index --compile``). The first
-    batch of each shape compiles (tens of seconds on a CPU; the time goes to ``log``), so it pays on long
-    runs only. Features equal the plain ones to float rounding, not bit for bit."""
+    batch of each shape compiles (minutes on a CPU; the time goes to ``log``), so it pays on long runs only.
+    Features equal the plain ones to float rounding, not bit for bit.
+
+    ``batch_size``: a batch of fewer videos (a run's last batch, or one that lost an unreadable video) is
+    padded to this many by repeating its last video, and the padded rows' features are dropped, so that the
+    run compiles one graph: a new batch size would compile a second one, about as long as the first. Each
+    video's feature depends on that video alone, so the padding changes no real row's computation."""
     import time
 
     compiled = torch.compile(model.encode_video)
     seen = set()
 
     def encode_video(video, mask, *args, **kwargs):
+        rows = video.shape[0]
+        if batch_size is not None and 0 < rows < batch_size:
+            video, mask = _padded(video, batch_size), _padded(mask, batch_size)
         if tuple(video.shape) in seen:
-            return compiled(video, mask, *args, **kwargs)
+            return compiled(video, mask, *args, **kwargs)[:rows]
         start = time.perf_counter()
         out = compiled(video, mask, *args, **kwargs)
         seen.add(tuple(video.shape))
         if log:
             log(f"torch.compile: video encoder, batch {'x'.join(map(str, video.shape))}: first call "
                 f"{time.perf_counter() - start:.1f}s (compilation included)")
-        return out
+        return out[:rows]
 
     model.encode_video = encode_video
     return model
+
+
+def _padded(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """``rows`` (B, ...) with its last row repeated up to ``size`` rows."""
+    return torch.cat([rows, rows[-1:].expand(size - rows.shape[0], *rows.shape[1:])])
 
 
 @torch.no_grad()

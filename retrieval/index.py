@@ -287,6 +287,8 @@ class VideoIndex:
         self._rewrite: set[str] = set()  # shard files to rewrite / remove at the commit
         self._remove: set[str] = set()
         self.model, self.tokenizer = model, tokenizer
+        self._created = False  # index.json was written by this run (retrieval.index._open_for_update)
+        self._kernels_recorded = False  # the kernels were recorded by an earlier run (_open_locked)
         self.approximate_from = APPROXIMATE_FROM  # entries from which `auto` searches approximately
         self._approximate: ApproximateSearch | None = None
 
@@ -337,7 +339,8 @@ class VideoIndex:
               model_record: dict | None = None, on_shard=None, log=print, segmentation: Segmentation | None = None,
               resize_short_side: bool | None = None, decoder: str | None = None,
               kernels: dict | None = None, ranges: str | None = None,
-              new_index_segmentation: Segmentation | None = None, group: Group | None = None) -> "VideoIndex":
+              new_index_segmentation: Segmentation | None = None, group: Group | None = None,
+              compile_auto=None) -> "VideoIndex":
         """Encode the videos under ``paths`` (files or folders, recursively) with ``model``.
 
         With ``index_dir`` the index is written there in shards of ``shard_size`` entries and an
@@ -351,7 +354,9 @@ class VideoIndex:
         product path the entries are computed with, recorded by the first run (later runs read them back,
         so that a resumed or grown index equals one uninterrupted run). ``new_index_segmentation``: the
         segmentation a new index gets when ``segmentation`` is None, decided under the writer lock (a run
-        that waited for another may find the index that run created).
+        that waited for another may find the index that run created). ``compile_auto``
+        (retrieval.auto_compile.AutoCompile): ``--compile auto``, decided once the run has planned its ranges
+        (:meth:`_choose_compiled`).
 
         ``group`` (runtime.group): the processes of a torchrun launch, each calling ``build`` with the same
         arguments; the work is split between them (:meth:`_build_together`). Every process returns the
@@ -362,7 +367,8 @@ class VideoIndex:
                 raise SearchError("an index built by several processes needs an index folder")
             return cls._build_together(group, model, paths, index_dir, tokenizer, batch_size, workers, precision,
                                        shard_size, progress, model_record, on_shard, log, segmentation,
-                                       resize_short_side, decoder, kernels, ranges, new_index_segmentation)
+                                       resize_short_side, decoder, kernels, ranges, new_index_segmentation,
+                                       compile_auto)
         files, record, wanted = cls._check_request(model, paths, index_dir, batch_size, shard_size, workers,
                                                    segmentation, model_record, resize_short_side, decoder, ranges)
         if index_dir:
@@ -380,7 +386,7 @@ class VideoIndex:
                                    "segmentation": (segmentation or WHOLE).to_dict()}, [])
             index.model, index.tokenizer = model, tokenizer
             todo, have = index._drop_stale(files, log)
-            index._encode(todo, have, batch_size, workers, precision, shard_size, progress, on_shard)
+            index._encode(todo, have, batch_size, workers, precision, shard_size, progress, on_shard, compile_auto)
             if index_dir:
                 index._commit()
         if len(index) == 0:
@@ -392,7 +398,8 @@ class VideoIndex:
     @classmethod
     def _build_together(cls, group: Group, model, paths, index_dir: str, tokenizer, batch_size: int, workers: int,
                         precision: str, shard_size: int, progress: bool, model_record, on_shard, log, segmentation,
-                        resize_short_side, decoder, kernels, ranges, new_index_segmentation) -> "VideoIndex | None":
+                        resize_short_side, decoder, kernels, ranges, new_index_segmentation,
+                        compile_auto=None) -> "VideoIndex | None":
         """:meth:`build` by the processes of ``group``, each with the same arguments.
 
         1. Process 0 takes the folder's writer lock (held to the end), opens the index for the update and
@@ -400,6 +407,7 @@ class VideoIndex:
         2. Each process plans every N-th of those files (their ranges and lengths); all of them then hold
            the same list of ranges to encode, in file order, and take their share of it
            (retrieval.encode.assign_shares: contiguous, balanced by seconds of video, in whole batches).
+           With ``compile_auto``, process 0 decides from the largest share whether every process compiles.
         3. Each process encodes its share on its device into shards of its own (written atomically,
            numbered by their place in the list).
         4. Once every process has reported its share done, process 0 commits: the manifest lists the kept
@@ -446,11 +454,18 @@ class VideoIndex:
                     if i not in done:
                         items.append((path, a, b, i, len(file_ranges)))
                         weights.append(w)
-            lo, hi = assign_shares(weights, batch_size, group.world_size)[group.rank]
+            shares = assign_shares(weights, batch_size, group.world_size)
+            lo, hi = shares[group.rank]
+            compiling = False
+            if compile_auto is not None:
+                largest = max(end - start for start, end in shares)
+                compiling = _on_main(group, lambda: index._choose_compiled(compile_auto, largest, group.world_size))
             dtype = autocast_dtype(precision, next(model.parameters()).device)
             kept = len(index.shards)
 
             def encode():
+                if compiling:  # here, so that a process that fails to compile stops every process
+                    compile_auto.compile()
                 index.failed = []
                 index._encode_items(items[lo:hi], batch_size, workers, dtype, shard_size, progress, on_shard,
                                     first_number=plan["first_number"], position=lo)
@@ -515,13 +530,15 @@ class VideoIndex:
         index see every shard file, as it is written)."""
         if segmentation is None and not os.path.isfile(os.path.join(index_dir, "index.json")):
             segmentation = new_index_segmentation
-        recorded = (cls._read_meta(index_dir).get("kernels")
-                    if kernels is not None and os.path.isfile(os.path.join(index_dir, "index.json")) else None)
+        on_disk = (cls._read_meta(index_dir).get("kernels")
+                   if os.path.isfile(os.path.join(index_dir, "index.json")) else None)
+        recorded = on_disk if kernels is not None else None
         if recorded and recorded.get("device") == kernels.get("device") and recorded != kernels:
             raise SearchError(f"{index_dir} records other kernels ({recorded}) than this run computes with "
                               f"({kernels}): another index run created it while this one waited; run "
                               "the same command again (it then computes with the recorded ones)")
         index = cls._open_for_update(index_dir, record, wanted, segmentation, log, kernels, list_shards)
+        index._kernels_recorded = bool(on_disk and (kernels is None or on_disk.get("device") == kernels.get("device")))
         if kernels is not None and index.record.get("kernels", {}).get("device") != kernels.get("device"):
             index.record["kernels"] = dict(kernels)  # an index from before kernels were recorded: saved at the end
         return index
@@ -531,6 +548,7 @@ class VideoIndex:
                          log, kernels: dict | None = None, list_shards: bool = False) -> "VideoIndex":
         os.makedirs(os.path.join(index_dir, "shards"), exist_ok=True)
         meta_path = os.path.join(index_dir, "index.json")
+        created = False  # index.json written by this run, before any shard
         if os.path.exists(meta_path):
             meta = cls._read_meta(index_dir)
             if meta["model"]["fingerprint"] != record["fingerprint"]:
@@ -558,6 +576,7 @@ class VideoIndex:
             if list_shards:
                 meta["shards"] = []
             _write_json(meta_path, meta)
+            created = True
         for pattern in (".*.tmp", os.path.join("shards", ".*.tmp")):  # left by a killed run
             for tmp in glob.glob(os.path.join(index_dir, pattern)):
                 with contextlib.suppress(FileNotFoundError):
@@ -572,7 +591,9 @@ class VideoIndex:
                     log(f"warning: {err}; moved to {path}.corrupt and its videos are encoded again")
                 continue
             shards.append(Shard(path, entries))
-        return cls(index_dir, meta, shards)
+        index = cls(index_dir, meta, shards)
+        index._created = created
+        return index
 
     def _drop_stale(self, files: list[str], log) -> tuple[list[str], dict[str, set]]:
         """Drop entries of deleted or changed files (rewriting their shards); return the files to encode
@@ -696,13 +717,33 @@ class VideoIndex:
         return dtype
 
     def _encode(self, files: list[str], have: dict[str, set], batch_size: int, workers: int, precision: str,
-                shard_size: int, progress: bool, on_shard) -> None:
+                shard_size: int, progress: bool, on_shard, compile_auto=None) -> None:
         self.failed = []
-        if not files:
-            return
-        dtype = self._encoding_dtype(precision)
-        items = self._plan(files, have, workers)
-        self._encode_items(items, batch_size, workers, dtype, shard_size, progress, on_shard)
+        dtype, items = None, []
+        if files:
+            dtype = self._encoding_dtype(precision)
+            items = self._plan(files, have, workers)
+        if compile_auto is not None and self._choose_compiled(compile_auto, len(items)):
+            compile_auto.compile()
+        if files:
+            self._encode_items(items, batch_size, workers, dtype, shard_size, progress, on_shard)
+
+    def _choose_compiled(self, compile_auto, ranges: int, processes: int = 1) -> bool:
+        """``--compile auto`` (retrieval.auto_compile.AutoCompile) for a run whose largest share is ``ranges``
+        ranges: decided and recorded in the index's kernels; an index that recorded its kernels before this run
+        (another run created it while this one waited) keeps its choice. A new index's manifest gets the choice
+        before the first shard is written, so that a killed run's next run continues with it."""
+        kernels = self.record.get("kernels")
+        if self._kernels_recorded:
+            return compile_auto.follow(bool(kernels.get("compiled")))
+        if not compile_auto.decide(ranges, processes):
+            return False
+        if kernels is not None:
+            kernels["compiled"] = True
+            if self._created:
+                with commit_lock(self.root, shared=False):
+                    _write_json(os.path.join(self.root, "index.json"), self.record)
+        return True
 
     def _encode_items(self, items: list[tuple], batch_size: int, workers: int, dtype, shard_size: int,
                       progress: bool, on_shard, first_number: int | None = None, position: int = 0) -> None:

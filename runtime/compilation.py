@@ -9,10 +9,10 @@ a temporary folder, and the ``--compile auto`` rule of when compiling pays.
   micro-batches: at 1.1-1.26x the eager speed a training step of about a second saves 0.1-0.2 s, so the
   15-50 s of a first compilation are covered after a few hundred steps; shorter runs and runs that only
   evaluate stay eager.
-* ``search_videos.py index --compile auto``: compile the video encoder when each process encodes at least
-  :data:`INDEX_AUTO_MIN_RANGES` ranges, or :data:`INDEX_AUTO_MIN_RANGES_WARM` where this cache folder holds
-  the graphs of the same shape already (recorded in :data:`WARM_SHAPES_FILE` by a compiled run); both
-  measured with ``benchmarks/bench_index_compile.py`` (docs/library-speed.md).
+* ``search_videos.py index --compile auto``: compile the video encoder when the process with the largest
+  share encodes at least :data:`INDEX_AUTO_MIN_RANGES` ranges, or :data:`INDEX_AUTO_MIN_RANGES_WARM` where
+  this cache folder holds the graphs of the same shape already (recorded in :data:`WARM_SHAPES_FILE` by a
+  compiled run); both measured with ``benchmarks/bench_index_compile.py`` (docs/library-speed.md).
 """
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ AUTO_COMPILE_MIN_STEPS = 500
 
 
 # ranges one index process encodes from which --compile auto compiles its video encoder: with an empty
-# compile cache, and with the cache holding the same shape; the measured break-even points rounded up
-# (1038 and 940 ranges: benchmarks/bench_index_compile.py, docs/library-speed.md)
-INDEX_AUTO_MIN_RANGES = 1100
-INDEX_AUTO_MIN_RANGES_WARM = 1000
+# compile cache, and with the cache holding the same shape. The measured break-even points rounded up (497
+# and 286 ranges: benchmarks/bench_index_compile.py, docs/library-speed.md): one compilation per process
+# (a smaller batch is padded to the run's batch size, retrieval.encode.compile_video_encoder), the last
+# batch counted as padded by all but one range.
+INDEX_AUTO_MIN_RANGES = 500
+INDEX_AUTO_MIN_RANGES_WARM = 300
 
 # the shapes a compiled run has stored in the cache folder (keys of :func:`shape_key`)
 WARM_SHAPES_FILE = "dgl-compiled-shapes.json"
@@ -136,13 +138,13 @@ def mark_warm(key: str, directory: str | None = None) -> None:
     atomic_write_text(os.path.join(directory, WARM_SHAPES_FILE), json.dumps(shapes, indent=1))
 
 
-def auto_compile_index(ranges: int, warm: bool, estimated: bool = False) -> tuple[bool, str]:
-    """(compile?, one line saying why) of ``search_videos.py index --compile auto`` for a process that
-    encodes ``ranges`` ranges (``estimated``: a lower bound from the files' lengths), with the compile cache
-    warm for the shape or not."""
+def auto_compile_index(ranges: int, warm: bool, processes: int = 1) -> tuple[bool, str]:
+    """(compile?, one line saying why) of ``search_videos.py index --compile auto`` for a run whose process
+    with the largest share (of ``processes``) encodes ``ranges`` ranges, with the compile cache warm for the
+    shape or not."""
     needed = INDEX_AUTO_MIN_RANGES_WARM if warm else INDEX_AUTO_MIN_RANGES
     cache = "the compile cache holds this shape" if warm else "nothing of this shape in the compile cache"
-    count = f"{'at least ' if estimated else ''}{ranges} ranges to encode"
+    count = f"{ranges} ranges to encode" + (f" in the largest of {processes} shares" if processes > 1 else "")
     if ranges >= needed:
         return True, (f"--compile auto: compiling the video encoder ({count} >= {needed}; {cache}: the measured "
                       "gain covers the compilation)")
