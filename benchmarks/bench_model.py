@@ -557,7 +557,9 @@ def main():
     parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed calls before the timed ones, so that the timing sees a long run's steady state "
+                             "(a process's first calls are slower)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep; report medians")
     parser.add_argument("--pair_rounds", type=int, default=2,
