@@ -270,18 +270,6 @@ def _storage(model) -> list:
     return [(name, p.dtype, p.data_ptr()) for name, p in model.named_parameters()]
 
 
-@contextlib.contextmanager
-def default_fp32_path(setting: str):
-    """Within: the process's fp32 product setting as it was before any tuning (PyTorch's default)."""
-    matmul = torch.backends.mkldnn.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = setting
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
-
-
 def step_function(args, model: DGL, mode: str, encode_video=None):
     """One call of ``mode`` (train step with AdamW, eval forward, plain CLIP forward) on ``model``."""
     optimizer = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-4)
@@ -355,7 +343,7 @@ def run_worker(args) -> dict:
         default_step = step_function(args, untuned, args.mode)
 
         def default_fn():
-            with default_fp32_path(untuned_fp32):
+            with cpu.fp32_precision(untuned_fp32):  # the setting before any tuning
                 default_step()
 
         def setup_fn():

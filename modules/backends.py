@@ -99,11 +99,12 @@ def _compare(fns: dict, repeats: int = 3) -> dict:
 
 
 @contextlib.contextmanager
-def onednn_fp32(enabled: bool = True):
-    """Within: fp32 matrix products go to oneDNN (which may compute them in bf16; check first)."""
+def fp32_precision(setting: str):
+    """Within: oneDNN's fp32 product precision ``setting`` ("ieee": exact fp32, "bf16": oneDNN may compute
+    in bf16), the process's setting back on leaving."""
     matmul = torch.backends.mkldnn.matmul
     before = matmul.fp32_precision
-    matmul.fp32_precision = "bf16" if enabled else "ieee"
+    matmul.fp32_precision = setting
     try:
         yield
     finally:
@@ -111,16 +112,18 @@ def onednn_fp32(enabled: bool = True):
 
 
 @contextlib.contextmanager
+def onednn_fp32(enabled: bool = True):
+    """Within: fp32 matrix products go to oneDNN (which may compute them in bf16; check first)."""
+    with fp32_precision("bf16" if enabled else "ieee"):
+        yield
+
+
+@contextlib.contextmanager
 def fp32_path_context(path: str):
     """Within: fp32 products on ``path`` ("onednn" / "mkl"), the process's setting back on leaving."""
-    matmul = torch.backends.mkldnn.matmul
-    before = matmul.fp32_precision
-    wanted = "bf16" if path == "onednn" else ("ieee" if before == "bf16" else before)
-    matmul.fp32_precision = wanted
-    try:
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with fp32_precision("bf16" if path == "onednn" else ("ieee" if before == "bf16" else before)):
         yield
-    finally:
-        matmul.fp32_precision = before
 
 
 def _products(generator: torch.Generator) -> list:
